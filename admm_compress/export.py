@@ -1,0 +1,326 @@
+"""Turn a constrained model into a model of real, smaller layers.
+
+``export(model, spec)`` resolves the spec, asks each constraint for the compact factors of its
+(already feasible, or projected here) weight through ``set.factorize`` and swaps the module for
+the compact one:
+
+==================  =====================  ==============================================
+constraint          view                   exported module
+==================  =====================  ==============================================
+LowRank/SchattenP   Linear ``(out, in)``   ``Linear(in, r, bias=False)`` -> ``Linear(r, out)``
+LowRank/SchattenP   conv ``"channel"``     ``kh x kw`` conv in->r (stride, padding, dilation of
+                                           the original, no bias) -> ``1 x 1`` conv r->out (bias)
+                                           (LRPET Sec. III-E; LoRITa; Decomposable-Net "channel")
+LowRank/SchattenP   conv2d ``"spatial"``   ``1 x kw`` conv in->r (horizontal stride/padding) ->
+                                           ``kh x 1`` conv r->out (vertical stride/padding, bias)
+                                           (Jaderberg et al. 2014; Decomposable-Net "spatial")
+Cardinality         any                    ``SparseLinear`` / ``SparseConv*d`` (mask buffer, MACs
+                                           = non-zeros); ``group_dim=0`` on conv/linear: fewer
+                                           output filters + ``IndexScatter``; ``group_dim=1``:
+                                           ``IndexSelect`` + fewer input channels
+Sum(a, b)           any                    ``SumBranches(export_a, export_b)`` (bias in one branch)
+TTRank              ``TTView``             registered by :mod:`admm_compress.methods.raspa`
+==================  =====================  ==============================================
+
+A layer whose compact form would store more numbers than the dense one stays dense (logged).
+New exporters are added with :func:`register_exporter`.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .layers import IndexScatter, IndexSelect, SparseConv1d, SparseConv2d, SparseLinear, SumBranches
+from .sets import Cardinality, LowRank, SchattenP, Sum
+from .sets.base import Constraint
+from .specs import Binding, resolve, unwrap
+from .views import View
+
+__all__ = ["export", "register_exporter", "build_compact", "ExportError"]
+
+log = logging.getLogger(__name__)
+
+Exporter = Callable[[nn.Module, Constraint, View, Any, bool], "nn.Module | None"]
+_EXPORTERS: list[tuple[Callable[[Constraint, View], bool], Exporter]] = []
+
+
+class ExportError(ValueError):
+    """A constrained layer that cannot be exported as asked."""
+
+
+def register_exporter(matches: Callable[[Constraint, View], bool], build: Exporter, first: bool = True) -> None:
+    """Add an exporter: ``build(module, constraint, view, factors, with_bias) -> module or None``.
+
+    ``None`` means "keep this layer dense".  ``first=True`` gives it priority over the built-ins.
+    """
+    if first:
+        _EXPORTERS.insert(0, (matches, build))
+    else:
+        _EXPORTERS.append((matches, build))
+
+
+# ----------------------------------------------------------------- helpers
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _conv_cls(m: nn.Module):
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[m.weight.dim() - 2]
+
+
+def _explicit_padding(m: nn.Module) -> tuple[int, ...] | None:
+    """Numeric padding of a conv (``'same'`` converted when symmetric), or None."""
+    p = m.padding
+    nd = m.weight.dim() - 2
+    if isinstance(p, str):
+        if p == "valid":
+            return (0,) * nd
+        pads = []
+        for k, d in zip(m.kernel_size, m.dilation):
+            total = d * (k - 1)
+            if total % 2:
+                return None
+            pads.append(total // 2)
+        return tuple(pads)
+    return tuple(p)
+
+
+def _factory(m: nn.Module) -> dict:
+    return {"device": m.weight.device, "dtype": m.weight.dtype}
+
+
+def _bias(m: nn.Module, with_bias: bool):
+    b = getattr(m, "bias", None)
+    return b if (with_bias and b is not None) else None
+
+
+def _dense_numel(m: nn.Module) -> int:
+    return m.weight.numel()
+
+
+# ------------------------------------------------------------ low rank
+def _is_lowrank(c: Constraint, v: View) -> bool:
+    return isinstance(c, (LowRank, SchattenP)) and v.name in ("matrix", "channel", "spatial")
+
+
+def _export_lowrank(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool):
+    U, V = factors  # (m, r), (r, n) with U @ V = the low-rank view of the weight
+    r = U.shape[-1]
+    m_rows, n_cols = U.shape[-2], V.shape[-1]
+    if r == 0:
+        r = 1
+        U = U.new_zeros(m_rows, 1)
+        V = V.new_zeros(1, n_cols)
+    if r * (m_rows + n_cols) >= m_rows * n_cols:
+        return None
+    bias = _bias(m, with_bias)
+    fk = _factory(m)
+    if isinstance(m, nn.Linear):
+        first = nn.Linear(m.in_features, r, bias=False, **fk)
+        second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
+        with torch.no_grad():
+            first.weight.copy_(V)
+            second.weight.copy_(U)
+            if bias is not None:
+                second.bias.copy_(bias)
+        return nn.Sequential(first, second)
+    if not isinstance(m, _CONV):
+        raise ExportError(f"low-rank export supports nn.Linear and nn.Conv1d/2d/3d, got {type(m).__name__}")
+    if m.groups != 1:
+        raise ExportError(f"low-rank export of a grouped convolution (groups={m.groups}) is not supported")
+    if m.padding_mode != "zeros" and v.name == "spatial":
+        return None
+    Conv = _conv_cls(m)
+    out_c, in_c = m.out_channels, m.in_channels
+    k = tuple(m.kernel_size)
+    if v.name in ("channel", "matrix"):
+        first = Conv(in_c, r, k, stride=m.stride, padding=m.padding, dilation=m.dilation, bias=False,
+                     padding_mode=m.padding_mode, **fk)
+        second = Conv(r, out_c, 1, bias=bias is not None, **fk)
+        with torch.no_grad():
+            first.weight.copy_(V.reshape(r, in_c, *k))
+            second.weight.copy_(U.reshape(out_c, r, *([1] * len(k))))
+            if bias is not None:
+                second.bias.copy_(bias)
+        return nn.Sequential(first, second)
+    # spatial: rows (o, y), cols (i, x); W[o, i, y, x] = sum_r U[(o, y), r] V[r, (i, x)]
+    pad = _explicit_padding(m)
+    if pad is None:
+        return None
+    kh, kw = k
+    (sh, sw), (dh, dw), (ph, pw) = m.stride, m.dilation, pad
+    first = nn.Conv2d(in_c, r, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw), bias=False, **fk)
+    second = nn.Conv2d(r, out_c, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1),
+                       bias=bias is not None, **fk)
+    with torch.no_grad():
+        first.weight.copy_(V.reshape(r, in_c, kw).unsqueeze(2))
+        second.weight.copy_(U.reshape(out_c, kh, r).permute(0, 2, 1).unsqueeze(-1))
+        if bias is not None:
+            second.bias.copy_(bias)
+    return nn.Sequential(first, second)
+
+
+# ---------------------------------------------------------- cardinality
+def _is_sparse(c: Constraint, v: View) -> bool:
+    return isinstance(c, Cardinality)
+
+
+def _export_sparse(m: nn.Module, c: Cardinality, v: View, factors, with_bias: bool):
+    shape = tuple(m.weight.shape)
+    dense = c.reconstruct(factors, tuple(v.viewed_shape(shape)))
+    w = v.back(dense, shape)
+    bias = _bias(m, with_bias)
+    fk = _factory(m)
+    if c.group_dim is None:
+        mask = (w != 0)
+        if isinstance(m, nn.Linear):
+            new = SparseLinear(m.in_features, m.out_features, bias=bias is not None, mask=mask, **fk)
+        elif isinstance(m, nn.Conv2d):
+            new = SparseConv2d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                               dilation=m.dilation, groups=m.groups, bias=bias is not None,
+                               padding_mode=m.padding_mode, mask=mask, **fk)
+        elif isinstance(m, nn.Conv1d):
+            new = SparseConv1d(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
+                               dilation=m.dilation, groups=m.groups, bias=bias is not None,
+                               padding_mode=m.padding_mode, mask=mask, **fk)
+        else:
+            raise ExportError(f"sparse export supports Linear, Conv1d, Conv2d; got {type(m).__name__}")
+        with torch.no_grad():
+            new.weight.copy_(w * mask)
+            if bias is not None:
+                new.bias.copy_(bias)
+        return new
+    # structured: whole output filters (dim 0) or input channels (dim 1) of the *weight*
+    if v.name not in ("identity", "matrix", "channel") or c.group_dim not in (0, 1):
+        raise ExportError(f"structured sparse export needs group_dim 0 or 1 on the weight itself, got "
+                          f"group_dim={c.group_dim} with view {v.name!r}")
+    if isinstance(m, _CONV) and m.groups != 1:
+        raise ExportError(f"structured sparse export of a grouped convolution (groups={m.groups}) is not supported")
+    flat = w.reshape(shape[0], -1) if c.group_dim == 0 else w.transpose(0, 1).reshape(shape[1], -1)
+    keep = torch.nonzero(flat.abs().sum(1) > 0).flatten()
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=w.device)
+    sub = torch.index_select(w, c.group_dim, keep)
+    new = copy.deepcopy(m)
+    if parametrize.is_parametrized(new):
+        raise ExportError("structured export of a parametrized module")
+    with torch.no_grad():
+        new.weight = nn.Parameter(sub.clone())
+        if c.group_dim == 0:
+            if isinstance(m, nn.Linear):
+                new.out_features = keep.numel()
+            else:
+                new.out_channels = keep.numel()
+            if new.bias is not None:
+                new.bias = nn.Parameter(new.bias[keep].clone()) if bias is not None else None
+            if bias is None and new.bias is not None:
+                new.bias = None
+            fill = bias.detach() if bias is not None else None
+            return nn.Sequential(new, IndexScatter(keep, shape[0], dim=1 if not isinstance(m, nn.Linear) else -1,
+                                                   bias=fill))
+        if isinstance(m, nn.Linear):
+            new.in_features = keep.numel()
+        else:
+            new.in_channels = keep.numel()
+        if bias is None:
+            new.bias = None
+        return nn.Sequential(IndexSelect(keep, dim=1 if not isinstance(m, nn.Linear) else -1), new)
+
+
+# ------------------------------------------------------------------- sum
+def _is_sum(c: Constraint, v: View) -> bool:
+    return isinstance(c, Sum)
+
+
+def _export_sum(m: nn.Module, c: Sum, v: View, factors, with_bias: bool):
+    fa, fb = factors
+    a = build_compact(m, c.sets[0], v, fa, with_bias=False) or _dense_from(m, c.sets[0], v, fa, False)
+    b = build_compact(m, c.sets[1], v, fb, with_bias=with_bias) or _dense_from(m, c.sets[1], v, fb, with_bias)
+    return SumBranches(a, b)
+
+
+def _dense_from(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool) -> nn.Module:
+    """A copy of ``m`` whose weight is the reconstruction of ``factors`` (dense fallback)."""
+    new = copy.deepcopy(m)
+    shape = tuple(m.weight.shape)
+    with torch.no_grad():
+        new.weight.copy_(v.back(c.reconstruct(factors, tuple(v.viewed_shape(shape))), shape))
+        if not with_bias and getattr(new, "bias", None) is not None:
+            new.bias = None
+    return new
+
+
+register_exporter(_is_lowrank, _export_lowrank, first=False)
+register_exporter(_is_sparse, _export_sparse, first=False)
+register_exporter(_is_sum, _export_sum, first=False)
+
+
+def build_compact(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool = True) -> nn.Module | None:
+    """The compact module for ``m`` given its constraint, view and factors (None: stay dense)."""
+    for matches, build in _EXPORTERS:
+        if matches(c, v):
+            return build(m, c, v, factors, with_bias)
+    raise ExportError(f"no exporter for {type(c).__name__} with view {v.name!r} on {type(m).__name__}; "
+                      f"register one with admm_compress.export.register_exporter")
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, attr, new)
+
+
+def _factors_of(b: Binding, project: bool):
+    """Factors of the binding's weight; for a Sum on a parametrized W = L + S, of (L, S)."""
+    c = b.constraint
+    comps = getattr(b.module, "_admm_components", None)
+    if isinstance(c, Sum) and comps is not None:
+        return c.factorize(tuple(b.to_view(t.detach()) for t in comps()))
+    return c.factorize(b.to_view(b.param.detach()))
+
+
+@torch.no_grad()
+def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
+    """A model whose constrained layers are replaced by compact ones.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The trained model (a DDP wrapper is unwrapped).  Weights that are not exactly feasible
+        are projected first (``factorize`` projects), so the exported model equals the
+        *projected* dense model.
+    spec : Constrain, list of Constrain, or a Solver (its ``spec`` is used)
+    inplace : bool
+        Modify ``model`` itself instead of a deep copy.
+
+    Returns
+    -------
+    nn.Module
+        In eval/train mode as the input; parametrizations (LoRITa factors, fine-tuning
+        structure) are collapsed first.
+    """
+    spec = getattr(spec, "spec", spec)
+    src = unwrap(model)
+    out = src if inplace else copy.deepcopy(src)
+    for name, mod in list(out.named_modules()):
+        if parametrize.is_parametrized(mod):
+            for p in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, p, leave_parametrized=True)
+    bindings = resolve(spec, out)
+    for b in bindings:
+        if b.param_name != "weight":
+            raise ExportError(f"layer '{b.name}': export builds layers from 'weight', not '{b.param_name}'")
+        factors = _factors_of(b, True)
+        new = build_compact(b.module, b.constraint, b.view, factors, with_bias=True)
+        if new is None:
+            log.info("layer '%s' stays dense: its compact form is not smaller", b.name)
+            with torch.no_grad():  # still the projected weight, so outputs match the projected model
+                b.module.weight.copy_(b.view.back(b.constraint.reconstruct(factors, b.viewed_shape), b.shape))
+            continue
+        new.train(b.module.training)
+        _set_submodule(out, b.name, new)
+    return out

@@ -1,0 +1,117 @@
+"""Compact layers produced by :func:`admm_compress.export`.
+
+Low-rank layers are exported as stock ``nn.Sequential`` pairs of ``nn.Linear`` / ``nn.ConvNd``
+(nothing custom to count, trace or script).  The few custom modules here are the ones that have
+no stock counterpart: sparse layers whose cost is their number of non-zeros, channel
+selection/scatter for structured sparsity, and the sum of two branches (``W = L + S``).  Each
+registers a MAC counter with :mod:`admm_compress.complexity`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "IndexSelect", "IndexScatter", "SumBranches"]
+
+
+class _SparseMixin:
+    """Weight stored densely with a fixed 0/1 ``mask`` buffer; the effective weight is ``weight * mask``.
+
+    MACs are counted from ``mask.sum()`` (unstructured sparsity: what a sparse kernel would do).
+    Gradients of masked entries are zero, so fine-tuning keeps the support.
+    """
+
+    def _init_mask(self, mask: torch.Tensor):
+        self.register_buffer("mask", mask.to(dtype=self.weight.dtype, device=self.weight.device))
+        with torch.no_grad():
+            self.weight.mul_(self.mask)
+
+    @property
+    def nnz(self) -> int:
+        return int(self.mask.count_nonzero())
+
+
+class SparseLinear(nn.Linear, _SparseMixin):
+    """``nn.Linear`` with a fixed sparsity mask (cardinality-constrained weight)."""
+
+    def __init__(self, in_features, out_features, bias=True, mask=None, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_mask(torch.ones_like(self.weight) if mask is None else mask)
+
+    def forward(self, x):
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class SparseConv1d(nn.Conv1d, _SparseMixin):
+    """``nn.Conv1d`` with a fixed sparsity mask."""
+
+    def __init__(self, *args, mask=None, **kw):
+        super().__init__(*args, **kw)
+        self._init_mask(torch.ones_like(self.weight) if mask is None else mask)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+class SparseConv2d(nn.Conv2d, _SparseMixin):
+    """``nn.Conv2d`` with a fixed sparsity mask."""
+
+    def __init__(self, *args, mask=None, **kw):
+        super().__init__(*args, **kw)
+        self._init_mask(torch.ones_like(self.weight) if mask is None else mask)
+
+    def forward(self, x):
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+
+class IndexSelect(nn.Module):
+    """Keep the channels ``index`` along ``dim`` (input side of a structurally pruned layer)."""
+
+    def __init__(self, index: torch.Tensor, dim: int = 1):
+        super().__init__()
+        self.dim = dim
+        self.register_buffer("index", index.to(torch.long))
+
+    def forward(self, x):
+        return torch.index_select(x, self.dim, self.index)
+
+
+class IndexScatter(nn.Module):
+    """Put ``x``'s channels at positions ``index`` of a zero tensor with ``size`` channels along ``dim``.
+
+    The output side of a layer whose output filters were pruned: the following layers see the
+    original shape, with the pruned channels equal to zero (plus the bias, passed separately).
+    """
+
+    def __init__(self, index: torch.Tensor, size: int, dim: int = 1, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.dim = dim
+        self.size = int(size)
+        self.register_buffer("index", index.to(torch.long))
+        if bias is not None:
+            self.register_buffer("fill", bias.detach().clone())
+        else:
+            self.fill = None
+
+    def forward(self, x):
+        shape = list(x.shape)
+        shape[self.dim] = self.size
+        out = x.new_zeros(shape)
+        if self.fill is not None:
+            view = [1] * len(shape)
+            view[self.dim] = self.size
+            out = out + self.fill.reshape(view)
+        return out.index_copy(self.dim, self.index, x)
+
+
+class SumBranches(nn.Module):
+    """``y = a(x) + b(x)``: the layer of a weight ``W = L + S`` (one branch per component)."""
+
+    def __init__(self, a: nn.Module, b: nn.Module):
+        super().__init__()
+        self.a = a
+        self.b = b
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)

@@ -1,0 +1,145 @@
+"""Abstract base classes of constraint sets and penalties.
+
+A constraint set ``C`` knows nothing about layers: it acts on the tensor a *view* produced
+(see :mod:`admm_compress.views`).  The solver only uses the uniform operator
+
+    prox(x, tau) = argmin_z 0.5 * ||z - x||_F^2 + tau * g(z)
+
+which is the Euclidean projection onto ``C`` for a hard constraint (``g`` = indicator of
+``C``; ``tau`` is ignored) and the proximal operator of the penalty ``g`` otherwise.  The ADMM
+Z-step is then ``Z = g.prox(W + U, 1 / rho)`` for every kind of ``g``.
+
+Subclasses implement ``_project`` / ``_prox`` (no argument checks needed there), ``_contains``,
+``factorize``, ``num_params`` and ``check_shape``; the public methods validate first, so bad
+input raises before any work and nothing is modified in place.
+"""
+from __future__ import annotations
+
+import abc
+from typing import Any, Sequence
+
+import torch
+
+from .._validation import check_finite, check_float, check_tensor
+
+__all__ = ["Constraint", "ConstraintSet", "Penalty"]
+
+
+class Constraint(abc.ABC):
+    """Anything the solver can put on a weight: a hard set or a soft penalty.
+
+    Attributes
+    ----------
+    is_penalty : bool
+        ``True`` for penalties (soft constraints), ``False`` for sets (hard constraints).
+    min_dim : int
+        Smallest number of dimensions of the tensors this constraint acts on
+        (2 for matrix sets, which broadcast over leading dimensions).
+    """
+
+    is_penalty: bool = False
+    min_dim: int = 0
+
+    # ------------------------------------------------------------------ checks
+    def check_shape(self, shape: Sequence[int], where: str | None = None) -> None:
+        """Raise ``ValueError`` if this constraint cannot act on tensors of ``shape``.
+
+        ``where`` names the layer or spec in the message.  The default checks ``min_dim``.
+        """
+        if len(shape) < self.min_dim:
+            pre = f"{where}: " if where else ""
+            raise ValueError(f"{pre}{type(self).__name__} acts on tensors with at least "
+                             f"{self.min_dim} dimensions, got shape {tuple(shape)}")
+
+    def _check_input(self, x: Any, name: str = "x") -> torch.Tensor:
+        x = check_tensor(name, x)
+        self.check_shape(tuple(x.shape))
+        check_finite(name, x)
+        return x
+
+    # --------------------------------------------------------------- operator
+    def prox(self, x: torch.Tensor, tau: float) -> torch.Tensor:
+        """``argmin_z 0.5 ||z - x||^2 + tau * g(z)`` (projection for a hard set)."""
+        tau = check_float("tau", tau, low=0.0)
+        x = self._check_input(x)
+        return self._prox(x, tau)
+
+    @abc.abstractmethod
+    def _prox(self, x: torch.Tensor, tau: float) -> torch.Tensor:
+        """Unchecked prox; must not modify ``x``."""
+
+    # ------------------------------------------------------------- compression
+    @abc.abstractmethod
+    def factorize(self, x: torch.Tensor) -> Any:
+        """The compact factors of ``project(x)`` (or of ``x`` for a penalty) used by export.
+
+        LowRank: ``(U, V)`` with ``U @ V`` equal to the projection; TTRank: the list of TT
+        cores; Cardinality: ``(values, indices)``; Sum: one entry per component.
+        """
+
+    @abc.abstractmethod
+    def num_params(self, shape: Sequence[int]) -> int:
+        """Number of stored numbers of the compressed form of a tensor of ``shape``."""
+
+    def reconstruct(self, factors: Any, shape: Sequence[int]) -> torch.Tensor:
+        """Dense tensor of ``shape`` from ``factorize``'s output (inverse of factorize)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define reconstruct (abstract)")
+
+    def __repr__(self) -> str:  # pragma: no cover - overridden with the parameters
+        return f"{type(self).__name__}()"
+
+
+class ConstraintSet(Constraint):
+    """A closed set ``C``; the hard constraint ``x in C``.
+
+    ``project(x)`` is the Euclidean projection ``argmin_{z in C} ||z - x||_F`` (quasi-optimal
+    for :class:`TTRank`, as documented there).  It returns a new tensor of the same shape,
+    dtype and device and never modifies ``x``.
+    """
+
+    is_penalty = False
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Euclidean projection of ``x`` onto the set."""
+        x = self._check_input(x)
+        return self._project(x)
+
+    def _prox(self, x: torch.Tensor, tau: float) -> torch.Tensor:
+        return self._project(x)
+
+    @abc.abstractmethod
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """Unchecked projection; must not modify ``x``."""
+
+    def contains(self, x: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5,
+                 explain: bool = False):
+        """Whether ``x`` lies in the set within tolerance.
+
+        With ``explain=True`` returns ``(ok, reason)`` where ``reason`` says what failed.
+        """
+        x = check_tensor("x", x)
+        self.check_shape(tuple(x.shape))
+        ok, reason = self._contains(x, float(atol), float(rtol))
+        return (bool(ok), reason) if explain else bool(ok)
+
+    @abc.abstractmethod
+    def _contains(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str]:
+        """Membership test returning ``(ok, reason)``."""
+
+
+class Penalty(Constraint):
+    """A soft constraint ``g(x) >= 0`` added to the training loss.
+
+    ``pen(x)`` returns the value as a scalar tensor (differentiable where ``g`` is),
+    ``pen.prox(x, tau)`` the proximal operator of ``tau * g``.
+    """
+
+    is_penalty = True
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._check_input(x)
+        return self._value(x)
+
+    @abc.abstractmethod
+    def _value(self, x: torch.Tensor) -> torch.Tensor:
+        """Unchecked value."""

@@ -1,0 +1,659 @@
+"""ADMM inside ordinary PyTorch training.
+
+Every method of this library solves an instance of
+
+.. math::
+
+    \\min_W \\; f(W) + \\sum_l g_l(W_l)
+
+with ``f`` the training loss and ``g_l`` the indicator of a set ``C_l`` (hard constraint) or a
+penalty (soft constraint), by ADMM with an auxiliary ``Z`` and a scaled dual ``U`` per
+constrained weight (Boyd et al. 2011, Sec. 3.1.1; Zhang et al. 2018 for DNN weights; the LC
+toolkit's L-step / C-step split):
+
+* W-step: SGD on ``f(W) + rho/2 ||W - Z + U||^2`` (the user's optimizer, ``K`` steps);
+* Z-step: ``Z = prox_{g/rho}(W + U)`` (the projection onto ``C`` for a hard constraint);
+* U-step: ``U = U + W - Z``;
+* end: ``W = Pi_C(W)``, then optionally fine-tune with the structure kept.
+
+``mode="projection"`` is projected SGD instead (LRPET, TRP): no penalty, no duals, and the hard
+assignment ``W = Pi_C(W)`` every ``every`` steps.
+
+The life cycle follows :mod:`torch.ao.pruning`: :meth:`Solver.prepare` -> (training with
+:meth:`Solver.penalty` in the loss and :meth:`Solver.step` after each optimizer step) ->
+:meth:`Solver.finalize` -> :func:`admm_compress.export`.  :meth:`Solver.fit` runs the whole loop.
+
+Example (your own loop)::
+
+    solver = ac.Solver([ac.Constrain(nn.Linear, ac.LowRank(ratio=0.25))], rho=1e-2)
+    solver.prepare(model)                       # Z = Pi(W), U = 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for epoch in range(epochs):
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y) + solver.penalty()
+            opt.zero_grad(); loss.backward(); opt.step()
+            solver.step()                       # Z/U update when `every` steps have passed
+        solver.epoch_end()                      # Z/U update when every="epoch"
+    solver.finalize(model)                      # W = Pi(W): exactly feasible
+    compact = ac.export(model, solver.spec)
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ._validation import check_choice, check_float, check_int
+from .graph import consumer_batchnorms
+from .sets.base import Constraint
+from .specs import Binding, Constrain, describe, resolve, unwrap, _as_list
+from .training import (CheckpointError, NonFiniteError, check_finite_loss, evaluate, load_checkpoint,
+                       move_batch, resolve_device, rng_state, save_checkpoint, set_rng_state)
+
+__all__ = ["Solver", "History"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class History:
+    """What :meth:`Solver.fit` measured.
+
+    Attributes
+    ----------
+    epochs : list of dict
+        One record per epoch: ``phase`` ("train" or "finetune"), ``epoch``, ``loss`` (mean training
+        loss incl. penalty), ``train_accuracy``, ``val_loss``/``val_accuracy`` (when a validation
+        loader is given), ``primal``/``dual`` (overall ADMM residuals after the epoch), ``rho``,
+        ``wall`` (seconds of the epoch).
+    updates : list of dict
+        One record per Z/U update: ``step``, ``primal``, ``dual``, ``rho`` and per-weight residuals.
+    final : dict
+        Evaluation after :meth:`Solver.finalize` (and after fine-tuning), when a val loader is given.
+    """
+
+    epochs: list = dataclasses.field(default_factory=list)
+    updates: list = dataclasses.field(default_factory=list)
+    final: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"epochs": list(self.epochs), "updates": list(self.updates), "final": dict(self.final)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(list(d.get("epochs", [])), list(d.get("updates", [])), dict(d.get("final", {})))
+
+    def column(self, key: str, phase: str | None = None) -> list:
+        """The values of ``key`` over epochs (optionally of one phase)."""
+        return [e.get(key) for e in self.epochs if phase is None or e.get("phase") == phase]
+
+
+def _batchable(c: Constraint) -> bool:
+    return bool(getattr(c, "broadcasts", False))
+
+
+class Solver:
+    """ADMM (or projected SGD) for constrained training.
+
+    Parameters
+    ----------
+    spec : Constrain or list of Constrain
+        Which weights carry which constraint (see :class:`~admm_compress.Constrain`).
+    rho : float, default 1e-3
+        ADMM penalty parameter (per-spec ``Constrain(rho=...)`` overrides it).  Must be > 0 in
+        ``mode="admm"``; ignored in ``mode="projection"``.
+    mode : {"admm", "projection"}
+        ``"admm"``: penalty + Z/U steps.  ``"projection"``: projected SGD, the hard assignment
+        ``W = alpha * Pi(W)`` at every update (LRPET Eq. 2/6, TRP), no penalty, no duals.
+    every : "epoch" or int, default "epoch"
+        Z/U update (or projection) cadence: once per epoch (after the epoch's steps) or every
+        ``every`` optimizer steps.
+    rho_growth : float, default 1.0
+        Geometric schedule ``rho <- min(rho * rho_growth, rho_max)`` after every update (1 =
+        constant).  The scaled duals are rescaled by ``rho_old / rho_new`` so the unscaled dual
+        ``rho * U`` is unchanged.
+    rho_max : float, optional
+        Cap of the geometric schedule.
+    tol : float, optional
+        Stop :meth:`fit` early once the overall primal residual ``||W - Z|| / ||W||`` is below
+        ``tol`` (ADMM mode).
+    skip_below : float, optional
+        Projection mode: leave a weight alone when its largest singular value is below this
+        (LRPET's official code uses 1e-4).
+    warm_start : bool, default True
+        ``prepare`` sets ``Z = Pi(W)`` (direct compression, LC toolkit); otherwise ``Z = W``.
+    """
+
+    def __init__(self, spec, rho: float = 1e-3, *, mode: str = "admm", every: Any = "epoch",
+                 rho_growth: float = 1.0, rho_max: float | None = None, tol: float | None = None,
+                 skip_below: float | None = None, warm_start: bool = True):
+        self.spec: list[Constrain] = _as_list(spec)
+        self.mode = check_choice("mode", mode, ("admm", "projection"), where="Solver")
+        self.rho = check_float("rho", rho, low=0.0, where="Solver")
+        if self.mode == "admm":
+            for s in self.spec:
+                r = self.rho if s.rho is None else s.rho
+                if r <= 0:
+                    raise ValueError(f"Solver: rho={r} for {s.label}; ADMM needs rho > 0 "
+                                     f"(use mode='projection' for projected SGD without a penalty)")
+        if every != "epoch":
+            every = check_int("every", every, low=1, where="Solver")
+        self.every = every
+        self.rho_growth = check_float("rho_growth", rho_growth, low=1.0, where="Solver")
+        self.rho_max = None if rho_max is None else check_float("rho_max", rho_max, low=0.0, low_open=True,
+                                                                 where="Solver")
+        self.tol = None if tol is None else check_float("tol", tol, low=0.0, low_open=True, where="Solver")
+        self.skip_below = None if skip_below is None else check_float("skip_below", skip_below, low=0.0,
+                                                                      where="Solver")
+        self.warm_start = bool(warm_start)
+        self.bindings: list[Binding] = []
+        self.Z: dict[str, torch.Tensor] = {}
+        self.U: dict[str, torch.Tensor] = {}
+        self.rhos: dict[str, float] = {}
+        self.steps = 0
+        self.epochs_done = 0
+        self.n_updates = 0
+        self.residuals: list[dict] = []
+        self.unpaired: list[str] = []  # metric="bn" layers without a consumer BN
+        self._bn: dict[str, nn.Module] = {}
+        self._model_ref: nn.Module | None = None
+
+    # ================================================================ life cycle
+    def prepare(self, model: nn.Module) -> "Solver":
+        """Resolve the spec on ``model`` and initialize ``Z = Pi(W)``, ``U = 0``.
+
+        Raises before touching the model if any spec cannot be applied.
+        """
+        bindings = resolve(self.spec, model)
+        bn_of: dict[str, nn.Module] = {}
+        unpaired = []
+        if any(b.spec.metric == "bn" for b in bindings):
+            pairs = consumer_batchnorms(unwrap(model))
+            mods = dict(unwrap(model).named_modules())
+            for b in bindings:
+                if b.spec.metric != "bn":
+                    continue
+                if b.name in pairs:
+                    bn_of[b.key] = mods[pairs[b.name]]
+                else:
+                    unpaired.append(b.key)
+            if unpaired:
+                log.warning("BN rectification: no BatchNorm consumes the output of %s; these are "
+                            "projected without the BN metric", ", ".join(unpaired))
+        self.bindings, self._bn, self.unpaired = bindings, bn_of, unpaired
+        self._model_ref = unwrap(model)
+        self.Z, self.U, self.rhos = {}, {}, {}
+        for b in bindings:
+            self.rhos[b.key] = float(self.rho if b.spec.rho is None else b.spec.rho)
+        if self.mode == "admm":
+            with torch.no_grad():
+                Z0 = self._zstep_all({b.key: b.param.detach() for b in bindings}, warm=self.warm_start)
+                for b in bindings:
+                    self.Z[b.key] = Z0[b.key]
+                    self.U[b.key] = torch.zeros_like(b.param, memory_format=torch.contiguous_format)
+        log.info("prepared %d constrained weight(s):\n%s", len(bindings), describe(bindings))
+        return self
+
+    def describe(self) -> str:
+        """Table of the bound weights (layer, shape, view, constraint, dense and compressed size)."""
+        text = describe(self.bindings) if self.bindings else "(not prepared)"
+        if self.unpaired:
+            text += "\nprojected without BN metric (no consumer BatchNorm): " + ", ".join(self.unpaired)
+        return text
+
+    def _require_prepared(self):
+        if not self.bindings:
+            raise RuntimeError("Solver is not prepared: call solver.prepare(model) (or solver.fit) first")
+
+    # -------------------------------------------------------------- operators
+    def _metric(self, b: Binding) -> torch.Tensor | None:
+        """LRPET BN rectification row scale a = gamma / sqrt(running_var + eps) (Eq. 7)."""
+        bn = self._bn.get(b.key)
+        if bn is None:
+            return None
+        var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.weight)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+        a = gamma.detach() / torch.sqrt(var.detach() + bn.eps)
+        rows = b.viewed_shape[-2]
+        if a.numel() != rows:
+            raise ValueError(f"layer '{b.name}': BN {type(bn).__name__} has {a.numel()} channels but "
+                             f"the view has {rows} rows; BN rectification needs the 'channel' view")
+        return a
+
+    def _apply(self, b: Binding, v: torch.Tensor, tau: float, metric=None, warm: bool = True) -> torch.Tensor:
+        """prox of the binding's constraint on the viewed tensor."""
+        c = b.constraint
+        if not warm:
+            return v.clone()
+        if metric is not None:
+            return c.project(v, metric=metric)
+        return c.prox(v, tau)
+
+    def _zstep_all(self, V: dict[str, torch.Tensor], warm: bool = True) -> dict[str, torch.Tensor]:
+        """``prox(V_b)`` for every binding, in parameter shape; SVDs of equal shapes are batched."""
+        out: dict[str, torch.Tensor] = {}
+        groups: dict[tuple, list[Binding]] = defaultdict(list)
+        for b in self.bindings:
+            metric = self._metric(b)
+            if _batchable(b.constraint) and metric is None and warm:
+                groups[(id(b.constraint), b.viewed_shape, V[b.key].dtype, V[b.key].device,
+                        self.rhos[b.key])].append(b)
+            else:
+                tau = 1.0 / self.rhos[b.key] if self.rhos[b.key] > 0 else 0.0
+                out[b.key] = b.from_view(self._apply(b, b.to_view(V[b.key]), tau, metric, warm))
+        for (_, _, _, _, rho), bs in groups.items():
+            tau = 1.0 / rho if rho > 0 else 0.0
+            stacked = torch.stack([b.to_view(V[b.key]) for b in bs])
+            res = bs[0].constraint.prox(stacked, tau)
+            for i, b in enumerate(bs):
+                out[b.key] = b.from_view(res[i])
+        return out
+
+    def penalty(self) -> torch.Tensor:
+        """``sum_b rho_b / 2 * ||W_b - Z_b + U_b||_F^2`` (0 in projection mode); differentiable in W."""
+        self._require_prepared()
+        if self.mode != "admm":
+            return self.bindings[0].param.new_zeros(())
+        total = None
+        for b in self.bindings:
+            d = b.param - self.Z[b.key] + self.U[b.key]
+            term = 0.5 * self.rhos[b.key] * d.pow(2).sum()
+            total = term if total is None else total + term
+        return total
+
+    def step(self) -> bool:
+        """Call after every optimizer step; runs :meth:`update` every ``every`` steps.
+
+        Returns whether an update ran.
+        """
+        self._require_prepared()
+        self.steps += 1
+        if self.every != "epoch" and self.steps % self.every == 0:
+            self.update()
+            return True
+        return False
+
+    def epoch_end(self) -> bool:
+        """Call at the end of every epoch; runs :meth:`update` when ``every="epoch"``."""
+        self._require_prepared()
+        self.epochs_done += 1
+        if self.every == "epoch":
+            self.update()
+            return True
+        return False
+
+    @torch.no_grad()
+    def update(self) -> dict:
+        """One Z-step and U-step (ADMM) or one hard projection (projection mode), now.
+
+        Returns the residual record (also appended to ``self.residuals``).
+        """
+        self._require_prepared()
+        per: dict[str, dict] = {}
+        if self.mode == "admm":
+            W = {b.key: b.param.detach() for b in self.bindings}
+            V = {k: W[k] + self.U[k] for k in W}
+            Znew = self._zstep_all(V)
+            num_p = den_p = num_d = 0.0
+            for b in self.bindings:
+                k = b.key
+                rho = self.rhos[k]
+                r_p = float(torch.linalg.vector_norm(W[k] - Znew[k]))
+                r_d = rho * float(torch.linalg.vector_norm(Znew[k] - self.Z[k]))
+                w_n = float(torch.linalg.vector_norm(W[k]))
+                self.U[k].add_(W[k] - Znew[k])
+                self.Z[k] = Znew[k]
+                per[k] = {"primal": r_p / max(w_n, 1e-12), "dual": r_d, "rho": rho}
+                num_p += r_p ** 2
+                den_p += w_n ** 2
+                num_d += r_d ** 2
+                new_rho = rho * self.rho_growth
+                if self.rho_max is not None:
+                    new_rho = min(new_rho, self.rho_max)
+                if new_rho != rho:
+                    self.U[k].mul_(rho / new_rho)
+                    self.rhos[k] = new_rho
+            rec = {"step": self.steps, "epoch": self.epochs_done, "primal": math.sqrt(num_p / max(den_p, 1e-24)),
+                   "dual": math.sqrt(num_d), "rho": max(self.rhos.values()), "layers": per}
+        else:
+            num = den = 0.0
+            for b in self.bindings:
+                w = b.param
+                v = b.to_view(w.detach())
+                if self.skip_below is not None and v.dim() >= 2:
+                    top = torch.linalg.matrix_norm(v.reshape(-1, *v.shape[-2:]).float(), ord=2).max()
+                    if float(top) < self.skip_below:
+                        per[b.key] = {"primal": 0.0, "skipped": True}
+                        continue
+                p = b.from_view(self._apply(b, v, 0.0, self._metric(b)))
+                r = float(torch.linalg.vector_norm(w.detach() - p))
+                n = float(torch.linalg.vector_norm(w.detach()))
+                w.copy_(p)
+                per[b.key] = {"primal": r / max(n, 1e-12)}
+                num += r ** 2
+                den += n ** 2
+            rec = {"step": self.steps, "epoch": self.epochs_done, "primal": math.sqrt(num / max(den, 1e-24)),
+                   "dual": 0.0, "rho": 0.0, "layers": per}
+        self.n_updates += 1
+        self.residuals.append(rec)
+        self._warn_if_stalled()
+        return rec
+
+    def _warn_if_stalled(self):
+        """Warn once when rho is too small for the primal residual to ever close."""
+        if self.mode != "admm" or getattr(self, "_warned", False) or len(self.residuals) < 6:
+            return
+        r = [x["primal"] for x in self.residuals]
+        if r[-1] > 1e-3 and r[-1] > 0.9 * r[-6] and self.rho_growth == 1.0:
+            self._warned = True
+            log.warning("ADMM primal residual ||W - Z||/||W|| = %.3g has not fallen over the last 5 "
+                        "updates (was %.3g): rho=%.3g is likely too small to close the gap; raise rho "
+                        "or set rho_growth > 1", r[-1], r[-6], max(self.rhos.values()))
+
+    @torch.no_grad()
+    def finalize(self, model: nn.Module | None = None) -> dict[str, bool]:
+        """Hard end: ``W = Pi_C(W)`` for sets, ``W = prox(W + U)`` for penalties.
+
+        Returns ``{key: feasible}`` checked with ``contains``.
+        """
+        self._require_prepared()
+        if model is not None and unwrap(model) is not self._model_ref:
+            raise ValueError("finalize(model): this is not the model the solver was prepared on")
+        feasible = {}
+        for b in self.bindings:
+            w = b.param
+            c = b.constraint
+            v = b.to_view(w.detach())
+            if c.is_penalty:
+                tau = 1.0 / self.rhos[b.key] if self.rhos[b.key] > 0 else 0.0
+                base = v + b.to_view(self.U[b.key]) if b.key in self.U else v
+                w.copy_(b.from_view(c.prox(base, tau)))
+                feasible[b.key] = True
+                continue
+            p = self._apply(b, v, 0.0, self._metric(b))
+            w.copy_(b.from_view(p))
+            feasible[b.key] = c.contains(b.to_view(w.detach()), atol=1e-4, rtol=1e-4)
+        bad = [k for k, ok in feasible.items() if not ok]
+        if bad:
+            log.warning("after finalize, %d weight(s) fail contains(): %s", len(bad), ", ".join(bad))
+        return feasible
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Z, U, rho per weight and the counters: everything needed to resume."""
+        return {"Z": {k: v.clone() for k, v in self.Z.items()},
+                "U": {k: v.clone() for k, v in self.U.items()},
+                "rhos": dict(self.rhos), "steps": self.steps, "epochs_done": self.epochs_done,
+                "n_updates": self.n_updates, "keys": [b.key for b in self.bindings],
+                "mode": self.mode, "residuals": [{k: v for k, v in r.items() if k != "layers"}
+                                                 for r in self.residuals]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Restore :meth:`state_dict` (call after :meth:`prepare` on the same architecture)."""
+        self._require_prepared()
+        keys = [b.key for b in self.bindings]
+        if list(sd.get("keys", [])) != keys:
+            raise ValueError(f"solver state is for weights {sd.get('keys')}, but this solver binds {keys}")
+        if sd.get("mode") != self.mode:
+            raise ValueError(f"solver state is for mode={sd.get('mode')!r}, this solver has mode={self.mode!r}")
+        for b in self.bindings:
+            for name, store in (("Z", self.Z), ("U", self.U)):
+                if b.key in sd[name]:
+                    t = sd[name][b.key]
+                    if tuple(t.shape) != b.shape:
+                        raise ValueError(f"solver state {name}[{b.key}] has shape {tuple(t.shape)}, "
+                                         f"the weight has {b.shape}")
+                    store[b.key] = t.to(device=b.param.device, dtype=b.param.dtype).clone()
+        self.rhos = {k: float(v) for k, v in sd["rhos"].items()}
+        self.steps, self.epochs_done, self.n_updates = int(sd["steps"]), int(sd["epochs_done"]), int(sd["n_updates"])
+        self.residuals = list(sd.get("residuals", []))
+
+    # ====================================================== the training loop
+    def backward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward of one batch; returns ``(loss, outputs)`` (detached).
+
+        Default: ``loss_fn(model(x), y) + penalty()``.  Methods whose objective differs
+        (Decomposable-Net's joint loss) override this.
+        """
+        out = model(inputs)
+        loss = loss_fn(out, targets) + self.penalty()
+        loss.backward()
+        return loss.detach(), out.detach()
+
+    def fit(self, model: nn.Module, loader: Iterable, epochs: int = 1, optimizer: Any = None,
+            loss_fn: Callable | None = None, val_loader: Iterable | None = None, finetune_epochs: int = 0,
+            finetune_optimizer: Any = None, device: Any = None, callbacks: Sequence[Callable] = (),
+            checkpoint: str | os.PathLike | None = None, scheduler: Callable | None = None,
+            progress: bool | None = None, lr: float = 0.05) -> History:
+        """Train ``model`` under the constraints, finalize, and optionally fine-tune.
+
+        Parameters
+        ----------
+        model : nn.Module
+            Trained in place; satisfies the hard constraints on return.
+        loader : iterable of (inputs, targets)
+        epochs : int
+            Constrained training epochs (0 = direct compression: finalize only).
+        optimizer : torch.optim.Optimizer or callable, optional
+            An optimizer over ``model.parameters()`` or a factory ``params -> optimizer`` (needed
+            when ``prepare`` reparameterizes the model, e.g. LoRITa).  Default: SGD(lr, momentum
+            0.9, weight decay 5e-4).
+        loss_fn : callable, default cross entropy
+        val_loader : iterable, optional
+            Evaluated after every epoch, after finalize and after fine-tuning.
+        finetune_epochs : int
+            Epochs of fine-tuning after finalize with the structure kept (factors of the
+            constraint are trained, see :mod:`admm_compress.structure`).
+        finetune_optimizer : optimizer factory, optional
+            Default: SGD with ``lr / 10``.
+        device : str or torch.device, optional
+        callbacks : sequence of callables
+            ``cb(solver, model, record)`` after every epoch; returning ``True`` stops training.
+        checkpoint : path, optional
+            Written atomically after every epoch (model, optimizer, solver, RNG states, history);
+            if it exists when ``fit`` starts, training resumes from it.
+        scheduler : callable, optional
+            ``optimizer -> LR scheduler`` stepped once per epoch.
+        progress : bool, optional
+            Progress bar (default: on when stderr is a terminal).
+        lr : float
+            Learning rate of the default optimizer.
+        """
+        epochs = check_int("epochs", epochs, low=0, where="fit")
+        finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where="fit")
+        lr = check_float("lr", lr, low=0.0, low_open=True, where="fit")
+        if loader is None:
+            raise ValueError("fit: loader is None; pass an iterable of (inputs, targets) batches")
+        for cb in callbacks:
+            if not callable(cb):
+                raise TypeError(f"fit: callbacks must be callables cb(solver, model, record), got {cb!r}")
+        if optimizer is not None and not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
+            raise TypeError(f"fit: optimizer must be a torch.optim.Optimizer or a factory params -> "
+                            f"optimizer, got {type(optimizer).__name__}")
+        dev = resolve_device(device, model)
+        loss_fn = loss_fn or F.cross_entropy
+        model.to(dev)
+        self.prepare(model)
+        opt = self._make_optimizer(model, optimizer, lr)
+        sched = scheduler(opt) if scheduler is not None else None
+        history = History()
+        start_epoch, phase = 0, "train"
+        if checkpoint is not None and os.path.exists(checkpoint):
+            start_epoch, phase, history = self._resume(checkpoint, model, opt, sched, loader)
+        from tqdm.auto import tqdm
+
+        if phase == "train":
+            bar = tqdm(range(start_epoch, epochs), desc="admm", disable=(None if progress is None else not progress),
+                       initial=start_epoch, total=epochs, unit="epoch")
+            for epoch in bar:
+                rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "train", val_loader)
+                if sched is not None:
+                    sched.step()
+                history.epochs.append(rec)
+                if self.residuals:
+                    history.updates.append({k: v for k, v in self.residuals[-1].items()})
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "primal", "val_accuracy") if k in rec})
+                log.info("epoch %d: %s", epoch, {k: v for k, v in rec.items() if k != "phase"})
+                stop = any(bool(cb(self, model, rec)) for cb in callbacks)
+                if checkpoint is not None:
+                    self._save(checkpoint, model, opt, sched, loader, epoch + 1, "train", history)
+                if stop:
+                    log.info("a callback stopped training after epoch %d", epoch)
+                    break
+                if self.tol is not None and self.mode == "admm" and rec.get("primal", 1.0) < self.tol:
+                    log.info("primal residual %.3g < tol=%.3g: stopping after epoch %d", rec["primal"], self.tol, epoch)
+                    break
+            feasible = self.finalize(model)
+            history.final["feasible"] = all(feasible.values())
+            if val_loader is not None:
+                history.final["after_finalize"] = evaluate(model, val_loader, loss_fn, dev)
+            start_epoch = 0
+        if finetune_epochs > 0:
+            self._finetune(model, loader, loss_fn, dev, finetune_epochs, finetune_optimizer, lr,
+                           val_loader, history, checkpoint, start_epoch if phase == "finetune" else 0,
+                           progress, callbacks)
+        if val_loader is not None and finetune_epochs > 0:
+            history.final["after_finetune"] = evaluate(model, val_loader, loss_fn, dev)
+        return history
+
+    def _make_optimizer(self, model, optimizer, lr):
+        if optimizer is None:
+            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        if isinstance(optimizer, torch.optim.Optimizer):
+            have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+            missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in have]
+            if missing:
+                raise ValueError(f"fit: the optimizer does not hold {len(missing)} trainable parameter(s) of "
+                                 f"the model (e.g. {missing[:3]}); it was probably built before the model "
+                                 f"was reparameterized — pass a factory `lambda params: SGD(params, ...)`")
+            return optimizer
+        return optimizer(model.parameters())
+
+    def _run_epoch(self, model, loader, opt, loss_fn, dev, epoch, phase, val_loader, solver_steps=True):
+        model.train()
+        t0 = time.perf_counter()
+        n = 0
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        nb = 0
+        for i, batch in enumerate(loader):
+            x, y = move_batch(batch, dev)
+            opt.zero_grad(set_to_none=True)
+            if solver_steps:
+                loss, out = self.backward(model, x, y, loss_fn)
+            else:
+                out = model(x)
+                loss = loss_fn(out, y)
+                loss.backward()
+                loss, out = loss.detach(), out.detach()
+            check_finite_loss(loss, epoch, i)
+            opt.step()
+            if solver_steps:
+                self.step()
+            loss_sum += loss * y.shape[0]
+            if out.dim() == 2 and y.dim() == 1:
+                correct += (out.argmax(1) == y).sum()
+            n += y.shape[0]
+            nb += 1
+        if nb == 0:
+            raise ValueError(f"fit: the training loader yielded no batch in epoch {epoch}")
+        if solver_steps:
+            self.epoch_end()
+        self._check_weights_finite(model, epoch)
+        rec = {"phase": phase, "epoch": epoch, "loss": float(loss_sum) / n, "train_accuracy": 100.0 * int(correct) / n}
+        if solver_steps and self.residuals:
+            last = self.residuals[-1]
+            rec.update(primal=last["primal"], dual=last["dual"], rho=last["rho"])
+        if val_loader is not None:
+            ev = evaluate(model, val_loader, loss_fn, dev)
+            rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+        rec["wall"] = time.perf_counter() - t0
+        return rec
+
+    @staticmethod
+    def _check_weights_finite(model, epoch):
+        for name, p in model.named_parameters():
+            if not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(f"parameter '{name}' became non-finite in epoch {epoch}; the last "
+                                     f"checkpoint (if any) is intact")
+
+    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
+                  checkpoint, start_epoch, progress, callbacks):
+        from tqdm.auto import tqdm
+
+        from .structure import release, structure
+
+        finalized = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if start_epoch > 0:  # resuming: rebuild the same factorization from the saved finalized weights
+            ck = load_checkpoint(checkpoint, map_location=dev)
+            finalized = ck["finalized"]
+            model.load_state_dict(finalized)
+        structure(self.bindings)
+        try:
+            if optimizer is None:
+                opt = torch.optim.SGD(model.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
+            else:
+                opt = optimizer(model.parameters()) if not isinstance(optimizer, torch.optim.Optimizer) else optimizer
+            if start_epoch > 0:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                set_rng_state(ck["rng"], loader)
+            bar = tqdm(range(start_epoch, epochs), desc="finetune", initial=start_epoch, total=epochs,
+                       disable=(None if progress is None else not progress), unit="epoch")
+            for epoch in bar:
+                rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "finetune", val_loader,
+                                      solver_steps=False)
+                history.epochs.append(rec)
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "val_accuracy") if k in rec})
+                stop = any(bool(cb(self, model, rec)) for cb in callbacks)
+                if checkpoint is not None:
+                    self._save(checkpoint, model, opt, None, loader, epoch + 1, "finetune", history,
+                               finalized=finalized)
+                if stop:
+                    break
+        finally:
+            release(self.bindings)
+
+    # ------------------------------------------------------------ checkpoint
+    def _save(self, path, model, opt, sched, loader, next_epoch, phase, history, finalized=None):
+        obj = {"format": "admm_compress.fit/1", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+               "solver": self.state_dict(), "epoch": next_epoch, "phase": phase, "rng": rng_state(loader),
+               "history": history.to_dict()}
+        if sched is not None:
+            obj["scheduler"] = sched.state_dict()
+        if finalized is not None:
+            obj["finalized"] = finalized
+        save_checkpoint(obj, path)
+
+    def _resume(self, path, model, opt, sched, loader):
+        ck = load_checkpoint(path, map_location=resolve_device(None, model),
+                             required=("format", "model", "optimizer", "solver", "epoch", "phase", "rng"))
+        if ck["format"] != "admm_compress.fit/1":
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} has format {ck['format']!r}")
+        if ck["phase"] == "finetune":
+            log.info("resuming fine-tuning from %s at epoch %d", path, ck["epoch"])
+            return int(ck["epoch"]), "finetune", History.from_dict(ck.get("history", {}))
+        target = unwrap(model)
+        own = target.state_dict()
+        bad = [k for k in own if k not in ck["model"]] + [k for k in ck["model"] if k not in own]
+        bad += [k for k in own if k in ck["model"] and tuple(own[k].shape) != tuple(ck["model"][k].shape)]
+        if bad:
+            raise CheckpointError(f"checkpoint {os.fspath(path)!r} is from another model: "
+                                  f"{len(bad)} mismatching entries (e.g. {bad[:3]})")
+        target.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if sched is not None and "scheduler" in ck:
+            sched.load_state_dict(ck["scheduler"])
+        self.load_state_dict(ck["solver"])
+        set_rng_state(ck["rng"], loader)
+        log.info("resumed from %s at epoch %d", path, ck["epoch"])
+        return int(ck["epoch"]), "train", History.from_dict(ck.get("history", {}))

@@ -1,0 +1,253 @@
+"""Constraint specifications: which weights must satisfy which constraint, seen through which view.
+
+A :class:`Constrain` binds a constraint (a set or a penalty) and a view to the weights it
+selects.  Resolution against a model (:func:`resolve`) lists every bound weight as a
+:class:`Binding` and refuses, before anything is trained or modified, a spec that selects
+nothing, a weight selected twice, or a weight the set/view cannot handle.
+
+Selection (``target``)
+    * ``str``: a glob (:func:`fnmatch.fnmatchcase`) over fully-qualified module names, e.g.
+      ``"layer*.*.conv*"``.  Only modules holding the parameter (``weight`` by default) with
+      at least two dimensions are selected, so a glob never picks up a BatchNorm scale.
+    * a module type (or tuple of types): every instance (``isinstance``).
+    * a callable ``predicate(name, module) -> bool``.
+
+``exclude`` removes modules by glob(s) after selection.  A DDP/DataParallel wrapper is looked
+through (names are those of the wrapped model).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from typing import Callable, Iterable, Sequence, Union
+
+import torch
+from torch import nn
+
+from .sets.base import Constraint
+from .views import View, check_module, get_view
+
+__all__ = ["Constrain", "Binding", "resolve", "unwrap", "describe", "SpecError"]
+
+log = logging.getLogger(__name__)
+
+Target = Union[str, type, tuple, Callable[[str, nn.Module], bool]]
+
+
+class SpecError(ValueError):
+    """A constraint spec that cannot be applied to the model (raised before any work)."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or itself)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+@dataclasses.dataclass(eq=False)
+class Constrain:
+    """Put ``constraint`` on the weights selected by ``target``.
+
+    Parameters
+    ----------
+    target : str, type, tuple of types or callable
+        Glob over fully-qualified module names, module type(s), or ``predicate(name, module)``.
+    constraint : Constraint
+        A set (hard constraint, e.g. :class:`~admm_compress.LowRank`) or a penalty
+        (:class:`~admm_compress.SchattenP`).
+    view : str or View, default "auto"
+        How the weight becomes the matrix/tensor the constraint acts on: ``"auto"`` (Linear:
+        ``(out, in)``; conv: ``"channel"`` ``(out, in*kh*kw)``), ``"channel"``, ``"spatial"``,
+        ``"matrix"``, ``"identity"`` or a :class:`~admm_compress.views.View` such as ``TTView``.
+    exclude : str or sequence of str, optional
+        Globs of module names to leave out.
+    param : str, default "weight"
+        Name of the parameter on the selected modules.
+    rho : float, optional
+        ADMM penalty parameter for this spec (defaults to the solver's ``rho``).
+    metric : {None, "bn"}
+        ``"bn"``: project in the metric of the BatchNorm that consumes the layer's output
+        (LRPET BN rectification, Eq. 7-10); the BN is found through the model graph.
+    name : str, optional
+        Label used in summaries and error messages.
+    """
+
+    target: Target
+    constraint: Constraint
+    view: Union[str, View] = "auto"
+    exclude: Union[str, Sequence[str], None] = None
+    param: str = "weight"
+    rho: float | None = None
+    metric: str | None = None
+    name: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.constraint, Constraint):
+            raise TypeError(f"Constrain: constraint must be a set or penalty from admm_compress "
+                            f"(LowRank, Cardinality, TTRank, SchattenP, Sum, ...), got "
+                            f"{type(self.constraint).__name__}")
+        if not (isinstance(self.target, (str, type, tuple)) or callable(self.target)):
+            raise TypeError(f"Constrain: target must be a glob string, a module type or a "
+                            f"predicate(name, module), got {self.target!r}")
+        if isinstance(self.target, tuple) and not all(isinstance(t, type) for t in self.target):
+            raise TypeError(f"Constrain: a tuple target must hold module types, got {self.target!r}")
+        if self.rho is not None:
+            from ._validation import check_float
+            check_float("rho", self.rho, low=0.0, where=self.label)
+        if self.metric not in (None, "bn"):
+            raise ValueError(f"{self.label}: metric={self.metric!r} is not allowed; choose None or 'bn'")
+        if isinstance(self.exclude, str):
+            self.exclude = (self.exclude,)
+        elif self.exclude is not None:
+            self.exclude = tuple(self.exclude)
+        if not isinstance(self.view, (str, View)):
+            raise TypeError(f"{self.label}: view must be a view name or a View, got {self.view!r}")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return f"Constrain[{self.name}]"
+        t = self.target
+        t = t.__name__ if isinstance(t, type) else (t if isinstance(t, str) else getattr(t, "__name__", repr(t)))
+        return f"Constrain({t!r}, {self.constraint!r})"
+
+    # ---------------------------------------------------------------- select
+    def _selected(self, name: str, module: nn.Module) -> bool:
+        t = self.target
+        if isinstance(t, str):
+            p = _get_param(module, self.param)
+            ok = fnmatch.fnmatchcase(name, t) and p is not None and p.dim() >= 2
+        elif isinstance(t, (type, tuple)):
+            ok = isinstance(module, t)
+        else:
+            ok = bool(t(name, module))
+        if ok and self.exclude:
+            ok = not any(fnmatch.fnmatchcase(name, e) for e in self.exclude)
+        return ok
+
+    def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """Modules (name, module) this spec selects in ``model`` (wrapper unwrapped)."""
+        model = unwrap(model)
+        return [(n, m) for n, m in model.named_modules() if self._selected(n, m)]
+
+
+def _get_param(module: nn.Module, name: str):
+    """The parameter ``name`` of ``module`` (the original tensor shape under parametrize)."""
+    p = getattr(module, name, None)
+    return p if isinstance(p, torch.Tensor) else None
+
+
+@dataclasses.dataclass(eq=False)
+class Binding:
+    """One constrained weight: the module, its parameter, the spec, the view."""
+
+    name: str
+    module: nn.Module
+    param_name: str
+    spec: Constrain
+    spec_index: int
+    view: View
+
+    @property
+    def key(self) -> str:
+        """Fully-qualified parameter name, e.g. ``layer1.0.conv1.weight``."""
+        return f"{self.name}.{self.param_name}" if self.name else self.param_name
+
+    @property
+    def constraint(self) -> Constraint:
+        return self.spec.constraint
+
+    @property
+    def param(self) -> torch.Tensor:
+        return getattr(self.module, self.param_name)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.param.shape)
+
+    @property
+    def viewed_shape(self) -> tuple[int, ...]:
+        return tuple(self.view.viewed_shape(self.shape))
+
+    def to_view(self, w: torch.Tensor) -> torch.Tensor:
+        return self.view.to(w)
+
+    def from_view(self, t: torch.Tensor) -> torch.Tensor:
+        return self.view.back(t, self.shape)
+
+
+def _as_list(spec) -> list[Constrain]:
+    if isinstance(spec, Constrain):
+        return [spec]
+    if isinstance(spec, Iterable) and not isinstance(spec, (str, bytes)):
+        spec = list(spec)
+        for i, s in enumerate(spec):
+            if not isinstance(s, Constrain):
+                raise TypeError(f"spec[{i}] must be an admm_compress.Constrain, got {type(s).__name__}")
+        if not spec:
+            raise SpecError("spec is empty: give at least one Constrain(...)")
+        return spec
+    raise TypeError(f"spec must be a Constrain or a list of Constrain, got {type(spec).__name__}")
+
+
+def resolve(spec, model: nn.Module) -> list[Binding]:
+    """Bind every spec to the weights it selects in ``model``.
+
+    Raises
+    ------
+    SpecError
+        A spec selects nothing; a weight is selected twice; a selected module lacks the
+        parameter; the view or the constraint cannot handle the weight's shape.  Nothing is
+        modified when this raises.
+    """
+    specs = _as_list(spec)
+    model = unwrap(model)
+    seen: dict[tuple[int, str], str] = {}
+    bindings: list[Binding] = []
+    for i, s in enumerate(specs):
+        selected = s.select(model)
+        if not selected:
+            names = [n for n, m in model.named_modules() if n and _get_param(m, s.param) is not None]
+            hint = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise SpecError(f"{s.label} (spec[{i}]) selects no layer of {type(model).__name__}; "
+                            f"layers with a '{s.param}' are: {hint}")
+        for name, module in selected:
+            where = f"{s.label} on layer '{name}'"
+            p = _get_param(module, s.param)
+            if p is None:
+                raise SpecError(f"{where}: {type(module).__name__} has no tensor parameter '{s.param}'")
+            key = (id(module), s.param)
+            if key in seen:
+                raise SpecError(f"{where}: weight '{name}.{s.param}' is already constrained by "
+                                f"{seen[key]}; a weight may be selected by one spec only "
+                                f"(use exclude= or Sum(...) to combine constraints)")
+            seen[key] = f"spec[{i}]"
+            try:
+                view = get_view(s.view, tuple(p.shape))
+                check_module(view, module, where)
+                view.check(tuple(p.shape), where)
+                s.constraint.check_shape(tuple(view.viewed_shape(tuple(p.shape))), where)
+            except (ValueError, TypeError) as e:
+                raise SpecError(str(e) if where in str(e) else f"{where}: {e}") from None
+            bindings.append(Binding(name, module, s.param, s, i, view))
+    return bindings
+
+
+def describe(bindings: Sequence[Binding]) -> str:
+    """A readable table of the bound weights: layer, shape, view, viewed shape, constraint, size."""
+    rows = [("layer", "shape", "view", "viewed", "constraint", "dense", "compressed")]
+    for b in bindings:
+        vs = b.viewed_shape
+        dense = int(torch.Size(b.shape).numel())
+        try:
+            comp = str(b.constraint.num_params(vs))
+        except (ValueError, TypeError, NotImplementedError):  # data-dependent size
+            comp = "-"
+        rows.append((b.key, "x".join(map(str, b.shape)), b.view.name, "x".join(map(str, vs)),
+                     repr(b.constraint), str(dense), comp))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
