@@ -10,7 +10,7 @@ which is the Euclidean projection onto ``C`` for a hard constraint (``g`` = indi
 Z-step is then ``Z = g.prox(W + U, 1 / rho)`` for every kind of ``g``.
 
 Subclasses implement ``_project`` / ``_prox`` (no argument checks needed there), ``_contains``,
-``factorize``, ``num_params`` and ``check_shape``; the public methods validate first, so bad
+``factorize``, ``reconstruct``, ``num_params`` and ``check_shape``; the public methods validate first, so bad
 input raises before any work and nothing is modified in place.
 """
 from __future__ import annotations
@@ -35,10 +35,14 @@ class Constraint(abc.ABC):
     min_dim : int
         Smallest number of dimensions of the tensors this constraint acts on
         (2 for matrix sets, which broadcast over leading dimensions).
+    broadcasts : bool
+        ``True`` when the operator acts independently on every matrix ``x[..., :, :]``, so that
+        equal-shaped weights may be stacked and handled in one batched call.
     """
 
     is_penalty: bool = False
     min_dim: int = 0
+    broadcasts: bool = False
 
     # ------------------------------------------------------------------ checks
     def check_shape(self, shape: Sequence[int], where: str | None = None) -> None:
@@ -53,6 +57,9 @@ class Constraint(abc.ABC):
 
     def _check_input(self, x: Any, name: str = "x") -> torch.Tensor:
         x = check_tensor(name, x)
+        if x.is_complex():
+            raise TypeError(f"{type(self).__name__}: {name} must be a real floating-point tensor, "
+                            f"got dtype {x.dtype}")
         self.check_shape(tuple(x.shape))
         check_finite(name, x)
         return x
@@ -81,9 +88,12 @@ class Constraint(abc.ABC):
     def num_params(self, shape: Sequence[int]) -> int:
         """Number of stored numbers of the compressed form of a tensor of ``shape``."""
 
+    @abc.abstractmethod
     def reconstruct(self, factors: Any, shape: Sequence[int]) -> torch.Tensor:
-        """Dense tensor of ``shape`` from ``factorize``'s output (inverse of factorize)."""
-        raise NotImplementedError(f"{type(self).__name__} does not define reconstruct (abstract)")
+        """Dense tensor of ``shape`` from ``factorize``'s output (inverse of factorize).
+
+        Differentiable in the floating-point factors (used to fine-tune in factored form).
+        """
 
     def __repr__(self) -> str:  # pragma: no cover - overridden with the parameters
         return f"{type(self).__name__}()"
@@ -117,9 +127,14 @@ class ConstraintSet(Constraint):
 
         With ``explain=True`` returns ``(ok, reason)`` where ``reason`` says what failed.
         """
+        atol = check_float("atol", atol, low=0.0)
+        rtol = check_float("rtol", rtol, low=0.0)
         x = check_tensor("x", x)
         self.check_shape(tuple(x.shape))
-        ok, reason = self._contains(x, float(atol), float(rtol))
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            ok, reason = False, "x has non-finite entries (NaN or inf)"
+        else:
+            ok, reason = self._contains(x, atol, rtol)
         return (bool(ok), reason) if explain else bool(ok)
 
     @abc.abstractmethod

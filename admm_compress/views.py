@@ -1,0 +1,381 @@
+"""Views: how a weight tensor becomes the matrix or tensor a constraint set acts on.
+
+A constraint set knows nothing about layers.  A :class:`View` maps a weight of a given shape
+to the object the set sees (``to``) and back (``back``); both are reshapes/permutations, so
+``back(to(w), w.shape) == w`` exactly and a projection in the view is a projection of the
+weight (the maps are orthogonal: they permute entries).
+
+=============  ====================================================================
+name           viewed shape of a weight ``(O, I, *k)`` (conv) or ``(O, I)`` (linear)
+=============  ====================================================================
+``matrix``     2-D: as is; n-D: ``(O, I * prod(k))``
+``channel``    ``(O, I * prod(k))`` (conv1d/2d/3d; 2-D weights as is).  A rank-``r``
+               factorization is a ``k``-sized conv ``I -> r`` then a 1x1 conv ``r -> O``
+               (LRPET Sec. III-E).
+``spatial``    conv2d only: permute to ``(O, kh, I, kw)`` and reshape to ``(O*kh, I*kw)``;
+               rank ``r`` = a ``1 x kw`` conv ``I -> r`` then a ``kh x 1`` conv ``r -> O``
+               (Decomposable-Net's spatial-wise decomposition, transposed).
+``identity``   the tensor as is (for :class:`~admm_compress.Cardinality`)
+:class:`TTView`  RASPA Eq. 9: ``(prod(k), o_1 i_1, ..., o_d i_d)``
+=============  ====================================================================
+
+:func:`get_view` resolves a name (or ``"auto"``) to a view; :func:`check_module` refuses
+layers a view cannot represent faithfully (grouped or transposed convolutions).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from ._validation import check_int
+
+__all__ = [
+    "View",
+    "MatrixView",
+    "ChannelView",
+    "SpatialView",
+    "IdentityView",
+    "TTView",
+    "balanced_factors",
+    "get_view",
+    "check_module",
+    "VIEWS",
+]
+
+
+def _pre(where: str | None) -> str:
+    return f"{where}: " if where else ""
+
+
+def _shape(shape: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(s) for s in shape)
+
+
+class View:
+    """Base class: a bijective reshape/permutation of a weight tensor.
+
+    Subclasses implement :meth:`check`, :meth:`viewed_shape`, :meth:`to` and :meth:`back`.
+    """
+
+    name: str = "view"
+
+    def check(self, shape: Sequence[int], where: str | None = None) -> None:
+        """Raise ``ValueError`` if weights of ``shape`` cannot be seen through this view."""
+
+    def viewed_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """Shape of ``to(w)`` for a weight of ``shape``."""
+        raise NotImplementedError
+
+    def to(self, w: torch.Tensor) -> torch.Tensor:
+        """The viewed tensor (a reshape/permutation of ``w``; may share memory with ``w``)."""
+        raise NotImplementedError
+
+    def back(self, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """The weight of ``shape`` whose view is ``t`` (inverse of :meth:`to`)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class MatrixView(View):
+    """2-D weight as is; n-D weight ``(O, ...)`` as ``(O, prod(rest))``."""
+
+    name = "matrix"
+
+    def check(self, shape, where=None):
+        shape = _shape(shape)
+        if len(shape) < 2:
+            raise ValueError(f"{_pre(where)}view '{self.name}' needs a weight with at least 2 "
+                             f"dimensions, got shape {shape}")
+
+    def viewed_shape(self, shape):
+        shape = _shape(shape)
+        self.check(shape)
+        return (shape[0], math.prod(shape[1:]))
+
+    def to(self, w):
+        self.check(w.shape)
+        return w.reshape(w.shape[0], -1)
+
+    def back(self, t, shape):
+        shape = _shape(shape)
+        self.check(shape)
+        return t.reshape(shape)
+
+
+class ChannelView(MatrixView):
+    """Convolution ``(O, I, *k)`` as ``(O, I * prod(k))`` (conv1d/2d/3d; 2-D weights as is)."""
+
+    name = "channel"
+
+
+class SpatialView(View):
+    """Conv2d ``(O, I, kh, kw)`` -> permute ``(O, kh, I, kw)`` -> ``(O*kh, I*kw)``.
+
+    A rank-``r`` factorization ``A B`` of this matrix is a ``1 x kw`` convolution ``I -> r``
+    (``B`` reshaped to ``(r, I, 1, kw)``) followed by a ``kh x 1`` convolution ``r -> O``
+    (``A`` reshaped to ``(O, kh, r)`` and permuted to ``(O, r, kh, 1)``).
+    """
+
+    name = "spatial"
+
+    def check(self, shape, where=None):
+        shape = _shape(shape)
+        if len(shape) != 4:
+            raise ValueError(f"{_pre(where)}view 'spatial' needs a Conv2d weight (O, I, kh, kw), "
+                             f"got shape {shape} ({len(shape)}-D)")
+
+    def viewed_shape(self, shape):
+        shape = _shape(shape)
+        self.check(shape)
+        O, I, kh, kw = shape
+        return (O * kh, I * kw)
+
+    def to(self, w):
+        self.check(w.shape)
+        O, I, kh, kw = w.shape
+        return w.permute(0, 2, 1, 3).reshape(O * kh, I * kw)
+
+    def back(self, t, shape):
+        shape = _shape(shape)
+        self.check(shape)
+        O, I, kh, kw = shape
+        return t.reshape(O, kh, I, kw).permute(0, 2, 1, 3).contiguous()
+
+
+class IdentityView(View):
+    """The tensor as is."""
+
+    name = "identity"
+
+    def check(self, shape, where=None):
+        pass
+
+    def viewed_shape(self, shape):
+        return _shape(shape)
+
+    def to(self, w):
+        return w
+
+    def back(self, t, shape):
+        return t.reshape(_shape(shape))
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def balanced_factors(n: int, d: int, strict: bool = False) -> tuple[int, ...]:
+    """``d`` integers ``>= 1`` whose product is ``n``, as balanced as possible (descending).
+
+    "Balanced" = the largest factor is as small as possible, then the smallest as large as
+    possible (e.g. ``64, 2 -> (8, 8)``, ``48, 2 -> (8, 6)``, ``12, 3 -> (3, 2, 2)``).
+
+    Raises
+    ------
+    ValueError
+        With ``strict=True`` when ``n`` cannot be split into ``d`` factors all ``> 1``
+        (e.g. ``n`` prime and ``d > 1``).
+    """
+    n = check_int("n", n, low=1, where="balanced_factors")
+    d = check_int("d", d, low=1, where="balanced_factors")
+    best = None
+
+    def rec(rest: int, k: int, cap: int, acc: list[int]):
+        nonlocal best
+        if k == 1:
+            if rest <= cap:
+                cand = tuple(acc + [rest])
+                key = (max(cand), -min(cand))
+                if best is None or key < best[0]:
+                    best = (key, cand)
+            return
+        # next (largest remaining) factor f: f | rest, f <= cap and f^k >= rest
+        for f in reversed(_divisors(rest)):
+            if f > cap:
+                continue
+            if f ** k < rest:
+                break
+            rec(rest // f, k - 1, f, acc + [f])
+
+    rec(n, d, n, [])
+    assert best is not None
+    out = best[1]
+    if strict and min(out) < 2:
+        raise ValueError(f"balanced_factors: n={n} cannot be split into d={d} factors > 1 "
+                         f"(best: {out}); allowed: n with at least {d} prime factors "
+                         f"(with multiplicity)")
+    return out
+
+
+class TTView(View):
+    r"""RASPA Eq. 9 tensorization of a weight ``(O, I, *k)`` (conv) or ``(O, I)`` (linear).
+
+    With ``O = o_1 ... o_d`` (``out_factors``) and ``I = i_1 ... i_d`` (``in_factors``), the
+    viewed tensor is
+
+        ``T[(k_1, k_2), (o_1, i_1), ..., (o_d, i_d)] = W[o, i, k_1, k_2]``
+
+    of shape ``(K, o_1 i_1, ..., o_d i_d)``, ``K = prod(k)`` (kernel mode first, RASPA's core
+    ``C_0``), where ``o = (o_1, ..., o_d)`` and ``i = (i_1, ..., i_d)`` are row-major
+    (C-order) multi-indices (``o = o_1 * (o_2 ... o_d) + ...``, ``o_1`` most significant) and
+    the pair ``(o_j, i_j)`` is the index ``o_j * I_j + i_j`` of mode ``j``.  The kernel mode is
+    left out when ``K = 1`` (1x1 convolutions, linear layers): a size-1 mode would force the
+    first TT rank to 1.  So a ``(16, 16, 3, 3)`` kernel with ``out_factors=(4, 4)``,
+    ``in_factors=(4, 4)`` becomes ``(9, 16, 16)`` with ``TTRank(ranks=(r_1, r_2))`` — RASPA
+    Table 8's ``(1, r_1, r_2, 1)``.
+
+    Parameters
+    ----------
+    out_factors, in_factors : tuple of int
+        Equal-length factorizations of the output and input sizes.  :meth:`auto` picks
+        balanced ones (:func:`balanced_factors`).
+    """
+
+    name = "tt"
+
+    def __init__(self, out_factors: Sequence[int], in_factors: Sequence[int]):
+        for nm, f in (("out_factors", out_factors), ("in_factors", in_factors)):
+            if not isinstance(f, (tuple, list)) or len(f) == 0:
+                raise TypeError(f"TTView: {nm} must be a non-empty tuple of ints, got {f!r}")
+        self.out_factors = tuple(check_int(f"out_factors[{j}]", v, low=1, where="TTView")
+                                 for j, v in enumerate(out_factors))
+        self.in_factors = tuple(check_int(f"in_factors[{j}]", v, low=1, where="TTView")
+                                for j, v in enumerate(in_factors))
+        if len(self.out_factors) != len(self.in_factors):
+            raise ValueError(f"TTView: out_factors={self.out_factors} and in_factors="
+                             f"{self.in_factors} must have the same length d")
+        self.d = len(self.out_factors)
+
+    @classmethod
+    def auto(cls, shape: Sequence[int], d: int, strict: bool = False) -> "TTView":
+        """Balanced ``d``-factor splits of ``O = shape[0]`` and ``I = shape[1]``."""
+        shape = _shape(shape)
+        if len(shape) < 2:
+            raise ValueError(f"TTView.auto needs a weight with at least 2 dimensions, got {shape}")
+        return cls(balanced_factors(shape[0], d, strict), balanced_factors(shape[1], d, strict))
+
+    def check(self, shape, where=None):
+        shape = _shape(shape)
+        if len(shape) < 2:
+            raise ValueError(f"{_pre(where)}TTView needs a weight (O, I, *k) with at least 2 "
+                             f"dimensions, got shape {shape}")
+        O, I = shape[0], shape[1]
+        if math.prod(self.out_factors) != O:
+            raise ValueError(f"{_pre(where)}TTView: out_factors={self.out_factors} multiply to "
+                             f"{math.prod(self.out_factors)} but the weight has O={O} outputs "
+                             f"(shape {shape})")
+        if math.prod(self.in_factors) != I:
+            raise ValueError(f"{_pre(where)}TTView: in_factors={self.in_factors} multiply to "
+                             f"{math.prod(self.in_factors)} but the weight has I={I} inputs "
+                             f"(shape {shape})")
+
+    def _K(self, shape):
+        return math.prod(shape[2:])
+
+    def viewed_shape(self, shape):
+        shape = _shape(shape)
+        self.check(shape)
+        modes = tuple(o * i for o, i in zip(self.out_factors, self.in_factors))
+        K = self._K(shape)
+        return ((K,) + modes) if K > 1 else modes
+
+    def _perm(self):
+        d = self.d
+        # axes of (o_1..o_d, i_1..i_d, K): K first, then (o_j, i_j) pairs
+        perm = [2 * d]
+        for j in range(d):
+            perm += [j, d + j]
+        return perm
+
+    def to(self, w):
+        shape = _shape(w.shape)
+        self.check(shape)
+        K = self._K(shape)
+        t = w.reshape(*self.out_factors, *self.in_factors, K).permute(*self._perm())
+        return t.reshape(self.viewed_shape(shape))
+
+    def back(self, t, shape):
+        shape = _shape(shape)
+        self.check(shape)
+        K = self._K(shape)
+        d = self.d
+        inter = [K]
+        for o, i in zip(self.out_factors, self.in_factors):
+            inter += [o, i]
+        u = t.reshape(inter)
+        inv = [0] * (2 * d + 1)
+        for pos, ax in enumerate(self._perm()):
+            inv[ax] = pos
+        return u.permute(*inv).reshape(shape).contiguous()
+
+    def __repr__(self) -> str:
+        return f"TTView(out_factors={self.out_factors}, in_factors={self.in_factors})"
+
+
+VIEWS: dict[str, View] = {
+    "matrix": MatrixView(),
+    "channel": ChannelView(),
+    "spatial": SpatialView(),
+    "identity": IdentityView(),
+}
+
+
+def get_view(spec, shape: Sequence[int] | None = None) -> View:
+    """Resolve ``spec`` (a registered name, ``"auto"`` or a :class:`View`) to a view.
+
+    ``"auto"``: ``"matrix"`` for 2-D weights, ``"channel"`` for convolutions (needs ``shape``).
+    When ``shape`` is given it is checked (:meth:`View.check`).
+    """
+    if isinstance(spec, View):
+        view = spec
+    elif isinstance(spec, str):
+        if spec == "auto":
+            if shape is None:
+                raise ValueError("get_view: view='auto' needs the weight shape")
+            view = VIEWS["matrix"] if len(shape) == 2 else VIEWS["channel"]
+        elif spec in VIEWS:
+            view = VIEWS[spec]
+        else:
+            raise ValueError(f"view={spec!r} is not a known view; choose one of "
+                             f"{sorted(VIEWS) + ['auto']} or pass a View (e.g. TTView)")
+    else:
+        raise TypeError(f"view must be a name or a View instance, got {type(spec).__name__}")
+    if shape is not None:
+        view.check(_shape(shape))
+    return view
+
+
+def check_module(view: View, module: nn.Module, where: str | None = None) -> None:
+    """Refuse modules whose weight layout the view cannot represent faithfully.
+
+    Grouped convolutions (``groups > 1``) store ``(O, I / groups, *k)``: the matrix/TT views
+    of that tensor do not describe the layer's linear map and cannot be exported as a
+    factorized layer, so every view except ``"identity"`` refuses them.  Transposed
+    convolutions store ``(I, O / groups, *k)`` and are refused likewise.  ``"spatial"``
+    additionally needs a :class:`torch.nn.Conv2d`.
+    """
+    if not isinstance(view, View):
+        raise TypeError(f"{_pre(where)}view must be a View, got {type(view).__name__}")
+    if isinstance(view, IdentityView):
+        return
+    kind = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if getattr(module, "transposed", False):
+            raise ValueError(f"{_pre(where)}{kind} is a transposed convolution (weight layout "
+                             f"(in, out/groups, *k)); view '{view.name}' supports ordinary "
+                             f"convolutions only (use view='identity' with Cardinality)")
+        if module.groups > 1:
+            raise ValueError(f"{_pre(where)}{kind} has groups={module.groups}; a grouped "
+                             f"convolution's weight (O, I/groups, *k) cannot be seen through view "
+                             f"'{view.name}' (only groups=1; use view='identity' with "
+                             f"Cardinality for grouped/depthwise convolutions)")
+        if isinstance(view, SpatialView) and not isinstance(module, nn.Conv2d):
+            raise ValueError(f"{_pre(where)}view 'spatial' needs an nn.Conv2d, got {kind}")
+    elif isinstance(view, SpatialView):
+        raise ValueError(f"{_pre(where)}view 'spatial' needs an nn.Conv2d, got {kind}")
