@@ -38,7 +38,8 @@ from torch.nn.utils import parametrize
 from .layers import IndexScatter, IndexSelect, SparseConv1d, SparseConv2d, SparseLinear, SumBranches
 from .sets import Cardinality, LowRank, SchattenP, Sum
 from .sets.base import Constraint
-from .specs import Binding, resolve, unwrap
+from .specs import resolve, unwrap
+from .structure import additive_components
 from .views import View
 
 __all__ = ["export", "register_exporter", "build_compact", "ExportError"]
@@ -211,16 +212,17 @@ def _export_sparse(m: nn.Module, c: Cardinality, v: View, factors, with_bias: bo
     with torch.no_grad():
         new.weight = nn.Parameter(sub.clone())
         if c.group_dim == 0:
+            # kept filters only; the bias of *all* output channels (a pruned filter still outputs
+            # its bias) is added once, after the scatter back to the original channel count.
             if isinstance(m, nn.Linear):
                 new.out_features = keep.numel()
             else:
                 new.out_channels = keep.numel()
-            if new.bias is not None:
-                new.bias = nn.Parameter(new.bias[keep].clone()) if bias is not None else None
-            if bias is None and new.bias is not None:
-                new.bias = None
-            fill = bias.detach() if bias is not None else None
-            return nn.Sequential(new, IndexScatter(keep, shape[0], dim=1 if not isinstance(m, nn.Linear) else -1,
+            new.bias = None
+            fill = None
+            if bias is not None:
+                fill = bias.detach().reshape(-1, *([1] * (w.dim() - 2))) if isinstance(m, _CONV) else bias.detach()
+            return nn.Sequential(new, IndexScatter(keep, shape[0], dim=-1 if isinstance(m, nn.Linear) else 1,
                                                    bias=fill))
         if isinstance(m, nn.Linear):
             new.in_features = keep.numel()
@@ -274,15 +276,6 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _factors_of(b: Binding, project: bool):
-    """Factors of the binding's weight; for a Sum on a parametrized W = L + S, of (L, S)."""
-    c = b.constraint
-    comps = getattr(b.module, "_admm_components", None)
-    if isinstance(c, Sum) and comps is not None:
-        return c.factorize(tuple(b.to_view(t.detach()) for t in comps()))
-    return c.factorize(b.to_view(b.param.detach()))
-
-
 @torch.no_grad()
 def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
     """A model whose constrained layers are replaced by compact ones.
@@ -306,15 +299,22 @@ def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
     spec = getattr(spec, "spec", spec)
     src = unwrap(model)
     out = src if inplace else copy.deepcopy(src)
-    for name, mod in list(out.named_modules()):
-        if parametrize.is_parametrized(mod):
-            for p in list(mod.parametrizations.keys()):
-                parametrize.remove_parametrizations(mod, p, leave_parametrized=True)
     bindings = resolve(spec, out)
+    factors_of = {}
     for b in bindings:
         if b.param_name != "weight":
             raise ExportError(f"layer '{b.name}': export builds layers from 'weight', not '{b.param_name}'")
-        factors = _factors_of(b, True)
+        comps = additive_components(b.module, b.param_name)
+        if comps is not None and isinstance(b.constraint, Sum):  # W = L + S: factor each component
+            factors_of[b.key] = b.constraint.factorize(tuple(b.to_view(t.detach()) for t in comps))
+    for name, mod in list(out.named_modules()):  # collapse LoRITa factors, fine-tuning structure, L + S
+        if parametrize.is_parametrized(mod):
+            for p in list(mod.parametrizations.keys()):
+                parametrize.remove_parametrizations(mod, p, leave_parametrized=True)
+    for b in bindings:
+        factors = factors_of.get(b.key)
+        if factors is None:
+            factors = b.constraint.factorize(b.to_view(b.param.detach()))
         new = build_compact(b.module, b.constraint, b.view, factors, with_bias=True)
         if new is None:
             log.info("layer '%s' stays dense: its compact form is not smaller", b.name)

@@ -85,24 +85,34 @@ class IndexScatter(nn.Module):
     """
 
     def __init__(self, index: torch.Tensor, size: int, dim: int = 1, bias: torch.Tensor | None = None):
+        """``bias``: added to the scattered output; shaped to broadcast against it (``(C,)`` for
+        ``dim=-1``, ``(C, 1, 1)`` for a Conv2d output with ``dim=1``)."""
         super().__init__()
         self.dim = dim
         self.size = int(size)
-        self.register_buffer("index", index.to(torch.long))
+        index = index.to(torch.long)
+        self.register_buffer("index", index)
+        # gather map: output channel j reads input channel gather[j]; pruned channels read the
+        # appended zero channel (index len(index)).  A gather, not a scatter into a new tensor,
+        # so the module traces with torch.fx and scripts with TorchScript (no shape arithmetic).
+        gather = torch.full((self.size,), index.numel(), dtype=torch.long, device=index.device)
+        gather[index] = torch.arange(index.numel(), device=index.device)
+        self.register_buffer("gather", gather)
         if bias is not None:
+            # added to the output as is: shape it to broadcast, e.g. (C, 1, 1) for a Conv2d output
+            if bias.shape[0] != self.size:
+                raise ValueError(f"IndexScatter: bias has {bias.shape[0]} entries along its first "
+                                 f"dimension, expected size={self.size}")
             self.register_buffer("fill", bias.detach().clone())
         else:
             self.fill = None
 
     def forward(self, x):
-        shape = list(x.shape)
-        shape[self.dim] = self.size
-        out = x.new_zeros(shape)
+        zero = x.narrow(self.dim, 0, 1) * 0
+        out = torch.index_select(torch.cat([x, zero], self.dim), self.dim, self.gather)
         if self.fill is not None:
-            view = [1] * len(shape)
-            view[self.dim] = self.size
-            out = out + self.fill.reshape(view)
-        return out.index_copy(self.dim, self.index, x)
+            out = out + self.fill
+        return out
 
 
 class SumBranches(nn.Module):
@@ -115,3 +125,35 @@ class SumBranches(nn.Module):
 
     def forward(self, x):
         return self.a(x) + self.b(x)
+
+
+# ------------------------------------------------------------------ cost counters (ptflops "pytorch")
+def _sparse_macs(module, inputs, output) -> int:
+    """Each output element of output channel/feature ``o`` costs ``nnz(W[o])`` MACs, plus one for
+    the bias (ptflops' convention for dense layers), so a dense mask gives the stock count."""
+    per_out = output.numel() // output.shape[1 if isinstance(module, nn.modules.conv._ConvNd) else -1]
+    nnz_rows = module.mask.reshape(module.mask.shape[0], -1).count_nonzero(dim=1)  # per output channel
+    macs = int(nnz_rows.sum()) * per_out
+    if module.bias is not None:
+        macs += output.numel()
+    return macs
+
+
+def _sparse_params(module) -> int:
+    return module.nnz + (module.bias.numel() if module.bias is not None else 0)
+
+
+def _zero_macs(module, inputs, output) -> int:
+    return 0
+
+
+def _register_counters():
+    from .complexity import register_counter
+
+    for cls in (SparseLinear, SparseConv1d, SparseConv2d):
+        register_counter(cls, _sparse_macs, _sparse_params)
+    for cls in (IndexSelect, IndexScatter):
+        register_counter(cls, _zero_macs, lambda m: 0)
+
+
+_register_counters()

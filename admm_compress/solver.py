@@ -58,7 +58,7 @@ from .specs import Binding, Constrain, describe, resolve, unwrap, _as_list
 from .training import (CheckpointError, NonFiniteError, check_finite_loss, evaluate, load_checkpoint,
                        move_batch, resolve_device, rng_state, save_checkpoint, set_rng_state)
 
-__all__ = ["Solver", "History"]
+__all__ = ["Solver", "History", "Slot"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,34 @@ class History:
     def column(self, key: str, phase: str | None = None) -> list:
         """The values of ``key`` over epochs (optionally of one phase)."""
         return [e.get(key) for e in self.epochs if phase is None or e.get("phase") == phase]
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """One tensor the ADMM splitting acts on: a constrained weight, or one component of a Sum.
+
+    ``tensor()`` returns the live parameter (for a component of ``W = L + S``, the raw ``L`` or
+    ``S`` parameter of the :class:`~admm_compress.structure.Additive` parametrization).
+    """
+
+    key: str
+    binding: Binding
+    constraint: Constraint
+    tensor: Callable[[], torch.Tensor]
+
+    @property
+    def shape(self):
+        return self.binding.shape
+
+    @property
+    def viewed_shape(self):
+        return self.binding.viewed_shape
+
+    def to_view(self, t):
+        return self.binding.to_view(t)
+
+    def from_view(self, t):
+        return self.binding.from_view(t)
 
 
 def _batchable(c: Constraint) -> bool:
@@ -155,6 +183,7 @@ class Solver:
                                                                       where="Solver")
         self.warm_start = bool(warm_start)
         self.bindings: list[Binding] = []
+        self.slots: list[Slot] = []
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.rhos: dict[str, float] = {}
@@ -190,17 +219,47 @@ class Solver:
                             "projected without the BN metric", ", ".join(unpaired))
         self.bindings, self._bn, self.unpaired = bindings, bn_of, unpaired
         self._model_ref = unwrap(model)
+        self.slots = self._make_slots(bindings)
         self.Z, self.U, self.rhos = {}, {}, {}
-        for b in bindings:
-            self.rhos[b.key] = float(self.rho if b.spec.rho is None else b.spec.rho)
+        for sl in self.slots:
+            b = sl.binding
+            self.rhos[sl.key] = float(self.rho if b.spec.rho is None else b.spec.rho)
         if self.mode == "admm":
             with torch.no_grad():
-                Z0 = self._zstep_all({b.key: b.param.detach() for b in bindings}, warm=self.warm_start)
-                for b in bindings:
-                    self.Z[b.key] = Z0[b.key]
-                    self.U[b.key] = torch.zeros_like(b.param, memory_format=torch.contiguous_format)
+                Z0 = self._zstep_all({sl.key: sl.tensor().detach() for sl in self.slots}, warm=self.warm_start)
+                for sl in self.slots:
+                    self.Z[sl.key] = Z0[sl.key]
+                    self.U[sl.key] = torch.zeros_like(Z0[sl.key], memory_format=torch.contiguous_format)
         log.info("prepared %d constrained weight(s):\n%s", len(bindings), describe(bindings))
         return self
+
+    def _make_slots(self, bindings: list[Binding]) -> list[Slot]:
+        """One slot per weight; a Sum constraint in ADMM mode gets one slot per component.
+
+        For a Sum, the weight is reparameterized as ``W = L + S`` (:class:`Additive`) unless it
+        already is, so each component has its own Z/U pair (RASPA Eq. 10-13).
+        """
+        from torch.nn.utils import parametrize
+
+        from .sets import Sum
+        from .structure import Additive, additive_components
+
+        slots = []
+        for b in bindings:
+            c = b.constraint
+            if isinstance(c, Sum) and self.mode == "admm":
+                if additive_components(b.module, b.param_name) is None:
+                    if parametrize.is_parametrized(b.module, b.param_name):
+                        raise ValueError(f"layer '{b.name}': '{b.param_name}' is already parametrized; "
+                                         f"a Sum constraint needs to reparameterize it as L + S")
+                    parametrize.register_parametrization(b.module, b.param_name,
+                                                         Additive(c, b.view, b.shape), unsafe=True)
+                for i, part in enumerate(("L", "S")):
+                    getter = (lambda m=b.module, n=b.param_name, i=i: additive_components(m, n)[i])
+                    slots.append(Slot(f"{b.key}#{part}", b, c.sets[i], getter))
+            else:
+                slots.append(Slot(b.key, b, c, (lambda b=b: b.param)))
+        return slots
 
     def describe(self) -> str:
         """Table of the bound weights (layer, shape, view, constraint, dense and compressed size)."""
@@ -214,9 +273,10 @@ class Solver:
             raise RuntimeError("Solver is not prepared: call solver.prepare(model) (or solver.fit) first")
 
     # -------------------------------------------------------------- operators
-    def _metric(self, b: Binding) -> torch.Tensor | None:
+    def _metric(self, sl: Slot) -> torch.Tensor | None:
         """LRPET BN rectification row scale a = gamma / sqrt(running_var + eps) (Eq. 7)."""
-        bn = self._bn.get(b.key)
+        b = sl.binding
+        bn = self._bn.get(b.key) if sl.key == b.key else None
         if bn is None:
             return None
         var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.weight)
@@ -228,9 +288,9 @@ class Solver:
                              f"the view has {rows} rows; BN rectification needs the 'channel' view")
         return a
 
-    def _apply(self, b: Binding, v: torch.Tensor, tau: float, metric=None, warm: bool = True) -> torch.Tensor:
-        """prox of the binding's constraint on the viewed tensor."""
-        c = b.constraint
+    def _apply(self, sl: Slot, v: torch.Tensor, tau: float, metric=None, warm: bool = True) -> torch.Tensor:
+        """prox of the slot's constraint on the viewed tensor."""
+        c = sl.constraint
         if not warm:
             return v.clone()
         if metric is not None:
@@ -240,21 +300,21 @@ class Solver:
     def _zstep_all(self, V: dict[str, torch.Tensor], warm: bool = True) -> dict[str, torch.Tensor]:
         """``prox(V_b)`` for every binding, in parameter shape; SVDs of equal shapes are batched."""
         out: dict[str, torch.Tensor] = {}
-        groups: dict[tuple, list[Binding]] = defaultdict(list)
-        for b in self.bindings:
-            metric = self._metric(b)
-            if _batchable(b.constraint) and metric is None and warm:
-                groups[(id(b.constraint), b.viewed_shape, V[b.key].dtype, V[b.key].device,
-                        self.rhos[b.key])].append(b)
+        groups: dict[tuple, list[Slot]] = defaultdict(list)
+        for sl in self.slots:
+            metric = self._metric(sl)
+            k = sl.key
+            if _batchable(sl.constraint) and metric is None and warm:
+                groups[(id(sl.constraint), sl.viewed_shape, V[k].dtype, V[k].device, self.rhos[k])].append(sl)
             else:
-                tau = 1.0 / self.rhos[b.key] if self.rhos[b.key] > 0 else 0.0
-                out[b.key] = b.from_view(self._apply(b, b.to_view(V[b.key]), tau, metric, warm))
-        for (_, _, _, _, rho), bs in groups.items():
+                tau = 1.0 / self.rhos[k] if self.rhos[k] > 0 else 0.0
+                out[k] = sl.from_view(self._apply(sl, sl.to_view(V[k]), tau, metric, warm))
+        for (_, _, _, _, rho), group in groups.items():
             tau = 1.0 / rho if rho > 0 else 0.0
-            stacked = torch.stack([b.to_view(V[b.key]) for b in bs])
-            res = bs[0].constraint.prox(stacked, tau)
-            for i, b in enumerate(bs):
-                out[b.key] = b.from_view(res[i])
+            stacked = torch.stack([sl.to_view(V[sl.key]) for sl in group])
+            res = group[0].constraint.prox(stacked, tau)
+            for i, sl in enumerate(group):
+                out[sl.key] = sl.from_view(res[i])
         return out
 
     def penalty(self) -> torch.Tensor:
@@ -263,9 +323,9 @@ class Solver:
         if self.mode != "admm":
             return self.bindings[0].param.new_zeros(())
         total = None
-        for b in self.bindings:
-            d = b.param - self.Z[b.key] + self.U[b.key]
-            term = 0.5 * self.rhos[b.key] * d.pow(2).sum()
+        for sl in self.slots:
+            d = sl.tensor() - self.Z[sl.key] + self.U[sl.key]
+            term = 0.5 * self.rhos[sl.key] * d.pow(2).sum()
             total = term if total is None else total + term
         return total
 
@@ -299,12 +359,12 @@ class Solver:
         self._require_prepared()
         per: dict[str, dict] = {}
         if self.mode == "admm":
-            W = {b.key: b.param.detach() for b in self.bindings}
+            W = {sl.key: sl.tensor().detach() for sl in self.slots}
             V = {k: W[k] + self.U[k] for k in W}
             Znew = self._zstep_all(V)
             num_p = den_p = num_d = 0.0
-            for b in self.bindings:
-                k = b.key
+            for sl in self.slots:
+                k = sl.key
                 rho = self.rhos[k]
                 r_p = float(torch.linalg.vector_norm(W[k] - Znew[k]))
                 r_d = rho * float(torch.linalg.vector_norm(Znew[k] - self.Z[k]))
@@ -325,19 +385,19 @@ class Solver:
                    "dual": math.sqrt(num_d), "rho": max(self.rhos.values()), "layers": per}
         else:
             num = den = 0.0
-            for b in self.bindings:
-                w = b.param
-                v = b.to_view(w.detach())
+            for sl in self.slots:
+                w = sl.tensor()
+                v = sl.to_view(w.detach())
                 if self.skip_below is not None and v.dim() >= 2:
                     top = torch.linalg.matrix_norm(v.reshape(-1, *v.shape[-2:]).float(), ord=2).max()
                     if float(top) < self.skip_below:
-                        per[b.key] = {"primal": 0.0, "skipped": True}
+                        per[sl.key] = {"primal": 0.0, "skipped": True}
                         continue
-                p = b.from_view(self._apply(b, v, 0.0, self._metric(b)))
+                p = sl.from_view(self._apply(sl, v, 0.0, self._metric(sl)))
                 r = float(torch.linalg.vector_norm(w.detach() - p))
                 n = float(torch.linalg.vector_norm(w.detach()))
                 w.copy_(p)
-                per[b.key] = {"primal": r / max(n, 1e-12)}
+                per[sl.key] = {"primal": r / max(n, 1e-12)}
                 num += r ** 2
                 den += n ** 2
             rec = {"step": self.steps, "epoch": self.epochs_done, "primal": math.sqrt(num / max(den, 1e-24)),
@@ -368,19 +428,19 @@ class Solver:
         if model is not None and unwrap(model) is not self._model_ref:
             raise ValueError("finalize(model): this is not the model the solver was prepared on")
         feasible = {}
-        for b in self.bindings:
-            w = b.param
-            c = b.constraint
-            v = b.to_view(w.detach())
+        for sl in self.slots:
+            w = sl.tensor()
+            c = sl.constraint
+            v = sl.to_view(w.detach())
             if c.is_penalty:
-                tau = 1.0 / self.rhos[b.key] if self.rhos[b.key] > 0 else 0.0
-                base = v + b.to_view(self.U[b.key]) if b.key in self.U else v
-                w.copy_(b.from_view(c.prox(base, tau)))
-                feasible[b.key] = True
+                tau = 1.0 / self.rhos[sl.key] if self.rhos[sl.key] > 0 else 0.0
+                base = v + sl.to_view(self.U[sl.key]) if sl.key in self.U else v
+                w.copy_(sl.from_view(c.prox(base, tau)))
+                feasible[sl.key] = True
                 continue
-            p = self._apply(b, v, 0.0, self._metric(b))
-            w.copy_(b.from_view(p))
-            feasible[b.key] = c.contains(b.to_view(w.detach()), atol=1e-4, rtol=1e-4)
+            p = self._apply(sl, v, 0.0, self._metric(sl))
+            w.copy_(sl.from_view(p))
+            feasible[sl.key] = c.contains(sl.to_view(w.detach()), atol=1e-4, rtol=1e-4)
         bad = [k for k, ok in feasible.items() if not ok]
         if bad:
             log.warning("after finalize, %d weight(s) fail contains(): %s", len(bad), ", ".join(bad))
@@ -392,26 +452,27 @@ class Solver:
         return {"Z": {k: v.clone() for k, v in self.Z.items()},
                 "U": {k: v.clone() for k, v in self.U.items()},
                 "rhos": dict(self.rhos), "steps": self.steps, "epochs_done": self.epochs_done,
-                "n_updates": self.n_updates, "keys": [b.key for b in self.bindings],
+                "n_updates": self.n_updates, "keys": [sl.key for sl in self.slots],
                 "mode": self.mode, "residuals": [{k: v for k, v in r.items() if k != "layers"}
                                                  for r in self.residuals]}
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore :meth:`state_dict` (call after :meth:`prepare` on the same architecture)."""
         self._require_prepared()
-        keys = [b.key for b in self.bindings]
+        keys = [sl.key for sl in self.slots]
         if list(sd.get("keys", [])) != keys:
             raise ValueError(f"solver state is for weights {sd.get('keys')}, but this solver binds {keys}")
         if sd.get("mode") != self.mode:
             raise ValueError(f"solver state is for mode={sd.get('mode')!r}, this solver has mode={self.mode!r}")
-        for b in self.bindings:
+        for sl in self.slots:
+            ref = sl.tensor()
             for name, store in (("Z", self.Z), ("U", self.U)):
-                if b.key in sd[name]:
-                    t = sd[name][b.key]
-                    if tuple(t.shape) != b.shape:
-                        raise ValueError(f"solver state {name}[{b.key}] has shape {tuple(t.shape)}, "
-                                         f"the weight has {b.shape}")
-                    store[b.key] = t.to(device=b.param.device, dtype=b.param.dtype).clone()
+                if sl.key in sd[name]:
+                    t = sd[name][sl.key]
+                    if tuple(t.shape) != tuple(ref.shape):
+                        raise ValueError(f"solver state {name}[{sl.key}] has shape {tuple(t.shape)}, "
+                                         f"the weight has {tuple(ref.shape)}")
+                    store[sl.key] = t.to(device=ref.device, dtype=ref.dtype).clone()
         self.rhos = {k: float(v) for k, v in sd["rhos"].items()}
         self.steps, self.epochs_done, self.n_updates = int(sd["steps"]), int(sd["epochs_done"]), int(sd["n_updates"])
         self.residuals = list(sd.get("residuals", []))
@@ -499,8 +560,6 @@ class Solver:
                 if sched is not None:
                     sched.step()
                 history.epochs.append(rec)
-                if self.residuals:
-                    history.updates.append({k: v for k, v in self.residuals[-1].items()})
                 bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "primal", "val_accuracy") if k in rec})
                 log.info("epoch %d: %s", epoch, {k: v for k, v in rec.items() if k != "phase"})
                 stop = any(bool(cb(self, model, rec)) for cb in callbacks)
@@ -512,6 +571,7 @@ class Solver:
                 if self.tol is not None and self.mode == "admm" and rec.get("primal", 1.0) < self.tol:
                     log.info("primal residual %.3g < tol=%.3g: stopping after epoch %d", rec["primal"], self.tol, epoch)
                     break
+            history.updates = list(self.residuals)
             feasible = self.finalize(model)
             history.final["feasible"] = all(feasible.values())
             if val_loader is not None:

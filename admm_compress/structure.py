@@ -19,7 +19,8 @@ from torch.nn.utils import parametrize
 from .sets.base import Constraint
 from .views import View
 
-__all__ = ["Factored", "structure", "release", "flatten_factors", "unflatten_factors"]
+__all__ = ["Factored", "Additive", "additive_components", "structure", "release", "flatten_factors",
+           "unflatten_factors"]
 
 
 def flatten_factors(factors: Any) -> tuple[list[torch.Tensor], Any]:
@@ -56,8 +57,9 @@ class Factored(nn.Module):
     buffers ``aux<i>`` so that they are saved and loaded with the state dict but never trained.
     """
 
-    def __init__(self, constraint: Constraint, view: View, shape: Sequence[int]):
+    def __init__(self, constraint: Constraint, view: View, shape: Sequence[int], factors: Any = None):
         super().__init__()
+        self._given = factors  # factors computed by the caller (e.g. from the L, S of a Sum)
         self.constraint = constraint
         self.view = view
         self.shape = tuple(shape)
@@ -68,7 +70,9 @@ class Factored(nn.Module):
 
     def right_inverse(self, weight: torch.Tensor):
         with torch.no_grad():
-            factors = self.constraint.factorize(self.view.to(weight.detach()))
+            factors = self._given if self._given is not None else \
+                self.constraint.factorize(self.view.to(weight.detach()))
+        self._given = None
         leaves, self._spec = flatten_factors(factors)
         self._n_leaves = len(leaves)
         self._float_pos = []
@@ -101,11 +105,18 @@ def structure(bindings) -> list[str]:
     for b in bindings:
         if b.constraint.is_penalty:
             continue
+        factors = None
+        comps = additive_components(b.module, b.param_name)
+        if comps is not None:  # W = L + S: keep both components' structure
+            with torch.no_grad():
+                factors = b.constraint.factorize(tuple(b.to_view(t.detach()) for t in comps))
+            parametrize.remove_parametrizations(b.module, b.param_name, leave_parametrized=True)
         if parametrize.is_parametrized(b.module, b.param_name):
             raise RuntimeError(f"layer '{b.name}': '{b.param_name}' is already parametrized; "
                                f"release() it before structuring again")
         parametrize.register_parametrization(b.module, b.param_name,
-                                             Factored(b.constraint, b.view, b.shape), unsafe=True)
+                                             Factored(b.constraint, b.view, b.shape, factors),
+                                             unsafe=True)
         done.append(b.key)
     return done
 
@@ -116,3 +127,41 @@ def release(bindings) -> None:
         if parametrize.is_parametrized(b.module, b.param_name) and any(
                 isinstance(p, Factored) for p in b.module.parametrizations[b.param_name]):
             parametrize.remove_parametrizations(b.module, b.param_name, leave_parametrized=True)
+
+
+class Additive(nn.Module):
+    """Parametrization ``W = L + S`` of a weight whose components carry their own constraints.
+
+    ``right_inverse(W)`` splits the current weight with ``Sum.decompose`` (alternating
+    projections; RASPA Algorithm 1, line 1) in the constraint's view, so registering it keeps the
+    weight's value up to the split residual: the first component absorbs that residual
+    (``L = W - S``), making the registration exact.  The components are the trainable
+    ``parametrizations.weight.original0`` (L) and ``original1`` (S), in the weight's shape.
+    """
+
+    def __init__(self, constraint, view: View, shape: Sequence[int], iters: int = 10):
+        super().__init__()
+        self.constraint = constraint
+        self.view = view
+        self.shape = tuple(shape)
+        self.iters = iters
+
+    def right_inverse(self, weight: torch.Tensor):
+        with torch.no_grad():
+            v = self.view.to(weight.detach())
+            _, S = self.constraint.decompose(v, iters=self.iters)
+            S = self.view.back(S, self.shape)
+        return (weight.detach() - S).contiguous(), S.contiguous()
+
+    def forward(self, L: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+        return L + S
+
+
+def additive_components(module: nn.Module, name: str = "weight"):
+    """``(L, S)`` parameters of a weight parametrized by :class:`Additive`, else None."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    plist = module.parametrizations[name]
+    if len(plist) == 1 and isinstance(plist[0], Additive):
+        return plist.original0, plist.original1
+    return None

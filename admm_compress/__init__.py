@@ -1,0 +1,38 @@
+"""admm_compress: compress PyTorch networks by training under structural constraints.
+
+Declare which weights must satisfy which constraint (:class:`LowRank`, :class:`TTRank`,
+:class:`Cardinality`, :class:`SchattenP`, :class:`Sum`), train with :class:`Solver` (ADMM or
+projected SGD inside ordinary PyTorch training), and :func:`export` the result to compact
+layers whose cost :func:`complexity` counts.  The published methods (LRPET, LoRITa, RASPA,
+Decomposable-Net, TRP) are configurations of that loop in :mod:`admm_compress.methods`.
+"""
+import logging as _logging
+
+from . import sets, views
+from .sets import Cardinality, ConstraintSet, LowRank, Penalty, SchattenP, Sum, TTRank
+from .specs import Constrain, describe, resolve
+from .solver import History, Solver
+from .export import export, register_exporter
+from .complexity import complexity, latency
+from .training import evaluate
+
+__version__ = "0.1.0"
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
+
+def __getattr__(name):  # heavy sub-packages on first use: `ac.methods`, `ac.models`, `ac.data`
+    import importlib
+
+    if name in ("methods", "models", "data"):
+        mod = importlib.import_module(f".{name}", __name__)
+        globals()[name] = mod
+        return mod
+    raise AttributeError(f"module 'admm_compress' has no attribute {name!r}")
+
+
+__all__ = [
+    "LowRank", "Cardinality", "TTRank", "SchattenP", "Sum", "ConstraintSet", "Penalty",
+    "Constrain", "resolve", "describe", "Solver", "History", "export", "register_exporter",
+    "complexity", "latency", "evaluate", "sets", "views", "methods", "models", "data",
+]
