@@ -13,6 +13,7 @@ from .sets import Cardinality, ConstraintSet, LowRank, Penalty, SchattenP, Sum, 
 from .specs import Constrain, describe, resolve
 from .solver import History, Solver
 from .export import export, register_exporter
+from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC counter
 from .complexity import complexity, latency
 from .training import evaluate
 

@@ -19,7 +19,7 @@ Cardinality         any                    ``SparseLinear`` / ``SparseConv*d`` (
                                            output filters + ``IndexScatter``; ``group_dim=1``:
                                            ``IndexSelect`` + fewer input channels
 Sum(a, b)           any                    ``SumBranches(export_a, export_b)`` (bias in one branch)
-TTRank              ``TTView``             registered by :mod:`admm_compress.methods.raspa`
+TTRank              ``TTView``             :class:`admm_compress.tt_layers.TTConv2d` (registered by :mod:`admm_compress.tt_layers`)
 ==================  =====================  ==============================================
 
 A layer whose compact form would store more numbers than the dense one stays dense (logged).
@@ -299,6 +299,14 @@ def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
     spec = getattr(spec, "spec", spec)
     src = unwrap(model)
     out = src if inplace else copy.deepcopy(src)
+    if not inplace:
+        # deepcopy shares the dynamic ``Parametrized<Module>`` class with the source; removing a
+        # parametrization from the copy would delete the property from that shared class and
+        # break the source.  Give every parametrized copy a class of its own.
+        for mod in out.modules():
+            if parametrize.is_parametrized(mod):
+                cls = type(mod)
+                mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     bindings = resolve(spec, out)
     factors_of = {}
     for b in bindings:

@@ -1,0 +1,305 @@
+"""Convolutions whose kernel is stored in tensor-train (TT) format: :class:`TTConv2d`.
+
+A ``Conv2d`` kernel ``W`` of shape ``(O, I, kh, kw)`` seen through the RASPA tensorization
+(Eq. 9; :class:`~admm_compress.views.TTView` with ``O = o_1 ... o_d``, ``I = i_1 ... i_d``,
+``K = kh * kw``)
+
+.. math::
+
+    \\widetilde W[(k_1, k_2), (o_1, i_1), \\dots, (o_d, i_d)]
+        = C_0(k_1 k_2)\\, C_1(o_1 i_1) \\cdots C_d(o_d i_d)
+
+is applied to an input without ever forming ``W``, as a sequence of stock convolutions:
+
+1. **spatial core** ``C_0`` (``K x r_1``): every input channel is convolved with the ``r_1``
+   ``kh x kw`` filters of ``C_0`` (stride, padding and dilation of the original layer), i.e.
+   one ``Conv2d(1, r_1, (kh, kw))`` on the input reshaped to ``(N * I, 1, H, W)``;
+   ``z[n, i, r_1, p] = sum_k C_0[k, r_1] x[n, i, p + k]``.  Cost ``I r_1 K`` MACs per output
+   position.  (For a 1x1 kernel the kernel mode is absent from the view, ``r_1 = 1``, and this
+   step is a zero-cost pad + subsample.)
+2. **channel cores** ``C_j`` (``r_j x o_j i_j x r_{j+1}``), ``j = 1..d``: each is a ``1 x 1``
+   convolution contracting ``(r_j, i_j)`` into ``(o_j, r_{j+1})``, with the already produced
+   output factors ``o_1..o_{j-1}`` in the batch dimension and the remaining input factors
+   ``i_{j+1}..i_d`` in a spatial dimension.  Cost ``O_{<j} I_{>j} r_j i_j o_j r_{j+1}`` MACs
+   per output position (``O_{<j} = o_1 ... o_{j-1}``, ``I_{>j} = i_{j+1} ... i_d``).
+
+So ``y = conv(x, W)`` exactly (up to rounding), with
+``MACs = P (I r_1 K + sum_j O_{<j} I_{>j} r_j i_j o_j r_{j+1}) + P O`` (bias) for ``P`` output
+positions; compare ``P O I K`` for the dense layer.  Note that a TT kernel with few parameters
+is not always cheaper to *apply*: the ``r_j r_{j+1}`` products can exceed ``O I K / ...`` for
+large ranks, which :func:`tt_conv_macs_per_position` lets one check before exporting.
+
+The MACs are given to :func:`admm_compress.complexity` (``backend="pytorch"``) by a registered
+counter; the ``"aten"`` backend counts the same convolutions directly (without the bias add).
+Importing this module also registers the exporter that turns a :class:`~admm_compress.TTRank`
+constraint on a ``"tt"`` view into a :class:`TTConv2d` (:func:`admm_compress.export`), also as
+the low-rank branch of ``Sum(TTRank, Cardinality)`` next to a
+:class:`~admm_compress.layers.SparseConv2d`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ._validation import check_int
+from .sets import TTRank
+from .sets.base import Constraint
+from .views import TTView, View
+
+__all__ = ["TTConv2d", "tt_conv_macs_per_position", "resolve_tt_view"]
+
+log = logging.getLogger(__name__)
+
+
+def _pair(v, name: str) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (check_int(name, v, low=0), check_int(name, v, low=0))
+    v = tuple(v)
+    if len(v) != 2:
+        raise ValueError(f"TTConv2d: {name}={v} must be an int or a pair of ints")
+    return (check_int(name, v[0], low=0), check_int(name, v[1], low=0))
+
+
+def tt_conv_macs_per_position(in_channels: int, kernel_numel: int, out_factors: Sequence[int],
+                              in_factors: Sequence[int], ranks: Sequence[int], bias: bool = False) -> int:
+    """MACs of :class:`TTConv2d` per output position (batch 1), see the module docstring.
+
+    Parameters
+    ----------
+    in_channels : int
+        ``I``.
+    kernel_numel : int
+        ``K = kh * kw``.  With ``K = 1`` there is no spatial core.
+    out_factors, in_factors : sequence of int
+        ``(o_1..o_d)``, ``(i_1..i_d)``.
+    ranks : sequence of int
+        Internal TT ranks of the viewed tensor: ``(r_1..r_d)`` when ``K > 1`` (``d`` ranks
+        of a ``d + 1``-way tensor), ``(r_2..r_d)`` when ``K = 1`` (then ``r_1 = 1``).
+    bias : bool
+        Add ``O`` for the bias (ptflops' convention).
+    """
+    d = len(out_factors)
+    ranks = list(ranks)
+    if kernel_numel > 1:
+        r = [ranks[0]] + ranks[1:] + [1]  # r_1 .. r_{d+1}
+        macs = in_channels * ranks[0] * kernel_numel
+    else:
+        r = [1] + ranks + [1]
+        macs = 0
+    for j in range(d):
+        o_lt = math.prod(out_factors[:j])
+        i_gt = math.prod(in_factors[j + 1:])
+        macs += o_lt * i_gt * r[j] * in_factors[j] * out_factors[j] * r[j + 1]
+    if bias:
+        macs += math.prod(out_factors)
+    return int(macs)
+
+
+class TTConv2d(nn.Module):
+    """2-D convolution with a TT-format kernel (RASPA Eq. 9), computed core by core.
+
+    Parameters
+    ----------
+    cores : sequence of Tensor
+        TT cores of the viewed kernel as :meth:`TTRank.factorize` returns them:
+        ``G_k: (r_{k-1}, n_k, r_k)`` with ``n_0 = kh * kw`` (only when ``kh * kw > 1``) and
+        ``n_j = o_j * i_j`` (pair index ``o_j * i_j_size + i_j``), ``r_0 = r_end = 1``.
+        Stored as trainable parameters ``cores.<k>`` (copied).
+    out_factors, in_factors : sequence of int
+        ``O = prod(out_factors)``, ``I = prod(in_factors)`` (same length ``d``).
+    kernel_size, stride, padding, dilation :
+        As :class:`torch.nn.Conv2d` (``padding_mode="zeros"``, ``groups=1``); ``padding`` may
+        be ``"valid"`` / ``"same"`` (stride 1) like ``Conv2d``.
+    bias : Tensor, optional
+        ``(O,)``; stored as the trainable parameter ``bias``.
+
+    Notes
+    -----
+    ``forward`` equals ``F.conv2d(x, self.dense_weight(), bias, stride, padding, dilation)``
+    up to rounding.  Cost per output position: :func:`tt_conv_macs_per_position`.
+    """
+
+    def __init__(self, cores: Sequence[torch.Tensor], out_factors: Sequence[int], in_factors: Sequence[int],
+                 kernel_size, stride=1, padding=0, dilation=1, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_factors = tuple(check_int(f"out_factors[{j}]", v, low=1, where="TTConv2d")
+                                 for j, v in enumerate(out_factors))
+        self.in_factors = tuple(check_int(f"in_factors[{j}]", v, low=1, where="TTConv2d")
+                                for j, v in enumerate(in_factors))
+        if len(self.out_factors) != len(self.in_factors) or not self.out_factors:
+            raise ValueError(f"TTConv2d: out_factors={self.out_factors} and in_factors={self.in_factors} "
+                             f"must be non-empty and of the same length")
+        self.d = len(self.out_factors)
+        self.out_channels = math.prod(self.out_factors)
+        self.in_channels = math.prod(self.in_factors)
+        self.kernel_size = _pair(kernel_size, "kernel_size")
+        self.stride = _pair(stride, "stride")
+        self.dilation = _pair(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
+        K = self.kernel_size[0] * self.kernel_size[1]
+        self.has_spatial_core = K > 1
+        cores = [c.detach() for c in cores]
+        expected = ([K] if K > 1 else []) + [o * i for o, i in zip(self.out_factors, self.in_factors)]
+        if len(cores) != len(expected):
+            raise ValueError(f"TTConv2d: got {len(cores)} cores for a viewed tensor of shape "
+                             f"{tuple(expected)} ({len(expected)} modes)")
+        prev = 1
+        for k, (c, n) in enumerate(zip(cores, expected)):
+            if c.dim() != 3 or c.shape[0] != prev or c.shape[1] != n:
+                raise ValueError(f"TTConv2d: core {k} has shape {tuple(c.shape)}, expected "
+                                 f"({prev}, {n}, r_{k + 1})")
+            prev = c.shape[2]
+        if prev != 1:
+            raise ValueError(f"TTConv2d: the last core must end in rank 1, got {tuple(cores[-1].shape)}")
+        self.cores = nn.ParameterList([nn.Parameter(c.clone().contiguous()) for c in cores])
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_channels,):
+                raise ValueError(f"TTConv2d: bias has shape {tuple(bias.shape)}, expected ({self.out_channels},)")
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+
+    # ------------------------------------------------------------------ info
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        """Internal TT ranks of the viewed kernel (``len = number of cores - 1``)."""
+        return tuple(int(c.shape[2]) for c in self.cores[:-1])
+
+    def macs_per_position(self) -> int:
+        """MACs per output position (batch 1), bias included."""
+        return tt_conv_macs_per_position(self.in_channels, self.kernel_size[0] * self.kernel_size[1],
+                                         self.out_factors, self.in_factors, self.ranks,
+                                         bias=self.bias is not None)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(O, I, kh, kw)`` kernel the cores represent (for checks; not used in forward)."""
+        from .functional import tt_to_tensor
+
+        view = TTView(self.out_factors, self.in_factors)
+        shape = (self.out_channels, self.in_channels, *self.kernel_size)
+        t = tt_to_tensor(list(self.cores)).reshape(view.viewed_shape(shape))
+        return view.back(t, shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, out_factors={self.out_factors}, "
+                f"in_factors={self.in_factors}, ranks={self.ranks}, bias={self.bias is not None}")
+
+    # --------------------------------------------------------------- forward
+    def _spatial(self, x: torch.Tensor):
+        """Step 1: ``(N, I, H, W)`` -> ``(N, r_1, I, P)`` and the output size."""
+        N, I = x.shape[0], x.shape[1]
+        if self.has_spatial_core:
+            c0 = self.cores[0]  # (1, K, r1)
+            r1 = c0.shape[2]
+            w0 = c0.reshape(-1, r1).t().reshape(r1, 1, *self.kernel_size)
+            z = F.conv2d(x.reshape(N * I, 1, x.shape[2], x.shape[3]), w0, None, self.stride,
+                         self.padding, self.dilation)
+            Ho, Wo = z.shape[-2], z.shape[-1]
+            return z.reshape(N, I, r1, Ho * Wo).transpose(1, 2), r1, Ho, Wo
+        # 1x1 kernel: padding + stride only (dilation is irrelevant)
+        if isinstance(self.padding, str):
+            pad = (0, 0)
+        else:
+            pad = self.padding
+        if pad != (0, 0):
+            x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
+        if self.stride != (1, 1):
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        Ho, Wo = x.shape[-2], x.shape[-1]
+        return x.reshape(N, 1, I, Ho * Wo), 1, Ho, Wo
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N = x.shape[0]
+        z, r, Ho, Wo = self._spatial(x)
+        P = Ho * Wo
+        B, rest = N, self.in_channels
+        channel_cores = list(self.cores)[1:] if self.has_spatial_core else list(self.cores)
+        for j, core in enumerate(channel_cores):
+            o, i = self.out_factors[j], self.in_factors[j]
+            r_next = core.shape[2]
+            rest //= i
+            z = z.reshape(B, r * i, rest, P)
+            w = core.reshape(r, o, i, r_next).permute(1, 3, 0, 2).reshape(o * r_next, r * i, 1, 1)
+            z = F.conv2d(z, w)  # (B, o * r_next, rest, P): memory order (B, o, r_next, i_{j+1}, ...)
+            B, r = B * o, r_next
+        y = z.reshape(N, self.out_channels, Ho, Wo)
+        if self.bias is not None:
+            y = y + self.bias.reshape(1, -1, 1, 1)
+        return y
+
+
+# ----------------------------------------------------------------- complexity counter
+def _tt_macs(module: TTConv2d, inputs, output) -> int:
+    """ptflops ``pytorch`` counter: per-position MACs times output positions and batch."""
+    return module.macs_per_position() * int(output.shape[0]) * int(output.shape[-2] * output.shape[-1])
+
+
+def _register_counter() -> None:
+    from .complexity import register_counter
+
+    register_counter(TTConv2d, _tt_macs)
+
+
+_register_counter()
+
+
+# ----------------------------------------------------------------- exporter
+def resolve_tt_view(view: View, shape: Sequence[int]) -> TTView:
+    """The fixed :class:`TTView` a ``"tt"`` view uses for a weight of ``shape``.
+
+    A :class:`TTView` is returned as is; a shape-dependent view (e.g. RASPA's automatic
+    tensorization) must provide ``for_shape(shape) -> TTView``.
+    """
+    if isinstance(view, TTView):
+        return view
+    fs = getattr(view, "for_shape", None)
+    if fs is None:
+        raise TypeError(f"view {view!r} is named 'tt' but is neither a TTView nor has for_shape(shape)")
+    return fs(tuple(shape))
+
+
+def _is_tt(c: Constraint, v: View) -> bool:
+    return isinstance(c, TTRank) and getattr(v, "name", None) == "tt"
+
+
+def _export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
+    """``nn.Conv2d`` with a TT-rank kernel -> :class:`TTConv2d` (None: stay dense)."""
+    if not isinstance(m, nn.Conv2d):
+        log.info("TT export builds TTConv2d for nn.Conv2d only; %s stays dense", type(m).__name__)
+        return None
+    if m.groups != 1 or m.padding_mode != "zeros":
+        log.info("TT export needs groups=1 and padding_mode='zeros' (got groups=%d, padding_mode=%r); "
+                 "layer stays dense", m.groups, m.padding_mode)
+        return None
+    shape = tuple(m.weight.shape)
+    tv = resolve_tt_view(v, shape)
+    cores = list(factors)
+    n_tt = sum(int(t.numel()) for t in cores)
+    if n_tt >= m.weight.numel():
+        return None
+    bias = m.bias if (with_bias and m.bias is not None) else None
+    new = TTConv2d([t.to(device=m.weight.device, dtype=m.weight.dtype) for t in cores], tv.out_factors,
+                   tv.in_factors, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
+                   bias=bias)
+    dense_pp = m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+    tt_pp = new.macs_per_position() - (m.out_channels if bias is not None else 0)
+    if tt_pp >= dense_pp:
+        log.warning("TTConv2d %s -> %s with ranks %s costs %d MACs per output position, more than the "
+                    "dense kernel's %d (fewer parameters: %d < %d); lower the TT ranks to save compute",
+                    m.in_channels, m.out_channels, new.ranks, tt_pp, dense_pp, n_tt, m.weight.numel())
+    return new
+
+
+def _register_exporter() -> None:
+    from .export import register_exporter
+
+    register_exporter(_is_tt, _export_tt, first=True)
+
+
+_register_exporter()
