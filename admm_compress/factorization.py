@@ -186,7 +186,9 @@ def balanced_factors(w: torch.Tensor, n_factors: int, inner_dim: int | None = No
     for i in range(1, n_factors - 1):
         factors.append(right(left(Q[i], mid), Q[i - 1]))
     factors.append(right((U * root) @ P.T, Q[-1]))
-    return [f.to(w.dtype) for f in factors]
+    # copy: the middle factors share one tensor when no mixing is drawn, and .to() is a no-op
+    # for float64 weights, so without it the factors would alias each other
+    return [f.to(w.dtype, copy=True) for f in factors]
 
 
 def lowrank_param_count(m: int, n: int, rank: int) -> int:
