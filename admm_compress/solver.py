@@ -440,11 +440,19 @@ class Solver:
                 continue
             p = self._apply(sl, v, 0.0, self._metric(sl))
             w.copy_(sl.from_view(p))
-            feasible[sl.key] = c.contains(sl.to_view(w.detach()), atol=1e-4, rtol=1e-4)
+            feasible[sl.key] = self._feasible(sl, sl.to_view(w.detach()))
         bad = [k for k, ok in feasible.items() if not ok]
         if bad:
             log.warning("after finalize, %d weight(s) fail contains(): %s", len(bad), ", ".join(bad))
         return feasible
+
+    def _feasible(self, sl, v: torch.Tensor) -> bool:
+        """Whether the finalized view ``v`` of slot ``sl`` lies in its set (``contains``).
+
+        Subclasses whose set is a selection rule rather than a projection (TRP's energy rank)
+        override this.
+        """
+        return sl.constraint.contains(v, atol=1e-4, rtol=1e-4)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
