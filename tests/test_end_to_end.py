@@ -25,7 +25,8 @@ def test_digits_fcn_lowrank_quarter_is_feasible_exported_smaller_and_accurate():
     dense = _train_dense(ac.models.fcn(depth=4, width=96), train)
     dense_acc = ac.evaluate(dense, test)["accuracy"]
     model = copy.deepcopy(dense)
-    spec = [ac.Constrain(nn.Linear, ac.LowRank(ratio=0.25))]
+    # the classifier (10 x 96) stays dense, as in the papers: at ratio 0.25 it would get rank 2
+    spec = [ac.Constrain(nn.Linear, ac.LowRank(ratio=0.25), exclude="layers.3")]
     solver = ac.Solver(spec, rho=0.5, rho_growth=1.2)
     hist = solver.fit(model, train, epochs=20, lr=0.02, val_loader=test, finetune_epochs=8, progress=False)
     assert hist.final["feasible"]
@@ -40,5 +41,5 @@ def test_digits_fcn_lowrank_quarter_is_feasible_exported_smaller_and_accurate():
     c1 = ac.complexity(compact, (64,), backend="pytorch")
     assert c1.macs < 0.6 * c0.macs and c1.params < 0.6 * c0.params
     acc = ac.evaluate(compact, test)["accuracy"]
-    # measured on this seed: dense 97.5 %, compressed 93.9 %; allow a few points more for platforms
-    assert acc >= dense_acc - 6.0, (dense_acc, acc)
+    # measured: seed 0 dense 97.8 % -> 96.7 %, seed 1 97.2 % -> 96.1 %; a margin for platforms
+    assert acc >= dense_acc - 3.0, (dense_acc, acc)

@@ -201,3 +201,18 @@ def test_torchscript(name, kwargs, shape):
     m = models.get_model(name, **kwargs).eval()
     x = torch.randn(2, *shape)
     torch.testing.assert_close(torch.jit.script(m)(x), m(x))
+
+
+def test_fcn_init_is_he_normal_by_default_and_validated():
+    import math
+
+    import pytest
+    torch.manual_seed(0)
+    m = models.fcn(depth=4, width=400, in_features=300)
+    w = m.layers[1].weight
+    assert abs(float(w.std()) - math.sqrt(2 / 400)) < 0.05 * math.sqrt(2 / 400)
+    assert float(m.layers[1].bias.abs().max()) == 0.0
+    t = models.fcn(depth=4, width=400, in_features=300, init="torch").layers[1].weight
+    assert float(t.std()) < 0.7 * float(w.std())  # PyTorch's default: std = 1 / sqrt(3 fan_in)
+    with pytest.raises(ValueError, match="init"):
+        models.fcn(init="xavier")
