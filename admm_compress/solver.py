@@ -36,6 +36,21 @@ Example (your own loop)::
         solver.epoch_end()                      # Z/U update when every="epoch"
     solver.finalize(model)                      # W = Pi(W): exactly feasible
     compact = ac.export(model, solver.spec)
+
+Several processes (``torchrun --nproc-per-node N script.py``): initialize the process group,
+wrap the model in :class:`~torch.nn.parallel.DistributedDataParallel` and give each rank a
+:class:`~torch.utils.data.DistributedSampler` loader; ``fit`` calls ``sampler.set_epoch`` every
+epoch.  Specs resolve through the wrapper; the Z-step, U-step and hard projections are computed
+on every rank and rank 0's result is broadcast, so all ranks hold bit-identical ``W``, ``Z``,
+``U`` (tests/test_distributed.py, 2 gloo processes, also against one process over the same
+global batches); a solver whose ``prepare`` reparameterizes the model (LoRITa, RASPA) and the
+structured fine-tuning get a fresh DDP wrapper around the new parameters; checkpoints are
+written by rank 0 only (then a barrier) and read by every rank on resume::
+
+    dist.init_process_group("gloo")           # "nccl" on GPUs
+    model = DistributedDataParallel(model)
+    loader = DataLoader(ds, batch_size=64, sampler=DistributedSampler(ds))
+    methods.lrpet(0.6).fit(model, loader, epochs=30, checkpoint="run.pt")
 """
 from __future__ import annotations
 
@@ -61,6 +76,68 @@ from .training import (CheckpointError, NonFiniteError, check_finite_loss, evalu
 __all__ = ["Solver", "History", "Slot"]
 
 log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------ torch.distributed
+def _world_size() -> int:
+    """Processes of the default ``torch.distributed`` group (1 when not initialized)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _broadcast_(tensors: Iterable[torch.Tensor]) -> None:
+    """Overwrite ``tensors`` on every rank with rank 0's values, in place (no-op in one process).
+
+    The Z-/U-steps and hard projections are computed on every rank and then broadcast, so all
+    ranks hold bit-identical ``Z``, ``U`` and weights even where SVDs are not deterministic
+    across processes.  Non-contiguous tensors go through a contiguous copy.
+    """
+    if _world_size() == 1:
+        return
+    import torch.distributed as dist
+
+    for t in tensors:
+        if t.is_contiguous():
+            dist.broadcast(t, src=0)
+        else:
+            buf = t.contiguous()
+            dist.broadcast(buf, src=0)
+            t.copy_(buf)
+
+
+def _barrier() -> None:
+    if _world_size() > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: only rank 0 draws; ``None`` lets tqdm decide (on for a terminal)."""
+    if _rank() != 0:
+        return True
+    return None if progress is None else not progress
+
+
+def _rewrap(model: nn.Module) -> nn.Module:
+    """A fresh ``DistributedDataParallel`` around ``model``'s module with the same settings.
+
+    Needed after the parameters of a wrapped model were replaced (the fine-tuning structure
+    registers new factor parameters, which the old wrapper does not synchronize).
+    """
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    kw = {} if model.broadcast_buffers else {"broadcast_buffers": False}  # the default needs no (deprecated) kwarg
+    return nn.parallel.DistributedDataParallel(model.module, device_ids=model.device_ids,
+                                               output_device=model.output_device,
+                                               find_unused_parameters=model.find_unused_parameters, **kw)
 
 
 @dataclasses.dataclass
@@ -228,8 +305,9 @@ class Solver:
             with torch.no_grad():
                 Z0 = self._zstep_all({sl.key: sl.tensor().detach() for sl in self.slots}, warm=self.warm_start)
                 for sl in self.slots:
-                    self.Z[sl.key] = Z0[sl.key]
+                    self.Z[sl.key] = Z0[sl.key].contiguous()
                     self.U[sl.key] = torch.zeros_like(Z0[sl.key], memory_format=torch.contiguous_format)
+                _broadcast_(self.Z.values())
         log.info("prepared %d constrained weight(s):\n%s", len(bindings), describe(bindings))
         return self
 
@@ -361,7 +439,8 @@ class Solver:
         if self.mode == "admm":
             W = {sl.key: sl.tensor().detach() for sl in self.slots}
             V = {k: W[k] + self.U[k] for k in W}
-            Znew = self._zstep_all(V)
+            Znew = {k: z.contiguous() for k, z in self._zstep_all(V).items()}
+            _broadcast_(Znew.values())  # computed on every rank, rank 0's copy wins (DDP)
             num_p = den_p = num_d = 0.0
             for sl in self.slots:
                 k = sl.key
@@ -393,7 +472,8 @@ class Solver:
                     if float(top) < self.skip_below:
                         per[sl.key] = {"primal": 0.0, "skipped": True}
                         continue
-                p = sl.from_view(self._apply(sl, v, 0.0, self._metric(sl)))
+                p = sl.from_view(self._apply(sl, v, 0.0, self._metric(sl))).contiguous()
+                _broadcast_([p])
                 r = float(torch.linalg.vector_norm(w.detach() - p))
                 n = float(torch.linalg.vector_norm(w.detach()))
                 w.copy_(p)
@@ -435,11 +515,14 @@ class Solver:
             if c.is_penalty:
                 tau = 1.0 / self.rhos[sl.key] if self.rhos[sl.key] > 0 else 0.0
                 base = v + sl.to_view(self.U[sl.key]) if sl.key in self.U else v
-                w.copy_(sl.from_view(c.prox(base, tau)))
+                p = sl.from_view(c.prox(base, tau)).contiguous()
+                _broadcast_([p])
+                w.copy_(p)
                 feasible[sl.key] = True
                 continue
-            p = self._apply(sl, v, 0.0, self._metric(sl))
-            w.copy_(sl.from_view(p))
+            p = sl.from_view(self._apply(sl, v, 0.0, self._metric(sl))).contiguous()
+            _broadcast_([p])
+            w.copy_(p)
             feasible[sl.key] = self._feasible(sl, sl.to_view(w.detach()))
         bad = [k for k, ok in feasible.items() if not ok]
         if bad:
@@ -548,10 +631,42 @@ class Solver:
         if optimizer is not None and not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
             raise TypeError(f"fit: optimizer must be a torch.optim.Optimizer or a factory params -> "
                             f"optimizer, got {type(optimizer).__name__}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}")
+        for name, ld in (("loader", loader), ("val_loader", val_loader)):
+            try:
+                n_batches = None if ld is None else len(ld)
+            except (TypeError, NotImplementedError):  # iterators and iterable datasets have no len
+                n_batches = None
+            if n_batches == 0:
+                raise ValueError(f"fit: {name} is empty (len({name}) == 0); it must yield at least one "
+                                 f"(inputs, targets) batch")
+        for name, fn in (("loss_fn", loss_fn), ("scheduler", scheduler)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"fit: {name} must be callable, got {fn!r}")
+        if finetune_optimizer is not None and not (isinstance(finetune_optimizer, torch.optim.Optimizer)
+                                                   or callable(finetune_optimizer)):
+            raise TypeError(f"fit: finetune_optimizer must be a torch.optim.Optimizer or a factory params -> "
+                            f"optimizer, got {type(finetune_optimizer).__name__}")
+        if progress is not None and not isinstance(progress, bool):
+            raise TypeError(f"fit: progress must be a bool or None, got {progress!r}")
+        if checkpoint is not None:
+            if not isinstance(checkpoint, (str, os.PathLike)):
+                raise TypeError(f"fit: checkpoint must be a file path (str or os.PathLike), got "
+                                f"{type(checkpoint).__name__}")
+            if os.path.isdir(checkpoint):
+                raise ValueError(f"fit: checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path")
         dev = resolve_device(device, model)
+        # an existing checkpoint is read and checked (weights_only) before any work is done
+        self._pending_checkpoint = None
+        if checkpoint is not None and os.path.exists(checkpoint):
+            self._pending_checkpoint = (os.fspath(checkpoint), self._read_checkpoint(checkpoint, dev))
         loss_fn = loss_fn or F.cross_entropy
         model.to(dev)
+        before = [id(p) for p in unwrap(model).parameters()]
         self.prepare(model)
+        if [id(p) for p in unwrap(model).parameters()] != before:
+            model = _rewrap(model)  # DDP: prepare reparameterized the model (LoRITa, RASPA)
         opt = self._make_optimizer(model, optimizer, lr)
         sched = scheduler(opt) if scheduler is not None else None
         history = History()
@@ -561,7 +676,7 @@ class Solver:
         from tqdm.auto import tqdm
 
         if phase == "train":
-            bar = tqdm(range(start_epoch, epochs), desc="admm", disable=(None if progress is None else not progress),
+            bar = tqdm(range(start_epoch, epochs), desc="admm", disable=_bar_disabled(progress),
                        initial=start_epoch, total=epochs, unit="epoch")
             for epoch in bar:
                 rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "train", val_loader)
@@ -572,7 +687,9 @@ class Solver:
                 log.info("epoch %d: %s", epoch, {k: v for k, v in rec.items() if k != "phase"})
                 stop = any(bool(cb(self, model, rec)) for cb in callbacks)
                 if checkpoint is not None:
-                    self._save(checkpoint, model, opt, sched, loader, epoch + 1, "train", history)
+                    if _rank() == 0:  # one writer under DDP; every rank resumes from the file
+                        self._save(checkpoint, model, opt, sched, loader, epoch + 1, "train", history)
+                    _barrier()
                 if stop:
                     log.info("a callback stopped training after epoch %d", epoch)
                     break
@@ -608,6 +725,9 @@ class Solver:
 
     def _run_epoch(self, model, loader, opt, loss_fn, dev, epoch, phase, val_loader, solver_steps=True):
         model.train()
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a different shuffle every epoch
+            sampler.set_epoch(epoch)
         t0 = time.perf_counter()
         n = 0
         loss_sum = torch.zeros((), device=dev)
@@ -666,6 +786,7 @@ class Solver:
             finalized = ck["finalized"]
             model.load_state_dict(finalized)
         structure(self.bindings)
+        model = _rewrap(model)  # DDP: the factors are new parameters; a fresh wrapper syncs them
         try:
             if optimizer is None:
                 opt = torch.optim.SGD(model.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
@@ -676,7 +797,7 @@ class Solver:
                 opt.load_state_dict(ck["optimizer"])
                 set_rng_state(ck["rng"], loader)
             bar = tqdm(range(start_epoch, epochs), desc="finetune", initial=start_epoch, total=epochs,
-                       disable=(None if progress is None else not progress), unit="epoch")
+                       disable=_bar_disabled(progress), unit="epoch")
             for epoch in bar:
                 rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "finetune", val_loader,
                                       solver_steps=False)
@@ -684,8 +805,10 @@ class Solver:
                 bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "val_accuracy") if k in rec})
                 stop = any(bool(cb(self, model, rec)) for cb in callbacks)
                 if checkpoint is not None:
-                    self._save(checkpoint, model, opt, None, loader, epoch + 1, "finetune", history,
-                               finalized=finalized)
+                    if _rank() == 0:
+                        self._save(checkpoint, model, opt, None, loader, epoch + 1, "finetune", history,
+                                   finalized=finalized)
+                    _barrier()
                 if stop:
                     break
         finally:
@@ -700,28 +823,86 @@ class Solver:
             obj["scheduler"] = sched.state_dict()
         if finalized is not None:
             obj["finalized"] = finalized
+        # the full residual records (with the per-layer entries that state_dict() leaves out), so
+        # a resumed run's history equals an uninterrupted one's
+        obj["residuals"] = [dict(r) for r in self.residuals]
         save_checkpoint(obj, path)
 
-    def _resume(self, path, model, opt, sched, loader):
-        ck = load_checkpoint(path, map_location=resolve_device(None, model),
+    @staticmethod
+    def _read_checkpoint(path, map_location) -> dict:
+        """Read a :meth:`fit` checkpoint (``weights_only=True``) and check its format, phase and epoch.
+
+        Raises :class:`~admm_compress.training.CheckpointError` for a truncated, unsafe or
+        foreign file.
+        """
+        ck = load_checkpoint(path, map_location=map_location,
                              required=("format", "model", "optimizer", "solver", "epoch", "phase", "rng"))
+        where = f"checkpoint {os.fspath(path)!r}"
         if ck["format"] != "admm_compress.fit/1":
-            raise CheckpointError(f"checkpoint {os.fspath(path)!r} has format {ck['format']!r}")
+            raise CheckpointError(f"{where} has format {ck['format']!r}; expected 'admm_compress.fit/1'")
+        if ck["phase"] not in ("train", "finetune"):
+            raise CheckpointError(f"{where} has phase={ck['phase']!r}; expected 'train' or 'finetune'")
+        ep = ck["epoch"]
+        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 0:
+            raise CheckpointError(f"{where} has epoch={ep!r}; expected an int >= 0")
+        for name in ("model", "optimizer", "solver", "rng"):
+            if not isinstance(ck[name], dict):
+                raise CheckpointError(f"{where}: entry {name!r} is a {type(ck[name]).__name__}, expected a dict")
+        if ck["phase"] == "finetune" and not isinstance(ck.get("finalized"), dict):
+            raise CheckpointError(f"{where} is a fine-tuning checkpoint without the finalized weights")
+        return ck
+
+    def _resume(self, path, model, opt, sched, loader):
+        """Restore model, optimizer, scheduler, solver state, RNG states and history from ``path``.
+
+        Everything is checked against this model, solver and optimizer before anything is
+        loaded, so a checkpoint of another model or spec raises
+        :class:`~admm_compress.training.CheckpointError` and leaves the model's weights alone.
+        """
+        pending, self._pending_checkpoint = getattr(self, "_pending_checkpoint", None), None
+        if pending is not None and pending[0] == os.fspath(path):
+            ck = pending[1]  # read (and checked) by fit before any work
+        else:
+            ck = self._read_checkpoint(path, resolve_device(None, model))
+        where = f"checkpoint {os.fspath(path)!r}"
+        sd = ck["solver"]
+        if sd.get("mode") != self.mode:
+            raise CheckpointError(f"{where} was written by a solver with mode={sd.get('mode')!r}; this "
+                                  f"solver has mode={self.mode!r}")
         if ck["phase"] == "finetune":
             log.info("resuming fine-tuning from %s at epoch %d", path, ck["epoch"])
             return int(ck["epoch"]), "finetune", History.from_dict(ck.get("history", {}))
+        keys = [sl.key for sl in self.slots]
+        if list(sd.get("keys", [])) != keys:
+            raise CheckpointError(f"{where} is from another spec: its solver state constrains "
+                                  f"{list(sd.get('keys', []))}, this solver binds {keys}")
         target = unwrap(model)
         own = target.state_dict()
-        bad = [k for k in own if k not in ck["model"]] + [k for k in ck["model"] if k not in own]
-        bad += [k for k in own if k in ck["model"] and tuple(own[k].shape) != tuple(ck["model"][k].shape)]
+        saved = ck["model"]
+        bad = [k for k in own if k not in saved] + [k for k in saved if k not in own]
+        bad += [f"{k}: {tuple(getattr(saved[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
+                if k in saved and (not isinstance(saved[k], torch.Tensor) or saved[k].shape != own[k].shape)]
         if bad:
-            raise CheckpointError(f"checkpoint {os.fspath(path)!r} is from another model: "
-                                  f"{len(bad)} mismatching entries (e.g. {bad[:3]})")
-        target.load_state_dict(ck["model"])
+            raise CheckpointError(f"{where} is from another model: {len(bad)} mismatching state_dict "
+                                  f"entries (e.g. {bad[:3]})")
+        saved_groups = [len(g.get("params", ())) for g in ck["optimizer"].get("param_groups", [])]
+        own_groups = [len(g["params"]) for g in opt.param_groups]
+        if saved_groups != own_groups:
+            raise CheckpointError(f"{where}: its optimizer state has parameter groups of sizes {saved_groups}, "
+                                  f"this optimizer has {own_groups} (another optimizer or model?)")
+        try:  # solver state first: it checks shapes (and subclass fields) and touches no weight
+            self.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: the solver state does not fit this solver: {e}") from e
+        target.load_state_dict(saved)
         opt.load_state_dict(ck["optimizer"])
-        if sched is not None and "scheduler" in ck:
-            sched.load_state_dict(ck["scheduler"])
-        self.load_state_dict(ck["solver"])
+        if sched is not None:
+            if "scheduler" in ck:
+                sched.load_state_dict(ck["scheduler"])
+            else:
+                log.warning("%s holds no LR scheduler state; the scheduler restarts", where)
+        if "residuals" in ck:
+            self.residuals = [dict(r) for r in ck["residuals"]]
         set_rng_state(ck["rng"], loader)
         log.info("resumed from %s at epoch %d", path, ck["epoch"])
         return int(ck["epoch"]), "train", History.from_dict(ck.get("history", {}))
