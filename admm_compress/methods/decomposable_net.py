@@ -78,6 +78,7 @@ from ..rank_selection import (check_alphas, dn_factor_convs, dn_factor_linear, d
 from ..sets import LowRank
 from ..solver import Solver
 from ..specs import Constrain, SpecError, resolve, unwrap
+from ..solver import _broadcast_, _world_size
 from ..training import resolve_device
 
 __all__ = ["decomposable_net", "DecomposableNetSolver", "DNLayer", "recalibrate_bn"]
@@ -391,8 +392,12 @@ class DecomposableNetSolver(Solver):
             return loss.detach(), out.detach()
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
-        # full-rank network
-        out_full = model(inputs)
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if ddp and model.broadcast_buffers:  # what DDP's forward would do
+            _broadcast_(list(net.buffers()))
+        # full-rank network (the bare module under DDP: the gradients are averaged below, as
+        # torch.autograd.grad does not trigger DDP's reducer)
+        out_full = (net if ddp else model)(inputs)
         loss_full = loss_fn(out_full, targets)
         g_full = torch.autograd.grad(loss_full, params, allow_unused=True)
         # sampled low-rank network (Algorithm 1, lines 3-5)
@@ -410,15 +415,22 @@ class DecomposableNetSolver(Solver):
         # Eq. (1) with the balancing of Eq. (12) on the decomposed weights
         decomposed = {L.key for L in layers}
         lam = self.lam
+        world = _world_size()
         for (name, p), gf, gl in zip(named, g_full, g_low):
             if gf is None and gl is None:
-                continue
+                if world == 1:
+                    continue
+                gf = torch.zeros_like(p)  # every rank must join the all-reduce of every parameter
             gf = torch.zeros_like(p) if gf is None else gf
             gl = torch.zeros_like(p) if gl is None else gl
             if name in decomposed:
                 g = combine_gradients(gf, gl, lam, rescale=self.rescale)
             else:
                 g = (1.0 - lam) * gf + lam * gl
+            if world > 1:  # DDP semantics: the mean over ranks of each rank's gradient
+                g = g.contiguous()
+                torch.distributed.all_reduce(g)
+                g.div_(world)
             p.grad = g if p.grad is None else p.grad + g
         loss = ((1.0 - lam) * loss_full + lam * loss_low).detach()
         self.last = {"keep_ratio": z, "ranks": {L.name: r for L, r in zip(layers, ranks)},
