@@ -240,6 +240,21 @@ def test_fit_keeps_the_model_full_rank():
         assert int(torch.linalg.matrix_rank(dn_matrix(L.weight.detach(), L.scheme))) == L.full_rank
 
 
+def test_finetune_keeps_the_joint_objective_and_resumes(tmp_path):
+    torch.manual_seed(0)
+    model = small_cnn()
+    data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(3)]
+    s = decomposable_net(rank_ratio=(0.1, 0.5), seed=0)
+    hist = s.fit(model, data, epochs=1, finetune_epochs=2, progress=False, checkpoint=tmp_path / "ck.pt")
+    assert [e["phase"] for e in hist.epochs] == ["train", "finetune", "finetune"]
+    assert len(s.epoch_stats) == 3  # the low-rank pass ran in every fine-tuning epoch too
+    assert s.last["loss_low"] is not None
+    assert not any(type(m).__name__ == "ParametrizationList" for m in model.modules())  # no frozen structure
+    for L in s.layers:
+        assert int(torch.linalg.matrix_rank(dn_matrix(L.weight.detach(), L.scheme))) == L.full_rank
+    assert ac.training.load_checkpoint(tmp_path / "ck.pt")["phase"] == "finetune"
+
+
 # --------------------------------------------------------------------------- export
 @pytest.mark.parametrize("scheme", ["channel", "spatial"])
 def test_export_equals_truncated_model_and_costs_less(scheme):
