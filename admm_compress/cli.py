@@ -1,0 +1,649 @@
+"""``admm-compress``: run benchmark problems with benchmark solvers from the command line.
+
+::
+
+    admm-compress list
+    admm-compress run digits_fcn lrpet --set pruning_ratio=0.7 --epochs 20 --out runs/quick
+    admm-compress bench digits_fcn --solvers dense lrpet svd_truncation --seeds 0 1 --out runs/bench
+
+``run`` trains the problem's model densely (``pretrain_epochs``), measures it, trains it with the
+solver (``epochs``, then ``finetune_epochs``), exports the compact model, measures it again and
+writes ``results.json``, ``model_state_dict.pt`` (the exported model) and three PNG plots
+(accuracy vs MACs, per-layer singular value spectra, ADMM residuals).  On an exact problem
+(known answer) it runs the solver and reports the error to the known answer instead.
+``bench`` does ``run`` for several solvers on the same problem and seeds (the dense pretraining
+is shared) and writes ``bench.md``, ``bench.csv`` and ``tradeoff.png``.
+
+Problems and solvers are files in ``problems/`` and ``solvers/`` folders (see
+:mod:`admm_compress.registry` for the contract and the search path).  Any typo in a name or a
+parameter stops the command before anything runs, with the list of valid names.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "run_one", "build_parser"]
+
+log = logging.getLogger("admm_compress.cli")
+
+
+class CLIError(ValueError):
+    """A usage error (reported with exit code 2, before any work)."""
+
+
+def _write(text: str = "", stream=None) -> None:
+    (stream or sys.stdout).write(text + "\n")
+    (stream or sys.stdout).flush()
+
+
+# ============================================================================ parser
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--problems-dir", action="append", default=[], metavar="DIR",
+                        help="extra folder of problem files (searched first; repeatable)")
+    common.add_argument("--solvers-dir", action="append", default=[], metavar="DIR",
+                        help="extra folder of solver files (searched first; repeatable)")
+    common.add_argument("-v", "--verbose", action="count", default=0, help="log INFO (-v) or DEBUG (-vv)")
+
+    train = argparse.ArgumentParser(add_help=False)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assign",
+                       help="set a problem or solver parameter; prefix problem. / solver. when both have it, or "
+                            "SOLVER. for one solver of a bench (lorita.rank_ratio=0.25); values: ints, "
+                            "floats, true/false, none, comma lists")
+    train.add_argument("--epochs", type=int, default=None, help="solver training epochs (default: the problem's)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    train.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/<name>)")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on a busy machine)")
+    train.add_argument("--latency-batch", type=int, default=32, help="batch size of the latency measurement")
+    train.add_argument("--latency-repeats", type=int, default=30, help="timed forward passes for latency")
+
+    p = argparse.ArgumentParser(prog="admm-compress", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,bench,list}")
+    r = sub.add_parser("run", parents=[common, train], help="train, compress, export and evaluate one solver")
+    r.add_argument("problem", help="problem name (see `admm-compress list`)")
+    r.add_argument("solver", help="solver name (see `admm-compress list`)")
+    r.add_argument("--seed", type=int, default=0)
+    b = sub.add_parser("bench", parents=[common, train], help="several solvers on one problem: one table + plot")
+    b.add_argument("problem", help="problem name (see `admm-compress list`)")
+    b.add_argument("--solvers", nargs="+", default=None, metavar="SOLVER",
+                   help="solvers to run (default: every available solver that applies)")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S")
+    b.add_argument("--title", default=None, help="title of the table and the plot")
+    b.add_argument("--report", default=None, metavar="PREFIX",
+                   help="also write PREFIX.md, PREFIX.csv and PREFIX.png (e.g. docs/results/bench_digits_fcn)")
+    sub.add_parser("list", parents=[common], help="problems, solvers and their parameters")
+    return p
+
+
+# ============================================================================ helpers
+def _split_assignments(assign: dict, pdefaults: dict, sdefaults_by_solver: dict[str, dict],
+                       problem: str) -> tuple[dict, dict[str, dict]]:
+    """Route ``--set`` keys to the problem or to the solvers that have them; unknown keys raise."""
+    from .registry import RegistryError
+
+    pparams: dict = {}
+    sparams: dict[str, dict] = {s: {} for s in sdefaults_by_solver}
+    for key, val in assign.items():
+        head, dot, bare = key.partition(".")
+        if dot and head in sdefaults_by_solver:  # SOLVER.key=value: that solver only
+            if bare not in sdefaults_by_solver[head]:
+                raise RegistryError(_unknown_param(bare, problem, pdefaults, {head: sdefaults_by_solver[head]}))
+            sparams[head][bare] = val
+            continue
+        if dot and head not in ("problem", "solver"):
+            raise RegistryError(f"--set {key}: '{head}' is neither 'problem', 'solver' nor one of the solvers "
+                                f"{sorted(sdefaults_by_solver)}")
+        scope = head if dot else ""
+        bare = bare if dot else key
+        in_p = bare in pdefaults
+        in_s = [s for s, d in sdefaults_by_solver.items() if bare in d]
+        if scope == "problem" or (not scope and in_p and not in_s):
+            if not in_p:
+                raise RegistryError(_unknown_param(bare, problem, pdefaults, sdefaults_by_solver))
+            pparams[bare] = val
+        elif scope == "solver" or (not scope and in_s and not in_p):
+            if not in_s:
+                raise RegistryError(_unknown_param(bare, problem, pdefaults, sdefaults_by_solver))
+            for s in in_s:
+                sparams[s].setdefault(bare, val)
+        elif in_p and in_s:
+            raise RegistryError(f"--set {key}: both the problem and solver(s) {in_s} have '{bare}'; "
+                                f"write problem.{bare}=... or solver.{bare}=...")
+        else:
+            raise RegistryError(_unknown_param(bare, problem, pdefaults, sdefaults_by_solver))
+    return pparams, sparams
+
+
+def _unknown_param(key, problem, pdefaults, sdefaults_by_solver) -> str:
+    import difflib
+
+    everything = sorted(set(pdefaults) | {k for d in sdefaults_by_solver.values() for k in d})
+    close = difflib.get_close_matches(key, everything, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    lines = [f"unknown parameter {key!r}{hint}.",
+             f"  problem {problem!r} parameters: {', '.join(sorted(pdefaults)) or '(none)'}"]
+    for s, d in sdefaults_by_solver.items():
+        lines.append(f"  solver {s!r} parameters: {', '.join(sorted(d)) or '(none)'}")
+    return "\n".join(lines)
+
+
+def _load(args):
+    from .registry import load_problems, load_solvers
+
+    return load_problems(args.problems_dir), load_solvers(args.solvers_dir)
+
+
+def _problem_entry(problems, name):
+    from .registry import unknown_name_error
+
+    if name not in problems:
+        raise unknown_name_error("problem", name, problems)
+    e = problems[name]
+    if e.module is None:
+        raise CLIError(f"problem {name!r} ({e.path}) cannot be loaded: {e.error}")
+    return e
+
+
+def _solver_entry(solvers, name):
+    from .registry import RegistryError, unknown_name_error
+
+    if name not in solvers:
+        raise unknown_name_error("solver", name, solvers)
+    e = solvers[name]
+    if not e.available:
+        raise RegistryError(f"solver {name!r} ({e.path}) is unavailable: {e.why_unavailable}")
+    return e
+
+
+def _fmt(v, spec=".2f", none="-"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = io.StringIO()
+    out.write("| " + " | ".join(headers) + " |\n")
+    out.write("| " + " | ".join("---" for _ in headers) + " |\n")
+    for r in rows:
+        out.write("| " + " | ".join(str(c) for c in r) + " |\n")
+    return out.getvalue()
+
+
+def _jsonable(x):
+    import torch
+
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist() if x.numel() < 64 else f"tensor{tuple(x.shape)}"
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return repr(x)
+
+
+def _median(xs):
+    """Median (robust to the first epoch's warm-up), None for an empty list."""
+    import statistics
+
+    return float(statistics.median(xs)) if xs else None
+
+
+def _measure(model, problem, device, latency_batch, latency_repeats) -> dict:
+    """Accuracy, MACs / params (ptflops, pytorch backend) and latency of ``model``."""
+    import admm_compress as ac
+
+    out: dict[str, Any] = {}
+    ev = ac.evaluate(model, problem.test_loader, problem.loss_fn, device)
+    out["accuracy"], out["loss"] = ev["accuracy"], ev["loss"]
+    try:
+        c = ac.complexity(model, problem.input_size, backend="pytorch")
+        out["macs"], out["params"] = int(c.macs), int(c.params)
+    except (ValueError, RuntimeError) as e:  # a layer ptflops cannot count: record, don't abort
+        log.warning("complexity count failed: %s", e)
+        out["macs"], out["params"], out["complexity_error"] = None, None, str(e)
+    lat = ac.latency(model, problem.input_size, batch=latency_batch, repeats=latency_repeats,
+                     warmup=max(2, latency_repeats // 5))
+    out["latency_ms"] = lat.median
+    out["latency"] = lat.as_dict()
+    return out
+
+
+# ============================================================================ one run
+def _build_problem(pentry, seed: int, device: str, pparams: dict):
+    """``pentry.build``; a bad parameter value (ValueError / TypeError) becomes a usage error."""
+    from .registry import RegistryError
+
+    try:
+        return pentry.build(seed=seed, device=device, **pparams)
+    except RegistryError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"problem {pentry.name!r} with {_params_text(pparams)}: {e}") from e
+
+
+def _check_solver_builds(sentry, problem, full_sparams: dict) -> None:
+    """Build the solver once and bind its spec to the problem's model, before any training.
+
+    A parameter value the solver refuses (``--set pruning_ratio=1.5``) or a spec that does not
+    fit the model then stops the command at once with exit code 2, instead of after the dense
+    pretraining.  Nothing is trained or modified.
+    """
+    from .registry import RegistryError
+    from .solver import Solver
+    from .specs import SpecError, resolve
+
+    try:
+        solver = sentry.build(problem, **full_sparams)
+        if isinstance(solver, Solver) and solver.spec:
+            resolve(solver.spec, problem.model)
+    except (RegistryError, SpecError):
+        raise
+    except (ValueError, TypeError) as e:
+        raise CLIError(f"solver {sentry.name!r} with {_params_text(full_sparams)}: {e}") from e
+
+
+def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str, out: Path,
+            epochs: int | None = None, progress: bool = True, latency_batch: int = 32,
+            latency_repeats: int = 30, pretrained: dict | None = None, plots: bool = True,
+            solvers: dict | None = None) -> dict:
+    """Train, compress, export and evaluate ``sentry`` on ``pentry``; write the run's files to ``out``.
+
+    ``pretrained`` (a dict shared between calls) caches the dense pretraining per seed, so a
+    benchmark trains the dense model once; ``solvers`` (all loaded entries) names the applicable
+    ones when ``sentry`` does not apply to an exact problem.  Returns the ``results.json`` content.
+    """
+    import torch
+
+    import admm_compress as ac
+    from . import plots as P
+    from .registry import cosine, train_dense
+    from .training import resolve_device
+
+    dev = resolve_device(device)
+    if epochs is not None:
+        pparams = dict(pparams, epochs=epochs)
+    torch.manual_seed(seed)
+    problem = _build_problem(pentry, seed, str(dev), pparams)
+    sentry.check_problem(problem, [n for n, e in sorted((solvers or {}).items()) if e.available
+                                   and e.kind == "admm" and e.constraint in problem.accepts])
+    full_sparams = sentry.resolve(sparams, problem)
+    _check_solver_builds(sentry, problem, full_sparams)
+    out.mkdir(parents=True, exist_ok=True)  # only once every name and parameter has been checked
+    res: dict[str, Any] = {"problem": problem.name, "solver": sentry.name, "solver_kind": sentry.kind,
+                           "problem_params": {k: v for k, v in {**pentry.defaults, **pparams}.items()},
+                           "solver_params": full_sparams, "seed": seed, "device": str(dev),
+                           "epochs": problem.epochs, "pretrain_epochs": problem.pretrain_epochs,
+                           "finetune_epochs": problem.finetune_epochs, "torch": torch.__version__,
+                           "meta": problem.meta}
+    model = problem.model.to(dev)
+    solver_lr = problem.lr * float(full_sparams.get("lr_scale", 1.0))
+    fit_kw = dict(optimizer=problem.optimizer, loss_fn=problem.loss_fn, device=dev, progress=progress, lr=solver_lr)
+
+    if problem.is_exact:
+        solver = sentry.build(problem, **full_sparams)
+        t0 = time.perf_counter()
+        hist = solver.fit(model, problem.train_loader, epochs=problem.epochs, **fit_kw)
+        res["wall_s"] = time.perf_counter() - t0
+        res["answer"] = problem.check_answer(model)
+        res["history"] = hist.to_dict() if hasattr(hist, "to_dict") else {}
+        if plots:
+            res["plots"] = {"residuals": P.residuals(hist.epochs, out / "residuals.png",
+                                                     f"{problem.name} / {sentry.name}")}
+        with open(out / "results.json", "w") as f:
+            json.dump(_jsonable(res), f, indent=1)
+        return res
+
+    # ---- dense reference (shared between solvers of a benchmark through `pretrained`)
+    key = (problem.name, seed, json.dumps(_jsonable(pparams), sort_keys=True))
+    if pretrained is not None and key in pretrained:
+        cached = pretrained[key]
+        model.load_state_dict(cached["state"])
+        dense = cached["dense"]
+    else:
+        t0 = time.perf_counter()
+        dh = train_dense(model, problem.train_loader, problem.pretrain_epochs, problem.optimizer, problem.loss_fn,
+                         problem.test_loader, dev, progress, problem.lr, desc="pretrain",
+                         scheduler=cosine(problem.pretrain_epochs))
+        dense = _measure(model, problem, dev, latency_batch, latency_repeats)
+        dense["epoch_time_s"] = _median([e["wall"] for e in dh.epochs])
+        dense["pretrain_wall_s"] = time.perf_counter() - t0
+        dense["spectra"] = P.weight_spectra(model)
+        if pretrained is not None:
+            pretrained[key] = {"state": copy.deepcopy(model.state_dict()), "dense": dense}
+    res["before"] = {k: v for k, v in dense.items() if k != "spectra"}
+
+    # ---- constrained training with the solver, export, measurement
+    torch.manual_seed(seed + 1)  # same RNG stream for every solver of a benchmark, whatever ran before
+    solver = sentry.build(problem, **full_sparams)
+    t0 = time.perf_counter()
+    hist = solver.fit(model, problem.train_loader, epochs=problem.epochs, val_loader=problem.test_loader,
+                      finetune_epochs=problem.finetune_epochs, scheduler=cosine(problem.epochs), **fit_kw)
+    fit_wall = time.perf_counter() - t0
+    spectra_after = P.weight_spectra(model)
+    model.eval()
+    compact = sentry.export(solver, model, problem, full_sparams)
+    compact.to(dev).eval()
+    after = _measure(compact, problem, dev, latency_batch, latency_repeats)
+    after["epoch_time_s"] = _median([e["wall"] for e in hist.epochs if e.get("phase", "train") == "train"])
+    res["after"] = after
+    res["fit_wall_s"] = fit_wall
+    # the exported model equals the finalized one (before fine-tuning) or the fine-tuned one
+    res["history"] = hist.to_dict() if hasattr(hist, "to_dict") else {}
+    b, a = dense, after
+    res["acc_before"], res["acc_after"] = b["accuracy"], a["accuracy"]
+    res["acc_drop"] = b["accuracy"] - a["accuracy"]
+    res["macs_before"], res["macs_after"] = b.get("macs"), a.get("macs")
+    res["params_before"], res["params_after"] = b.get("params"), a.get("params")
+    res["macs_drop"] = (100.0 * (1 - a["macs"] / b["macs"])) if a.get("macs") and b.get("macs") else None
+    res["params_drop"] = (100.0 * (1 - a["params"] / b["params"])) if a.get("params") and b.get("params") else None
+    res["latency_before_ms"], res["latency_after_ms"] = b["latency_ms"], a["latency_ms"]
+    res["latency_ratio"] = a["latency_ms"] / b["latency_ms"] if b["latency_ms"] else None
+    res["time_ratio"] = (a["epoch_time_s"] / b["epoch_time_s"]
+                         if a.get("epoch_time_s") and b.get("epoch_time_s") else None)
+    res["latency_note"] = (f"median of {latency_repeats} forward passes, batch {latency_batch}, {dev}, "
+                           f"torch threads {torch.get_num_threads()}")
+    torch.save(compact.state_dict(), out / "model_state_dict.pt")
+    res["files"] = {"state_dict": str(out / "model_state_dict.pt")}
+    if plots:
+        pts = [{"label": "dense", "macs": b.get("macs"), "accuracy": b["accuracy"], "marker": "s"},
+               {"label": sentry.name, "macs": a.get("macs"), "accuracy": a["accuracy"]}]
+        res["plots"] = {
+            "accuracy_vs_macs": P.accuracy_vs_macs(pts, out / "accuracy_vs_macs.png", f"{problem.name}"),
+            "spectra": P.singular_spectra(dense["spectra"], spectra_after, out / "spectra.png",
+                                          title=f"{problem.name} / {sentry.name}: singular values before / after"),
+            "residuals": P.residuals(hist.epochs, out / "residuals.png", f"{problem.name} / {sentry.name}"),
+        }
+    with open(out / "results.json", "w") as f:
+        json.dump(_jsonable(res), f, indent=1)
+    return res
+
+
+def _run_table(res: dict) -> str:
+    if "answer" in res:
+        a = res["answer"]
+        rows = [[k, f"{v:.3g}"] for k, v in a["errors"].items()]
+        rows += [[k, "yes" if v else "NO"] for k, v in a.get("checks", {}).items()]
+        rows += [["tolerance", f"{a['tolerance']:.3g}"], ["reached known answer", "yes" if a["ok"] else "NO"],
+                 ["wall time (s)", f"{res['wall_s']:.2f}"]]
+        return _markdown(["relative error to known answer", "value"], rows)
+    mega = lambda v: None if v is None else v / 1e6  # noqa: E731
+    rows = [["accuracy (%)", _fmt(res["acc_before"]), _fmt(res["acc_after"]), _fmt(-res["acc_drop"], "+.2f")],
+            ["MACs (M)", _fmt(mega(res["macs_before"]), ".3f"), _fmt(mega(res["macs_after"]), ".3f"),
+             (f"-{res['macs_drop']:.1f} %" if res["macs_drop"] is not None else "-")],
+            ["params (M)", _fmt(mega(res["params_before"]), ".4f"), _fmt(mega(res["params_after"]), ".4f"),
+             (f"-{res['params_drop']:.1f} %" if res["params_drop"] is not None else "-")],
+            ["latency (ms)", _fmt(res["latency_before_ms"], ".3f"), _fmt(res["latency_after_ms"], ".3f"),
+             (f"x{res['latency_ratio']:.2f}" if res["latency_ratio"] else "-")],
+            ["epoch time (s)", _fmt(res["before"].get("epoch_time_s"), ".3f"), _fmt(res["after"].get("epoch_time_s"), ".3f"),
+             (f"x{res['time_ratio']:.2f}" if res["time_ratio"] else "-")],
+            ["wall time (s)", _fmt(res["before"].get("pretrain_wall_s"), ".1f"), _fmt(res["fit_wall_s"], ".1f"), ""]]
+    return _markdown(["", "dense (before)", f"{res['solver']} (after)", "change"], rows)
+
+
+# ============================================================================ commands
+def _cmd_list(args) -> int:
+    problems, solvers = _load(args)
+    _write("Problems (admm-compress run PROBLEM SOLVER [--set key=value ...]):")
+    for name, e in sorted(problems.items()):
+        if e.module is None:
+            _write(f"  {name:<22} UNAVAILABLE: {e.error}")
+            continue
+        _write(f"  {name:<22} {e.description}")
+        _write(f"  {'':<22}   defaults: " + ", ".join(f"{k}={v}" for k, v in e.defaults.items()))
+    _write("")
+    _write("Solvers:")
+    for name, e in sorted(solvers.items()):
+        if not e.available:
+            _write(f"  {name:<22} UNAVAILABLE: {e.why_unavailable}")
+            continue
+        _write(f"  {name:<22} [{e.kind}] {e.description}")
+        if e.params:
+            _write(f"  {'':<22}   grid:     " + ", ".join(f"{k} in {list(v)}" for k, v in e.params.items()))
+        _write(f"  {'':<22}   defaults: " + (", ".join(f"{k}={v}" for k, v in e.defaults.items()) or "(none)"))
+    return 0
+
+
+def _default_out(*parts) -> Path:
+    return Path("runs") / "_".join(str(p) for p in parts)
+
+
+def _cmd_run(args) -> int:
+    from .registry import parse_assignments
+    from .training import resolve_device
+
+    problems, solvers = _load(args)
+    pentry = _problem_entry(problems, args.problem)
+    sentry = _solver_entry(solvers, args.solver)
+    pparams, sparams = _split_assignments(parse_assignments(args.assign), pentry.defaults,
+                                          {sentry.name: sentry.defaults}, pentry.name)
+    _check_run_numbers(args)
+    resolve_device(args.device)  # CUDA asked for but absent: clear error before any work
+    out = Path(args.out) if args.out else _default_out(pentry.name, sentry.name, args.seed)
+    res = run_one(pentry, sentry, pparams, sparams[sentry.name], args.seed, args.device, out, args.epochs,
+                  progress=not args.no_progress, latency_batch=args.latency_batch,
+                  latency_repeats=args.latency_repeats, solvers=solvers)
+    res["command"] = "admm-compress " + " ".join(shlex.quote(a) for a in args._argv)
+    with open(out / "results.json", "w") as f:
+        json.dump(_jsonable(res), f, indent=1)
+    _write(f"\n{pentry.name} / {sentry.name} (seed {args.seed})\n")
+    _write(_run_table(res))
+    _write(f"wrote {out / 'results.json'}" + ("" if "answer" in res else f", {out / 'model_state_dict.pt'}")
+           + f" and plots in {out}/")
+    if "answer" in res and not res["answer"]["ok"]:
+        return 1
+    return 0
+
+
+def _check_run_numbers(args):
+    if args.epochs is not None and args.epochs < 0:
+        raise CLIError(f"--epochs={args.epochs} must be >= 0")
+    if args.latency_batch < 1 or args.latency_repeats < 1:
+        raise CLIError("--latency-batch and --latency-repeats must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CLIError(f"--threads={args.threads} must be >= 1")
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+BENCH_HEADERS = ["solver", "params", "seed", "acc before (%)", "acc after (%)", "acc drop", "MACs (M)",
+                 "MACs drop (%)", "params (M)", "params drop (%)", "latency ratio", "train-time ratio",
+                 "wall (s)"]
+
+
+def _bench_row(res: dict, shown: dict) -> list:
+    if "answer" in res:
+        return [res["solver"], _params_text(shown), res["seed"], "-", "-", "-", "-", "-", "-", "-", "-", "-",
+                _fmt(res["wall_s"], ".1f")]
+    m = lambda v: None if v is None else v / 1e6  # noqa: E731
+    return [res["solver"], _params_text(shown), res["seed"], _fmt(res["acc_before"]), _fmt(res["acc_after"]),
+            _fmt(res["acc_drop"], "+.2f"), _fmt(m(res["macs_after"]), ".3f"), _fmt(res["macs_drop"], ".1f"),
+            _fmt(m(res["params_after"]), ".4f"), _fmt(res["params_drop"], ".1f"), _fmt(res["latency_ratio"], ".2f"),
+            _fmt(res["time_ratio"], ".2f"), _fmt(res["fit_wall_s"], ".1f")]
+
+
+def _params_text(p: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in p.items()) or "-"
+
+
+def _cmd_bench(args) -> int:
+    from .registry import RegistryError, parse_assignments
+    from .training import resolve_device
+
+    problems, solvers = _load(args)
+    pentry = _problem_entry(problems, args.problem)
+    if args.solvers:
+        chosen = [_solver_entry(solvers, s) for s in args.solvers]  # typos stop everything here
+    else:
+        chosen = [e for _, e in sorted(solvers.items()) if e.available]
+        skipped = [n for n, e in sorted(solvers.items()) if not e.available]
+        if skipped:
+            log.warning("skipping unavailable solver(s): %s", ", ".join(skipped))
+    pparams, sparams = _split_assignments(parse_assignments(args.assign), pentry.defaults,
+                                          {e.name: e.defaults for e in chosen}, pentry.name)
+    _check_run_numbers(args)
+    resolve_device(args.device)
+    # exact problems: keep the solvers that apply (explicitly named ones that do not apply -> error)
+    probe = None
+    if getattr(pentry.module, "build", None) is not None:
+        probe_params = dict(pparams)
+        probe = _build_problem(pentry, args.seeds[0], "cpu", probe_params)
+    if probe is not None and probe.is_exact:
+        ok = [e for e in chosen if e.kind == "admm" and e.constraint in probe.accepts]
+        if args.solvers and len(ok) != len(chosen):
+            bad = [e.name for e in chosen if e not in ok]
+            raise RegistryError(f"solver(s) {bad} do not apply to the exact problem {pentry.name!r}; "
+                                f"applicable: {[e.name for e in ok]}")
+        chosen = ok
+    if probe is not None:  # bad solver parameter values stop the bench before any training
+        for e in chosen:
+            _check_solver_builds(e, probe, e.resolve(sparams[e.name], probe))
+    del probe
+    out = Path(args.out) if args.out else _default_out("bench", pentry.name)
+    out.mkdir(parents=True, exist_ok=True)
+    cache: dict = {}
+    rows, results, failures = [], [], []
+    for seed in args.seeds:
+        for e in chosen:
+            _write(f"[bench] {pentry.name} / {e.name} / seed {seed}", sys.stderr)
+            try:
+                res = run_one(pentry, e, pparams, sparams[e.name], seed, args.device, out / f"{e.name}_seed{seed}",
+                              args.epochs, progress=not args.no_progress, latency_batch=args.latency_batch,
+                              latency_repeats=args.latency_repeats, pretrained=cache, plots=True)
+            except Exception as exc:  # one failing solver must not lose the others' results
+                log.error("%s failed: %s: %s", e.name, type(exc).__name__, exc, exc_info=args.verbose > 0)
+                failures.append((e.name, seed, f"{type(exc).__name__}: {exc}"))
+                continue
+            keys = list(e.params) + [k for k in sparams[e.name] if k not in e.params]
+            shown = {k: res["solver_params"][k] for k in keys if k in res["solver_params"]}
+            results.append(res)
+            rows.append(_bench_row(res, shown))
+    command = "admm-compress " + " ".join(shlex.quote(a) for a in args._argv)
+    title = args.title or f"admm-compress bench {pentry.name}"
+    md = [f"# {title}", "", f"Command: `{command}`", ""]
+    if results and "answer" not in results[0]:
+        r0 = results[0]
+        md += [f"Problem parameters: {_params_text(r0['problem_params'])}; seeds {args.seeds}; device {r0['device']}.",
+               f"Dense reference (seed {r0['seed']}): accuracy {r0['acc_before']:.2f} %, "
+               f"{(r0['macs_before'] or 0) / 1e6:.3f} M MACs, {(r0['params_before'] or 0) / 1e6:.4f} M params "
+               f"(ptflops, pytorch backend).",
+               "Every row starts from that dense model and trains `epochs` more epochs (plus `finetune_epochs`); "
+               "the `dense` row is the unconstrained run at the same budget. "
+               "Drops are relative to the dense model; latency ratio = compressed / dense median latency "
+               f"({r0.get('latency_note', '')}); train-time ratio = median solver epoch time / median dense epoch time.",
+               ""]
+        md.append(_markdown(BENCH_HEADERS, rows))
+    elif results:
+        erows = [[r["solver"], r["seed"], ", ".join(f"{k}: {v:.2e}" for k, v in r["answer"]["errors"].items()),
+                  f"{r['answer']['tolerance']:.1e}", "yes" if r["answer"]["ok"] else "NO", _fmt(r["wall_s"], ".2f")]
+                 for r in results]
+        md.append(_markdown(["solver", "seed", "relative error to known answer", "tolerance", "reached", "wall (s)"],
+                            erows))
+    if failures:
+        md += ["", "Failed runs:", ""] + [f"- {n} (seed {s}): {msg}" for n, s, msg in failures]
+    has_plot = bool(results) and "answer" not in results[0]
+    targets = [(out / "bench.md", out / "bench.csv", out / "tradeoff.png")]
+    if args.report:
+        prefix = Path(args.report)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        targets.append((prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv"),
+                        prefix.with_name(prefix.name + ".png")))
+    for md_path, csv_path, png_path in targets:
+        img = [f"![trade-off]({png_path.name})"] if has_plot else []
+        md_path.write_text("\n".join(md + [""] + img) + "\n")
+        _write_csv(csv_path, results)
+        if has_plot:
+            from . import plots as P
+
+            P.tradeoff([{"solver": r["solver"], "macs_drop": r["macs_drop"], "acc_after": r["acc_after"]}
+                        for r in results]
+                       + [{"solver": "dense (pretrained, before)", "macs_drop": 0.0, "acc_after": r["acc_before"]} for r in results],
+                       png_path, title)
+    _write("\n".join(md))
+    _write("wrote " + ", ".join(str(p) for t in targets for p in (t if has_plot else t[:2])))
+    return 1 if failures or not results else 0
+
+
+def _write_csv(path: Path, results: list) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["problem", "solver", "seed", "solver_params", "acc_before", "acc_after", "acc_drop",
+                    "macs_before", "macs_after", "macs_drop", "params_before", "params_after", "params_drop",
+                    "latency_before_ms", "latency_after_ms", "latency_ratio", "time_ratio", "fit_wall_s",
+                    "max_error", "ok"])
+        for r in results:
+            w.writerow([r["problem"], r["solver"], r["seed"], json.dumps(_jsonable(r["solver_params"])),
+                        r.get("acc_before"), r.get("acc_after"), r.get("acc_drop"), r.get("macs_before"),
+                        r.get("macs_after"), r.get("macs_drop"), r.get("params_before"), r.get("params_after"),
+                        r.get("params_drop"), r.get("latency_before_ms"), r.get("latency_after_ms"),
+                        r.get("latency_ratio"), r.get("time_ratio"), r.get("fit_wall_s", r.get("wall_s")),
+                        r.get("answer", {}).get("max_error"), r.get("answer", {}).get("ok")])
+
+
+# ============================================================================ entry
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``admm-compress`` console script; returns the exit code."""
+    from .registry import RegistryError
+    from .specs import SpecError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits on --help and on usage errors
+        return int(e.code or 0)
+    args._argv = argv
+    level = logging.WARNING if args.verbose == 0 else (logging.INFO if args.verbose == 1 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    cmd = {"run": _cmd_run, "bench": _cmd_bench, "list": _cmd_list}[args.command]
+    try:
+        return cmd(args)
+    except (RegistryError, CLIError, SpecError) as e:
+        _write(f"admm-compress: error: {e}", sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, TypeError, FileNotFoundError) as e:
+        if args.verbose:
+            raise
+        _write(f"admm-compress: error: {type(e).__name__}: {e}", sys.stderr)
+        return 2 if _is_setup_error(e) else 1
+    except KeyboardInterrupt:
+        _write("admm-compress: interrupted", sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into `head` & co.: stop quietly
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 0
+
+
+def _is_setup_error(e: Exception) -> bool:
+    msg = str(e)
+    return "CUDA is not available" in msg or "is not a valid torch device" in msg or isinstance(e, FileNotFoundError)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,31 @@
+"""General ADMM with a matrix-rank constraint on every Conv2d ("channel" view) and Linear layer.
+
+W-step: SGD on f(W) + rho/2 ||W - Z + U||^2; Z-step: truncated SVD; U-step: U += W - Z
+(Boyd et al. 2011 Sec. 3.1.1; Zhang et al. 2018).  On an exact problem the problem's own
+constraint (its ``spec``) is used, so the known answer checks the loop itself.
+"""
+from torch import nn
+
+import admm_compress as ac
+
+NAME = "admm_lowrank"
+KIND = "admm"
+CONSTRAINT = "lowrank"
+DESCRIPTION = "ADMM, LowRank(ratio) per Conv2d (channel view) / Linear; geometric rho schedule"
+PARAMS = {"ratio": [0.2, 0.4, 0.6], "rho": [1e-3, 1e-2]}
+DEFAULTS = {"ratio": 0.4, "rho": 1e-2, "rho_growth": 1.2, "rho_max": 1.0, "view": "channel"}
+
+
+def build(problem, ratio, rho, rho_growth, rho_max, view):
+    if problem is not None and problem.spec is not None:
+        spec = problem.spec
+    else:
+        keep = tuple(problem.keep_dense) if problem is not None else ()
+        spec = []
+        if problem is None or any(isinstance(m, nn.Conv2d) for m in problem.model.modules()):
+            spec.append(ac.Constrain(nn.Conv2d, ac.LowRank(ratio=ratio), view=view, exclude=keep or None,
+                                     name="admm_lowrank:conv"))
+        spec.append(ac.Constrain(nn.Linear, ac.LowRank(ratio=ratio), exclude=keep or None,
+                                 name="admm_lowrank:linear"))
+        spec = [s for s in spec if problem is None or s.select(problem.model)]
+    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max)

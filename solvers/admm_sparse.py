@@ -1,0 +1,25 @@
+"""General ADMM with a cardinality constraint (unstructured, per layer) on Conv2d / Linear weights.
+
+Z-step = keep the ``density`` fraction of largest-magnitude entries (Zhang et al. 2018, ADMM
+pruning; RASPA Eq. 12); export gives sparse layers whose MACs count the non-zeros.
+"""
+from torch import nn
+
+import admm_compress as ac
+
+NAME = "admm_sparse"
+KIND = "admm"
+CONSTRAINT = "sparse"
+DESCRIPTION = "ADMM, Cardinality(density) per Conv2d / Linear weight (magnitude top-k Z-step)"
+PARAMS = {"density": [0.1, 0.25, 0.5], "rho": [1e-3, 1e-2]}
+DEFAULTS = {"density": 0.25, "rho": 1e-2, "rho_growth": 1.2, "rho_max": 1.0}
+
+
+def build(problem, density, rho, rho_growth, rho_max):
+    if problem is not None and problem.spec is not None:
+        spec = problem.spec
+    else:
+        keep = tuple(problem.keep_dense) if problem is not None else ()
+        spec = [ac.Constrain((nn.Conv2d, nn.Linear), ac.Cardinality(density=density), exclude=keep or None,
+                             name="admm_sparse")]
+    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max)

@@ -1,0 +1,36 @@
+"""General ADMM with a tensor-train rank constraint per layer (TT-SVD Z-step; RASPA's L part alone).
+
+Every Conv2d / Linear weight (except the problem's ``keep_dense`` layers) is seen through a
+balanced ``TTView.auto(shape, d)`` (RASPA Eq. 9) and constrained to ``TTRank(ranks)``.  The TT
+exporter is registered by :mod:`admm_compress.methods.raspa`; without it this entry is unavailable.
+"""
+from torch import nn
+
+import admm_compress as ac
+
+REQUIRES = ["admm_compress.methods.raspa"]
+NAME = "admm_tt"
+KIND = "admm"
+CONSTRAINT = "tt"
+DESCRIPTION = "ADMM, TTRank(ranks) on a balanced d-way TT view of each Conv2d / Linear weight"
+PARAMS = {"ranks": [4, 8, 16], "rho": [1e-3, 1e-2]}
+DEFAULTS = {"ranks": 8, "d": 2, "rho": 1e-2, "rho_growth": 1.2, "rho_max": 1.0}
+
+
+def build(problem, ranks, d, rho, rho_growth, rho_max):
+    import admm_compress.methods.raspa  # noqa: F401  registers the TT exporter (ImportError: unavailable)
+    from admm_compress.views import TTView
+
+    if problem is not None and problem.spec is not None:
+        return ac.Solver(problem.spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max)
+    if problem is None:
+        raise ValueError("admm_tt needs the problem (its model) to choose the TT views")
+    keep = tuple(problem.keep_dense)
+    spec = []
+    import fnmatch
+
+    for name, m in problem.model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(fnmatch.fnmatchcase(name, k) for k in keep):
+            view = TTView.auto(tuple(m.weight.shape), d)
+            spec.append(ac.Constrain(name, ac.TTRank(ranks), view=view, name=f"admm_tt:{name}"))
+    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max)

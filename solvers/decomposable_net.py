@@ -1,0 +1,22 @@
+"""Decomposable-Net (papers/002): joint loss (1 - lam) f(W) + lam f(Pi_r(W)) with a sampled global
+rank ratio; after training any size is exported (here ``export_ratio``) with BN recomputed."""
+REQUIRES = ["admm_compress.methods.decomposable_net"]
+NAME = "decomposable_net"
+DESCRIPTION = "Decomposable-Net: joint full/low-rank loss, global singular-value rank selection"
+PARAMS = {"export_ratio": [0.1, 0.25, 0.5], "lam": [0.5]}
+DEFAULTS = {"rank_ratio": (0.01, 0.25), "lam": 0.5, "criterion": "global", "scheme": "channel",
+            "export_ratio": 0.25, "min_rank": 5}
+
+
+def build(problem, rank_ratio, lam, criterion, scheme, export_ratio, min_rank):
+    from admm_compress.methods.decomposable_net import decomposable_net
+
+    keep = list(problem.keep_dense) if problem is not None else []
+    return decomposable_net(tuple(rank_ratio), lam, criterion=criterion, scheme=scheme,
+                                    min_rank=min_rank, exclude=keep or None)
+
+
+def export(solver, model, problem, export_ratio, **_):
+    """The compact model at ``export_ratio`` of the pooled bases, BN statistics recomputed."""
+    return solver.export(model, rank_ratio=export_ratio, input_size=problem.input_size,
+                         bn_loader=problem.train_loader)

@@ -1,0 +1,26 @@
+"""LoRITa (papers/004): train every layer as a product of N matrices with weight decay (an implicit
+Schatten-2/N penalty, Prop. 4.2), then collapse and truncate (LSVT / GSVT / ISVT) and fine-tune."""
+from torch import nn
+
+REQUIRES = ["admm_compress.methods.lorita"]
+NAME = "lorita"
+DESCRIPTION = "LoRITa: N-factor products + weight decay, then LSVT/GSVT/ISVT truncation"
+PARAMS = {"n_factors": [1, 2, 3], "weight_decay": [1e-4, 5e-4], "rank_ratio": [0.25, 0.5]}
+DEFAULTS = {"n_factors": 3, "weight_decay": 5e-4, "truncation": "lsvt", "rank_ratio": 0.4,
+            "target_ratio": None, "lr_scale": 0.25}
+
+
+def build(problem, n_factors, weight_decay, truncation, rank_ratio, target_ratio, lr_scale):
+    # lr_scale is applied by the CLI: the factor products train with problem.lr * lr_scale
+    from admm_compress.methods.lorita import lorita  # lazy: an absent module makes this entry unavailable
+
+    keep = list(problem.keep_dense) if problem is not None else []
+    kw = {}
+    if truncation == "lsvt":
+        kw["rank_ratio"] = rank_ratio
+    elif truncation == "gsvt":
+        kw["keep"] = rank_ratio
+    elif truncation == "isvt":
+        kw["target_ratio"] = target_ratio if target_ratio is not None else rank_ratio
+    return lorita(n_factors, weight_decay, targets=(nn.Conv2d, nn.Linear), exclude=keep or None,
+                          truncation=truncation, **kw)

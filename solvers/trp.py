@@ -1,0 +1,18 @@
+"""TRP (Xu et al., IJCAI 2019), the baseline LRPET compares to: energy-threshold truncation every T
+iterations plus the nuclear-norm subgradient."""
+from torch import nn
+
+NAME = "trp"
+KIND = "baseline"
+DESCRIPTION = "TRP baseline: energy-e truncation every T iterations + nuclear subgradient"
+PARAMS = {"energy": [0.8, 0.9, 0.95], "nuclear_weight": [0.0, 3e-4]}
+DEFAULTS = {"energy": 0.9, "nuclear_weight": 3e-4, "every": 20, "view": "channel"}
+
+
+def build(problem, energy, nuclear_weight, every, view):
+    from admm_compress import methods
+
+    keep = list(problem.keep_dense) if problem is not None else []
+    has_conv = problem is None or any(isinstance(m, nn.Conv2d) for m in problem.model.modules())
+    return methods.trp(energy, nuclear_weight, every, targets=nn.Conv2d if has_conv else nn.Linear,
+                       view=view if has_conv else "auto", exclude=keep or None)
