@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("problem", help="problem name (see `admm-compress list`)")
     r.add_argument("solver", help="solver name (see `admm-compress list`)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="train with N processes (torch.distributed: gloo on cpu, nccl on cuda; launched "
+                        "through torchrun); the problem's batch_size is the global batch, split evenly")
     b = sub.add_parser("bench", parents=[common, train], help="several solvers on one problem: one table + plot")
     b.add_argument("problem", help="problem name (see `admm-compress list`)")
     b.add_argument("--solvers", nargs="+", default=None, metavar="SOLVER",
@@ -264,6 +267,41 @@ def _check_solver_builds(sentry, problem, full_sparams: dict) -> None:
         raise CLIError(f"solver {sentry.name!r} with {_params_text(full_sparams)}: {e}") from e
 
 
+def _world() -> tuple[int, int]:
+    """``(rank, world size)`` of a torchrun launch (``(0, 1)`` otherwise)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _init_distributed(device: str) -> str:
+    """Join the process group torchrun set up; returns this rank's device."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def _shard(loader, world: int, seed: int):
+    """The training loader split over ``world`` ranks (DistributedSampler, same global batch)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    ds = getattr(loader, "dataset", None)
+    bs = getattr(loader, "batch_size", None)
+    if ds is None or bs is None:
+        raise CLIError("--nproc needs the problem's train_loader to be a torch DataLoader with a batch_size")
+    if bs % world:
+        raise CLIError(f"--nproc {world}: the problem's batch_size={bs} is the global batch and must be "
+                       f"divisible by the number of processes")
+    return DataLoader(ds, batch_size=bs // world, sampler=DistributedSampler(ds, shuffle=True, seed=seed),
+                      num_workers=loader.num_workers, drop_last=loader.drop_last)
+
+
 def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str, out: Path,
             epochs: int | None = None, progress: bool = True, latency_batch: int = 32,
             latency_repeats: int = 30, pretrained: dict | None = None, plots: bool = True,
@@ -281,6 +319,10 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
     from .registry import cosine, train_dense
     from .training import resolve_device
 
+    rank, world = _world()
+    if world > 1:
+        device = _init_distributed(device)
+        progress = progress and rank == 0
     dev = resolve_device(device)
     if epochs is not None:
         pparams = dict(pparams, epochs=epochs)
@@ -298,6 +340,13 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
                            "finetune_epochs": problem.finetune_epochs, "torch": torch.__version__,
                            "meta": problem.meta}
     model = problem.model.to(dev)
+    train_model, train_loader = model, problem.train_loader
+    if world > 1:
+        if problem.is_exact:
+            raise CLIError(f"--nproc applies to training problems; {problem.name!r} is an exact problem")
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        train_loader = _shard(problem.train_loader, world, seed)
     solver_lr = problem.lr * float(full_sparams.get("lr_scale", 1.0))
     fit_kw = dict(optimizer=problem.optimizer, loss_fn=problem.loss_fn, device=dev, progress=progress, lr=solver_lr)
 
@@ -323,7 +372,7 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
         dense = cached["dense"]
     else:
         t0 = time.perf_counter()
-        dh = train_dense(model, problem.train_loader, problem.pretrain_epochs, problem.optimizer, problem.loss_fn,
+        dh = train_dense(train_model, train_loader, problem.pretrain_epochs, problem.optimizer, problem.loss_fn,
                          problem.test_loader, dev, progress, problem.lr, desc="pretrain",
                          scheduler=cosine(problem.pretrain_epochs))
         dense = _measure(model, problem, dev, latency_batch, latency_repeats)
@@ -338,9 +387,12 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
     torch.manual_seed(seed + 1)  # same RNG stream for every solver of a benchmark, whatever ran before
     solver = sentry.build(problem, **full_sparams)
     t0 = time.perf_counter()
-    hist = solver.fit(model, problem.train_loader, epochs=problem.epochs, val_loader=problem.test_loader,
+    hist = solver.fit(train_model, train_loader, epochs=problem.epochs, val_loader=problem.test_loader,
                       finetune_epochs=problem.finetune_epochs, scheduler=cosine(problem.epochs), **fit_kw)
     fit_wall = time.perf_counter() - t0
+    if rank != 0:  # every rank holds the same weights; rank 0 measures and writes
+        return {}
+    res["nproc"] = world
     spectra_after = P.weight_spectra(model)
     model.eval()
     compact = sentry.export(solver, model, problem, full_sparams)
@@ -440,10 +492,69 @@ def _cmd_run(args) -> int:
                                           {sentry.name: sentry.defaults}, pentry.name)
     _check_run_numbers(args)
     resolve_device(args.device)  # CUDA asked for but absent: clear error before any work
+    if args.nproc < 1:
+        raise CLIError(f"--nproc={args.nproc} must be >= 1")
+    rank, world = _world()
+    if args.nproc > 1 and world == 1:  # run this command in N processes (what torchrun does on one node)
+        return _spawn(args.nproc, args._argv)
+    if world != args.nproc:
+        raise CLIError(f"--nproc={args.nproc} but this process was launched with WORLD_SIZE={world}")
     out = Path(args.out) if args.out else _default_out(pentry.name, sentry.name, args.seed)
-    res = run_one(pentry, sentry, pparams, sparams[sentry.name], args.seed, args.device, out, args.epochs,
+    try:
+        res = _run_main(args, pentry, sentry, pparams, sparams, solvers, out)
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    return _report_run(args, pentry, sentry, res, out)
+
+
+def _spawn_worker(rank: int, world: int, port: int, argv: list) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world))
+    import torch
+
+    # share the cores instead of oversubscribing them (--threads, parsed later, overrides this)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    code = main(argv)
+    if code:
+        raise SystemExit(code)
+
+
+def _spawn(world: int, argv: list) -> int:
+    """Start ``world`` local processes running ``argv`` with torchrun's environment variables.
+
+    Equivalent to ``torchrun --standalone --nproc-per-node=N -m admm_compress run ...`` (which
+    also works); returns the first non-zero exit code.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:  # a free local port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_spawn_worker, args=(r, world, port, list(argv))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    codes = [p.exitcode for p in procs]
+    return next((c for c in codes if c), 0)
+
+
+def _run_main(args, pentry, sentry, pparams, sparams, solvers, out):
+    return run_one(pentry, sentry, pparams, sparams[sentry.name], args.seed, args.device, out, args.epochs,
                   progress=not args.no_progress, latency_batch=args.latency_batch,
                   latency_repeats=args.latency_repeats, solvers=solvers)
+
+
+def _report_run(args, pentry, sentry, res, out) -> int:
     res["command"] = "admm-compress " + " ".join(shlex.quote(a) for a in args._argv)
     with open(out / "results.json", "w") as f:
         json.dump(_jsonable(res), f, indent=1)

@@ -65,6 +65,22 @@ def test_run_end_to_end_subprocess(tmp_path):
     assert "accuracy (%)" in p.stdout and "MACs (M)" in p.stdout and "latency (ms)" in p.stdout
 
 
+def test_run_with_two_processes(tmp_path):
+    """--nproc 2: two gloo processes, each with half of every global batch (DistributedSampler);
+    rank 0 measures and writes.  (That 2 processes equal 1 over the same global batches is
+    tests/test_distributed.py.)"""
+    args = ("digits_fcn", "lrpet", "--set", "pruning_ratio=0.75", "--seed", "0", "--no-progress", "--epochs", "2",
+            "--set", "pretrain_epochs=2", "--set", "finetune_epochs=1", "--latency-repeats", "2")
+    p2 = _cli("run", *args, "--nproc", "2", "--out", str(tmp_path / "two"))
+    assert p2.returncode == 0, p2.stderr
+    res = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert res["nproc"] == 2 and "accuracy (%)" in p2.stdout
+    assert res["params_after"] < res["params_before"]
+    assert res["acc_after"] > 60  # a trained model (10 classes: chance is 10 %)
+    bad = _cli("run", *args, "--nproc", "0", "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--nproc=0" in bad.stderr
+
+
 def test_python_m_list_subprocess():
     p = subprocess.run([sys.executable, "-m", "admm_compress", "list"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
