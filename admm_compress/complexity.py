@@ -313,11 +313,28 @@ def _captured_output(what: str):
         logger.debug("ptflops output while counting %s:\n%s", what, text)
 
 
+def _first_layer_hint(model: nn.Module, input_size: tuple) -> str:
+    """What the first Linear / conv layer of ``model`` expects, when ``input_size`` looks wrong."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            return (f"; its first layer '{name}' is an nn.Linear with in_features={m.in_features} (give the "
+                    f"input shape without the batch dimension, e.g. ({m.in_features},) for flat inputs)")
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            d = m.weight.dim() - 2
+            return (f"; its first layer '{name}' is an nn.{type(m).__name__} with in_channels={m.in_channels}, "
+                    f"expecting input_size=({m.in_channels}, {', '.join(['H', 'W', 'D'][:d])}) without the "
+                    f"batch dimension")
+    return ""
+
+
 def _ptflops_failed(model: nn.Module, input_size: tuple, backend: str, text: str):
-    tail = "\n".join(text.strip().splitlines()[-8:])
+    lines = text.strip().splitlines()
+    tail = "\n".join(lines[-8:])
+    last = lines[-1].strip() if lines else "(no message)"
     return RuntimeError(f"ptflops ({backend} backend) could not count {type(model).__name__} "
-                        f"with input_size={input_size}; the forward pass on a zero input of "
-                        f"shape (1, *input_size) failed:\n{tail}")
+                        f"with input_size={input_size}: the forward pass on a zero input of "
+                        f"shape (1, *input_size) = {(1, *input_size)} failed with {last!r}"
+                        f"{_first_layer_hint(model, input_size)}.\nptflops' report ends with:\n{tail}")
 
 
 # ----------------------------------------------------------------------------- counting
@@ -591,11 +608,10 @@ def latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 50, war
     dtype, model_device = _dtype_device(model)
     if device is None:
         dev = model_device
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device={device!r} is not a valid torch device: {exc}") from None
+    else:  # an invalid device, or CUDA where none exists, raises here with a clear message
+        from .training import resolve_device
+
+        dev = resolve_device(device)
     run_model = model
     if dev != model_device and not (dev.type == model_device.type and dev.index is None):
         run_model = copy.deepcopy(model).to(dev)

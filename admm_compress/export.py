@@ -296,6 +296,12 @@ def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
         In eval/train mode as the input; parametrizations (LoRITa factors, fine-tuning
         structure) are collapsed first.
     """
+    if not isinstance(model, nn.Module):
+        hint = (" (a state_dict? build the model and call model.load_state_dict(...) first)"
+                if isinstance(model, dict) else "")
+        raise TypeError(f"export: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    if not isinstance(inplace, bool):
+        raise TypeError(f"export: inplace must be a bool, got {inplace!r}")
     spec = getattr(spec, "spec", spec)
     src = unwrap(model)
     out = src if inplace else copy.deepcopy(src)

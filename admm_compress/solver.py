@@ -632,7 +632,8 @@ class Solver:
             raise TypeError(f"fit: optimizer must be a torch.optim.Optimizer or a factory params -> "
                             f"optimizer, got {type(optimizer).__name__}")
         if not isinstance(model, nn.Module):
-            raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}")
+            hint = " (a state_dict? build the model and load it first)" if isinstance(model, dict) else ""
+            raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
         for name, ld in (("loader", loader), ("val_loader", val_loader)):
             try:
                 n_batches = None if ld is None else len(ld)

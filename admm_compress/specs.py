@@ -203,6 +203,8 @@ def resolve(spec, model: nn.Module) -> list[Binding]:
         modified when this raises.
     """
     specs = _as_list(spec)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     seen: dict[tuple[int, str], str] = {}
     bindings: list[Binding] = []
