@@ -548,22 +548,35 @@ class Solver:
                                                  for r in self.residuals]}
 
     def load_state_dict(self, sd: dict) -> None:
-        """Restore :meth:`state_dict` (call after :meth:`prepare` on the same architecture)."""
+        """Restore :meth:`state_dict` (call after :meth:`prepare` on the same architecture).
+
+        Everything is checked before anything is changed: a state that does not fit raises
+        ``TypeError``/``ValueError`` and leaves the solver as it was.
+        """
         self._require_prepared()
+        if not isinstance(sd, dict):
+            raise TypeError(f"load_state_dict: sd must be a dict from Solver.state_dict(), got {type(sd).__name__}")
+        missing = [k for k in ("Z", "U", "rhos", "steps", "epochs_done", "n_updates", "keys", "mode") if k not in sd]
+        if missing:
+            raise ValueError(f"load_state_dict: sd lacks {missing}; it is not a Solver.state_dict()")
         keys = [sl.key for sl in self.slots]
-        if list(sd.get("keys", [])) != keys:
-            raise ValueError(f"solver state is for weights {sd.get('keys')}, but this solver binds {keys}")
-        if sd.get("mode") != self.mode:
-            raise ValueError(f"solver state is for mode={sd.get('mode')!r}, this solver has mode={self.mode!r}")
+        if list(sd["keys"]) != keys:
+            raise ValueError(f"solver state is for weights {sd['keys']}, but this solver binds {keys}")
+        if sd["mode"] != self.mode:
+            raise ValueError(f"solver state is for mode={sd['mode']!r}, this solver has mode={self.mode!r}")
+        new = {"Z": dict(self.Z), "U": dict(self.U)}
         for sl in self.slots:
             ref = sl.tensor()
-            for name, store in (("Z", self.Z), ("U", self.U)):
+            for name in ("Z", "U"):
                 if sl.key in sd[name]:
                     t = sd[name][sl.key]
-                    if tuple(t.shape) != tuple(ref.shape):
-                        raise ValueError(f"solver state {name}[{sl.key}] has shape {tuple(t.shape)}, "
-                                         f"the weight has {tuple(ref.shape)}")
-                    store[sl.key] = t.to(device=ref.device, dtype=ref.dtype).clone()
+                    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(ref.shape):
+                        raise ValueError(f"solver state {name}[{sl.key}] has shape "
+                                         f"{tuple(getattr(t, 'shape', ()))}, the weight has {tuple(ref.shape)}")
+                    new[name][sl.key] = t.to(device=ref.device, dtype=ref.dtype).clone()
+        if set(sd["rhos"]) != set(keys):
+            raise ValueError(f"solver state has rho for {sorted(sd['rhos'])}, this solver binds {keys}")
+        self.Z, self.U = new["Z"], new["U"]
         self.rhos = {k: float(v) for k, v in sd["rhos"].items()}
         self.steps, self.epochs_done, self.n_updates = int(sd["steps"]), int(sd["epochs_done"]), int(sd["n_updates"])
         self.residuals = list(sd.get("residuals", []))

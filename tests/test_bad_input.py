@@ -278,6 +278,16 @@ def test_load_state_dict_of_another_model_or_spec():
             lambda: s.load_state_dict(sd))
     proj = ac.Solver(SPEC, mode="projection").prepare(_mlp())
     _raises(ValueError, r"mode='projection', this solver has mode='admm'", lambda: s.load_state_dict(proj.state_dict()))
+    _raises(TypeError, r"sd must be a dict from Solver.state_dict\(\), got list", lambda: s.load_state_dict([]))
+    _raises(ValueError, r"sd lacks \['rhos'\]",
+            lambda: s.load_state_dict({k: v for k, v in s.state_dict().items() if k != "rhos"}))
+    # nothing is half-loaded: a bad second entry leaves the first one as it was
+    z_before = {k: v.clone() for k, v in s.Z.items()}
+    sd = s.state_dict()
+    sd["Z"] = {k: torch.full_like(v, 7.0) for k, v in sd["Z"].items()}
+    sd["U"] = {"0.weight": torch.zeros(1)}
+    _raises(ValueError, r"U\[0.weight\] has shape \(1,\)", lambda: s.load_state_dict(sd))
+    assert all(torch.equal(s.Z[k], z_before[k]) for k in z_before)
 
 
 # ---------------------------------------------------------------- fit
