@@ -750,13 +750,20 @@ class Solver:
         for i, batch in enumerate(loader):
             x, y = move_batch(batch, dev)
             opt.zero_grad(set_to_none=True)
-            if solver_steps:
-                loss, out = self.backward(model, x, y, loss_fn)
-            else:
-                out = model(x)
-                loss = loss_fn(out, y)
-                loss.backward()
-                loss, out = loss.detach(), out.detach()
+            try:
+                if solver_steps:
+                    loss, out = self.backward(model, x, y, loss_fn)
+                else:
+                    out = model(x)
+                    loss = loss_fn(out, y)
+                    loss.backward()
+                    loss, out = loss.detach(), out.detach()
+            except RuntimeError as e:
+                if i == 0 and any(w in str(e) for w in ("shape", "size", "dimension", "channels")):
+                    shapes = tuple(getattr(x, "shape", ())), tuple(getattr(y, "shape", ()))
+                    raise ValueError(f"fit: the model cannot take the loader's first batch of epoch {epoch} "
+                                     f"(inputs {shapes[0]}, targets {shapes[1]}): {e}") from e
+                raise
             check_finite_loss(loss, epoch, i)
             opt.step()
             if solver_steps:

@@ -688,3 +688,12 @@ def test_cli_usage_errors_exit_2_before_any_work(argv, match, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert re.search(match, err), err
     assert not out.exists(), "a refused command must not create its output folder"
+
+
+def test_fit_with_inputs_the_model_cannot_take_names_the_batch_shape():
+    model = _mlp()
+    snap = _snapshot(model)
+    bad = [(torch.randn(4, 32), torch.randint(0, 10, (4,)))]
+    _raises(ValueError, r"cannot take the loader's first batch of epoch 0 \(inputs \(4, 32\), targets \(4,\)\)",
+            lambda: ac.Solver(SPEC, rho=0.1).fit(model, bad, epochs=1, progress=False))
+    _assert_unchanged(model, snap)
