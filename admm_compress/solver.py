@@ -529,6 +529,29 @@ class Solver:
             log.warning("after finalize, %d weight(s) fail contains(): %s", len(bad), ", ".join(bad))
         return feasible
 
+    # ------------------------------------------------------------------ export
+    def export_spec(self) -> list[Constrain]:
+        """The specs :func:`admm_compress.export` builds compact layers from (default: :attr:`spec`).
+
+        Methods whose final structure is chosen during training (TRP's energy ranks, LoRITa's
+        truncation) override this with the ranks they kept.
+        """
+        return list(self.spec)
+
+    def export(self, model: nn.Module, inplace: bool = False) -> nn.Module:
+        """:func:`admm_compress.export` of the finalized ``model`` with :meth:`export_spec`."""
+        from .export import export
+
+        return export(model, self.export_spec(), inplace=inplace)
+
+    def __repr__(self) -> str:
+        extra = f", rho={self.rho:g}" if self.mode == "admm" else ""
+        if self.mode == "admm" and self.rho_growth != 1.0:
+            extra += f", rho_growth={self.rho_growth:g}"
+        state = f", prepared on {len(self.bindings)} weight(s)" if getattr(self, "bindings", None) else ""
+        return (f"{type(self).__name__}(mode={self.mode!r}, specs={len(self.spec)}{extra}, "
+                f"every={self.every!r}{state})")
+
     def _feasible(self, sl, v: torch.Tensor) -> bool:
         """Whether the finalized view ``v`` of slot ``sl`` lies in its set (``contains``).
 

@@ -51,7 +51,7 @@ from .sets import TTRank
 from .sets.base import Constraint
 from .views import TTView, View
 
-__all__ = ["TTConv2d", "tt_conv_macs_per_position", "resolve_tt_view"]
+__all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "resolve_tt_view"]
 
 log = logging.getLogger(__name__)
 
@@ -234,16 +234,50 @@ class TTConv2d(nn.Module):
         return y
 
 
+class TTLinear(TTConv2d):
+    """:class:`torch.nn.Linear` with a TT-format ``(O, I)`` weight: a 1x1 :class:`TTConv2d`.
+
+    The weight viewed by :class:`~admm_compress.views.TTView` has the modes
+    ``(o_1 i_1, ..., o_d i_d)`` (no kernel mode).  Inputs ``(..., I)``, outputs ``(..., O)``;
+    ``forward`` equals ``F.linear(x, self.dense_weight(), bias)`` up to rounding.
+    """
+
+    def __init__(self, cores: Sequence[torch.Tensor], out_factors: Sequence[int], in_factors: Sequence[int],
+                 bias: torch.Tensor | None = None):
+        super().__init__(cores, out_factors, in_factors, kernel_size=1, bias=bias)
+        self.in_features, self.out_features = self.in_channels, self.out_channels
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(O, I)`` weight the cores represent."""
+        return super().dense_weight().reshape(self.out_features, self.in_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"out_factors={self.out_factors}, in_factors={self.in_factors}, ranks={self.ranks}, "
+                f"bias={self.bias is not None}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = super().forward(x.reshape(-1, self.in_features, 1, 1))
+        return y.reshape(*lead, self.out_features)
+
+
 # ----------------------------------------------------------------- complexity counter
 def _tt_macs(module: TTConv2d, inputs, output) -> int:
     """ptflops ``pytorch`` counter: per-position MACs times output positions and batch."""
     return module.macs_per_position() * int(output.shape[0]) * int(output.shape[-2] * output.shape[-1])
 
 
+def _tt_linear_macs(module: TTLinear, inputs, output) -> int:
+    """Per-row MACs times the number of rows (all leading dimensions)."""
+    return module.macs_per_position() * (int(output.numel()) // module.out_features)
+
+
 def _register_counter() -> None:
     from .complexity import register_counter
 
     register_counter(TTConv2d, _tt_macs)
+    register_counter(TTLinear, _tt_linear_macs)
 
 
 _register_counter()
@@ -269,9 +303,23 @@ def _is_tt(c: Constraint, v: View) -> bool:
 
 
 def _export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
-    """``nn.Conv2d`` with a TT-rank kernel -> :class:`TTConv2d` (None: stay dense)."""
+    """``nn.Conv2d`` / ``nn.Linear`` with a TT-rank weight -> :class:`TTConv2d` / :class:`TTLinear`
+    (None: stay dense)."""
+    if isinstance(m, nn.Linear):
+        tv = resolve_tt_view(v, tuple(m.weight.shape))
+        cores = list(factors)
+        if sum(int(t.numel()) for t in cores) >= m.weight.numel():
+            return None
+        bias = m.bias if (with_bias and m.bias is not None) else None
+        new = TTLinear([t.to(device=m.weight.device, dtype=m.weight.dtype) for t in cores], tv.out_factors,
+                       tv.in_factors, bias=bias)
+        if new.macs_per_position() - (m.out_features if bias is not None else 0) >= m.weight.numel():
+            log.warning("TTLinear %d -> %d with ranks %s costs more MACs than the dense layer; lower the "
+                        "TT ranks to save compute", m.in_features, m.out_features, new.ranks)
+        return new
     if not isinstance(m, nn.Conv2d):
-        log.info("TT export builds TTConv2d for nn.Conv2d only; %s stays dense", type(m).__name__)
+        log.info("TT export builds TTConv2d / TTLinear for nn.Conv2d / nn.Linear only; %s stays dense",
+                 type(m).__name__)
         return None
     if m.groups != 1 or m.padding_mode != "zeros":
         log.info("TT export needs groups=1 and padding_mode='zeros' (got groups=%d, padding_mode=%r); "

@@ -264,3 +264,36 @@ def test_returns_configured_admm_solver():
     assert c.sets[1].density == 0.2
     with pytest.raises(ValueError, match="init"):
         raspa(init="random")
+
+
+# ------------------------------------------------------------------ TT-format Linear layers
+def test_tt_linear_equals_dense_weight_and_counts_its_macs():
+    from admm_compress.tt_layers import TTLinear
+
+    torch.manual_seed(0)
+    cores = [torch.randn(1, 12, 3), torch.randn(3, 8, 2), torch.randn(2, 6, 1)]  # (4,2,3) x (3,4,2)
+    layer = TTLinear(cores, (4, 2, 3), (3, 4, 2), bias=torch.randn(24))
+    W = layer.dense_weight()
+    assert W.shape == (24, 24)
+    # brute force: W[(o1 o2 o3), (i1 i2 i3)] = G1[o1 i1] G2[o2 i2] G3[o3 i3]
+    G = [c.reshape(c.shape[0], o, i, c.shape[2]) for c, o, i in zip(cores, (4, 2, 3), (3, 4, 2))]
+    ref = torch.einsum("aopb,bqrc,csud->oqspru", *G).reshape(24, 24)
+    torch.testing.assert_close(W, ref, rtol=1e-5, atol=1e-5)
+    x = torch.randn(5, 7, 24)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, W, layer.bias), rtol=1e-5, atol=1e-5)
+    assert ac.complexity(layer, (7, 24), backend="pytorch").macs == layer.macs_per_position() * 7
+
+
+def test_raspa_on_linear_layers_exports_tt_plus_sparse_equal_outputs():
+    from admm_compress.tt_layers import TTLinear
+
+    torch.manual_seed(0)
+    model = ac.models.fcn(depth=3, width=96)
+    data = [(torch.randn(16, 64), torch.randint(0, 10, (16,))) for _ in range(3)]
+    solver = raspa((4, 4), density=0.05, rho=0.5, targets=nn.Linear, exclude="layers.2")
+    solver.fit(model, data, epochs=2, progress=False)
+    compact = solver.export(model).eval()
+    assert sum(isinstance(m, TTLinear) for m in compact.modules()) == 2
+    x = torch.randn(8, 64)
+    torch.testing.assert_close(compact(x), model.eval()(x), rtol=1e-4, atol=1e-4)
+    assert ac.complexity(compact, (64,)).params < ac.complexity(model, (64,)).params

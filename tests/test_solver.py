@@ -293,3 +293,17 @@ def test_cuda_asked_without_cuda():
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         s.fit(net, _toy_data(), epochs=1, device="cuda")
     assert torch.equal(net[0].weight, w)
+
+
+def test_solver_export_equals_finalized_model_and_repr_tells_the_state():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+    solver = ac.Solver([ac.Constrain("0", ac.LowRank(rank=2))], rho=0.1)
+    assert "prepared" not in repr(solver) and "rho=0.1" in repr(solver)
+    solver.prepare(model)
+    solver.finalize(model)
+    assert "prepared on 1 weight(s)" in repr(solver)
+    compact = solver.export(model)
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
+    assert ac.complexity(compact, (12,)).params < ac.complexity(model, (12,)).params
