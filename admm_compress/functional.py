@@ -7,6 +7,8 @@ its input.  Linear algebra runs in ``float32`` at least (``float64`` when the in
 
 Contents
 --------
+Robust SVD (every SVD of this module goes through these)
+    :func:`svd`, :func:`svdvals`, :func:`randomized_svd`, :func:`use_randomized`.
 Low rank (matrices, batched over leading dimensions)
     :func:`truncated_svd`, :func:`rank_from_ratio`, :func:`energy_rank`,
     :func:`energy_transfer_scale`, :func:`lowrank_parts`, :func:`project_rank`,
@@ -32,6 +34,11 @@ import torch
 
 __all__ = [
     "compute_dtype",
+    "svd",
+    "svdvals",
+    "randomized_svd",
+    "use_randomized",
+    "SVD_METHODS",
     "truncated_svd",
     "rank_from_ratio",
     "energy_rank",
@@ -72,15 +79,186 @@ def _scalar_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+# ============================================================================ robust SVD
+#: Relative size of the diagonal jitter of the last SVD attempt (see :func:`svd`).
+SVD_JITTER = {torch.float64: 1e-10, torch.float32: 1e-6}
+
+#: Accepted values of the ``method`` argument of the low-rank functions.
+SVD_METHODS = ("exact", "randomized")
+
+
+def _is_convergence_error(err: BaseException) -> bool:
+    """A LAPACK/cuSOLVER convergence failure (retryable), as opposed to e.g. out of memory."""
+    if isinstance(err, torch.linalg.LinAlgError):
+        return True
+    msg = str(err).lower()
+    return isinstance(err, RuntimeError) and ("converge" in msg or "ill-conditioned" in msg)
+
+
+def _attempt(fn, xc: torch.Tensor, in_ok: torch.Tensor | None):
+    """Run ``fn(xc)``; return ``(outputs, None)`` or ``(None, reason)`` on a retryable failure.
+
+    ``in_ok`` (a 0-d bool tensor, or ``None``) is synchronized together with the output check so
+    that the common path costs one device sync.  Non-finite input raises ``ValueError``.
+    """
+    try:
+        out = fn(xc)
+    except RuntimeError as err:
+        if not _is_convergence_error(err):
+            raise
+        if in_ok is not None and not bool(in_ok):
+            _raise_nonfinite(xc)
+        return None, f"raised {type(err).__name__}: {str(err).splitlines()[0]}"
+    outs = out if isinstance(out, tuple) else (out,)
+    if xc.device.type == "meta":
+        return out, None
+    flags = [torch.isfinite(o).all() for o in outs]
+    if in_ok is not None:
+        flags.append(in_ok)
+    ok = torch.stack(flags)
+    if bool(ok.all()):
+        return out, None
+    if in_ok is not None and not bool(ok[-1]):
+        _raise_nonfinite(xc)
+    return None, "returned non-finite values"
+
+
+def _raise_nonfinite(x: torch.Tensor):
+    n_bad = int((~torch.isfinite(x)).sum())
+    raise ValueError(f"SVD input of shape {tuple(x.shape)} has {n_bad} non-finite entries "
+                     f"(NaN or inf); only finite matrices can be decomposed")
+
+
+def _robust(fn, x: torch.Tensor, name: str):
+    """``fn`` (an SVD routine) applied to ``x`` in the compute dtype, with the fallbacks of :func:`svd`."""
+    dt = compute_dtype(x.dtype)
+    xc = x.to(dt)
+    in_ok = None if xc.device.type == "meta" else torch.isfinite(xc).all()
+    out, reason = _attempt(fn, xc, in_ok)
+    if out is not None:
+        return out
+    shape = tuple(x.shape)
+    wide = _scalar_dtype(xc.device)          # float64 unless the device lacks it (MPS)
+    tries = []
+    if dt != wide:
+        tries.append((f"retrying in {wide}", lambda: xc.to(wide)))
+    eps_rel = SVD_JITTER[wide]
+
+    def jittered():
+        x64 = xc.to(wide)
+        k = min(x64.shape[-2], x64.shape[-1])
+        scale = eps_rel * torch.linalg.matrix_norm(x64.detach(), ord="fro")
+        eye = torch.eye(k, dtype=wide, device=x64.device)
+        pad = torch.zeros_like(x64)
+        pad[..., :k, :k] = scale[..., None, None] * eye
+        return x64 + pad
+
+    tries.append((f"retrying in {wide} with diagonal jitter {eps_rel:g} * ||x||_F * I "
+                  f"on the leading {min(shape[-2:])}x{min(shape[-2:])} block", jittered))
+    for what, make in tries:
+        log.warning("%s of a %s tensor of shape %s %s; %s", name, dt, shape, reason, what)
+        out, reason = _attempt(fn, make(), None)
+        if out is not None:
+            if isinstance(out, tuple):
+                return tuple(o.to(dt) for o in out)
+            return out.to(dt)
+    raise torch.linalg.LinAlgError(
+        f"{name} failed for a tensor of shape {shape} ({dt}) and after "
+        f"{'; '.join(w for w, _ in tries)} (last attempt {reason}); the matrix is likely "
+        f"badly scaled (entries near the floating-point limits)")
+
+
+def svd(x: torch.Tensor, full_matrices: bool = False):
+    """``torch.linalg.svd`` of ``x[..., :, :]`` in the compute dtype, with fallbacks.
+
+    The single entry point for every SVD of this module.  Returns ``(U, s, Vh)`` in
+    :func:`compute_dtype` (differentiable like ``torch.linalg.svd``).  If the decomposition
+    raises a convergence error (``torch.linalg.LinAlgError`` or a ``RuntimeError`` saying it
+    failed to converge) or returns non-finite values:
+
+    1. it is recomputed in ``float64`` (skipped when the compute dtype already is ``float64``,
+       or the device has no ``float64``);
+    2. then on ``x + j I_k`` with ``j = SVD_JITTER[float64] * ||x||_F`` (``1e-10`` relative,
+       per matrix; ``I_k`` fills the leading ``k x k`` block, ``k = min(m, n)``), which moves
+       every singular value by at most ``j`` (Weyl) -- far below float32 resolution.
+
+    Each retry logs a WARNING (logger ``admm_compress.functional``) naming the shape and what
+    was done; results are cast back to the compute dtype.  If every attempt fails,
+    ``torch.linalg.LinAlgError`` is raised.  Input with NaN or inf raises ``ValueError``
+    (never jittered).  Other errors (e.g. out of memory) propagate unchanged.  Cost: one SVD,
+    ``O(b m n min(m, n))``, plus one device sync for the finiteness checks.
+    """
+    fm = bool(full_matrices)
+    return _robust(lambda a: torch.linalg.svd(a, full_matrices=fm), x, "torch.linalg.svd")
+
+
+def svdvals(x: torch.Tensor) -> torch.Tensor:
+    """``torch.linalg.svdvals`` (descending, compute dtype) with the fallbacks of :func:`svd`."""
+    return _robust(torch.linalg.svdvals, x, "torch.linalg.svdvals")
+
+
+def use_randomized(m: int, n: int, rank: int) -> bool:
+    """The ``"auto"`` rule: randomized SVD when ``min(m, n) > 256`` and ``rank <= min(m, n) / 4``."""
+    q = min(int(m), int(n))
+    return q > 256 and int(rank) <= q / 4
+
+
+def _fork_rng(device: torch.device):
+    """Leave the caller's RNG stream untouched by the random test matrix of ``svd_lowrank``."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.random.fork_rng(devices=[idx], device_type="cuda")
+    return torch.random.fork_rng(devices=[])
+
+
+def randomized_svd(x: torch.Tensor, rank: int, *, oversample: int = 10, niter: int = 2):
+    """Rank-``rank`` truncated SVD by ``torch.svd_lowrank`` (Halko, Martinsson & Tropp 2011).
+
+    Randomized range finder with ``q = min(rank + oversample, m, n)`` Gaussian test vectors and
+    ``niter`` subspace (power) iterations (Halko et al., Alg. 4.4 + 5.1), then an exact SVD of
+    the ``q x n`` projected matrix.  Returns ``(U, s, Vh)`` like :func:`truncated_svd` with
+    ``q = rank`` columns, in the compute dtype, batched over leading dimensions (one test matrix
+    shared by the batch).  Cost ``O(b m n q (2 niter + 2))`` instead of ``O(b m n min(m, n))``.
+    Error: with a decaying spectrum it is close to the Eckart-Young optimum
+    ``(sum_{i>r} s_i^2)^{1/2}``; each power iteration sharpens it by ``(s_{r+1}/s_r)^2``.
+
+    The random draw comes from the global generator but inside ``torch.random.fork_rng``, so
+    the caller's RNG stream is not advanced (results are reproducible under a fixed seed).
+    If ``torch.svd_lowrank`` fails to converge or returns non-finite values, the exact
+    :func:`svd` (with its fallbacks) is used, with a WARNING.
+    """
+    dt = compute_dtype(x.dtype)
+    xc = x.to(dt)
+    m, n = xc.shape[-2], xc.shape[-1]
+    rank = int(rank)
+    q = min(rank + int(oversample), m, n)
+    in_ok = None if xc.device.type == "meta" else torch.isfinite(xc).all()
+    with _fork_rng(xc.device):
+        out, reason = _attempt(lambda a: torch.svd_lowrank(a, q=q, niter=int(niter)), xc, in_ok)
+    if out is None:
+        log.warning("torch.svd_lowrank of a %s tensor of shape %s %s; using the exact SVD",
+                    dt, tuple(x.shape), reason)
+        U, s, Vh = svd(xc)
+    else:
+        U, s, V = out
+        Vh = V.mT
+    return U[..., :rank], s[..., :rank], Vh[..., :rank, :]
+
+
 # ============================================================================ low rank
-def truncated_svd(x: torch.Tensor, rank: int | None = None):
+def truncated_svd(x: torch.Tensor, rank: int | None = None, *, method: str = "exact",
+                  oversample: int = 10, niter: int = 2):
     """Reduced SVD of the matrices ``x[..., :, :]``, optionally truncated to ``rank``.
 
     Returns ``(U, s, Vh)`` in :func:`compute_dtype` with ``U: (..., m, q)``, ``s: (..., q)``
-    (descending), ``Vh: (..., q, n)``, ``q = min(m, n, rank)``.  Cost ``O(b m n min(m, n))``.
+    (descending), ``Vh: (..., q, n)``, ``q = min(m, n, rank)``.  Cost ``O(b m n min(m, n))``
+    (:func:`svd`).  ``method="randomized"`` (needs ``rank``) uses :func:`randomized_svd`.
     """
-    xc = x.to(compute_dtype(x.dtype))
-    U, s, Vh = torch.linalg.svd(xc, full_matrices=False)
+    if method == "randomized":
+        if rank is None:
+            raise ValueError("truncated_svd: method='randomized' needs a rank, got rank=None")
+        return randomized_svd(x, min(int(rank), *x.shape[-2:]), oversample=oversample, niter=niter)
+    U, s, Vh = svd(x)
     if rank is not None and rank < s.shape[-1]:
         U, s, Vh = U[..., :rank], s[..., :rank], Vh[..., :rank, :]
     return U, s, Vh
@@ -115,15 +293,18 @@ def energy_rank(s: torch.Tensor, energy: float, min_rank: int = 1) -> torch.Tens
     return r.clamp(min=min(int(min_rank), q), max=q)
 
 
-def energy_transfer_scale(s: torch.Tensor, rank) -> torch.Tensor:
+def energy_transfer_scale(s: torch.Tensor, rank, total: torch.Tensor | None = None) -> torch.Tensor:
     """LRPET Eq. 6: ``alpha = ||s|| / ||s_{1:r}||`` per matrix (1 where ``s_{1:r} = 0``).
 
-    ``rank`` is an int or an ``int64`` tensor of shape ``s.shape[:-1]``.
+    ``rank`` is an int or an ``int64`` tensor of shape ``s.shape[:-1]``.  ``total`` is
+    ``||s||^2`` per matrix when ``s`` is only the leading part of the spectrum (randomized
+    SVD): it then equals ``||X||_F^2``.
     """
     e = s ** 2
     keep = _rank_mask(s, rank)
     kept = (e * keep).sum(dim=-1)
-    total = e.sum(dim=-1)
+    if total is None:
+        total = e.sum(dim=-1)
     safe = torch.where(kept > 0, kept, torch.ones_like(kept))
     return torch.where(kept > 0, torch.sqrt(total / safe), torch.ones_like(kept))
 
@@ -138,7 +319,8 @@ def _rank_mask(s: torch.Tensor, rank) -> torch.Tensor:
 
 def lowrank_parts(x: torch.Tensor, rank=None, *, energy: float | None = None,
                   energy_transfer: bool = False, min_rank: int = 1,
-                  metric: torch.Tensor | None = None, metric_eps: float = 1e-5):
+                  metric: torch.Tensor | None = None, metric_eps: float = 1e-5,
+                  method: str = "exact", oversample: int = 10, niter: int = 2):
     """The pieces of the (metric) rank-``r`` projection of ``x`` (..., m, n).
 
     Returns ``(U, s, Vh, left)`` in the compute dtype with ``U: (..., m, q)``, ``s: (..., q)``
@@ -149,7 +331,16 @@ def lowrank_parts(x: torch.Tensor, rank=None, *, energy: float | None = None,
 
     ``rank`` is an int (all matrices) or ``None`` with ``energy`` given (per matrix).  With a
     ``metric`` ``d`` the SVD is that of ``diag(d) x`` (LRPET Algorithm 1, lines 5-10).
+
+    ``method="exact"`` uses :func:`svd`; ``"randomized"`` uses :func:`randomized_svd` with
+    ``oversample`` and ``niter`` (fixed int ``rank`` only, not the energy criterion); energy
+    transfer then takes ``||s||^2 = ||diag(d) x||_F^2`` exactly.
     """
+    if method not in SVD_METHODS:
+        raise ValueError(f"lowrank_parts: method={method!r} is not allowed; choose one of {SVD_METHODS}")
+    if method == "randomized" and (energy is not None or rank is None):
+        raise ValueError("lowrank_parts: method='randomized' needs a fixed int rank; the energy "
+                         "criterion needs the whole spectrum (use method='exact')")
     dt = compute_dtype(x.dtype)
     xc = x.to(dt)
     left = None
@@ -157,7 +348,14 @@ def lowrank_parts(x: torch.Tensor, rank=None, *, energy: float | None = None,
         d = metric.to(device=x.device, dtype=dt)
         xc = d.unsqueeze(-1) * xc
         left = d / (d * d + metric_eps)
-    U, s, Vh = torch.linalg.svd(xc, full_matrices=False)
+    if method == "randomized":
+        r = min(int(rank), xc.shape[-2], xc.shape[-1])
+        U, s, Vh = randomized_svd(xc, r, oversample=oversample, niter=niter)
+        if energy_transfer:
+            total = torch.linalg.matrix_norm(xc, ord="fro") ** 2
+            s = s * energy_transfer_scale(s, r, total=total).unsqueeze(-1)
+        return U, s, Vh, left
+    U, s, Vh = svd(xc)
     if energy is not None:
         r = energy_rank(s, energy, min_rank)
         q = int(r.max()) if r.numel() else 1
@@ -179,16 +377,20 @@ def lowrank_parts(x: torch.Tensor, rank=None, *, energy: float | None = None,
 
 def project_rank(x: torch.Tensor, rank=None, *, energy: float | None = None,
                  energy_transfer: bool = False, min_rank: int = 1,
-                 metric: torch.Tensor | None = None, metric_eps: float = 1e-5) -> torch.Tensor:
+                 metric: torch.Tensor | None = None, metric_eps: float = 1e-5,
+                 method: str = "exact", oversample: int = 10, niter: int = 2) -> torch.Tensor:
     """Best rank-``r`` approximation of every matrix ``x[..., :, :]`` (Eckart-Young).
 
     ``Pi_r(X) = sum_{i<=r} s_i u_i v_i^T`` (LRPET Eq. 2).  With ``energy_transfer`` the kept
     singular values are scaled by ``||s|| / ||s_{1:r}||`` (Eq. 6); with a ``metric`` ``d`` the
     result is ``diag(d / (d^2 + eps)) Pi_r(diag(d) X)`` (Eq. 7-10).  Returns ``x``'s dtype.
-    Cost: one batched SVD, ``O(b m n min(m, n))``.
+    Cost: one batched SVD, ``O(b m n min(m, n))``; ``method="randomized"``
+    (:func:`randomized_svd`) costs ``O(b m n (r + oversample) (2 niter + 2))`` and is
+    near-optimal rather than exact.
     """
     U, s, Vh, left = lowrank_parts(x, rank, energy=energy, energy_transfer=energy_transfer,
-                                   min_rank=min_rank, metric=metric, metric_eps=metric_eps)
+                                   min_rank=min_rank, metric=metric, metric_eps=metric_eps,
+                                   method=method, oversample=oversample, niter=niter)
     out = (U * s.unsqueeze(-2)) @ Vh
     if left is not None:
         out = left.unsqueeze(-1) * out
@@ -214,7 +416,7 @@ def lowrank_factors(x: torch.Tensor, rank=None, **kw):
 def unfolding_singular_values(x: torch.Tensor, k: int) -> torch.Tensor:
     """Singular values of the ``k``-th TT unfolding ``x.reshape(prod(n_1..n_k), -1)``."""
     rows = math.prod(x.shape[:k])
-    return torch.linalg.svdvals(x.to(compute_dtype(x.dtype)).reshape(rows, -1))
+    return svdvals(x.to(compute_dtype(x.dtype)).reshape(rows, -1))
 
 
 # ============================================================================ cardinality
@@ -433,10 +635,10 @@ def prox_power(y: torch.Tensor, lam: float, p: float) -> torch.Tensor:
 def schatten_value(x: torch.Tensor, p: float) -> torch.Tensor:
     """``sum_i sigma_i(x)^p`` summed over the matrices ``x[..., :, :]``; differentiable.
 
-    Uses ``torch.linalg.svdvals``.  Zero singular values contribute 0 and get gradient 0 (a
+    Uses :func:`svdvals`.  Zero singular values contribute 0 and get gradient 0 (a
     valid limiting subgradient of ``sigma^p`` at 0, where the derivative is infinite for p < 1).
     """
-    s = torch.linalg.svdvals(x.to(compute_dtype(x.dtype)))
+    s = svdvals(x)
     pos = s > 0
     safe = torch.where(pos, s, torch.ones_like(s))
     return torch.where(pos, safe ** p, torch.zeros_like(s)).sum().to(x.dtype)

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import functional as F
-from .._validation import check_finite, check_float, check_int, check_tensor
+from .._validation import check_choice, check_finite, check_float, check_int, check_tensor
 from .base import ConstraintSet
 
 __all__ = ["LowRank"]
@@ -36,6 +36,20 @@ class LowRank(ConstraintSet):
         ``alpha * Pi_r(X)``); :meth:`contains` still checks the rank only.
     min_rank : int, default 1
         Lower bound on the rank chosen by ``ratio`` or ``energy``.
+    svd : {"exact", "randomized", "auto"}, default "exact"
+        How the truncated SVD is computed.  ``"exact"``: full SVD
+        (:func:`admm_compress.functional.svd`), the exact Euclidean projection.
+        ``"randomized"``: ``torch.svd_lowrank`` with ``q = r + oversample`` test vectors and
+        ``niter`` power iterations (:func:`admm_compress.functional.randomized_svd`); the result
+        has rank ``<= r`` but is only near-optimal (close to Eckart-Young on a decaying
+        spectrum).  ``"auto"``: randomized only for matrices with ``min(m, n) > 256`` and
+        ``r <= min(m, n) / 4``, exact otherwise.  The energy criterion needs the whole spectrum:
+        ``energy=`` with ``svd="randomized"`` raises ``ValueError`` and ``"auto"`` stays exact.
+        Energy transfer and the metric work with every option.
+    oversample : int, default 10
+        Extra test vectors of the randomized SVD (``>= 0``).
+    niter : int, default 2
+        Power (subspace) iterations of the randomized SVD (``>= 0``).
 
     Exactly one of ``rank``, ``ratio``, ``energy`` must be given.
 
@@ -44,7 +58,8 @@ class LowRank(ConstraintSet):
     Projection (Eckart-Young; LRPET Eq. 2): with the SVD ``X = U diag(s) V^T``,
     ``Pi_r(X) = sum_{i<=r} s_i u_i v_i^T`` and ``||X - Pi_r(X)||_F^2 = sum_{i>r} s_i^2``.
     Cost: one (batched) SVD, ``O(m n min(m, n))`` per matrix, in float32 (float64 for float64
-    input), result cast back to the input dtype.
+    input), result cast back to the input dtype; randomized: ``O(m n (r + oversample)
+    (2 niter + 2))`` (Halko, Martinsson & Tropp 2011, Alg. 4.4 + 5.1).
 
     *Metric projection* (LRPET BN rectification, Eq. 7-10, Algorithm 1 lines 5-10).  Given a
     diagonal row metric ``D = diag(d)`` (e.g. ``d = gamma / sqrt(running_var + eps_bn)`` of the
@@ -70,7 +85,8 @@ class LowRank(ConstraintSet):
     broadcasts = True
 
     def __init__(self, rank: int | None = None, ratio: float | None = None,
-                 energy: float | None = None, energy_transfer: bool = False, min_rank: int = 1):
+                 energy: float | None = None, energy_transfer: bool = False, min_rank: int = 1,
+                 svd: str = "exact", oversample: int = 10, niter: int = 2):
         given = [n for n, v in (("rank", rank), ("ratio", ratio), ("energy", energy)) if v is not None]
         if len(given) != 1:
             raise ValueError(f"LowRank: give exactly one of rank=, ratio=, energy=; got "
@@ -84,6 +100,12 @@ class LowRank(ConstraintSet):
             raise TypeError(f"LowRank: energy_transfer must be a bool, got {energy_transfer!r}")
         self.energy_transfer = energy_transfer
         self.min_rank = check_int("min_rank", min_rank, low=1, where="LowRank")
+        self.svd = check_choice("svd", svd, ("exact", "randomized", "auto"), where="LowRank")
+        self.oversample = check_int("oversample", oversample, low=0, where="LowRank")
+        self.niter = check_int("niter", niter, low=0, where="LowRank")
+        if self.energy is not None and self.svd == "randomized":
+            raise ValueError("LowRank: svd='randomized' is not supported with energy= (the energy "
+                             "criterion needs the whole spectrum); use svd='exact' or 'auto'")
         self.metric_eps = 1e-5
 
     # ---------------------------------------------------------------- shapes
@@ -131,10 +153,19 @@ class LowRank(ConstraintSet):
         check_finite("metric", metric, where="LowRank")
         return metric
 
+    def svd_method_for(self, shape: Sequence[int]) -> str:
+        """``"exact"`` or ``"randomized"``: the SVD used for matrices of ``shape[-2:]``."""
+        if self.svd == "auto":
+            r = self.rank_for(shape)
+            return "randomized" if r is not None and F.use_randomized(shape[-2], shape[-1], r) else "exact"
+        return self.svd
+
     def _args(self, x: torch.Tensor) -> dict:
         r = self.rank_for(x.shape)
         return dict(rank=r, energy=self.energy, energy_transfer=self.energy_transfer,
-                    min_rank=self.min_rank, metric_eps=self.metric_eps)
+                    min_rank=self.min_rank, metric_eps=self.metric_eps,
+                    method=self.svd_method_for(x.shape), oversample=self.oversample,
+                    niter=self.niter)
 
     def _is_identity(self, x: torch.Tensor) -> bool:
         r = self.rank_for(x.shape)
@@ -180,7 +211,7 @@ class LowRank(ConstraintSet):
         return (U @ V).reshape(tuple(shape))
 
     def _contains(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str]:
-        s = torch.linalg.svdvals(x.to(F.compute_dtype(x.dtype)))
+        s = F.svdvals(x)
         q = s.shape[-1]
         if self.energy is not None:
             r = F.energy_rank(s, self.energy, self.min_rank)
@@ -208,4 +239,10 @@ class LowRank(ConstraintSet):
         extra = ", energy_transfer=True" if self.energy_transfer else ""
         if self.min_rank != 1:
             extra += f", min_rank={self.min_rank}"
+        if self.svd != "exact":
+            extra += f", svd={self.svd!r}"
+            if self.oversample != 10:
+                extra += f", oversample={self.oversample}"
+            if self.niter != 2:
+                extra += f", niter={self.niter}"
         return f"LowRank({arg}{extra})"
