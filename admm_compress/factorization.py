@@ -66,7 +66,7 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ._validation import check_float, check_int
-from .functional import compute_dtype, rank_from_ratio, truncated_svd
+from .functional import compute_dtype, rank_from_ratio, svd, svdvals, truncated_svd
 
 __all__ = [
     "FactorProduct",
@@ -166,7 +166,7 @@ def balanced_factors(w: torch.Tensor, n_factors: int, inner_dim: int | None = No
         return [mat.clone()]
     # float64 for an exact product; MPS has no float64
     work = mat.to(torch.float32 if mat.device.type == "mps" else torch.float64)
-    U, s, Vh = torch.linalg.svd(work, full_matrices=False)        # (m,k) (k,) (k,n)
+    U, s, Vh = svd(work)        # (m,k) (k,) (k,n)
     root = s.pow(1.0 / n_factors)
     P = torch.zeros(d, k, dtype=work.dtype, device=work.device)
     P[:k, :k] = torch.eye(k, dtype=work.dtype, device=work.device)
@@ -579,7 +579,7 @@ def gsvt(model: nn.Module, groups, keep) -> dict[str, int]:
         for i, (name, module) in enumerate(layers):
             m, n = _matrix_shape(module.weight.shape)
             w = module.weight.detach().reshape(m, n)
-            s = torch.linalg.svdvals(w.to(compute_dtype(w.dtype))).cpu()
+            s = svdvals(w.to(compute_dtype(w.dtype))).cpu()
             top = s[0]
             norm = s / top if top > 0 else torch.zeros_like(s)
             norm[0] = float("inf")                 # each layer's largest value is always kept

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .._validation import check_float
+from .. import functional as F
 from ..sets import LowRank
 from ..solver import Solver
 from ..specs import Constrain
@@ -44,7 +45,7 @@ class TRPSolver(Solver):
         if self.nuclear_weight > 0:
             for sl in self.slots:
                 v = sl.to_view(sl.tensor().detach())
-                U, S, Vh = torch.linalg.svd(v.to(torch.float64), full_matrices=False)
+                U, S, Vh = F.svd(v.to(torch.float64))
                 k = _numerical_rank(S, v)  # the rank the energy rule just kept
                 self._subgrad[sl.key] = sl.from_view((U[..., :k] @ Vh[..., :k, :]).to(v.dtype))
         self._fresh = True
@@ -68,7 +69,7 @@ class TRPSolver(Solver):
         self.final_ranks = {}
         for sl in self.slots:
             v = sl.to_view(sl.tensor().detach())
-            self.final_ranks[sl.key] = _numerical_rank(torch.linalg.svdvals(v.to(torch.float64)), v)
+            self.final_ranks[sl.key] = _numerical_rank(F.svdvals(v.to(torch.float64)), v)
         return {sl.key: True for sl in self.slots}
 
     def _feasible(self, sl, v: torch.Tensor) -> bool:
