@@ -605,6 +605,32 @@ class Solver:
         self.residuals = list(sd.get("residuals", []))
 
     # ====================================================== the training loop
+    def _forward_ctx(self):
+        """``torch.autocast`` for the forward pass when ``fit(..., autocast=dtype)``, else a no-op."""
+        import contextlib
+
+        dtype = getattr(self, "_amp", None)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=getattr(self, "_amp_device", "cpu"), dtype=dtype)
+
+    def _amp_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss in float32 under autocast (a half-precision loss would lose the penalty), as is otherwise."""
+        return loss.float() if getattr(self, "_amp", None) is not None else loss
+
+    def _backprop(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the GradScaler under float16 autocast."""
+        scaler = getattr(self, "_scaler", None)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+
+    def _optimizer_step(self, opt) -> None:
+        scaler = getattr(self, "_scaler", None)
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)
+            scaler.update()
+
     def backward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
                  loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward of one batch; returns ``(loss, outputs)`` (detached).
@@ -612,16 +638,18 @@ class Solver:
         Default: ``loss_fn(model(x), y) + penalty()``.  Methods whose objective differs
         (Decomposable-Net's joint loss) override this.
         """
-        out = model(inputs)
-        loss = loss_fn(out, targets) + self.penalty()
-        loss.backward()
+        with self._forward_ctx():
+            out = model(inputs)
+            loss = loss_fn(out, targets)
+        loss = self._amp_loss(loss) + self.penalty()
+        self._backprop(loss)
         return loss.detach(), out.detach()
 
     def fit(self, model: nn.Module, loader: Iterable, epochs: int = 1, optimizer: Any = None,
             loss_fn: Callable | None = None, val_loader: Iterable | None = None, finetune_epochs: int = 0,
             finetune_optimizer: Any = None, device: Any = None, callbacks: Sequence[Callable] = (),
             checkpoint: str | os.PathLike | None = None, scheduler: Callable | None = None,
-            progress: bool | None = None, lr: float = 0.05) -> History:
+            progress: bool | None = None, lr: float = 0.05, autocast: torch.dtype | None = None) -> History:
         """Train ``model`` under the constraints, finalize, and optionally fine-tune.
 
         Parameters
@@ -655,7 +683,15 @@ class Solver:
             Progress bar (default: on when stderr is a terminal).
         lr : float
             Learning rate of the default optimizer.
+        autocast : torch.bfloat16 or torch.float16, optional
+            Mixed precision: forward passes and losses run under :func:`torch.autocast` on the
+            training device (``float16`` adds a :class:`torch.amp.GradScaler`).  Weights, Z, U
+            and every projection stay in the weights' dtype; SVDs run in float32 or float64.
         """
+        if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"fit: autocast={autocast!r}; allowed: None, torch.bfloat16, torch.float16")
+        self._amp = autocast
+        self._scaler = None
         epochs = check_int("epochs", epochs, low=0, where="fit")
         finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where="fit")
         lr = check_float("lr", lr, low=0.0, low_open=True, where="fit")
@@ -694,6 +730,9 @@ class Solver:
             if os.path.isdir(checkpoint):
                 raise ValueError(f"fit: checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path")
         dev = resolve_device(device, model)
+        self._amp_device = dev.type
+        if autocast is torch.float16:
+            self._scaler = torch.amp.GradScaler(dev.type)
         # an existing checkpoint is read and checked (weights_only) before any work is done
         self._pending_checkpoint = None
         if checkpoint is not None and os.path.exists(checkpoint):
@@ -777,9 +816,11 @@ class Solver:
                 if solver_steps:
                     loss, out = self.backward(model, x, y, loss_fn)
                 else:
-                    out = model(x)
-                    loss = loss_fn(out, y)
-                    loss.backward()
+                    with self._forward_ctx():
+                        out = model(x)
+                        loss = loss_fn(out, y)
+                    loss = self._amp_loss(loss)
+                    self._backprop(loss)
                     loss, out = loss.detach(), out.detach()
             except RuntimeError as e:
                 if i == 0 and any(w in str(e) for w in ("shape", "size", "dimension", "channels")):
@@ -788,7 +829,7 @@ class Solver:
                                      f"(inputs {shapes[0]}, targets {shapes[1]}): {e}") from e
                 raise
             check_finite_loss(loss, epoch, i)
-            opt.step()
+            self._optimizer_step(opt)
             if solver_steps:
                 self.step()
             loss_sum += loss * y.shape[0]

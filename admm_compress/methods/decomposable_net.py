@@ -385,9 +385,10 @@ class DecomposableNetSolver(Solver):
         self._require_prepared()
         net = unwrap(model)
         if self.lam == 0.0:  # normal learning
-            out = model(inputs)
-            loss = loss_fn(out, targets)
-            loss.backward()
+            with self._forward_ctx():
+                out = model(inputs)
+                loss = self._amp_loss(loss_fn(out, targets))
+            self._backprop(loss)
             self.last = {"keep_ratio": 1.0, "ranks": None, "loss_full": loss.detach(), "loss_low": None}
             return loss.detach(), out.detach()
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
@@ -397,8 +398,12 @@ class DecomposableNetSolver(Solver):
             _broadcast_(list(net.buffers()))
         # full-rank network (the bare module under DDP: the gradients are averaged below, as
         # torch.autograd.grad does not trigger DDP's reducer)
-        out_full = (net if ddp else model)(inputs)
-        loss_full = loss_fn(out_full, targets)
+        if getattr(self, "_scaler", None) is not None:
+            raise NotImplementedError("Decomposable-Net combines two gradients by hand (Eq. 12) and does "
+                                      "not support float16 loss scaling; use fit(..., autocast=torch.bfloat16)")
+        with self._forward_ctx():
+            out_full = (net if ddp else model)(inputs)
+            loss_full = self._amp_loss(loss_fn(out_full, targets))
         g_full = torch.autograd.grad(loss_full, params, allow_unused=True)
         # sampled low-rank network (Algorithm 1, lines 3-5)
         layers = self.layers
@@ -409,8 +414,9 @@ class DecomposableNetSolver(Solver):
         for L, r, svd in zip(layers, ranks, svds):
             if r < L.full_rank:
                 subst[L.key] = self.low_rank_weight(L, L.weight, r, svd)
-        out_low = functional_call(net, subst, (inputs,))
-        loss_low = loss_fn(out_low, targets)
+        with self._forward_ctx():
+            out_low = functional_call(net, subst, (inputs,))
+            loss_low = self._amp_loss(loss_fn(out_low, targets))
         g_low = torch.autograd.grad(loss_low, params, allow_unused=True)
         # Eq. (1) with the balancing of Eq. (12) on the decomposed weights
         decomposed = {L.key for L in layers}

@@ -303,10 +303,10 @@ class LoRITaSolver(Solver):
     def backward(self, model, inputs, targets, loss_fn):
         """Forward under :func:`torch.nn.utils.parametrize.cached` (each factor product is
         computed once per step even if a layer is called several times), then backward."""
-        with parametrize.cached():
+        with parametrize.cached(), self._forward_ctx():
             out = model(inputs)
-            loss = loss_fn(out, targets) + self.penalty()
-        loss.backward()
+            loss = self._amp_loss(loss_fn(out, targets)) + self.penalty()
+        self._backprop(loss)
         return loss.detach(), out.detach()
 
     # ----------------------------------------------------- equivalence as code
