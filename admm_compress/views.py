@@ -24,6 +24,8 @@ layers a view cannot represent faithfully (grouped or transposed convolutions).
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from typing import Sequence
 
@@ -54,8 +56,8 @@ def _shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-class View:
-    """Base class: a bijective reshape/permutation of a weight tensor.
+class View(abc.ABC):
+    """Abstract base class: a bijective reshape/permutation of a weight tensor.
 
     Subclasses implement :meth:`check`, :meth:`viewed_shape`, :meth:`to` and :meth:`back`.
     """
@@ -65,17 +67,17 @@ class View:
     def check(self, shape: Sequence[int], where: str | None = None) -> None:
         """Raise ``ValueError`` if weights of ``shape`` cannot be seen through this view."""
 
+    @abc.abstractmethod
     def viewed_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Shape of ``to(w)`` for a weight of ``shape``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def to(self, w: torch.Tensor) -> torch.Tensor:
         """The viewed tensor (a reshape/permutation of ``w``; may share memory with ``w``)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def back(self, t: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
         """The weight of ``shape`` whose view is ``t`` (inverse of :meth:`to`)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

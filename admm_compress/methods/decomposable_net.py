@@ -399,8 +399,9 @@ class DecomposableNetSolver(Solver):
         # full-rank network (the bare module under DDP: the gradients are averaged below, as
         # torch.autograd.grad does not trigger DDP's reducer)
         if getattr(self, "_scaler", None) is not None:
-            raise NotImplementedError("Decomposable-Net combines two gradients by hand (Eq. 12) and does "
-                                      "not support float16 loss scaling; use fit(..., autocast=torch.bfloat16)")
+            raise ValueError("fit(autocast=torch.float16) is not supported by Decomposable-Net: it combines "
+                             "two gradients by hand (Eq. 12), outside float16 loss scaling; use "
+                             "autocast=torch.bfloat16")
         with self._forward_ctx():
             out_full = (net if ddp else model)(inputs)
             loss_full = self._amp_loss(loss_fn(out_full, targets))
