@@ -235,6 +235,16 @@ class Solver:
         (LRPET's official code uses 1e-4).
     warm_start : bool, default True
         ``prepare`` sets ``Z = Pi(W)`` (direct compression, LC toolkit); otherwise ``Z = W``.
+
+    Notes
+    -----
+    Choosing rho: the W-step is a gradient method on ``f(W) + rho/2 ||W - Z + U||^2``, so the
+    primal residual closes only when rho is large against the loss's curvature (tests use
+    ``rho`` above the Lipschitz constant of the least-squares gradient); a geometric
+    ``rho_growth`` (1.1-1.5 per update) closes any gap in finite time, and :meth:`finalize`
+    makes the weights exactly feasible in any case.  Heavy momentum (0.9) with a per-epoch
+    Z/U cadence can make the residuals oscillate rather than fall on small problems; a lower
+    momentum or a per-step cadence (``every=N``) steadies them.
     """
 
     def __init__(self, spec, rho: float = 1e-3, *, mode: str = "admm", every: Any = "epoch",
