@@ -141,7 +141,8 @@ def tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "",
         xs = [float(r[x]) for r in rs]
         ys = [float(r[y]) for r in rs]
         mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        yerr = [[my - min(ys)], [max(ys) - my]]
+        # clamped: the mean of equal values can land an ulp outside [min, max]
+        yerr = [[max(0.0, my - min(ys))], [max(0.0, max(ys) - my)]]
         ax.errorbar([mx], [my], yerr=yerr, fmt=markers[i % len(markers)], ms=7, capsize=3, label=solver,
                     color=colors[(2 * i) % len(colors)])
     ax.set_xlabel("MACs drop (%)")

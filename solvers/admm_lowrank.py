@@ -12,11 +12,14 @@ NAME = "admm_lowrank"
 KIND = "admm"
 CONSTRAINT = "lowrank"
 DESCRIPTION = "ADMM, LowRank(ratio) per Conv2d (channel view) / Linear; geometric rho schedule"
+# every: Z/U-step cadence in optimizer steps (network problems; measured on digits32_resnet20,
+# 4 epochs: rho 0.01 once per epoch left ||W - Z||/||W|| at 1.17 and 73.9 % after fine-tuning,
+# rho 0.1 every 5 steps 0.24 and 98.9 %, the dense accuracy)
 PARAMS = {"ratio": [0.2, 0.4, 0.6], "rho": [1e-3, 1e-2]}
-DEFAULTS = {"ratio": 0.4, "rho": 1e-2, "rho_growth": 1.2, "rho_max": 1.0, "view": "channel"}
+DEFAULTS = {"ratio": 0.4, "rho": 0.1, "rho_growth": 1.2, "rho_max": 1.0, "every": 5, "view": "channel"}
 
 
-def build(problem, ratio, rho, rho_growth, rho_max, view):
+def build(problem, ratio, rho, rho_growth, rho_max, view, every):
     if problem is not None and problem.spec is not None:
         spec = problem.spec
     else:
@@ -28,4 +31,4 @@ def build(problem, ratio, rho, rho_growth, rho_max, view):
         spec.append(ac.Constrain(nn.Linear, ac.LowRank(ratio=ratio), exclude=keep or None,
                                  name="admm_lowrank:linear"))
         spec = [s for s in spec if problem is None or s.select(problem.model)]
-    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max)
+    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max, every=every)

@@ -11,15 +11,17 @@ NAME = "admm_sparse"
 KIND = "admm"
 CONSTRAINT = "sparse"
 DESCRIPTION = "ADMM, Cardinality(density) per Conv2d / Linear weight (magnitude top-k Z-step)"
+# every: Z/U-step cadence in optimizer steps on network problems; rho and cadence as admm_lowrank
+# (where the measurement that chose them is written down)
 PARAMS = {"density": [0.1, 0.25, 0.5], "rho": [1e-3, 1e-2]}
-DEFAULTS = {"density": 0.25, "rho": 1e-2, "rho_growth": 1.2, "rho_max": 1.0}
+DEFAULTS = {"density": 0.25, "rho": 0.1, "rho_growth": 1.2, "rho_max": 1.0, "every": 5}
 
 
-def build(problem, density, rho, rho_growth, rho_max):
+def build(problem, density, rho, rho_growth, rho_max, every):
     if problem is not None and problem.spec is not None:
         spec = problem.spec
     else:
         keep = tuple(problem.keep_dense) if problem is not None else ()
         spec = [ac.Constrain((nn.Conv2d, nn.Linear), ac.Cardinality(density=density), exclude=keep or None,
                              name="admm_sparse")]
-    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max)
+    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max, every=every)

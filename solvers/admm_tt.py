@@ -13,11 +13,13 @@ NAME = "admm_tt"
 KIND = "admm"
 CONSTRAINT = "tt"
 DESCRIPTION = "ADMM, TTRank(ranks) on a balanced d-way TT view of each Conv2d / Linear weight"
+# every: Z/U-step cadence in optimizer steps on network problems; rho and cadence as admm_lowrank
+# (where the measurement that chose them is written down)
 PARAMS = {"ranks": [4, 8, 16], "rho": [1e-3, 1e-2]}
-DEFAULTS = {"ranks": 8, "d": 2, "rho": 1e-2, "rho_growth": 1.2, "rho_max": 1.0}
+DEFAULTS = {"ranks": 8, "d": 2, "rho": 0.1, "rho_growth": 1.2, "rho_max": 1.0, "every": 5}
 
 
-def build(problem, ranks, d, rho, rho_growth, rho_max):
+def build(problem, ranks, d, rho, rho_growth, rho_max, every):
     import admm_compress.methods.raspa  # noqa: F401  registers the TT exporter (ImportError: unavailable)
     from admm_compress.views import TTView
 
@@ -33,4 +35,4 @@ def build(problem, ranks, d, rho, rho_growth, rho_max):
         if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(fnmatch.fnmatchcase(name, k) for k in keep):
             view = TTView.auto(tuple(m.weight.shape), d)
             spec.append(ac.Constrain(name, ac.TTRank(ranks), view=view, name=f"admm_tt:{name}"))
-    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max)
+    return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max, every=every)
