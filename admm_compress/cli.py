@@ -79,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("solver", help="solver name (see `admm-compress list`)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--nproc", type=int, default=1, metavar="N",
-                   help="train with N processes (torch.distributed: gloo on cpu, nccl on cuda; launched "
-                        "through torchrun); the problem's batch_size is the global batch, split evenly")
+                   help="train with N local processes (torch.distributed: gloo on cpu, nccl on cuda; or launch "
+                        "under torchrun without this flag); the problem's batch_size is the global batch, "
+                        "split evenly")
     b = sub.add_parser("bench", parents=[common, train], help="several solvers on one problem: one table + plot")
     b.add_argument("problem", help="problem name (see `admm-compress list`)")
     b.add_argument("--solvers", nargs="+", default=None, metavar="SOLVER",
@@ -497,7 +498,7 @@ def _cmd_run(args) -> int:
     rank, world = _world()
     if args.nproc > 1 and world == 1:  # run this command in N processes (what torchrun does on one node)
         return _spawn(args.nproc, args._argv)
-    if world != args.nproc:
+    if args.nproc not in (1, world):  # under torchrun, --nproc may be left out
         raise CLIError(f"--nproc={args.nproc} but this process was launched with WORLD_SIZE={world}")
     out = Path(args.out) if args.out else _default_out(pentry.name, sentry.name, args.seed)
     try:
