@@ -203,9 +203,12 @@ class Latency:
 
 # ----------------------------------------------------------------------------- helpers
 def _check_model(model: Any) -> nn.Module:
+    """The module to count (a DDP / DataParallel wrapper is unwrapped: its forward would sync)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    return model
+    from .specs import unwrap
+
+    return unwrap(model)
 
 
 def _check_input_size(input_size: Any) -> tuple:

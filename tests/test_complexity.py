@@ -237,3 +237,16 @@ def test_parametrized_unknown_module_is_named_in_error():
         complexity(m, (4,))
     with pytest.raises(TypeError, match="aten"):
         complexity(m, (4,), backend="aten", custom_hooks={Bilinear: lambda *a: 0})
+
+
+def test_complexity_and_latency_unwrap_a_data_parallel_wrapper():
+    from torch import nn
+
+    import admm_compress as ac
+
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    wrapped = nn.DataParallel(model)
+    a, b = ac.complexity(model, (12,)), ac.complexity(wrapped, (12,))
+    assert (a.macs, a.params) == (b.macs, b.params)
+    assert a.params == 12 * 8 + 8 + 8 * 3 + 3
+    assert ac.latency(wrapped, (12,), repeats=3, warmup=1).median > 0
