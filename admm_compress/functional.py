@@ -510,8 +510,17 @@ def tt_svd(x: torch.Tensor, ranks: Sequence[int]) -> list[torch.Tensor]:
     eff = tt_effective_ranks(x.shape, ranks)
     xc = x.detach().to(compute_dtype(x.dtype))
     with _tensorly_torch():
-        cores = tensor_train(xc, rank=[1, *eff, 1])
+        cores = tensor_train(xc, rank=[1, *eff, 1], svd=_tensorly_svd)
     return [c for c in cores]
+
+
+def _tensorly_svd(matrix: torch.Tensor, n_eigenvecs: int | None = None, **_):
+    """tensorly's SVD hook (``svd=callable``): :func:`svd` with its fallbacks, truncated to
+    ``n_eigenvecs``; returns ``(U, s, Vh)`` as ``tensorly.truncated_svd`` does."""
+    U, s, Vh = svd(matrix)
+    if n_eigenvecs is not None:
+        U, s, Vh = U[:, :n_eigenvecs], s[:n_eigenvecs], Vh[:n_eigenvecs]
+    return U, s, Vh
 
 
 def tt_to_tensor(cores: Sequence[torch.Tensor]) -> torch.Tensor:

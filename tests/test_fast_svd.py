@@ -175,6 +175,22 @@ def test_lowrank_project_and_contains_survive_failures(monkeypatch):
     assert s.contains(y)
 
 
+def test_tt_svd_goes_through_the_fallbacks(monkeypatch, caplog):
+    import logging
+
+    from admm_compress import functional as F
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, 5)
+    ref = F.tt_to_tensor(F.tt_svd(x, (3, 4)))
+    flaky = FlakySVD(torch.linalg.svd, fails=1)
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    with caplog.at_level(logging.WARNING, logger="admm_compress.functional"):
+        got = F.tt_to_tensor(F.tt_svd(x, (3, 4)))
+    assert len(flaky.calls) >= 2 and "float64" in caplog.text
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
 # ============================================================ randomized truncated SVD
 @pytest.mark.parametrize("rate", [0.9, 0.8])
 @pytest.mark.parametrize("shape,r", [((300, 200), 20), ((120, 400), 10)])
