@@ -247,6 +247,13 @@ class Solver:
     momentum or a per-step cadence (``every=N``) steadies them.
     """
 
+    #: Fine-tuning trains the factors of each constraint (the structure is kept by construction);
+    #: ``False`` trains the weights themselves (Decomposable-Net, whose model stays full-rank).
+    finetune_structure: bool = True
+    #: Fine-tuning epochs run the solver's own objective and steps (Decomposable-Net's joint
+    #: loss) instead of the plain task loss.
+    finetune_solver_steps: bool = False
+
     def __init__(self, spec, rho: float = 1e-3, *, mode: str = "admm", every: Any = "epoch",
                  rho_growth: float = 1.0, rho_max: float | None = None, tol: float | None = None,
                  skip_below: float | None = None, warm_start: bool = True):
@@ -879,23 +886,24 @@ class Solver:
         if start_epoch > 0:  # resuming: rebuild the same factorization from the saved finalized weights
             ck = load_checkpoint(checkpoint, map_location=dev)
             finalized = ck["finalized"]
-            model.load_state_dict(finalized)
-        structure(self.bindings)
-        model = _rewrap(model)  # DDP: the factors are new parameters; a fresh wrapper syncs them
+            unwrap(model).load_state_dict(finalized)
+        if self.finetune_structure:
+            structure(self.bindings)
+            model = _rewrap(model)  # DDP: the factors are new parameters; a fresh wrapper syncs them
         try:
             if optimizer is None:
                 opt = torch.optim.SGD(model.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
             else:
                 opt = optimizer(model.parameters()) if not isinstance(optimizer, torch.optim.Optimizer) else optimizer
             if start_epoch > 0:
-                model.load_state_dict(ck["model"])
+                unwrap(model).load_state_dict(ck["model"])
                 opt.load_state_dict(ck["optimizer"])
                 set_rng_state(ck["rng"], loader)
             bar = tqdm(range(start_epoch, epochs), desc="finetune", initial=start_epoch, total=epochs,
                        disable=_bar_disabled(progress), unit="epoch")
             for epoch in bar:
                 rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "finetune", val_loader,
-                                      solver_steps=False)
+                                      solver_steps=self.finetune_solver_steps)
                 history.epochs.append(rec)
                 bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "val_accuracy") if k in rec})
                 stop = any(bool(cb(self, model, rec)) for cb in callbacks)
@@ -907,7 +915,8 @@ class Solver:
                 if stop:
                     break
         finally:
-            release(self.bindings)
+            if self.finetune_structure:
+                release(self.bindings)
 
     # ------------------------------------------------------------ checkpoint
     def _save(self, path, model, opt, sched, loader, next_epoch, phase, history, finalized=None):

@@ -251,6 +251,12 @@ class DecomposableNetSolver(Solver):
         global torch RNG.
     """
 
+    # fine-tuning continues the joint objective (Eq. 1) at lr / 10 on the full-rank weights: the
+    # model is exported at any size afterwards, so there is no structure to freeze, and plain
+    # fine-tuning would train only the full-rank path
+    finetune_structure = False
+    finetune_solver_steps = True
+
     def __init__(self, spec, *, rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str = "global",
                  scheme: str | Mapping[str, str] = "channel", min_rank: int = 5, clip: float = 0.99,
                  rescale: bool = True, seed: int | None = None):
@@ -470,42 +476,6 @@ class DecomposableNetSolver(Solver):
         if model is not None and unwrap(model) is not self._model_ref:
             raise ValueError("finalize(model): this is not the model the solver was prepared on")
         return {b.key: True for b in self.bindings}
-
-    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
-                  checkpoint, start_epoch, progress, callbacks):
-        """Fine-tuning keeps the joint objective (Eq. 1) at ``lr / 10``.
-
-        The trained model stays full-rank and every size is exported afterwards, so there is no
-        structure to freeze; plain dense fine-tuning (the base class's) would train only the
-        full-rank path and drop the objective that makes the truncated models accurate.
-        """
-        from tqdm.auto import tqdm
-
-        from ..solver import _bar_disabled, _barrier, _rank
-        from ..training import load_checkpoint, set_rng_state
-
-        if optimizer is None:
-            opt = torch.optim.SGD(model.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
-        else:
-            opt = optimizer(model.parameters()) if not isinstance(optimizer, torch.optim.Optimizer) else optimizer
-        if start_epoch > 0:
-            ck = load_checkpoint(checkpoint, map_location=dev)
-            unwrap(model).load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-            set_rng_state(ck["rng"], loader)
-        bar = tqdm(range(start_epoch, epochs), desc="finetune (joint)", initial=start_epoch, total=epochs,
-                   disable=_bar_disabled(progress), unit="epoch")
-        for epoch in bar:
-            rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "finetune", val_loader)
-            history.epochs.append(rec)
-            bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "val_accuracy") if k in rec})
-            stop = any(bool(cb(self, model, rec)) for cb in callbacks)
-            if checkpoint is not None:
-                if _rank() == 0:
-                    self._save(checkpoint, model, opt, None, loader, epoch + 1, "finetune", history)
-                _barrier()
-            if stop:
-                break
 
     def state_dict(self) -> dict:
         """Base state plus the generator of ``Z`` and the epoch summaries."""
