@@ -8,6 +8,7 @@ carrying pickled code is refused instead of executed.
 from __future__ import annotations
 
 import logging
+import glob
 import math
 import os
 import tempfile
@@ -136,12 +137,15 @@ def set_rng_state(st: dict[str, torch.Tensor], loader: Any = None) -> None:
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write ``obj`` with :func:`torch.save` atomically: temp file, fsync, then rename.
 
-    A crash at any point leaves either the previous file or the complete new one.
+    A crash at any point leaves either the previous file or the complete new one.  Temp files are
+    named ``.<name>.tmp-*.pt``; those left by a writer of the same path that was killed mid-write
+    (a path has one writer: rank 0) are removed after the next successful write.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    prefix = f".{os.path.basename(path)}.tmp-"
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -152,6 +156,12 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.pt")):
+        try:
+            os.unlink(stale)
+            log.info("removed %s, left by an interrupted checkpoint write", stale)
+        except OSError:
+            pass
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",

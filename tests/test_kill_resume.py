@@ -120,7 +120,7 @@ def test_sigkill_inside_a_write_and_at_a_random_point_then_resume_is_bit_identic
     assert p.wait(timeout=60) == -signal.SIGKILL
     assert ck.read_bytes() == good, "an interrupted write replaced the last good checkpoint"
     assert load_checkpoint(ck)["epoch"] == 1
-    partial = glob.glob(str(tmp_path / ".tmp-*.pt"))
+    partial = glob.glob(str(tmp_path / ".ck.pt.tmp-*.pt"))
     assert len(partial) == 1, "the half-written temporary file should be left beside it"
     with pytest.raises(CheckpointError, match="cannot be read safely"):
         load_checkpoint(partial[0])
@@ -134,6 +134,7 @@ def test_sigkill_inside_a_write_and_at_a_random_point_then_resume_is_bit_identic
     # 3) resume to the end
     _finish(_start(tmp_path, ck, out))
     _assert_same(out, reference(), note)
+    assert not glob.glob(str(tmp_path / ".ck.pt.tmp-*.pt")), "stale temp files were not cleaned up"
 
 
 @pytest.mark.slow
@@ -208,3 +209,16 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, one_thread):
     solver.fit(model, data.digits(batch_size=128, seed=0)[0], epochs=4, checkpoint=ck, progress=False)
     for k, v in ref.items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_a_successful_write_removes_temp_files_of_interrupted_writes_to_the_same_path(tmp_path):
+    from admm_compress.training import load_checkpoint, save_checkpoint
+
+    stale = tmp_path / ".ck.pt.tmp-abc123.pt"          # left by a writer killed mid-write
+    stale.write_bytes(b"half a pickle")
+    other = tmp_path / ".other.pt.tmp-xyz.pt"          # another checkpoint's temp file: not ours
+    other.write_bytes(b"x")
+    save_checkpoint({"a": torch.ones(2)}, tmp_path / "ck.pt")
+    assert not stale.exists() and other.exists()
+    assert torch.equal(load_checkpoint(tmp_path / "ck.pt")["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.tmp-xyz.pt", "ck.pt"]
