@@ -561,13 +561,16 @@ class Solver:
 
         return export(model, self.export_spec(), inplace=inplace)
 
-    def __repr__(self) -> str:
+    def _repr_fields(self) -> str:
+        """The settings :meth:`__repr__` shows (subclasses name their own)."""
         extra = f", rho={self.rho:g}" if self.mode == "admm" else ""
         if self.mode == "admm" and self.rho_growth != 1.0:
             extra += f", rho_growth={self.rho_growth:g}"
+        return f"mode={self.mode!r}, specs={len(self.spec)}{extra}, every={self.every!r}"
+
+    def __repr__(self) -> str:
         state = f", prepared on {len(self.bindings)} weight(s)" if getattr(self, "bindings", None) else ""
-        return (f"{type(self).__name__}(mode={self.mode!r}, specs={len(self.spec)}{extra}, "
-                f"every={self.every!r}{state})")
+        return f"{type(self).__name__}({self._repr_fields()}{state})"
 
     def _feasible(self, sl, v: torch.Tensor) -> bool:
         """Whether the finalized view ``v`` of slot ``sl`` lies in its set (``contains``).

@@ -307,3 +307,11 @@ def test_solver_export_equals_finalized_model_and_repr_tells_the_state():
     x = torch.randn(4, 12)
     torch.testing.assert_close(compact(x), model(x), rtol=1e-5, atol=1e-5)
     assert ac.complexity(compact, (12,)).params < ac.complexity(model, (12,)).params
+
+
+def test_method_solvers_repr_their_own_settings():
+    from admm_compress import methods
+
+    assert repr(methods.lorita(2, 1e-3)) == "LoRITaSolver(n_factors=2, weight_decay=0.001, truncation='lsvt', specs=1)"
+    assert repr(methods.decomposable_net((0.1, 0.3), lam=0.4)).startswith(
+        "DecomposableNetSolver(rank_ratio=(0.1, 0.3), lam=0.4, criterion='global'")

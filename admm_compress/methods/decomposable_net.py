@@ -469,6 +469,10 @@ class DecomposableNetSolver(Solver):
         self.n_updates += 1
         return rec
 
+    def _repr_fields(self) -> str:
+        return (f"rank_ratio=({self.alpha_l:g}, {self.alpha_u:g}), lam={self.lam:g}, "
+                f"criterion={self.criterion!r}, specs={len(self.spec)}")
+
     @torch.no_grad()
     def finalize(self, model: nn.Module | None = None) -> dict[str, bool]:
         """Nothing to enforce: the trained model is full-rank and exportable at any size."""

@@ -356,6 +356,10 @@ class LoRITaSolver(Solver):
             return torch.optim.Adam(groups, lr=lr)
         return torch.optim.SGD(groups, lr=lr, momentum=self.momentum)
 
+    def _repr_fields(self) -> str:
+        return (f"n_factors={self.n_factors}, weight_decay={self.weight_decay:g}, "
+                f"truncation={self.truncation!r}, specs={len(self.spec)}")
+
     # ---------------------------------------------------------------- fit
     def fit(self, model, loader, epochs: int = 1, optimizer=None, loss_fn=None, **kwargs):
         """:meth:`Solver.fit`; the training ``loader`` and ``loss_fn`` are kept for ISVT.
