@@ -34,6 +34,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path, dpi: int = 110) -> str:
+    """Lay out, write and close ``fig``; returns the path written."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return os.fspath(path)
+
+
 @torch.no_grad()
 def weight_spectra(model: nn.Module, max_layers: int | None = None) -> dict[str, list[float]]:
     """Singular values of every Conv / Linear weight seen as ``(out, in*kh*kw)``, by layer name.
@@ -66,10 +74,7 @@ def accuracy_vs_macs(points: Sequence[Mapping], path: str | os.PathLike, title: 
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title or "accuracy vs MACs")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(fig, path)
 
 
 def singular_spectra(before: Mapping[str, Sequence[float]], after: Mapping[str, Sequence[float]],
@@ -93,10 +98,7 @@ def singular_spectra(before: Mapping[str, Sequence[float]], after: Mapping[str, 
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.suptitle(title or "singular values per layer (index vs sigma_i)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(fig, path, dpi=100)
 
 
 def residuals(epochs: Sequence[Mapping], path: str | os.PathLike, title: str = "") -> str:
@@ -118,10 +120,7 @@ def residuals(epochs: Sequence[Mapping], path: str | os.PathLike, title: str = "
     ax.set_ylabel("residual")
     ax.set_title(title or "ADMM residuals per epoch")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(fig, path)
 
 
 def tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "",
@@ -150,7 +149,4 @@ def tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "",
     ax.set_title(title or "accuracy vs MACs drop")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.fspath(path)
+    return _save(fig, path)

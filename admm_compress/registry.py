@@ -223,7 +223,7 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
     """
     from tqdm.auto import tqdm
 
-    from .solver import History
+    from .solver import History, _bar_disabled
     from .training import check_finite_loss, evaluate, move_batch, resolve_device
 
     dev = resolve_device(device, model)
@@ -237,7 +237,7 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
         opt = optimizer(model.parameters())
     sched = scheduler(opt) if scheduler is not None else None
     hist = History()
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=(None if progress is None else not progress)):
+    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=_bar_disabled(progress)):
         model.train()
         t0 = time.perf_counter()
         n = correct = 0
