@@ -215,7 +215,7 @@ def _not_found(title: str, fn: str, folder: Path, root: Path, detail: str = "") 
     return DatasetNotFoundError(
         f"{title} not found{extra}: expected the folder '{folder}' under root='{root}'. "
         f"Pass download=True (admm_compress.data.{fn}(root='{root}', download=True), or the "
-        f"CLI's --download flag) to download it there, or set root= to a folder that holds it.")
+        f"CLI's --set download=true) to download it there, or set root= to a folder that holds it.")
 
 
 def _torchvision_pair(cls, title: str, fn: str, subfolder: str, root, download, train_tf, test_tf):

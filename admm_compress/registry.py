@@ -70,7 +70,7 @@ from torch.nn import functional as F
 
 __all__ = ["Problem", "Baseline", "ProblemEntry", "SolverEntry", "RegistryError", "load_problems",
            "load_solvers", "search_path", "parse_value", "parse_assignments", "check_params",
-           "train_dense", "cosine", "MatrixVariable", "MatrixProblemModel"]
+           "train_dense", "cosine", "cifar10_problem", "MatrixVariable", "MatrixProblemModel"]
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +263,22 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
         if sched is not None:
             sched.step()
     return hist
+
+
+def cifar10_problem(name: str, make_model: Callable[[], nn.Module], model_name: str, keep_dense: Sequence[str], *,
+                    seed: int, epochs: int, pretrain_epochs: int, finetune_epochs: int, batch_size: int, lr: float,
+                    root=None, download: bool = False, num_workers: int = 2) -> "Problem":
+    """The :class:`Problem` of the ``problems/cifar10_*.py`` files: ``make_model()`` on CIFAR-10
+    read from ``root`` (downloaded only with ``download=True``); seeds torch with ``seed`` and
+    builds the data before the model."""
+    from . import data
+
+    torch.manual_seed(seed)
+    train, test = data.cifar10(root=root, batch_size=batch_size, download=download, num_workers=num_workers,
+                               seed=seed)
+    return Problem(name, make_model(), train, test, (3, 32, 32), epochs=epochs, pretrain_epochs=pretrain_epochs,
+                   finetune_epochs=finetune_epochs, lr=lr, keep_dense=tuple(keep_dense),
+                   meta={"model": model_name, "data": "cifar10"})
 
 
 def cosine(epochs: int, final_fraction: float = 0.01):
