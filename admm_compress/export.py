@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .channels import remove_channels as _remove_channels
 from .layers import IndexScatter, IndexSelect, SparseConv1d, SparseConv2d, SparseLinear, SumBranches
 from .sets import Cardinality, LowRank, SchattenP, Sum
 from .sets.base import Constraint
@@ -277,7 +278,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
+def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool = True) -> nn.Module:
     """A model whose constrained layers are replaced by compact ones.
 
     Parameters
@@ -289,6 +290,12 @@ def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
     spec : Constrain, list of Constrain, or a Solver (its ``spec`` is used)
     inplace : bool
         Modify ``model`` itself instead of a deep copy.
+    remove_channels : bool
+        After structured-sparsity export, also delete the dead channels of the neighbouring
+        layers (the producer's filters and BatchNorm entries behind a pruned input channel; the
+        consumer's inputs behind a pruned filter) where that is exact, see
+        :func:`admm_compress.channels.remove_channels`.  ``False`` keeps every layer's
+        ``IndexSelect`` / ``IndexScatter`` form.
 
     Returns
     -------
@@ -302,6 +309,8 @@ def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
         raise TypeError(f"export: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
     if not isinstance(inplace, bool):
         raise TypeError(f"export: inplace must be a bool, got {inplace!r}")
+    if not isinstance(remove_channels, bool):
+        raise TypeError(f"export: remove_channels must be a bool, got {remove_channels!r}")
     spec = getattr(spec, "spec", spec)
     src = unwrap(model)
     out = src if inplace else copy.deepcopy(src)
@@ -337,4 +346,8 @@ def export(model: nn.Module, spec, inplace: bool = False) -> nn.Module:
             continue
         new.train(b.module.training)
         _set_submodule(out, b.name, new)
+    if remove_channels:
+        n = _remove_channels(out)
+        if n:
+            log.info("removed the pruned channels of %d neighbouring layer pair(s)", n)
     return out

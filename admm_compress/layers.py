@@ -152,8 +152,9 @@ def _register_counters():
 
     for cls in (SparseLinear, SparseConv1d, SparseConv2d):
         register_counter(cls, _sparse_macs, _sparse_params)
-    for cls in (IndexSelect, IndexScatter):
-        register_counter(cls, _zero_macs, lambda m: 0)
+    register_counter(IndexSelect, _zero_macs, lambda m: 0)
+    # the scattered bias (``fill``) is stored numbers of the layer: count it as its parameters
+    register_counter(IndexScatter, _zero_macs, lambda m: m.fill.numel() if m.fill is not None else 0)
 
 
 _register_counters()
