@@ -32,7 +32,7 @@ Contract of a solver file (``solvers/<name>.py``)
                (e.g. LoRITa, whose N-factor products amplify the effective step).
 ``KIND``       optional: ``"method"`` (default), ``"baseline"`` or ``"admm"``.
 ``CONSTRAINT`` optional, for ``KIND = "admm"``: the constraint family (``"lowrank"``,
-               ``"sparse"``, ``"tt"``); an exact problem lists the families it accepts in
+               ``"sparse"``, ``"channels"``, ``"tt"``); an exact problem lists the families it accepts in
                :attr:`Problem.accepts`.
 ``REQUIRES``   optional list of module names ``build`` imports lazily; ``admm-compress list``
                reports the entry as unavailable when one cannot be found.

@@ -87,7 +87,7 @@ def test_python_m_list_subprocess():
     assert p.returncode == 0, p.stderr
     for name in ("digits_fcn", "digits32_resnet20", "digits32_vgg16", "cifar10_resnet20", "cifar10_resnet56",
                  "cifar10_vgg16", "best_rank_r", "robust_pca", "schatten_completion", "lrpet", "lorita", "raspa",
-                 "decomposable_net", "admm_lowrank", "admm_sparse", "admm_tt", "dense", "svd_truncation",
+                 "decomposable_net", "admm_lowrank", "admm_sparse", "admm_channels", "admm_tt", "dense", "svd_truncation",
                  "magnitude_pruning", "trp"):
         assert name in p.stdout, name
     assert "pruning_ratio" in p.stdout  # parameters are listed
@@ -194,7 +194,7 @@ def test_parse_values_and_check_params():
 def test_every_solver_file_declares_a_consistent_grid():
     solvers = load_solvers()
     problems = load_problems()
-    assert {"lrpet", "lorita", "raspa", "decomposable_net", "admm_lowrank", "admm_sparse", "admm_tt", "dense",
+    assert {"lrpet", "lorita", "raspa", "decomposable_net", "admm_lowrank", "admm_sparse", "admm_channels", "admm_tt", "dense",
             "svd_truncation", "magnitude_pruning", "trp"} <= set(solvers)
     for name, e in solvers.items():
         assert e.module is not None, (name, e.error)
