@@ -148,7 +148,8 @@ def _find_chains(gm: fx.GraphModule) -> list[_Chain]:
         if module_node(cur, IndexScatter):
             scatter, cur = cur.target, only_user(cur)
         while cur is not None and not module_node(cur, (IndexSelect, *_LAYER)):
-            if _link_kind(cur, modules) is None:
+            kind = _link_kind(cur, modules)
+            if kind is None or (kind == "bn" and calls[cur.target] != 1):  # a shared BN serves others too
                 cur = None
                 break
             links.append(cur)
@@ -235,6 +236,14 @@ def _unpadded(conv: nn.Module) -> bool:
     return all(int(v) == 0 for v in p)
 
 
+def _shared_tensors(root: nn.Module) -> set[int]:
+    """ids of parameters/buffers registered under more than one name (tied weights)."""
+    seen: dict[int, int] = {}
+    for _, t in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+        seen[id(t)] = seen.get(id(t), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
 def _positions(index: torch.Tensor, size: int) -> torch.Tensor:
     """``pos[j]`` = where channel ``j`` sits in ``index`` (``-1``: not in it)."""
     pos = torch.full((size,), -1, dtype=torch.long, device=index.device)
@@ -254,6 +263,10 @@ def _apply(gm: fx.GraphModule, root: nn.Module, ch: _Chain) -> str | None:
     producer, consumer = modules[ch.producer], modules[ch.consumer]
     scatter = modules[ch.scatter] if ch.scatter else None
     select = modules[ch.select] if ch.select else None
+    links = [modules[n.target] for n in ch.links if n.op == "call_module"]
+    shared = _shared_tensors(root)
+    if any(id(t) in shared for m in (producer, consumer, *links) for t in (*m.parameters(), *m.buffers())):
+        return "a weight or buffer of the chain is shared with another module (tied)"
     if not _channel_dim_ok(producer, consumer, [m for m in (scatter, select) if m is not None]):
         return "producer and consumer do not share a channel axis"
     size = scatter.size if scatter is not None else producer.weight.shape[0]

@@ -200,11 +200,38 @@ class _Untraceable(nn.Module):
         return self.b(h)
 
 
+class _SharedBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 6)
+        self.c = nn.Linear(6, 2)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        return self.c(self.bn(self.b(torch.relu(self.bn(self.a(x))))))  # one BN normalizes two layers
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 4)
+        self.c = nn.Linear(4, 4)
+        self.c.weight = self.a.weight  # tied
+
+    def forward(self, x):
+        return self.c(self.b(torch.relu(self.a(x))))
+
+
 @pytest.mark.parametrize("make,spec,x", [
+    (lambda: _randomize_bn(_SharedBN()), [ac.Constrain("b", ac.Cardinality(k=3, group_dim=1), view="identity")],
+     torch.randn(5, 4)),
+    (_Tied, [ac.Constrain("b", ac.Cardinality(k=2, group_dim=1), view="identity")], torch.randn(3, 4)),
     (_Residual, [ac.Constrain("conv2", ac.Cardinality(k=2, group_dim=1), view="identity")], torch.randn(2, 4, 5, 5)),
     (_Flatten, [ac.Constrain("conv", ac.Cardinality(k=2, group_dim=0), view="identity")], torch.randn(2, 3, 4, 4)),
     (_Untraceable, [ac.Constrain("b", ac.Cardinality(k=2, group_dim=1), view="identity")], torch.randn(3, 4)),
-], ids=["residual", "flatten", "untraceable"])
+], ids=["shared-bn", "tied", "residual", "flatten", "untraceable"])
 def test_not_a_chain_stays_as_exported(make, spec, x):
     torch.manual_seed(0)
     keep, cut = _export_both(make(), spec, x)
