@@ -268,6 +268,16 @@ def _check_solver_builds(sentry, problem, full_sparams: dict) -> None:
         raise CLIError(f"solver {sentry.name!r} with {_params_text(full_sparams)}: {e}") from e
 
 
+def _reseed_loader(loader, seed: int) -> None:
+    """Reset the shuffling generator a loader owns (``DataLoader(generator=...)``), if any."""
+    import torch
+
+    for obj in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        g = getattr(obj, "generator", None)
+        if isinstance(g, torch.Generator):
+            g.manual_seed(seed)
+
+
 def _world() -> tuple[int, int]:
     """``(rank, world size)`` of a torchrun launch (``(0, 1)`` otherwise)."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -385,7 +395,10 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
     res["before"] = {k: v for k, v in dense.items() if k != "spectra"}
 
     # ---- constrained training with the solver, export, measurement
-    torch.manual_seed(seed + 1)  # same RNG stream for every solver of a benchmark, whatever ran before
+    # same RNG stream for every solver of a benchmark, whatever ran before, and the same as a lone
+    # `run` (whose loader generator also went through pretraining's shuffles)
+    torch.manual_seed(seed + 1)
+    _reseed_loader(train_loader, seed + 1)
     solver = sentry.build(problem, **full_sparams)
     t0 = time.perf_counter()
     hist = solver.fit(train_model, train_loader, epochs=problem.epochs, val_loader=problem.test_loader,

@@ -122,6 +122,21 @@ def test_cuda_requested_without_cuda_is_a_clear_error(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_bench_row_equals_a_lone_run_whatever_ran_before(tmp_path, capsys):
+    """Each solver of a bench sees the same data order as `run` of that solver alone (the dense
+    model is pretrained once and cached; the loader's shuffling generator is reset per solver)."""
+    args = [*TINY, "--set", "epochs=2", "--latency-repeats", "1"]
+    assert main(["bench", "digits_fcn", "--solvers", "lrpet", "admm_lowrank", "--out", str(tmp_path / "b"),
+                 *args]) == 0, capsys.readouterr().err
+    for name in ("lrpet", "admm_lowrank"):
+        assert main(["run", "digits_fcn", name, "--out", str(tmp_path / name), *args]) == 0
+        lone = json.loads((tmp_path / name / "results.json").read_text())
+        row = json.loads((tmp_path / "b" / f"{name}_seed0" / "results.json").read_text())
+        losses = [[e["loss"] for e in r["history"]["epochs"]] for r in (row, lone)]
+        assert len(losses[0]) >= 2 and losses[0] == losses[1], name  # bit-identical training
+        assert row["acc_after"] == lone["acc_after"], name
+
+
 def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
     out = tmp_path / "bench"
     code = main(["bench", "digits_fcn", "--solvers", "dense", "svd_truncation", "magnitude_pruning",
