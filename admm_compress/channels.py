@@ -172,29 +172,18 @@ def _channel_dim_ok(producer: nn.Module, consumer: nn.Module, markers) -> bool:
     return False
 
 
-def _slice_out(layer: nn.Module, keep: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.detach().index_select(0, keep).clone(),
+def _slice(layer: nn.Module, dim: int, keep: torch.Tensor) -> None:
+    """Keep the output (``dim=0``: rows, bias) or input (``dim=1``) channels ``keep`` of a layer."""
+    layer.weight = nn.Parameter(layer.weight.detach().index_select(dim, keep).clone(),
                                 requires_grad=layer.weight.requires_grad)
-    if layer.bias is not None:
+    if dim == 0 and layer.bias is not None:
         layer.bias = nn.Parameter(layer.bias.detach().index_select(0, keep).clone(),
                                   requires_grad=layer.bias.requires_grad)
     if hasattr(layer, "mask"):
-        layer.mask = layer.mask.index_select(0, keep).clone()
-    if isinstance(layer, nn.Linear):
-        layer.out_features = keep.numel()
-    else:
-        layer.out_channels = keep.numel()
-
-
-def _slice_in(layer: nn.Module, keep: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.detach().index_select(1, keep).clone(),
-                                requires_grad=layer.weight.requires_grad)
-    if hasattr(layer, "mask"):
-        layer.mask = layer.mask.index_select(1, keep).clone()
-    if isinstance(layer, nn.Linear):
-        layer.in_features = keep.numel()
-    else:
-        layer.in_channels = keep.numel()
+        layer.mask = layer.mask.index_select(dim, keep).clone()
+    linear = isinstance(layer, nn.Linear)
+    attr = ("out_features" if linear else "out_channels") if dim == 0 else ("in_features" if linear else "in_channels")
+    setattr(layer, attr, keep.numel())
 
 
 def _slice_bn(bn: _BatchNorm, keep: torch.Tensor) -> None:
@@ -317,10 +306,10 @@ def _apply(gm: fx.GraphModule, root: nn.Module, ch: _Chain) -> str | None:
                 producer.bias = nn.Parameter(kept_bias.clone(), requires_grad=producer.weight.requires_grad)
             else:
                 producer.bias.add_(kept_bias)
-    _slice_out(producer, avail_pos[keep])
+    _slice(producer, 0, avail_pos[keep])
     for bn in bns:
         _slice_bn(bn, keep)
-    _slice_in(consumer, read_pos[keep])
+    _slice(consumer, 1, read_pos[keep])
     for name in (ch.scatter, ch.select):
         if name:
             parent_name, _, attr = name.rpartition(".")
