@@ -429,21 +429,20 @@ class DecomposableNetSolver(Solver):
         decomposed = {L.key for L in layers}
         lam = self.lam
         world = _world_size()
+        if world > 1:
+            # the global-batch gradients of both passes first (one all-reduce of both, flattened),
+            # then Eq. (12): the same step as one process over the global batch, not the mean of
+            # per-rank balanced gradients (the balancing is not linear)
+            g_full, g_low = self._all_reduce_mean(params, g_full, g_low, world)
         for (name, p), gf, gl in zip(named, g_full, g_low):
             if gf is None and gl is None:
-                if world == 1:
-                    continue
-                gf = torch.zeros_like(p)  # every rank must join the all-reduce of every parameter
+                continue
             gf = torch.zeros_like(p) if gf is None else gf
             gl = torch.zeros_like(p) if gl is None else gl
             if name in decomposed:
                 g = combine_gradients(gf, gl, lam, rescale=self.rescale)
             else:
                 g = (1.0 - lam) * gf + lam * gl
-            if world > 1:  # DDP semantics: the mean over ranks of each rank's gradient
-                g = g.contiguous()
-                torch.distributed.all_reduce(g)
-                g.div_(world)
             p.grad = g if p.grad is None else p.grad + g
         loss = ((1.0 - lam) * loss_full + lam * loss_low).detach()
         self.last = {"keep_ratio": z, "ranks": {L.name: r for L, r in zip(layers, ranks)},
@@ -452,6 +451,22 @@ class DecomposableNetSolver(Solver):
         log.debug("Decomposable-Net step: Z=%.4f, kept %d of %d bases", z, sum(ranks),
                   sum(L.full_rank for L in layers))
         return loss, out_full.detach()
+
+    @staticmethod
+    @torch.no_grad()
+    def _all_reduce_mean(params, g_full, g_low, world: int):
+        """Mean over ranks of both gradient lists (``None`` entries join as zeros, stay ``None``
+        only if they are ``None`` on this rank for both passes and zero after the reduction)."""
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                          for grads in (g_full, g_low) for p, g in zip(params, grads)])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        out, i = ([], []), 0
+        for k in range(2):
+            for p in params:
+                out[k].append(flat[i:i + p.numel()].view_as(p))
+                i += p.numel()
+        return out
 
     @torch.no_grad()
     def update(self) -> dict:
