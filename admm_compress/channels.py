@@ -331,9 +331,9 @@ def remove_channels(model: nn.Module) -> int:
     Returns
     -------
     int
-        The number of ``IndexSelect`` / ``IndexScatter`` modules removed together with the
-        channels of their neighbours.  In eval mode the model computes the same function as
-        before (up to float rounding of a folded bias).
+        The number of producer/consumer pairs shrunk (each loses its ``IndexScatter`` and/or
+        ``IndexSelect``, replaced by ``nn.Identity``).  In eval mode the model computes the same
+        function as before (up to float rounding of a folded bias).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"remove_channels: model must be a torch.nn.Module, got {type(model).__name__}")

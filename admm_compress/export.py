@@ -22,6 +22,10 @@ Sum(a, b)           any                    ``SumBranches(export_a, export_b)`` (
 TTRank              ``TTView``             :class:`admm_compress.tt_layers.TTConv2d` (registered by :mod:`admm_compress.tt_layers`)
 ==================  =====================  ==============================================
 
+After the swap, :func:`admm_compress.channels.remove_channels` deletes what structured sparsity
+left dead in the neighbours (the filters and BatchNorm entries behind pruned input channels, the
+inputs behind pruned filters) wherever that is exact; ``remove_channels=False`` keeps the
+per-layer ``IndexSelect`` / ``IndexScatter`` form.
 A layer whose compact form would store more numbers than the dense one stays dense (logged).
 New exporters are added with :func:`register_exporter`.
 """
