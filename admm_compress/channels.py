@@ -269,6 +269,8 @@ def _apply(gm: fx.GraphModule, root: nn.Module, ch: _Chain) -> str | None:
         return "the consumer's inputs do not match the channel count"
     keep = torch.nonzero((avail_pos >= 0) & (read_pos >= 0)).flatten()          # K, full-space ids
     const_ids = torch.nonzero((avail_pos < 0) & (read_pos >= 0)).flatten()      # read constants
+    if keep.numel() == 0:
+        return "no channel made by the producer is read by the consumer (zero-width layers are not built)"
     fill = None
     if scatter is not None:
         ref = producer.weight
@@ -293,6 +295,12 @@ def _apply(gm: fx.GraphModule, root: nn.Module, ch: _Chain) -> str | None:
                 w = w * consumer.mask
             cols = w.index_select(1, read_pos[const_ids])
             contrib = cols.reshape(w.shape[0], const_ids.numel(), -1).sum(-1) @ c
+            if not bool((contrib != 0).any()):
+                contrib = None  # the constants meet zero columns: nothing to fold
+            elif consumer.bias is None and int(cols.count_nonzero()) < w.shape[0]:
+                # a new bias costs one add per output; the removed inputs must pay for it
+                return ("folding the pruned constants would add a bias costing more MACs than the "
+                        "removed inputs save")
     # --- everything checked: modify
     with torch.no_grad():
         if contrib is not None:

@@ -147,14 +147,19 @@ def _zero_macs(module, inputs, output) -> int:
     return 0
 
 
+def _scatter_macs(module, inputs, output) -> int:
+    return output.numel() if module.fill is not None else 0
+
+
 def _register_counters():
     from .complexity import register_counter
 
     for cls in (SparseLinear, SparseConv1d, SparseConv2d):
         register_counter(cls, _sparse_macs, _sparse_params)
     register_counter(IndexSelect, _zero_macs, lambda m: 0)
-    # the scattered bias (``fill``) is stored numbers of the layer: count it as its parameters
-    register_counter(IndexScatter, _zero_macs, lambda m: m.fill.numel() if m.fill is not None else 0)
+    # the scattered bias (``fill``) is the layer's bias: its numbers are parameters and adding it
+    # costs one MAC per output element (ptflops' convention for a dense layer's bias)
+    register_counter(IndexScatter, _scatter_macs, lambda m: m.fill.numel() if m.fill is not None else 0)
 
 
 _register_counters()

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 import admm_compress as ac
@@ -296,3 +296,42 @@ def test_admm_channels_solver_trains_feasible_and_exports_smaller_neighbours():
     torch.testing.assert_close(cut(x), model(x), atol=1e-5, rtol=1e-4)
     assert cut[0].out_channels == 4 and cut[1].num_features == 4  # the stem lost the unread filters
     assert ac.complexity(cut, (3, 6, 6)).macs < ac.complexity(keep, (3, 6, 6)).macs
+
+
+# ------------------------------------------------------------------ property: whole random networks
+LAYER_SPECS = ["dense", "filters", "inputs", "lowrank", "sparse"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(conv=st.booleans(), depth=st.integers(2, 4), data=st.data(), seed=st.integers(0, 2**16))
+def test_random_networks_with_mixed_constraints_keep_their_function(conv, depth, data, seed):
+    """Every layer is both a consumer and a producer; chains are shrunk one after another with a
+    re-trace in between.  The exported model must equal the projected dense one and never cost
+    more than the export without channel removal."""
+    torch.manual_seed(seed)
+    widths = [3] + [data.draw(st.integers(3, 6)) for _ in range(depth - 1)] + [4]
+    layers, spec = [], []
+    for i in range(depth):
+        a, b = widths[i], widths[i + 1]
+        layers.append(nn.Conv2d(a, b, 3, padding=data.draw(st.integers(0, 1)), bias=data.draw(st.booleans()))
+                      if conv else nn.Linear(a, b, bias=data.draw(st.booleans())))
+        name = str(len(layers) - 1)
+        kind = data.draw(st.sampled_from(LAYER_SPECS))
+        if kind == "filters":
+            spec.append(ac.Constrain(name, ac.Cardinality(k=max(1, b // 2), group_dim=0), view="identity"))
+        elif kind == "inputs" and i > 0:
+            spec.append(ac.Constrain(name, ac.Cardinality(k=max(1, a // 2), group_dim=1), view="identity"))
+        elif kind == "lowrank":
+            spec.append(ac.Constrain(name, ac.LowRank(rank=1), view="channel" if conv else "matrix"))
+        elif kind == "sparse":
+            spec.append(ac.Constrain(name, ac.Cardinality(density=0.5), view="identity"))
+        if i < depth - 1:
+            if data.draw(st.booleans()):
+                layers.append(nn.BatchNorm2d(b) if conv else nn.BatchNorm1d(b))
+            layers.append(data.draw(st.sampled_from([nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Identity]))())
+    assume(spec)
+    model = _randomize_bn(nn.Sequential(*layers), seed)
+    x = torch.randn(3, 3, 9, 9) if conv else torch.randn(5, 3)
+    keep, cut = _export_both(model, spec, x)
+    shape = tuple(x.shape[1:])
+    assert ac.complexity(cut, shape).macs <= ac.complexity(keep, shape).macs
