@@ -18,7 +18,7 @@ median over rounds of the per-round medians.
 
 Writes ``docs/results/channel_removal.md``.
 
-Run:  python benchmarks/channel_removal.py [--quick] [--out docs/results/channel_removal.md]
+Run:  python benchmarks/channel_removal.py [--quick] [--device cuda] [--out docs/results/channel_removal.md]
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _randomize_bn(model, seed=0):
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
 
 
-def measure(make, density: float, rounds: int, repeats: int):
+def measure(make, density: float, rounds: int, repeats: int, device: str = "cpu"):
     torch.manual_seed(0)
     model = make().eval()
     _randomize_bn(model)
@@ -68,14 +68,22 @@ def measure(make, density: float, rounds: int, repeats: int):
         ref = model(x)
         diffs = {k: float((m(x) - ref).abs().max()) for k, m in variants.items()}
     counts = {k: ac.complexity(m, INPUT, backend="pytorch") for k, m in variants.items()}
+    variants = {k: m.to(device) for k, m in variants.items()}
     markers = {k: sum(isinstance(mm, (IndexSelect, IndexScatter)) for mm in m.modules()) for k, m in variants.items()}
     per_round = {k: [] for k in variants}
     for r in range(rounds):
         order = list(variants) if r % 2 == 0 else list(variants)[::-1]
         for k in order:
-            per_round[k].append(ac.latency(variants[k], INPUT, batch=32, repeats=repeats, warmup=3).median)
+            per_round[k].append(ac.latency(variants[k], INPUT, batch=32, repeats=repeats, warmup=3,
+                                           device=device).median)
     lat = {k: statistics.median(v) for k, v in per_round.items()}
     return counts, lat, diffs, markers
+
+
+def _where(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{platform.machine()} CPU"
 
 
 def main(argv=None):
@@ -84,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="ResNet-20 only, 2 rounds")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--device", default="cpu", help="where latency is measured (cpu, cuda)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "channel_removal.md"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -93,7 +102,7 @@ def main(argv=None):
     rounds = 2 if args.quick else args.rounds
     rows = []
     for name, make in archs.items():
-        counts, lat, diffs, markers = measure(make, args.density, rounds, args.repeats)
+        counts, lat, diffs, markers = measure(make, args.density, rounds, args.repeats, args.device)
         d = counts["dense"]
         for k in counts:
             c = counts[k]
@@ -104,9 +113,10 @@ def main(argv=None):
     text = "\n".join([
         "# Cross-layer channel removal (structured input-channel sparsity)",
         "",
-        f"Command: `python benchmarks/channel_removal.py{' --quick' if args.quick else ''}` "
-        f"(density {args.density}; {datetime.date.today()}; {platform.machine()} CPU, torch {torch.__version__}, "
-        "1 thread).",
+        f"Command: `python benchmarks/channel_removal.py{' --quick' if args.quick else ''}"
+        f"{'' if args.device == 'cpu' else ' --device ' + args.device}` "
+        f"(density {args.density}; {datetime.date.today()}; latency on {_where(args.device)}, torch "
+        f"{torch.__version__}, 1 CPU thread).",
         "",
         "Every Conv2d reading more than 3 channels keeps half of its input channels (projection = the "
         "`admm_channels` Z-step); 'select only' = `export(..., remove_channels=False)`, 'channels removed' = "

@@ -23,7 +23,9 @@ insensitive to other processes on a shared machine.
 
 Writes ``docs/results/latency_speedup.md``.
 
-Run:  python benchmarks/latency_speedup.py [--quick] [--threads 1] [--out docs/results/latency_speedup.md]
+Run:  python benchmarks/latency_speedup.py [--quick] [--threads 1] [--device cuda] [--out docs/results/latency_speedup.md]
+(``--device cuda``: timed on the GPU with ``torch.cuda.synchronize`` around each call; the report then
+leaves out the CPU-specific reading.)
 """
 from __future__ import annotations
 
@@ -71,22 +73,30 @@ def check_outputs(finalized: nn.Module, compact: nn.Module, batch: int = 8) -> f
     return float((out - ref).abs().max()) / max(scale, 1e-12)
 
 
+def _sync(x: torch.Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
+
+
 def time_calls(model: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> list[tuple[float, float]]:
-    """(wall ms, CPU ms) of ``repeats`` calls of ``model(x)`` after ``warmup`` untimed calls."""
+    """(wall ms, CPU ms) of ``repeats`` calls of ``model(x)`` after ``warmup`` untimed calls
+    (on CUDA the device is synchronized before and after each timed call)."""
     out = []
     with torch.inference_mode():
         for _ in range(warmup):
             model(x)
+        _sync(x)
         for _ in range(repeats):
             w0, c0 = time.perf_counter(), time.process_time()
             model(x)
+            _sync(x)
             out.append(((time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3))
     return out
 
 
-def measure(models_by_label: dict, batch: int, rounds: int, warmup: int, repeats: int) -> dict:
+def measure(models_by_label: dict, batch: int, rounds: int, warmup: int, repeats: int, device="cpu") -> dict:
     """Median (wall ms, CPU ms) per model; models interleaved, order reversed every other round."""
-    x = torch.randn(batch, *INPUT, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(batch, *INPUT, generator=torch.Generator().manual_seed(2)).to(device)
     labels = list(models_by_label)
     calls = {k: [] for k in labels}
     for r in range(rounds):
@@ -116,8 +126,13 @@ def main(argv=None):
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; quick 2)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "latency_speedup.md"))
     args = ap.parse_args(argv)
+    try:
+        dev = ac.training.resolve_device(args.device)
+    except (ValueError, RuntimeError) as e:
+        ap.error(f"--device: {e}")
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
     for q in args.ratios:
@@ -158,7 +173,7 @@ def main(argv=None):
             # fewer calls for the big batch: keep each model's timed work per round comparable
             repeats = max(5, 40 // b) if b > 1 else (10 if args.quick else 20)
             warmup = 2 if b > 1 else 5
-            lat[b] = measure(variants, b, rounds, warmup, repeats)
+            lat[b] = measure({k: m.to(dev) for k, m in variants.items()}, b, rounds, warmup, repeats, dev)
             print(f"{arch} batch {b}: " + ", ".join(f"{k} {v[0]:.2f} ms" for k, v in lat[b].items()), flush=True)
         for q in args.ratios:
             k = f"q={q:g}"
@@ -196,9 +211,24 @@ def main(argv=None):
     print("\n".join(thr))
 
     cmd = " ".join(["python benchmarks/latency_speedup.py", *(sys.argv[1:] if argv is None else argv)]).strip()
+    gpu = dev.type == "cuda"
     cpu = (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
            f"{args.threads} torch thread(s)")
-    L = ["# Exported-model CPU latency speedup versus MACs reduction", "",
+    if gpu:
+        cpu = f"GPU {torch.cuda.get_device_name(dev)} (CUDA {torch.version.cuda}), " + cpu
+    reading = [] if gpu else [
+         "Reading: the factorized layers are a kh x kw conv with r output channels and a 1x1 conv with "
+         "r input channels.  When r is small in absolute terms (ResNet-56 has 16-64 channels, so q = "
+         "0.125 gives r = 2-8 on the channel view) the CPU convolution kernels run at a small fraction "
+         "of the dense layers' MAC throughput, and the extra layer adds per-layer overhead (more "
+         "kernel calls; BatchNorm, ReLU and the residual add are unchanged), so the realized speedup "
+         "is far below the MACs reduction; with VGG-16's 64-512 channels the ranks stay large and a "
+         "larger part of the MACs reduction is realized.  Realized / ideal per model, over all q and "
+         "batch sizes: " + "; ".join(f"{a} {lo:.2f}-{hi:.2f}" for a, (lo, hi) in realized_range(rows).items())
+         + ".  (A `torch.profiler` run during development, "
+         "ResNet-56, q = 0.125, batch 32, one thread: `mkldnn_convolution` took 239 ms for 330 calls "
+         "vs 251 ms for the dense model's 165 calls, at 7x fewer MACs.)", ""]
+    L = [f"# Exported-model {'GPU' if gpu else 'CPU'} latency speedup versus MACs reduction", "",
          f"Written by `{cmd}` on {datetime.date.today().isoformat()}, {cpu}, torch {torch.__version__}; "
          f"{total:.0f} s in total; 1-minute load average {load0:.1f} at the start, {load:.1f} at the end "
          "(shared machine: when the load exceeds the number of cores, trust the CPU-time column more).", "",
@@ -222,17 +252,7 @@ def main(argv=None):
          "MAC throughput of the same measurements (MACs x batch / median wall time): where it drops "
          "for the exported model, the speedup falls short of the MACs reduction.", "",
          *thr, "",
-         "Reading: the factorized layers are a kh x kw conv with r output channels and a 1x1 conv with "
-         "r input channels.  When r is small in absolute terms (ResNet-56 has 16-64 channels, so q = "
-         "0.125 gives r = 2-8 on the channel view) the CPU convolution kernels run at a small fraction "
-         "of the dense layers' MAC throughput, and the extra layer adds per-layer overhead (more "
-         "kernel calls; BatchNorm, ReLU and the residual add are unchanged), so the realized speedup "
-         "is far below the MACs reduction; with VGG-16's 64-512 channels the ranks stay large and a "
-         "larger part of the MACs reduction is realized.  Realized / ideal per model, over all q and "
-         "batch sizes: " + "; ".join(f"{a} {lo:.2f}-{hi:.2f}" for a, (lo, hi) in realized_range(rows).items())
-         + ".  (A `torch.profiler` run during development, "
-         "ResNet-56, q = 0.125, batch 32, one thread: `mkldnn_convolution` took 239 ms for 330 calls "
-         "vs 251 ms for the dense model's 165 calls, at 7x fewer MACs.)", "",
+         *reading,
          f"For context, Decomposable-Net reports a realized {DN_SPEEDUP}x at {DN_MACS}x MACs (ideal "
          f"{1 / DN_MACS:.2f}x, realized / ideal {DN_SPEEDUP * DN_MACS:.2f}).", ""]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
