@@ -24,10 +24,12 @@ import argparse
 import copy
 import csv
 import io
+import itertools
 import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import time
@@ -87,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--solvers", nargs="+", default=None, metavar="SOLVER",
                    help="solvers to run (default: every available solver that applies)")
     b.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="S")
+    b.add_argument("--grid", action="store_true",
+                   help="sweep each solver's parameter grid (PARAMS in its file, every combination); "
+                        "a parameter given with --set stays fixed")
     b.add_argument("--title", default=None, help="title of the table and the plot")
     b.add_argument("--report", default=None, metavar="PREFIX",
                    help="also write PREFIX.md, PREFIX.csv and PREFIX.png (e.g. docs/results/bench_digits_fcn)")
@@ -610,6 +615,16 @@ def _bench_row(res: dict, shown: dict) -> list:
             _fmt(res["time_ratio"], ".2f"), _fmt(res["fit_wall_s"], ".1f")]
 
 
+def _grid(entry, fixed: dict) -> list[dict]:
+    """Every combination of the solver's ``PARAMS`` values, the ``fixed`` (``--set``) keys left out."""
+    keys = [k for k in entry.params if k not in fixed]
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(entry.params[k] for k in keys))] or [{}]
+
+
+def _slug(v) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", str(v)) or "x"
+
+
 def _params_text(p: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items()) or "-"
 
@@ -643,19 +658,23 @@ def _cmd_bench(args) -> int:
             raise RegistryError(f"solver(s) {bad} do not apply to the exact problem {pentry.name!r}; "
                                 f"applicable: {[e.name for e in ok]}")
         chosen = ok
+    jobs = [(e, combo) for e in chosen for combo in (_grid(e, sparams[e.name]) if args.grid else [{}])]
     if probe is not None:  # bad solver parameter values stop the bench before any training
-        for e in chosen:
-            _check_solver_builds(e, probe, e.resolve(sparams[e.name], probe))
+        for e, combo in jobs:
+            _check_solver_builds(e, probe, e.resolve({**combo, **sparams[e.name]}, probe))
     del probe
     out = Path(args.out) if args.out else _default_out("bench", pentry.name)
     out.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
     rows, results, failures = [], [], []
     for seed in args.seeds:
-        for e in chosen:
-            _write(f"[bench] {pentry.name} / {e.name} / seed {seed}", sys.stderr)
+        for e, combo in jobs:
+            tag = e.name + "".join(f"_{_slug(k)}-{_slug(v)}" for k, v in combo.items())
+            _write(f"[bench] {pentry.name} / {e.name}{' ' + _params_text(combo) if combo else ''} / seed {seed}",
+                   sys.stderr)
             try:
-                res = run_one(pentry, e, pparams, sparams[e.name], seed, args.device, out / f"{e.name}_seed{seed}",
+                res = run_one(pentry, e, pparams, {**combo, **sparams[e.name]}, seed, args.device,
+                              out / f"{tag}_seed{seed}",
                               args.epochs, progress=not args.no_progress, latency_batch=args.latency_batch,
                               latency_repeats=args.latency_repeats, pretrained=cache, plots=True)
             except Exception as exc:  # one failing solver must not lose the others' results
@@ -703,8 +722,8 @@ def _cmd_bench(args) -> int:
         if has_plot:
             from . import plots as P
 
-            P.tradeoff([{"solver": r["solver"], "macs_drop": r["macs_drop"], "acc_after": r["acc_after"]}
-                        for r in results]
+            P.tradeoff([{"solver": r["solver"], "macs_drop": r["macs_drop"], "acc_after": r["acc_after"],
+                         "setting": json.dumps(_jsonable(r["solver_params"]), sort_keys=True)} for r in results]
                        + [{"solver": "dense (pretrained, before)", "macs_drop": 0.0, "acc_after": r["acc_before"]} for r in results],
                        png_path, title)
     _write("\n".join(md))

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-__all__ = ["accuracy_vs_macs", "singular_spectra", "residuals", "tradeoff", "weight_spectra"]
+__all__ = ["accuracy_vs_macs", "singular_spectra", "residuals", "tradeoff", "pareto_front", "weight_spectra"]
 
 log = logging.getLogger(__name__)
 
@@ -125,28 +125,46 @@ def residuals(epochs: Sequence[Mapping], path: str | os.PathLike, title: str = "
 
 def tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "",
              x: str = "macs_drop", y: str = "acc_after") -> str:
-    """Benchmark trade-off: ``y`` (accuracy after, %) against ``x`` (MACs drop, %), one marker per
-    solver (mean over seeds, bars = min/max)."""
+    """Benchmark trade-off: ``y`` (accuracy after, %) against ``x`` (MACs drop, %).
+
+    One marker per solver and parameter setting (``row["setting"]``, optional): the mean over
+    seeds, bars = min/max.  A solver swept over several settings (``bench --grid``) gets its
+    Pareto front drawn as a line through the settings no other setting of it beats in both
+    MACs drop and accuracy."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
-    by: dict[str, list[Mapping]] = {}
+    by: dict[str, dict[str, list[Mapping]]] = {}
     for r in rows:
         if r.get(x) is None or r.get(y) is None:
             continue
-        by.setdefault(r["solver"], []).append(r)
+        by.setdefault(r["solver"], {}).setdefault(str(r.get("setting", "")), []).append(r)
     markers = "osD^v<>pPX*h"
     colors = plt.get_cmap("tab20").colors
-    for i, (solver, rs) in enumerate(sorted(by.items())):
-        xs = [float(r[x]) for r in rs]
-        ys = [float(r[y]) for r in rs]
-        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-        # clamped: the mean of equal values can land an ulp outside [min, max]
-        yerr = [[max(0.0, my - min(ys))], [max(0.0, max(ys) - my)]]
-        ax.errorbar([mx], [my], yerr=yerr, fmt=markers[i % len(markers)], ms=7, capsize=3, label=solver,
-                    color=colors[(2 * i) % len(colors)])
+    for i, (solver, settings) in enumerate(sorted(by.items())):
+        color, marker = colors[(2 * i) % len(colors)], markers[i % len(markers)]
+        pts = []
+        for rs in settings.values():
+            xs = [float(r[x]) for r in rs]
+            ys = [float(r[y]) for r in rs]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            # clamped: the mean of equal values can land an ulp outside [min, max]
+            yerr = [[max(0.0, my - min(ys))], [max(0.0, max(ys) - my)]]
+            ax.errorbar([mx], [my], yerr=yerr, fmt=marker, ms=7, capsize=3, color=color,
+                        label=solver if not pts else None)
+            pts.append((mx, my))
+        if len(pts) > 1:
+            front = pareto_front(pts)
+            ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=color, alpha=0.6)
     ax.set_xlabel("MACs drop (%)")
     ax.set_ylabel("test accuracy after compression (%)")
     ax.set_title(title or "accuracy vs MACs drop")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     return _save(fig, path)
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats in both coordinates (both maximized), sorted by the first."""
+    front = [p for p in points
+             if not any(q[0] >= p[0] and q[1] >= p[1] and (q[0] > p[0] or q[1] > p[1]) for q in points)]
+    return sorted(set(front))

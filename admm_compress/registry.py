@@ -19,8 +19,8 @@ Contract of a problem file (``problems/<name>.py``)
 Contract of a solver file (``solvers/<name>.py``)
 -------------------------------------------------
 ``NAME``       str (defaults to the file stem).
-``PARAMS``     dict ``name -> list of values``: the grid ``bench`` sweeps (its first value is
-               not special; the default comes from ``DEFAULTS``).
+``PARAMS``     dict ``name -> list of values``: the grid ``bench --grid`` sweeps (every
+               combination; its first value is not special; the default comes from ``DEFAULTS``).
 ``DEFAULTS``   dict ``name -> default``; every key of ``PARAMS`` must be in it.
 ``build(problem, **params)`` (or ``build(**params)``)
                Returns an :class:`admm_compress.Solver`, or any object with the same protocol:

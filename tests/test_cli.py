@@ -8,6 +8,8 @@ truncation, the planted L0 + S0 of robust PCA, the planted matrix of Schatten-p 
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import shutil
@@ -135,6 +137,29 @@ def test_a_bench_row_equals_a_lone_run_whatever_ran_before(tmp_path, capsys):
         losses = [[e["loss"] for e in r["history"]["epochs"]] for r in (row, lone)]
         assert len(losses[0]) >= 2 and losses[0] == losses[1], name  # bit-identical training
         assert row["acc_after"] == lone["acc_after"], name
+
+
+def test_bench_grid_sweeps_each_solvers_params_except_the_fixed_ones(tmp_path, capsys):
+    out = tmp_path / "grid"
+    code = main(["bench", "digits_fcn", "--grid", "--solvers", "svd_truncation", "magnitude_pruning",
+                 "--set", "magnitude_pruning.density=0.2", "--out", str(out), *TINY])
+    assert code == 0, capsys.readouterr().err
+    rows = list(csv.DictReader(io.StringIO((out / "bench.csv").read_text())))
+    params = [(r["solver"], json.loads(r["solver_params"])) for r in rows]
+    svd = sorted((p["ratio"], float(r["macs_drop"])) for (n, p), r in zip(params, rows) if n == "svd_truncation")
+    assert [q for q, _ in svd] == [0.2, 0.4, 0.6]                      # the whole PARAMS grid
+    assert svd[0][1] > svd[1][1] > svd[2][1] > 0                        # fewer kept ranks, more MACs saved
+    mag = [p for n, p in params if n == "magnitude_pruning"]
+    assert sorted(p["scope"] for p in mag) == ["global", "layer"] and all(p["density"] == 0.2 for p in mag)
+    assert (out / "svd_truncation_ratio-0.2_seed0" / "results.json").is_file()
+    assert (out / "tradeoff.png").stat().st_size > 0
+
+
+def test_pareto_front():
+    from admm_compress.plots import pareto_front
+
+    pts = [(10, 90), (20, 85), (15, 80), (30, 70), (20, 86), (5, 95)]
+    assert pareto_front(pts) == [(5, 95), (10, 90), (20, 86), (30, 70)]
 
 
 def test_bench_writes_table_csv_and_plot(tmp_path, capsys):
