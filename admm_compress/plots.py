@@ -124,13 +124,15 @@ def residuals(epochs: Sequence[Mapping], path: str | os.PathLike, title: str = "
 
 
 def tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "",
-             x: str = "macs_drop", y: str = "acc_after") -> str:
+             x: str = "macs_drop", y: str = "acc_after", x_min: float | None = -25.0) -> str:
     """Benchmark trade-off: ``y`` (accuracy after, %) against ``x`` (MACs drop, %).
 
     One marker per solver and parameter setting (``row["setting"]``, optional): the mean over
     seeds, bars = min/max.  A solver swept over several settings (``bench --grid``) gets its
     Pareto front drawn as a line through the settings no other setting of it beats in both
-    MACs drop and accuracy."""
+    MACs drop and accuracy.  Settings whose mean ``x`` is below ``x_min`` (e.g. TT layers that
+    cost more MACs than the dense ones) would squash the axis: they are left out of the plot and
+    counted in a note on it (``x_min=None`` shows everything)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     by: dict[str, dict[str, list[Mapping]]] = {}
@@ -138,10 +140,21 @@ def tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "",
         if r.get(x) is None or r.get(y) is None:
             continue
         by.setdefault(r["solver"], {}).setdefault(str(r.get("setting", "")), []).append(r)
+    hidden: dict[str, int] = {}
+    if x_min is not None:
+        for solver in list(by):
+            for key in list(by[solver]):
+                rs = by[solver][key]
+                if sum(float(r[x]) for r in rs) / len(rs) < x_min:
+                    hidden[solver] = hidden.get(solver, 0) + 1
+                    del by[solver][key]
+            if not by[solver]:
+                del by[solver]
     markers = "osD^v<>pPX*h"
     colors = plt.get_cmap("tab20").colors
     for i, (solver, settings) in enumerate(sorted(by.items())):
-        color, marker = colors[(2 * i) % len(colors)], markers[i % len(markers)]
+        # tab20: the 10 saturated colors first, then their light partners
+        color, marker = colors[(2 * i) % 20 + (i // 10) % 2], markers[i % len(markers)]
         pts = []
         for rs in settings.values():
             xs = [float(r[x]) for r in rs]
@@ -155,6 +168,10 @@ def tradeoff(rows: Sequence[Mapping], path: str | os.PathLike, title: str = "",
         if len(pts) > 1:
             front = pareto_front(pts)
             ax.plot([p[0] for p in front], [p[1] for p in front], "-", color=color, alpha=0.6)
+    if hidden:
+        ax.text(0.01, 0.01, f"not shown (MACs drop < {x_min:g} %): "
+                + ", ".join(f"{s} x{n}" for s, n in sorted(hidden.items())),
+                transform=ax.transAxes, fontsize=7, va="bottom", ha="left", color="0.35")
     ax.set_xlabel("MACs drop (%)")
     ax.set_ylabel("test accuracy after compression (%)")
     ax.set_title(title or "accuracy vs MACs drop")
