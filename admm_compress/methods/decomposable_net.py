@@ -404,14 +404,15 @@ class DecomposableNetSolver(Solver):
             _broadcast_(list(net.buffers()))
         # full-rank network (the bare module under DDP: the gradients are averaged below, as
         # torch.autograd.grad does not trigger DDP's reducer)
-        if getattr(self, "_scaler", None) is not None:
-            raise ValueError("fit(autocast=torch.float16) is not supported by Decomposable-Net: it combines "
-                             "two gradients by hand (Eq. 12), outside float16 loss scaling; use "
-                             "autocast=torch.bfloat16")
+        # float16 autocast: both losses are multiplied by the GradScaler's one scale s; Eq. (12) and
+        # the mean over ranks are homogeneous of degree 1 in the gradients, so the combined
+        # gradient is s times the unscaled one and scaler.step unscales it (and skips on inf)
+        scaler = getattr(self, "_scaler", None)
+        scaled = scaler.scale if scaler is not None else (lambda t: t)
         with self._forward_ctx():
             out_full = (net if ddp else model)(inputs)
             loss_full = self._amp_loss(loss_fn(out_full, targets))
-        g_full = torch.autograd.grad(loss_full, params, allow_unused=True)
+        g_full = torch.autograd.grad(scaled(loss_full), params, allow_unused=True)
         # sampled low-rank network (Algorithm 1, lines 3-5)
         layers = self.layers
         svds = self._svds(layers)
@@ -424,7 +425,7 @@ class DecomposableNetSolver(Solver):
         with self._forward_ctx():
             out_low = functional_call(net, subst, (inputs,))
             loss_low = self._amp_loss(loss_fn(out_low, targets))
-        g_low = torch.autograd.grad(loss_low, params, allow_unused=True)
+        g_low = torch.autograd.grad(scaled(loss_low), params, allow_unused=True)
         # Eq. (1) with the balancing of Eq. (12) on the decomposed weights
         decomposed = {L.key for L in layers}
         lam = self.lam
