@@ -3,7 +3,6 @@
 Every removal must leave the function unchanged (eval mode), shrink the neighbour by exactly the
 pruned channels, and be refused where it would not be exact (residual use, padded consumer of a
 non-zero constant, a reshape in between)."""
-import copy
 import logging
 
 import pytest
@@ -12,16 +11,9 @@ from hypothesis import assume, given, settings, strategies as st
 from torch import nn
 
 import admm_compress as ac
+from _helpers import projected as _projected
 from admm_compress.channels import remove_channels
 from admm_compress.layers import IndexScatter, IndexSelect, SparseConv2d
-
-
-def _projected(model, spec):
-    dense = copy.deepcopy(model)
-    for b in ac.specs.resolve(spec, dense):
-        with torch.no_grad():
-            b.param.copy_(b.from_view(b.constraint.project(b.to_view(b.param))))
-    return dense
 
 
 def _randomize_bn(model, seed=0):

@@ -1,6 +1,5 @@
 """Export: the compact model computes what the projected dense model computes, with fewer MACs,
 and is a plain module tree that saves, traces and scripts."""
-import copy
 import io
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 from torch import nn
 
 import admm_compress as ac
+from _helpers import projected as _projected
 from admm_compress.layers import SparseConv2d, SparseLinear, SumBranches
 
 
@@ -34,14 +34,6 @@ def _randomize_bn(model):
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
             m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
-def _projected(model, spec):
-    dense = copy.deepcopy(model)
-    for b in ac.specs.resolve(spec, dense):
-        with torch.no_grad():
-            b.param.copy_(b.from_view(b.constraint.project(b.to_view(b.param))))
-    return dense
 
 
 def _check_equal(model, spec, x, atol=1e-5):
