@@ -10,14 +10,20 @@
 #    removal on the GPU (channel_removal.py --device cuda);
 # 3. all-layer projection time on the GPU (projection_speed.py --device cuda).
 # About 5 minutes on one H200.  Needs torch with CUDA plus this project's pure-Python
-# dependencies (ptflops, tensorly, hypothesis, scikit-learn, matplotlib, tqdm); without an install
-# the package is taken from the working tree (PYTHONPATH=.).  Missing wheels can be carried into
-# .whl/ and installed first:  pip install --no-index --no-deps --target /tmp/site .whl/*.whl
+# dependencies (ptflops, tensorly, hypothesis, scikit-learn, matplotlib, tqdm); the package itself
+# is taken from the working tree (PYTHONPATH=.).  Wheels found in .whl/ (git-ignored; fetch them
+# here with `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any
+# -d .whl ptflops==0.7.5 tensorly==0.10.0`, and name .whl in the device run's `carry`) are
+# installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-runs/gpu_check}}
 mkdir -p "$out"
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 status=0
 { nvidia-smi -L; python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; } \
   2>&1 | tee "$out/gpu.txt"
