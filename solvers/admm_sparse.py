@@ -13,7 +13,7 @@ CONSTRAINT = "sparse"
 DESCRIPTION = "ADMM, Cardinality(density) per Conv2d / Linear weight (magnitude top-k Z-step)"
 # every: Z/U-step cadence in optimizer steps on network problems; rho and cadence as admm_lowrank
 # (where the measurement that chose them is written down)
-PARAMS = {"density": [0.1, 0.25, 0.5], "rho": [1e-3, 1e-2]}
+PARAMS = {"density": [0.1, 0.25, 0.5], "rho": [1e-2, 1e-1]}  # the grid holds the default rho
 DEFAULTS = {"density": 0.25, "rho": 0.1, "rho_growth": 1.2, "rho_max": 1.0, "every": 5}
 
 

@@ -17,7 +17,7 @@ DESCRIPTION = "ADMM, TTRank(ranks) on a balanced d-way TT view of each Conv2d / 
 # ~15 % of a trained 96 x 96 layer's energy (||W - Pi(W)|| / ||W|| = 0.85), and a Z/U-step every 5
 # steps grew the duals faster than SGD could follow (digits FCN at chance, 10.3 %); per epoch with
 # rho 0.1: 96.4 % (measured with `admm-compress run digits_fcn admm_tt`).
-PARAMS = {"ranks": [4, 8, 16], "rho": [1e-3, 1e-2]}
+PARAMS = {"ranks": [4, 8, 16], "rho": [1e-2, 1e-1]}  # the grid holds the default rho
 DEFAULTS = {"ranks": 8, "d": 2, "rho": 0.1, "rho_growth": 1.2, "rho_max": 1.0, "every": "epoch"}
 
 

@@ -5,7 +5,7 @@ from torch import nn
 REQUIRES = ["admm_compress.methods.lorita"]
 NAME = "lorita"
 DESCRIPTION = "LoRITa: N-factor products + weight decay, then LSVT/GSVT/ISVT truncation"
-PARAMS = {"n_factors": [1, 2, 3], "weight_decay": [1e-4, 5e-4], "rank_ratio": [0.25, 0.5]}
+PARAMS = {"n_factors": [1, 2, 3], "weight_decay": [1e-4, 5e-4], "rank_ratio": [0.25, 0.4, 0.5]}
 DEFAULTS = {"n_factors": 3, "weight_decay": 5e-4, "truncation": "lsvt", "rank_ratio": 0.4,
             "target_ratio": None, "lr_scale": 0.25}
 

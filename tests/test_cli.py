@@ -234,6 +234,9 @@ def test_parse_values_and_check_params():
 def test_every_solver_file_declares_a_consistent_grid():
     solvers = load_solvers()
     problems = load_problems()
+    for name, e in solvers.items():  # a `bench --grid` sweep always contains the default run
+        for k, values in e.params.items():
+            assert e.defaults[k] in values, (name, k, e.defaults[k], values)
     assert {"lrpet", "lorita", "raspa", "decomposable_net", "admm_lowrank", "admm_sparse", "admm_channels", "admm_tt", "dense",
             "svd_truncation", "magnitude_pruning", "trp"} <= set(solvers)
     for name, e in solvers.items():
