@@ -35,6 +35,7 @@ from torch import nn
 import admm_compress as ac
 from admm_compress import models
 from admm_compress.layers import IndexScatter, IndexSelect
+from _report import write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INPUT = (3, 32, 32)
@@ -129,11 +130,7 @@ def main(argv=None):
         "latency ratio | max abs diff |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows, ""])
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, args.out)
+    write_report(args.out, text)
     log.info("wrote %s", args.out)
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 import admm_compress as ac
+from _report import write_report
 from admm_compress import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -255,9 +256,7 @@ def main(argv=None):
          *reading,
          f"For context, Decomposable-Net reports a realized {DN_SPEEDUP}x at {DN_MACS}x MACs (ideal "
          f"{1 / DN_MACS:.2f}x, realized / ideal {DN_SPEEDUP * DN_MACS:.2f}).", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(L))
+    write_report(args.out, "\n".join(L))
     print(f"wrote {args.out}")
 
 

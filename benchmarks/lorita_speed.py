@@ -22,6 +22,7 @@ import torch
 
 from admm_compress import models
 from admm_compress.methods.lorita import lorita
+from _report import write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -88,9 +89,7 @@ def main(argv=None):
           "forward pass; the forward/backward through the factors adds the matrix products of the "
           "factors, whose cost is independent of the batch size, so the ratio shrinks for larger batches "
           "and spatial sizes).", ""]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(L))
+    write_report(args.out, "\n".join(L))
     print(f"wrote {args.out}")
 
 

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import admm_compress as ac
+from _report import write_report
 from admm_compress import data, methods, models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -301,9 +302,7 @@ def main(argv=None):
           f"rest of the measured difference (per-round CPU ratios {lp['range'][0]:.3f}-{lp['range'][1]:.3f}; "
           f"{lp['ext']:.3f}x when that per-step term is extrapolated) is the noise of this machine, "
           "not the method.", ""]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(L))
+    write_report(args.out, "\n".join(L))
     print(f"wrote {args.out}")
 
 

@@ -38,6 +38,7 @@ import admm_compress as ac
 from admm_compress import functional as F
 from admm_compress import models
 from admm_compress.sets import LowRank
+from _report import write_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KA, KB, KB1, KC, KC2, KB2 = ("(a) loop exact", "(b) Solver batched", "(b') stacked project",
@@ -228,9 +229,7 @@ def main(argv=None):
     L += ["", "\"init\" = the freshly initialized weights (nearly flat spectrum, the hard case for a "
           "randomized range finder); \"s_i = s_1 / i\" = the same singular vectors with a power-law "
           "spectrum, closer to trained weights.  No trained weights are available offline.", ""] + NOTES
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as fh:
-        fh.write("\n".join(L))
+    write_report(args.out, "\n".join(L))
     print("\n".join(L))
     print(f"wrote {args.out} ({total:.0f} s)")
 
