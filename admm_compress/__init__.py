@@ -10,9 +10,9 @@ import logging as _logging
 
 from . import sets, views
 from .sets import Cardinality, ConstraintSet, LowRank, Penalty, SchattenP, Sum, TTRank
-from .specs import Constrain, describe, resolve
+from .specs import Constrain, SpecError, describe, resolve
 from .solver import History, Solver
-from .export import export, register_exporter
+from .export import ExportError, export, register_exporter
 from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC counter
 from .complexity import complexity, latency
 from .training import evaluate

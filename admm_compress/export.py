@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import functional as F
 from .channels import remove_channels as _remove_channels
 from .layers import IndexScatter, IndexSelect, SparseConv1d, SparseConv2d, SparseLinear, SumBranches
 from .sets import Cardinality, LowRank, SchattenP, Sum
@@ -110,7 +111,8 @@ def _dense_numel(m: nn.Module) -> int:
 
 # ------------------------------------------------------------ low rank
 def _is_lowrank(c: Constraint, v: View) -> bool:
-    return isinstance(c, (LowRank, SchattenP)) and v.name in ("matrix", "channel", "spatial")
+    # "identity" reaches here only for 2-D (Linear) weights: exportable.refusal rejects it on convs
+    return isinstance(c, (LowRank, SchattenP)) and v.name in ("matrix", "channel", "spatial", "identity")
 
 
 def _export_lowrank(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool):
@@ -275,6 +277,42 @@ def build_compact(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool
                       f"register one with admm_compress.export.register_exporter")
 
 
+def _spec_of(spec):
+    """The specs to export: a compressor's :meth:`export_spec`, or the spec itself."""
+    export_spec = getattr(spec, "export_spec", None)
+    if callable(export_spec):
+        return export_spec()
+    return spec
+
+
+def _pin_data_rule(b) -> Constraint | None:
+    """``LowRank(rank=k)`` for a weight under a data-dependent rank rule (``energy=``), or None.
+
+    The rule is not idempotent (applied to its own output it may cut again), so export must not
+    re-select: it keeps the weight's numerical rank ``k`` when the rule keeps all of it (the weight
+    is a fixed point, :meth:`LowRank.contains`), and refuses otherwise.
+    """
+    c = b.constraint
+    if getattr(c, "sized_at_export", False):
+        raise ExportError(f"layer '{b.name}': {c!r} is a placeholder whose rank is chosen at export; "
+                          f"export through the compressor (ac.export(model, solver) or "
+                          f"solver.export(model, ...)), which picks the size")
+    if not (isinstance(c, LowRank) and c.energy is not None):
+        if isinstance(c, Sum) and any(isinstance(s, LowRank) and s.energy is not None for s in c.sets):
+            raise ExportError(f"layer '{b.name}': {c!r} has a component that selects its rank from the "
+                              f"data; export it with the solver that trained it (solver.export(model) or "
+                              f"ac.export(model, solver)), or pin the rank with LowRank(rank=k)")
+        return None
+    v = b.to_view(b.param.detach())
+    if not c.contains(v):
+        raise ExportError(f"layer '{b.name}': {c!r} selects the rank from the data and this weight is "
+                          f"not a fixed point of the rule (applying it again would cut further), so "
+                          f"the rank training selected is unknown here; export with the solver that "
+                          f"trained it (solver.export(model) or ac.export(model, solver)), or pin the "
+                          f"rank with LowRank(rank=k)")
+    return LowRank(rank=F.numerical_rank(v))
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -291,7 +329,13 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         The trained model (a DDP wrapper is unwrapped).  Weights that are not exactly feasible
         are projected first (``factorize`` projects), so the exported model equals the
         *projected* dense model.
-    spec : Constrain, list of Constrain, or a Solver (its ``spec`` is used)
+    spec : Constrain, list of Constrain, or a compressor (a Solver or a method)
+        A compressor is exported through its :meth:`export_spec` -- what its training selected
+        (TRP's and LoRITa's kept ranks, Decomposable-Net's configured size), so
+        ``export(model, solver)`` equals ``solver.export(model)``.  A plain spec whose rule
+        picks the rank from the data (``LowRank(energy=...)``) is exported at the numerical
+        rank of the (finalized) weight when the rule keeps all of it, and refused otherwise:
+        re-applying the rule to a truncated weight would cut again.
     inplace : bool
         Modify ``model`` itself instead of a deep copy.
     remove_channels : bool
@@ -315,7 +359,7 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         raise TypeError(f"export: inplace must be a bool, got {inplace!r}")
     if not isinstance(remove_channels, bool):
         raise TypeError(f"export: remove_channels must be a bool, got {remove_channels!r}")
-    spec = getattr(spec, "spec", spec)
+    spec = _spec_of(spec)
     src = unwrap(model)
     out = src if inplace else copy.deepcopy(src)
     if not inplace:
@@ -327,6 +371,7 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
                 cls = type(mod)
                 mod.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     bindings = resolve(spec, out)
+    pinned = {b.key: _pin_data_rule(b) for b in bindings}
     factors_of = {}
     for b in bindings:
         if b.param_name != "weight":
@@ -339,14 +384,15 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
             for p in list(mod.parametrizations.keys()):
                 parametrize.remove_parametrizations(mod, p, leave_parametrized=True)
     for b in bindings:
+        c = pinned[b.key] or b.constraint
         factors = factors_of.get(b.key)
         if factors is None:
-            factors = b.constraint.factorize(b.to_view(b.param.detach()))
-        new = build_compact(b.module, b.constraint, b.view, factors, with_bias=True)
+            factors = c.factorize(b.to_view(b.param.detach()))
+        new = build_compact(b.module, c, b.view, factors, with_bias=True)
         if new is None:
-            log.info("layer '%s' stays dense: its compact form is not smaller", b.name)
+            log.warning("layer '%s' stays dense: its compact form (%r) would not be smaller", b.name, c)
             with torch.no_grad():  # still the projected weight, so outputs match the projected model
-                b.module.weight.copy_(b.view.back(b.constraint.reconstruct(factors, b.viewed_shape), b.shape))
+                b.module.weight.copy_(b.view.back(c.reconstruct(factors, b.viewed_shape), b.shape))
             continue
         new.train(b.module.training)
         _set_submodule(out, b.name, new)

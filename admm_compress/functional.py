@@ -197,6 +197,14 @@ def svdvals(x: torch.Tensor) -> torch.Tensor:
     return _robust(torch.linalg.svdvals, x, "torch.linalg.svdvals")
 
 
+def numerical_rank(x: torch.Tensor) -> int:
+    """Number of singular values above ``max(m, n) * eps(dtype of x) * s_max`` (max over a batch,
+    at least 1): the rank ``numpy.linalg.matrix_rank`` would report, in the input's precision."""
+    s = svdvals(x.to(torch.float64))
+    tol = s.max(-1, keepdim=True).values * max(x.shape[-2:]) * torch.finfo(x.dtype).eps
+    return max(1, int((s > tol).sum(-1).max()))
+
+
 def use_randomized(m: int, n: int, rank: int) -> bool:
     """The ``"auto"`` rule: randomized SVD when ``min(m, n) > 256`` and ``rank <= min(m, n) / 4``."""
     q = min(int(m), int(n))

@@ -68,6 +68,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .exportable import register_checker
+
 __all__ = ["Problem", "Baseline", "ProblemEntry", "SolverEntry", "RegistryError", "load_problems",
            "load_solvers", "search_path", "parse_value", "parse_assignments", "check_params",
            "train_dense", "cosine", "cifar10_problem", "MatrixVariable", "MatrixProblemModel"]
@@ -196,6 +198,14 @@ class MatrixVariable(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401 - returns the variable
         return self.weight
+
+
+def _matrix_variable_check(module, param_name, constraint, view):
+    """A free matrix of an exact problem is solved, not exported: accept any set on it."""
+    return "" if isinstance(module, MatrixVariable) else None
+
+
+register_checker(_matrix_variable_check)
 
 
 class MatrixProblemModel(nn.Module):

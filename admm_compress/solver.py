@@ -66,6 +66,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import functional
 from ._validation import check_choice, check_float, check_int
 from .graph import consumer_batchnorms
 from .sets.base import Constraint
@@ -79,6 +80,15 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------ torch.distributed
+def _exact_name(name: str):
+    """A spec target selecting exactly the module called ``name``."""
+    def select(n: str, module: nn.Module, _name=name) -> bool:
+        return n == _name
+
+    select.__name__ = name
+    return select
+
+
 def _world_size() -> int:
     """Processes of the default ``torch.distributed`` group (1 when not initialized)."""
     import torch.distributed as dist
@@ -295,7 +305,7 @@ class Solver:
 
         Raises before touching the model if any spec cannot be applied.
         """
-        bindings = resolve(self.spec, model)
+        bindings = resolve(self.spec, model, warn=True)
         bn_of: dict[str, nn.Module] = {}
         unpaired = []
         if any(b.spec.metric == "bn" for b in bindings):
@@ -359,6 +369,10 @@ class Solver:
     def describe(self) -> str:
         """Table of the bound weights (layer, shape, view, constraint, dense and compressed size)."""
         text = describe(self.bindings) if self.bindings else "(not prepared)"
+        skipped = getattr(self.bindings, "skipped", None)
+        if skipped:
+            text += "\nleft unconstrained (export could not compress them):\n" + "\n".join(
+                f"  {n}: {why}" for n, why in skipped)
         if self.unpaired:
             text += "\nprojected without BN metric (no consumer BatchNorm): " + ", ".join(self.unpaired)
         return text
@@ -550,10 +564,25 @@ class Solver:
     def export_spec(self) -> list[Constrain]:
         """The specs :func:`admm_compress.export` builds compact layers from (default: :attr:`spec`).
 
-        Methods whose final structure is chosen during training (TRP's energy ranks, LoRITa's
-        truncation) override this with the ranks they kept.
+        A rank rule that reads the data (``LowRank(energy=...)``) is not idempotent: applied again
+        at export to the finalized weight it could cut further.  After ``prepare``, such a layer is
+        pinned to the rank its finalized weight has (``LowRank(rank=k)``, one exact spec per
+        layer), so the exported model equals the finalized one.  Methods whose final structure is
+        chosen during training (TRP's energy ranks, LoRITa's truncation) override this.
         """
-        return list(self.spec)
+        from .sets import LowRank
+
+        if not self.bindings or not any(isinstance(b.constraint, LowRank) and b.constraint.energy is not None
+                                        for b in self.bindings):
+            return list(self.spec)
+        out = []
+        for b in self.bindings:
+            c = b.constraint
+            if isinstance(c, LowRank) and c.energy is not None:
+                c = LowRank(rank=functional.numerical_rank(b.to_view(b.param.detach())))
+            out.append(Constrain(_exact_name(b.name), c, view=b.view, param=b.param_name, rho=b.spec.rho,
+                                 metric=b.spec.metric, name=f"{b.spec.name or 'spec'}:{b.name}"))
+        return out
 
     def export(self, model: nn.Module, inplace: bool = False) -> nn.Module:
         """:func:`admm_compress.export` of the finalized ``model`` with :meth:`export_spec`."""

@@ -72,6 +72,22 @@ class Constrain:
         (LRPET BN rectification, Eq. 7-10); the BN is found through the model graph.
     name : str, optional
         Label used in summaries and error messages.
+    skip_unexportable : bool, default False
+        What to do with a selected layer that :func:`admm_compress.export` could not turn into a
+        smaller layer (a depthwise conv under low rank, a transposed conv, ...; see
+        :mod:`admm_compress.exportable`).  ``False``: refuse the spec (``SpecError`` naming the
+        layer, the set, the view and the fix), before any training.  ``True``: leave the layer
+        unconstrained and say so once, at WARNING (the methods' default targets use this, so
+        ``methods.lrpet()`` compresses a MobileNet's dense convs and skips its depthwise ones).
+
+    Notes
+    -----
+    A structured :class:`~admm_compress.Cardinality` (``group_dim`` 0 or 1) on a convolution
+    always groups the weight as stored, ``(out, in, *k)``: ``group_dim=1`` keeps whole input
+    channels and ``0`` whole filters, whatever ``view`` says (a matrix view would group
+    kernel taps instead, which export cannot remove).  An unstructured ``Cardinality`` with
+    ``view="auto"`` acts on the weight as stored too (top-k of all entries does not depend on
+    the reshape), so it also applies to grouped and depthwise convolutions.
     """
 
     target: Target
@@ -82,6 +98,7 @@ class Constrain:
     rho: float | None = None
     metric: str | None = None
     name: str | None = None
+    skip_unexportable: bool = False
 
     def __post_init__(self):
         if not isinstance(self.constraint, Constraint):
@@ -104,6 +121,13 @@ class Constrain:
             self.exclude = tuple(self.exclude)
         if not isinstance(self.view, (str, View)):
             raise TypeError(f"{self.label}: view must be a view name or a View, got {self.view!r}")
+        if isinstance(self.view, str):
+            from .views import VIEWS
+            if self.view != "auto" and self.view not in VIEWS:
+                raise ValueError(f"{self.label}: view={self.view!r} is not a known view; choose one of "
+                                 f"{sorted(VIEWS) + ['auto']} or pass a View (e.g. TTView)")
+        if not isinstance(self.skip_unexportable, bool):
+            raise TypeError(f"{self.label}: skip_unexportable must be a bool, got {self.skip_unexportable!r}")
 
     @property
     def label(self) -> str:
@@ -192,8 +216,13 @@ def _as_list(spec) -> list[Constrain]:
     raise TypeError(f"spec must be a Constrain or a list of Constrain, got {type(spec).__name__}")
 
 
-def resolve(spec, model: nn.Module) -> list[Binding]:
+def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = False) -> "Bindings":
     """Bind every spec to the weights it selects in ``model``.
+
+    ``check_export`` refuses (or, for a ``skip_unexportable`` spec, skips) every weight that
+    :func:`admm_compress.export` could not turn into a smaller layer
+    (:func:`admm_compress.exportable.refusal`); ``warn`` logs, at WARNING, the skipped layers
+    and the layers export would keep dense (a rank at or above break-even).
 
     Raises
     ------
@@ -202,13 +231,16 @@ def resolve(spec, model: nn.Module) -> list[Binding]:
         parameter; the view or the constraint cannot handle the weight's shape.  Nothing is
         modified when this raises.
     """
+    from .exportable import refusal, shrink_warning
+
     specs = _as_list(spec)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     seen: dict[tuple[int, str], str] = {}
-    bindings: list[Binding] = []
+    bindings = Bindings()
     for i, s in enumerate(specs):
+        n_skipped = len(bindings.skipped)
         selected = s.select(model)
         if not selected:
             names = [n for n, m in model.named_modules() if n and _get_param(m, s.param) is not None]
@@ -226,15 +258,70 @@ def resolve(spec, model: nn.Module) -> list[Binding]:
                                 f"{seen[key]}; a weight may be selected by one spec only "
                                 f"(use exclude= or Sum(...) to combine constraints)")
             seen[key] = f"spec[{i}]"
+            view = _natural_view(s, module, p, where)
+            if check_export:
+                why = refusal(module, s.param, s.constraint, view)
+                if why:
+                    if s.skip_unexportable:
+                        bindings.skipped.append((name, why))
+                        continue
+                    raise SpecError(f"{where} (view {view.name!r}): {why}")
             try:
-                view = get_view(s.view, tuple(p.shape))
                 check_module(view, module, where)
                 view.check(tuple(p.shape), where)
                 s.constraint.check_shape(tuple(view.viewed_shape(tuple(p.shape))), where)
             except (ValueError, TypeError) as e:
+                if s.skip_unexportable and check_export:
+                    bindings.skipped.append((name, str(e)))
+                    continue
                 raise SpecError(str(e) if where in str(e) else f"{where}: {e}") from None
+            if check_export and warn:
+                msg = shrink_warning(module, s.constraint, view, tuple(p.shape))
+                if msg:
+                    log.warning("%s: %s", where, msg)
             bindings.append(Binding(name, module, s.param, s, i, view))
+        if len(bindings.skipped) - n_skipped == len(selected):
+            name, why = bindings.skipped[-1]
+            raise SpecError(f"{s.label} (spec[{i}]) selects {len(selected)} layer(s) of {type(model).__name__} "
+                            f"and export could compress none of them (e.g. '{name}': {why})")
+    if bindings.skipped and warn:
+        names = [n for n, _ in bindings.skipped]
+        log.warning("left unconstrained, %d layer(s) export could not compress: %s (e.g. '%s': %s); "
+                    "describe() lists every reason", len(names),
+                    ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""), names[0],
+                    bindings.skipped[0][1])
     return bindings
+
+
+class Bindings(list):
+    """The list of :class:`Binding` of :func:`resolve`, with ``skipped``: ``(layer, reason)`` pairs
+    of layers a ``skip_unexportable`` spec selected but left unconstrained."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.skipped: list[tuple[str, str]] = []
+
+
+def _natural_view(s: Constrain, module: nn.Module, p: torch.Tensor, where: str) -> View:
+    """The view of ``s`` on ``module``'s weight; a ``Cardinality`` sees a conv weight as stored.
+
+    Structured sparsity (``group_dim``) on a conv means its output (0) / input (1) channels
+    whatever the view (a matrix view would group kernel taps); unstructured sparsity with
+    ``view="auto"`` is reshape-invariant and uses the weight as stored, so grouped convs work.
+    """
+    from .sets import Cardinality
+    from .views import VIEWS
+
+    c = s.constraint
+    if isinstance(c, Cardinality) and isinstance(module, nn.modules.conv._ConvNd) and isinstance(s.view, str):
+        if c.group_dim is not None or s.view == "auto":
+            return VIEWS["identity"]
+    if isinstance(c, Cardinality) and s.view == "auto":
+        return VIEWS["identity"]
+    try:
+        return get_view(s.view, tuple(p.shape))
+    except (ValueError, TypeError) as e:
+        raise SpecError(str(e) if where in str(e) else f"{where}: {e}") from None
 
 
 def describe(bindings: Sequence[Binding]) -> str:

@@ -154,6 +154,28 @@ def _convnet():
                          nn.Linear(4 * 8 * 8, 10))
 
 
+def _depthwise():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1, groups=4))
+
+
+class _Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4)
+        self.up = nn.ConvTranspose2d(4, 4, 2)
+        self.c3 = nn.Conv3d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(4)
+        self.lin = nn.Linear(4, 4)
+        self.lstm = nn.LSTM(4, 4)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+
+
+def _odd_layers():
+    torch.manual_seed(0)
+    return _Odd()
+
+
 LR1 = ac.LowRank(rank=1)
 SPEC_CONSTRUCTION = [
     (lambda: ac.Constrain(nn.Linear, "lowrank"), TypeError, r"constraint must be a set or penalty .* got str"),
@@ -163,6 +185,8 @@ SPEC_CONSTRUCTION = [
     (lambda: ac.Constrain(nn.Linear, LR1, metric="bm"), ValueError, r"metric='bm' is not allowed; choose None or 'bn'"),
     (lambda: ac.Constrain(nn.Linear, LR1, rho=-1), ValueError, r"rho=-1.0 is out of range"),
     (lambda: ac.Constrain(nn.Linear, LR1, rho=NAN), ValueError, r"rho=nan is out of range"),
+    (lambda: ac.Constrain(nn.Linear, LR1, view="rows"), ValueError, r"view='rows' is not a known view; choose one of"),
+    (lambda: ac.Constrain(nn.Linear, LR1, skip_unexportable=1), TypeError, r"skip_unexportable must be a bool"),
 ]
 
 
@@ -181,12 +205,25 @@ SPEC_RESOLUTION = [
      r"on layer '0': weight '0.weight' is already constrained by spec\[0\]"),
     (_mlp, [ac.Constrain(nn.Linear, LR1), ac.Constrain(nn.Linear, ac.Cardinality(k=1))], r"already constrained"),
     (_mlp, [ac.Constrain(nn.Linear, LR1, view="spatial")], r"on layer '0': view 'spatial' needs a Conv2d weight"),
-    (_mlp, [ac.Constrain(nn.Linear, LR1, view="rows")], r"view='rows' is not a known view; choose one of"),
-    (_mlp, [ac.Constrain(nn.Linear, ac.TTRank((2, 2)))], r"layer '0'.*ranks=\(2, 2\) has length 2 but a 2-way"),
+    (_mlp, [ac.Constrain(nn.Linear, ac.TTRank((2, 2)))], r"layer '0'.*TTRank acts on a tensorized weight: pass view="),
     (_mlp, [ac.Constrain("2", ac.Cardinality(k=1000))], r"layer '2'.*k=1000 is larger than the 18 entries"),
-    (_mlp, [ac.Constrain(nn.Linear, ac.Cardinality(k=2, group_dim=3))], r"group_dim=3 is out of range"),
+    (_mlp, [ac.Constrain(nn.Linear, ac.Cardinality(k=2, group_dim=3))], r"layer '0'.*group_dim=3.*use 0 or 1"),
     (_mlp, [ac.Constrain(nn.Linear, LR1, param="weigth")], r"Linear has no tensor parameter 'weigth'"),
-    (_convnet, [ac.Constrain(nn.Conv2d, ac.TTRank((2, 2)))], r"layer '0'.*ranks=\(2, 2\) has length 2"),
+    (_convnet, [ac.Constrain(nn.Conv2d, ac.TTRank((2, 2)))], r"layer '0'.*view 'channel'.*TTRank acts on a tensorized weight"),
+    # everything export could not realize is refused here, before training (issue 13, item 5)
+    (_convnet, [ac.Constrain(nn.Conv2d, ac.Cardinality(k=2, group_dim=-1))], r"layer '0'.*group_dim=-1.*use 0 or 1"),
+    (_convnet, [ac.Constrain(nn.Conv2d, ac.LowRank(rank=1), view="identity")], r"layer '0'.*view='identity' keeps the conv weight 4-D.*view='channel'"),
+    (_convnet, [ac.Constrain(nn.Conv2d, ac.SchattenP(p=0.5, weight=1e-3), view="identity")], r"layer '0'.*view='identity'"),
+    (_depthwise, [ac.Constrain("1", ac.Cardinality(density=0.5, group_dim=1))], r"layer '1'.*groups=4.*use unstructured Cardinality"),
+    (_depthwise, [ac.Constrain("1", ac.LowRank(rank=1))], r"layer '1'.*groups=4.*exclude it"),
+    (_odd_layers, [ac.Constrain(nn.Embedding, ac.Cardinality(density=0.5))], r"layer 'emb'.*Embedding has no compact exported form"),
+    (_odd_layers, [ac.Constrain(nn.ConvTranspose2d, ac.Cardinality(density=0.5))], r"layer 'up'.*transposed convolution"),
+    (_odd_layers, [ac.Constrain(nn.ConvTranspose2d, ac.Cardinality(k=1, group_dim=1), view="identity")], r"layer 'up'.*transposed"),
+    (_odd_layers, [ac.Constrain(nn.Conv3d, ac.Cardinality(density=0.5))], r"layer 'c3'.*SparseConv2d, not Conv3d"),
+    (_odd_layers, [ac.Constrain(nn.BatchNorm2d, ac.Cardinality(density=0.5))], r"layer 'bn'.*BatchNorm2d has no compact"),
+    (_odd_layers, [ac.Constrain(nn.Linear, ac.Cardinality(density=0.5), param="bias")], r"layer 'lin'.*'bias' of Linear cannot be exported"),
+    (_odd_layers, [ac.Constrain(nn.LSTM, ac.LowRank(rank=1), param="weight_ih_l0")], r"layer 'lstm'.*'weight_ih_l0' of LSTM cannot be exported"),
+    (_odd_layers, [ac.Constrain("reflect", ac.LowRank(rank=1), view="spatial")], r"layer 'reflect'.*padding_mode='reflect'.*view='channel'"),
 ]
 
 

@@ -49,7 +49,6 @@ CASES = {
     "linear-lowrank": [ac.Constrain(nn.Linear, ac.LowRank(rank=3))],
     "conv-channel": [ac.Constrain("conv2", ac.LowRank(rank=4), view="channel")],
     "conv-spatial": [ac.Constrain("conv2", ac.LowRank(rank=4), view="spatial")],
-    "conv-energy": [ac.Constrain(nn.Conv2d, ac.LowRank(energy=0.6))],
     "schatten": [ac.Constrain("conv2", ac.SchattenP(p=0.5, weight=1.0))],
     "sparse": [ac.Constrain(nn.Conv2d, ac.Cardinality(density=0.2), view="identity"),
                ac.Constrain(nn.Linear, ac.Cardinality(density=0.3), view="identity")],

@@ -97,6 +97,8 @@ class _AnyRank(LowRank):
     returns the dense model -- use :meth:`DecomposableNetSolver.export`.
     """
 
+    sized_at_export = True  # no break-even warning at prepare: the rank is chosen at export
+
     def __init__(self, label: str):
         super().__init__(ratio=1.0)
         self._label = label
@@ -320,7 +322,7 @@ class DecomposableNetSolver(Solver):
         net = unwrap(model)
         if self.layers and net is self._model_ref:
             return self.layers
-        bindings = resolve(self.spec, net)
+        bindings = resolve(self.spec, net, warn=True)
         layers = []
         for b in bindings:
             m, where = b.module, f"decomposable_net: layer '{b.name}'"
@@ -886,5 +888,6 @@ def decomposable_net(rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str =
     _check_rank_ratio(rank_ratio)
     _check_lam(lam)
     label = f"Decomposable-Net r_l sampled by {criterion}, Z~U{tuple(rank_ratio)}, min_rank={min_rank}"
-    spec = Constrain(targets, _AnyRank(label), view="auto", exclude=exclude, name="decomposable_net")
+    spec = Constrain(targets, _AnyRank(label), view="auto", exclude=exclude, name="decomposable_net",
+                     skip_unexportable=targets == (nn.Conv2d, nn.Linear))
     return DecomposableNetSolver(spec, **solver_kwargs)

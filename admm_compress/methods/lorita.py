@@ -152,15 +152,11 @@ def _glob_escape(name: str) -> str:
 
 
 def _plain_layers(types: tuple):
-    """Predicate: instances of ``types`` except grouped / transposed convolutions."""
+    """Predicate: instances of ``types`` with a matrix weight (grouped / transposed convolutions
+    are then skipped, with a WARNING, by the spec's ``skip_unexportable``)."""
 
     def select(name: str, module: nn.Module) -> bool:
         if not isinstance(module, types):
-            return False
-        if isinstance(module, nn.modules.conv._ConvNd) and (module.groups != 1 or module.transposed):
-            log.info("LoRITa: skipping %s (%s, groups=%d, transposed=%s): its weight is not the "
-                     "layer's (out, in*k) matrix", name, type(module).__name__, module.groups,
-                     module.transposed)
             return False
         w = getattr(module, "weight", None)
         return isinstance(w, torch.Tensor) and w.dim() >= 2
@@ -257,6 +253,13 @@ class LoRITaSolver(Solver):
         is already parametrized.  The optimizer must be created afterwards.
         """
         target = unwrap(model)
+        mods = dict(target.named_modules())
+        if (self._model_ref is target and self.n_factors >= 2 and self.factorized
+                and all(n in mods and is_factorized(mods[n]) for n in self.factorized)
+                and self._final_spec is None):
+            # prepare(model) then fit(model): the factorization this solver made is still in place
+            log.info("LoRITa: model already prepared by this solver; keeping its factors")
+            return self
         for m in target.modules():
             if is_factorized(m):
                 raise ValueError("LoRITaSolver.prepare: the model already has factorized layers "
@@ -662,14 +665,17 @@ def lorita(n_factors: int = 3, weight_decay: float = 5e-4, *, targets=(nn.Conv2d
 
     if isinstance(targets, type):
         targets = (targets,)
+    skip = False
     if isinstance(targets, tuple) and targets and all(isinstance(t, type) for t in targets):
         targets = _plain_layers(targets)
+        skip = True  # grouped / depthwise convs and fused-kernel layers: skipped with a WARNING
     elif isinstance(targets, (list, set)) and all(isinstance(t, str) for t in targets):
         globs = list(targets)
         targets = _glob_predicate(globs)
     constraint = (SchattenP(p=2.0 / n_factors, weight=weight_decay * n_factors / 2.0) if n_factors >= 2
                   else SquaredFrobenius(weight=weight_decay / 2.0))
-    spec = [Constrain(targets, constraint, view="auto", exclude=exclude, name=f"lorita:N={n_factors}")]
+    spec = [Constrain(targets, constraint, view="auto", exclude=exclude, name=f"lorita:N={n_factors}",
+                      skip_unexportable=skip)]
     return LoRITaSolver(spec, n_factors=n_factors, weight_decay=weight_decay, truncation=truncation,
                         rank=rank, rank_ratio=rank_ratio, keep=keep, target_ratio=target_ratio,
                         target_params=target_params, params_per_round=params_per_round,

@@ -103,8 +103,9 @@ def lrpet(pruning_ratio: float = 0.6, *, energy_transfer: bool = True, bn_rectif
                                                energy_transfer), view="channel", metric=metric,
                               exclude=excl or None, name=f"lrpet:{glob}"))
     spec.append(Constrain(targets, _LRPETRank(P, default_floor, energy_transfer), view="channel",
-                          metric=metric, exclude=(excl + special) or None, name="lrpet:conv"))
+                          metric=metric, exclude=(excl + special) or None, name="lrpet:conv",
+                          skip_unexportable=targets is nn.Conv2d))
     if include_linear:
         spec.append(Constrain(nn.Linear, _LRPETRank(P, default_floor, energy_transfer),
-                              exclude=excl or None, name="lrpet:linear"))
+                              exclude=excl or None, name="lrpet:linear", skip_unexportable=True))
     return Solver(spec, mode="projection", every=every, skip_below=skip_below)

@@ -307,6 +307,7 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
                              f"{d} internal ranks")
     view = AutoTTView(d=d, factors=factors, n_ranks=len(ranks) if isinstance(ranks, tuple) else None)
     constraint = Sum(TTRank(ranks), Cardinality(density=dens))
-    spec = Constrain(targets, constraint, view=view, exclude=exclude, name="raspa")
+    spec = Constrain(targets, constraint, view=view, exclude=exclude, name="raspa",
+                     skip_unexportable=targets is nn.Conv2d)
     return RaspaSolver(spec, rho=rho, every=every, rho_growth=rho_growth, rho_max=rho_max, tol=tol,
                        init=init, decompose_iters=decompose_iters)

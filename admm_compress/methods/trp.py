@@ -115,7 +115,9 @@ def trp(energy: float = 0.9, nuclear_weight: float = 3e-4, every: int = 20, *, t
         TRP decomposes channel-wise or spatial-wise.
     """
     e = check_float("energy", energy, low=0.0, high=1.0, low_open=True, where="trp")
-    spec = [Constrain(targets, LowRank(energy=e), view=view, exclude=exclude, name="trp:conv")]
+    spec = [Constrain(targets, LowRank(energy=e), view=view, exclude=exclude, name="trp:conv",
+                      skip_unexportable=targets is nn.Conv2d)]
     if include_linear:
-        spec.append(Constrain(nn.Linear, LowRank(energy=e), exclude=exclude, name="trp:linear"))
+        spec.append(Constrain(nn.Linear, LowRank(energy=e), exclude=exclude, name="trp:linear",
+                              skip_unexportable=True))
     return TRPSolver(spec, nuclear_weight=nuclear_weight, every=every)
