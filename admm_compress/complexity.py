@@ -513,6 +513,9 @@ def _ptflops_failed(model: nn.Module, input_size: tuple, backend: str, text: str
 
 
 # ----------------------------------------------------------------------------- counting
+_LINEAR_ALIASES = {nn.modules.linear.NonDynamicallyQuantizableLinear: nn.Linear}
+
+
 def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_functional, runner=None):
     from ptflops import get_model_complexity_info
     from ptflops.pytorch_ops import MODULES_MAPPING
@@ -560,6 +563,9 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
             continue
         base = _base_of_parametrized(m)
         counter = _registry_lookup(base, registry)
+        # nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear, an nn.Linear in
+        # all but name (a marker for quantization); ptflops looks types up exactly
+        base = _LINEAR_ALIASES.get(base, base)
         if counter is not None:
             hooks[cls] = wrap_ours(counter.macs_fn, base)
         elif base in MODULES_MAPPING:
