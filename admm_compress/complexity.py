@@ -515,6 +515,57 @@ def _ptflops_failed(model: nn.Module, input_size: tuple, backend: str, text: str
 # ----------------------------------------------------------------------------- counting
 _LINEAR_ALIASES = {nn.modules.linear.NonDynamicallyQuantizableLinear: nn.Linear}
 
+# module types whose ptflops hook counts everything they compute; the functionals ptflops
+# patches (softmax, bmm, baddbmm, matmul, mul, add...) and that their unfused path calls must
+# not be counted a second time
+_WHOLE_COUNT = (nn.MultiheadAttention,)
+
+
+@contextlib.contextmanager
+def _unpatched_inside(model: nn.Module, types: tuple):
+    """While a module of ``types`` runs, undo ptflops' patching of functionals / tensor ops.
+
+    ``nn.MultiheadAttention`` off its fused path calls ``torch.baddbmm`` / ``torch.bmm`` /
+    ``F.softmax``, which ``count_functional=True`` counts on top of the module's hook (the MHA
+    hook already counts the products, the scaling and the softmax).
+    """
+    import torch.nn.functional as F
+
+    from ptflops.pytorch_ops import FUNCTIONAL_MAPPING, TENSOR_OPS_MAPPING
+
+    tensor_ops = {op.__name__ for op in TENSOR_OPS_MAPPING}
+    patched = ([(F, fn.__name__) for fn in FUNCTIONAL_MAPPING]
+               + [(torch, n) for n in tensor_ops] + [(torch.Tensor, n) for n in tensor_ops])
+    saved: list = []
+
+    def pre(module, args):
+        undone = []
+        for owner, name in patched:
+            value = getattr(owner, name, None)
+            original = getattr(value, "op", None)
+            if original is not None:  # patched by ptflops: the wrapper keeps the original as .op
+                undone.append((owner, name, value))
+                setattr(owner, name, original)
+        saved.append(undone)
+
+    def post(module, args, output):
+        for owner, name, value in saved.pop():
+            setattr(owner, name, value)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, types):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while saved:  # a forward that raised inside the module
+            for owner, name, value in saved.pop():
+                setattr(owner, name, value)
+
 
 def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_functional, runner=None):
     from ptflops import get_model_complexity_info
@@ -572,7 +623,7 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
             hooks[cls] = wrap_ptflops(MODULES_MAPPING[base])
 
     what = type(model).__name__
-    with _captured_output(what) as buf, _MacInputs() as multiplied:
+    with _captured_output(what) as buf, _MacInputs() as multiplied, _unpatched_inside(model, _WHOLE_COUNT):
         macs, _ = get_model_complexity_info(
             runner if runner is not None else model, input_size, print_per_layer_stat=False,
             as_strings=False, input_constructor=make_input, ost=buf, verbose=False,
