@@ -97,15 +97,82 @@ class ScaledDotProductAttention(nn.Module):
     def forward(self, q, k, v, attn_mask=None, dropout_p: float = 0.0, need_weights: bool = False):
         if not need_weights:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p), None
-        # ``@`` and ``torch.softmax`` rather than torch.matmul / F.softmax: ptflops' pytorch
-        # backend patches the latter and would count them on top of this module's counter.
-        scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
-        if attn_mask is not None:
-            scores = scores + attn_mask
-        weights = torch.softmax(scores, dim=-1)
-        if dropout_p > 0.0:
-            weights = F.dropout(weights, p=dropout_p)
-        return weights @ v, weights
+        return _attention_with_weights(q, k, v, attn_mask, dropout_p)
+
+
+@torch.fx.wrap
+def _attention_with_weights(q, k, v, attn_mask, dropout_p: float):
+    # ``@`` and ``torch.softmax`` rather than torch.matmul / F.softmax: ptflops' pytorch backend
+    # patches the latter and would count them on top of the core's registered counter.
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-2, -1)
+    if attn_mask is not None:
+        scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v, weights
+
+
+@torch.fx.wrap
+def _to_batch_first(query, key, value, key_padding_mask, batch_first: bool):
+    """``(query, key, value, key_padding_mask)`` as ``(N, L, E)`` / ``(N, S)`` tensors."""
+    if query.dim() not in (2, 3):
+        raise ValueError(f"MultiheadAttention: query must be 2-D (unbatched) or 3-D, got shape "
+                         f"{tuple(query.shape)}")
+    if query.dim() == 2:  # unbatched (L, E) -> (1, L, E)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        return query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0), key_padding_mask
+    if not batch_first:
+        return query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), key_padding_mask
+    return query, key, value, key_padding_mask
+
+
+@torch.fx.wrap
+def _split_heads(q, k, v, attn_mask, key_padding_mask, bias_k, bias_v, num_heads: int, add_zero_attn: bool):
+    """Projected ``(N, L, E)`` tensors -> ``(N, H, L, d)`` heads and one additive mask
+    broadcastable to ``(N, H, L, S)`` (``add_bias_kv`` / ``add_zero_attn`` as PyTorch does)."""
+    n, lq, e = q.shape
+    d = e // num_heads
+    am = _additive_mask(attn_mask, q.dtype, "attn_mask")
+    kpm = _additive_mask(key_padding_mask, q.dtype, "key_padding_mask")
+    if bias_k is not None:
+        k = torch.cat([k, bias_k.expand(n, 1, -1)], dim=1)
+        v = torch.cat([v, bias_v.expand(n, 1, -1)], dim=1)
+        am = F.pad(am, (0, 1)) if am is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    q = q.reshape(n, lq, num_heads, d).transpose(1, 2)
+    k = k.reshape(n, k.shape[1], num_heads, d).transpose(1, 2)
+    v = v.reshape(n, v.shape[1], num_heads, d).transpose(1, 2)
+    if add_zero_attn:
+        k = torch.cat([k, k.new_zeros(n, num_heads, 1, d)], dim=2)
+        v = torch.cat([v, v.new_zeros(n, num_heads, 1, d)], dim=2)
+        am = F.pad(am, (0, 1)) if am is not None else None
+        kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
+    mask = None
+    if am is not None:  # (L, S) or (N*H, L, S)
+        mask = am if am.dim() == 2 else am.reshape(n, num_heads, lq, am.shape[-1])
+    if kpm is not None:  # (N, S)
+        kpm = kpm.reshape(n, 1, 1, kpm.shape[-1])
+        mask = kpm if mask is None else mask + kpm
+    return q, k, v, mask
+
+
+@torch.fx.wrap
+def _from_batch_first(out, weights, query, batch_first: bool, need_weights: bool, average_attn_weights: bool):
+    """Back to the caller's layout; weights averaged over heads or not, as PyTorch returns them."""
+    batched = query.dim() == 3
+    if not batched:
+        out = out.squeeze(0)
+    elif not batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    if average_attn_weights:
+        weights = weights.mean(dim=1)
+    if not batched:
+        weights = weights.squeeze(0)
+    return out, weights
 
 
 def _core_macs(module, inputs, output) -> int:
@@ -216,54 +283,17 @@ class MultiheadAttention(nn.Module):
         if is_causal and attn_mask is None:
             raise RuntimeError("MultiheadAttention: is_causal=True needs attn_mask (it is a hint that "
                                "attn_mask is the causal mask, as in torch.nn.MultiheadAttention)")
-        batched = query.dim() == 3
-        if query.dim() not in (2, 3):
-            raise ValueError(f"MultiheadAttention: query must be 2-D (unbatched) or 3-D, got shape "
-                             f"{tuple(query.shape)}")
-        if not batched:  # (L, E) -> (1, L, E)
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        n, lq = query.shape[0], query.shape[1]
-        h, d = self.num_heads, self.head_dim
-        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        dtype = q.dtype
-        am = _additive_mask(attn_mask, dtype, "attn_mask")
-        kpm = _additive_mask(key_padding_mask, dtype, "key_padding_mask")
-        if self.bias_k is not None:
-            k = torch.cat([k, self.bias_k.expand(n, 1, -1)], dim=1)
-            v = torch.cat([v, self.bias_v.expand(n, 1, -1)], dim=1)
-            am = F.pad(am, (0, 1)) if am is not None else None
-            kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
-        q = q.reshape(n, lq, h, d).transpose(1, 2)
-        k = k.reshape(n, k.shape[1], h, d).transpose(1, 2)
-        v = v.reshape(n, v.shape[1], h, d).transpose(1, 2)
-        if self.add_zero_attn:
-            k = torch.cat([k, k.new_zeros(n, h, 1, d)], dim=2)
-            v = torch.cat([v, v.new_zeros(n, h, 1, d)], dim=2)
-            am = F.pad(am, (0, 1)) if am is not None else None
-            kpm = F.pad(kpm, (0, 1)) if kpm is not None else None
-        mask = None
-        if am is not None:  # (L, S) or (N*H, L, S)
-            mask = am if am.dim() == 2 else am.reshape(n, h, lq, am.shape[-1])
-        if kpm is not None:  # (N, S)
-            kpm = kpm.reshape(n, 1, 1, kpm.shape[-1])
-            mask = kpm if mask is None else mask + kpm
-        out, weights = self.attention(q, k, v, mask, self.dropout if self.training else 0.0, need_weights)
-        out = self.out_proj(out.transpose(1, 2).reshape(n, lq, self.embed_dim))
-        if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
-        if not need_weights:
-            return out, None
-        if average_attn_weights:
-            weights = weights.mean(dim=1)
-        if not batched:
-            weights = weights.squeeze(0)
-        return out, weights
+        # the layout and mask handling live in torch.fx-wrapped helpers, so that the module traces
+        # (torch.fx sees the projections and the core as calls; channels.remove_channels, graph
+        # questions and user tools keep working on exported transformers)
+        nle = _to_batch_first(query, key, value, key_padding_mask, self.batch_first)
+        q, k, v = self.q_proj(nle[0]), self.k_proj(nle[1]), self.v_proj(nle[2])
+        heads = _split_heads(q, k, v, attn_mask, nle[3], self.bias_k, self.bias_v, self.num_heads,
+                             self.add_zero_attn)
+        attended = self.attention(heads[0], heads[1], heads[2], heads[3],
+                                  self.dropout if self.training else 0.0, need_weights)
+        out = self.out_proj(attended[0].transpose(1, 2).flatten(2))
+        return _from_batch_first(out, attended[1], query, self.batch_first, need_weights, average_attn_weights)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "

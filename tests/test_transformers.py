@@ -320,3 +320,25 @@ def test_convert_logs_what_it_replaced(caplog):
     with caplog.at_level(logging.INFO, logger="admm_compress.attention"):
         attention.convert(Encoder(True))
     assert "2 nn.MultiheadAttention and 2 nn.TransformerEncoderLayer" in caplog.text
+
+
+def test_exported_vit_traces_with_fx_and_channels_are_removed_inside_the_mlp():
+    """Converted attention traces (layout/mask logic in fx-wrapped helpers), so torch.fx tools
+    and export's cross-layer channel removal still see the ViT's MLP blocks."""
+    model = tiny_vit()
+    spec = [ac.Constrain("*.mlp.3", ac.Cardinality(density=0.5, group_dim=1)),  # MLP fc2 inputs
+            ac.Constrain("*.out_proj", ac.LowRank(rank=4))]
+    solver = ac.Solver(spec)
+    solver.prepare(model)
+    solver.finalize(model)
+    out = ac.export(model, solver)
+    gm = torch.fx.symbolic_trace(out)
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.allclose(gm(x), ref, rtol=0, atol=_tol(ref))
+        assert torch.allclose(out(x), ref, rtol=0, atol=_tol(ref))
+    # fc1 lost the rows fc2 no longer reads: fc2's IndexSelect is gone
+    fc1 = out.encoder.layers[0].mlp[0]
+    assert fc1.out_features == FF // 2
