@@ -17,9 +17,20 @@ backend is always named explicitly (``ptflops.get_model_complexity_info(..., bac
     ``nn.ReLU`` / ``nn.MaxPool2d`` / ... modules are counted a second time, on top of the module
     hook (ptflops issue #139); ``count_functional=False`` counts module hooks only, but then
     ``torch.matmul`` in attention is not counted either.  A module type ptflops does not know
-    counts 0 MACs: :func:`complexity` therefore raises for any module that owns parameters but
-    received no count, instead of returning a silently wrong number.  Register a counter for
-    such a type with :func:`register_counter`.
+    counts 0 MACs: :func:`complexity` therefore raises for any module that owns parameters it
+    *multiplies* (they reach a matrix product or convolution, seen by a
+    :class:`~torch.utils._python_dispatch.TorchDispatchMode` during the count) but received no
+    count, instead of returning a silently wrong number.  Parameters that are only added,
+    concatenated or looked up (a ViT's class token and position embedding, an embedding
+    table) cost no MACs and raise nothing.  Register a counter for such a type with
+    :func:`register_counter`.  ``nn.MultiheadAttention`` is counted by ptflops' hook (products,
+    q scaling, softmax); the functionals its unfused path calls are not counted again.
+
+Attention: in eval mode PyTorch runs ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
+through fused kernels and ``F.scaled_dot_product_attention`` through fused SDPA kernels, whose
+products no ATen counter sees.  The ``"aten"`` backend and :func:`torch_macs` therefore count
+with the MHA fast path disabled and SDPA on its math backend (same function, every product an
+``addmm`` / ``bmm``); ``baddbmm`` and the fused SDPA ops get counters as well.
 
 Parametrized modules (:mod:`torch.nn.utils.parametrize`, e.g. a LoRITa factor product or a
 masked weight) are counted as the layer they parametrize, with the **dense** weight shape
@@ -35,7 +46,9 @@ may give the parameter count of its module type (``params_fn``), e.g. the nonzer
 layer.
 
 Counting runs one forward pass on a zero input of shape ``(1, *input_size)`` with the model's
-dtype and device, in eval mode; the train/eval flags of all modules are restored afterwards.
+dtype and device (``input_dtype=torch.long`` for token ids, or ``input_constructor`` for
+several or keyword inputs), in eval mode; the train/eval flags of all modules are restored
+afterwards.
 The ptflops ``pytorch`` backend patches ``torch.nn.functional`` globally while it runs, so do
 not count in several threads at once.  Nothing is printed: ptflops output is captured and sent
 to this module's logger at DEBUG level.

@@ -77,8 +77,11 @@ class TokenLM(nn.Module):
 
 
 def tiny_vit():
-    return torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
-                                                hidden_dim=E, mlp_dim=FF, num_classes=C)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=E, mlp_dim=FF, num_classes=C)
+    # torchvision zero-initializes the head: outputs would be 0 whatever the encoder computes
+    nn.init.normal_(vit.heads.head.weight, std=0.5)
+    return vit
 
 
 def _lm_loss(out, y):
@@ -115,6 +118,7 @@ def _assert_same_outputs(ref, out, x):
         out.train(mode == "train")
         with torch.no_grad():
             a, b = ref(x), out(x)
+        assert a.abs().max() > 1e-3 and a.std() > 1e-4  # not a constant (the check would be vacuous)
         assert torch.allclose(a, b, rtol=0, atol=_tol(a)), (mode, float((a - b).abs().max()))
     ref.eval()
     out.eval()
@@ -337,6 +341,7 @@ def test_exported_vit_traces_with_fx_and_channels_are_removed_inside_the_mlp():
     model.eval()
     with torch.no_grad():
         ref = model(x)
+        assert ref.std() > 1e-3
         assert torch.allclose(gm(x), ref, rtol=0, atol=_tol(ref))
         assert torch.allclose(out(x), ref, rtol=0, atol=_tol(ref))
     # fc1 lost the rows fc2 no longer reads: fc2's IndexSelect is gone
