@@ -395,8 +395,10 @@ def convert(model: nn.Module, only_changed: bool = False) -> nn.Module:
 def check_binding(module: nn.Module, param_name: str, constraint, view, name: str = "") -> str | None:
     """Why export cannot realize ``constraint`` on ``module.<param_name>``, or ``None`` if it can.
 
-    Only attention-specific reasons are checked here: a constraint on the fused projection
-    parameters of ``nn.MultiheadAttention`` (``in_proj_weight``, ``q/k/v_proj_weight``).  The
+    Only attention-specific reasons are checked here: a constraint on a tensor that belongs to
+    the attention module itself rather than to one of its projection layers -- the fused
+    projections of ``nn.MultiheadAttention`` (``in_proj_weight``, ``q/k/v_proj_weight``; fix:
+    :func:`convert` before training) and ``in_proj_bias`` / ``bias_k`` / ``bias_v``.  The
     ``nn.Linear`` layers inside attention and encoder layers (``out_proj``, ``linear1``,
     ``linear2``, and ``q_proj``/``k_proj``/``v_proj`` after :func:`convert`) are exported like
     any ``nn.Linear`` (the attention module is converted at export), so they return ``None``.
@@ -415,12 +417,18 @@ def check_binding(module: nn.Module, param_name: str, constraint, view, name: st
     str or None
         A refusal message naming the layer, the set, the view and the fix.
     """
-    if not isinstance(module, nn.MultiheadAttention) or param_name not in FUSED_PARAMS:
+    if not isinstance(module, (nn.MultiheadAttention, MultiheadAttention)):
         return None
     view_name = getattr(view, "name", view)
-    where = f"layer '{name}'" if name else "an nn.MultiheadAttention layer"
+    where = f"layer '{name}'" if name else f"a {type(module).__name__} layer"
+    if isinstance(module, MultiheadAttention) or param_name not in FUSED_PARAMS:
+        # in_proj_bias, bias_k, bias_v: added or concatenated, not the weight of a layer
+        return (f"{where} ({type(module).__module__}.{type(module).__name__}): {constraint!r} with view "
+                f"{view_name!r} on '{param_name}': export builds compact layers from a layer's 'weight' "
+                f"and this tensor is not one. Fix: constrain the projection layers inside it instead "
+                f"(Constrain('{name + '.' if name else ''}*_proj', ...) or Constrain(nn.Linear, ...)).")
     what = ("the fused q/k/v projection (3*embed_dim x embed_dim)" if param_name == "in_proj_weight"
-            else f"a projection nn.MultiheadAttention hands to its fused kernel")
+            else "a projection nn.MultiheadAttention hands to its fused kernel")
     return (f"{where} (nn.MultiheadAttention): {constraint!r} with view {view_name!r} on "
             f"'{param_name}', {what}: export cannot build a compact layer from it, since "
             f"nn.MultiheadAttention reads that tensor directly instead of calling a layer. Fix: call "

@@ -321,6 +321,12 @@ def test_converted_attention_counts_as_the_stock_module():
     for backend in ("pytorch", "aten"):
         assert complexity(ours, (L, E), backend=backend).macs == complexity(stock, (L, E), backend=backend).macs
     assert torch_macs(ours, (L, E)) == torch_macs(stock, (L, E))
+    for need_weights, masked in ((True, False), (True, True)):  # the explicit-weights path too
+        stock = _SelfAttention(E, H, True, need_weights, masked)
+        ours = attention.convert(copy.deepcopy(stock))
+        assert isinstance(ours.attn, attention.MultiheadAttention)
+        for backend in ("pytorch", "aten"):
+            assert complexity(ours, (L, E), backend=backend).macs == complexity(stock, (L, E), backend=backend).macs
 
 
 def test_stock_vit_needs_no_allow_zero_and_aten_equals_flop_counter_plus_biases():

@@ -291,6 +291,9 @@ def test_in_proj_weight_is_refused_with_the_fix():
     assert msg is not None
     for part in ("'attn'", "LowRank", "'matrix'", "in_proj_weight", "attention.convert(model)", "q_proj"):
         assert part in msg, part
+    kv = nn.MultiheadAttention(E, H, add_bias_kv=True)
+    msg = attention.check_binding(kv, "bias_k", ac.LowRank(rank=1), "identity", name="blk.attn")
+    assert "'blk.attn'" in msg and "bias_k" in msg and "'identity'" in msg and "*_proj" in msg
     # projections that are real layers export fine: no refusal
     lin = resolve(ac.Constrain(nn.Linear, ac.LowRank(rank=4)), model)[0]
     assert attention.check_binding(lin.module, lin.param_name, lin.constraint, lin.view, name=lin.name) is None
