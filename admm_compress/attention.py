@@ -35,8 +35,15 @@ projection as a module:
 
 ``convert(model)`` on an uncompressed model changes no output (beyond float rounding) and no
 count of either ptflops backend.  :func:`admm_compress.export` calls
-``convert(model, only_changed=True)`` last, which converts exactly the attention / encoder
-layers whose projections it replaced, so untouched layers keep PyTorch's fused kernels.
+``convert(model, only_changed=True)`` after swapping layers (before the cross-layer channel
+removal), which converts exactly the attention / encoder layers whose projections it replaced,
+so untouched layers keep PyTorch's fused kernels.  The converted modules trace with
+:mod:`torch.fx` (layout and mask handling sit in ``torch.fx.wrap``-ed helpers; projections and
+the core appear as module calls).  They are not TorchScript-scriptable.
+
+Cost of the replacement: the three ``q``/``k``/``v`` products run as three ``addmm`` calls
+instead of one fused ``(3E, E)`` product (same MACs), and the module runs PyTorch's unfused
+attention math (``F.scaled_dot_product_attention``), not the fused inference kernel.
 
 The fused ``in_proj_weight``
 ----------------------------
