@@ -350,3 +350,16 @@ def test_exported_vit_traces_with_fx_and_channels_are_removed_inside_the_mlp():
     # fc1 lost the rows fc2 no longer reads: fc2's IndexSelect is gone
     fc1 = out.encoder.layers[0].mlp[0]
     assert fc1.out_features == FF // 2
+
+
+def test_lrpet_with_linear_targets_on_a_conv_free_model():
+    """What the refusal in the matrix above leaves open: lrpet on the Linear layers only."""
+    model = Encoder(True)
+    solver = methods.lrpet(0.6, targets=nn.Linear)
+    loader = _loader("seq")
+    solver.fit(model, loader, epochs=1, progress=False)
+    out = ac.export(model, solver)
+    _assert_fused_modules_replaced(out)
+    _assert_same_outputs(model, out, loader[0][0])
+    for backend in ("pytorch", "aten"):
+        assert ac.complexity(out, (L, E), backend=backend).macs < ac.complexity(model, (L, E), backend=backend).macs
