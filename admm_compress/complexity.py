@@ -648,6 +648,9 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
         raise _ptflops_failed(model, input_size, "pytorch", buf.getvalue())
 
     problems = []
+    # a parameter shared with a counted module (a language model's head tied to its embedding
+    # table) is multiplied there, and counted there
+    covered = {id(p) for m in model.modules() if type(m) in hooks for p in m.parameters()}
 
     def walk(m: nn.Module, name: str) -> None:
         label = name or "<model>"
@@ -668,7 +671,7 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
         # only parameters that are *multiplied* cost MACs: a class token, a position embedding or
         # an embedding table (added, concatenated, looked up) is rightly counted 0
         own = [(n, p) for n, p in m.named_parameters(recurse=False)
-               if _storage_key(p) in multiplied.storages]
+               if _storage_key(p) in multiplied.storages and id(p) not in covered]
         if own and not _allowed(label, m, allow_zero):
             problems.append(f"'{label}' ({type(m).__name__}) multiplies parameters of its own "
                             f"({', '.join(n for n, _ in own)}: {sum(p.numel() for _, p in own)} numbers) "

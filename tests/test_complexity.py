@@ -394,6 +394,15 @@ def test_token_input_models_are_measurable():
         complexity(m, (L,))
 
 
+def test_tied_embedding_and_head_count_once_without_error():
+    m = _TokenModel(V=20, E=8)
+    m.head = nn.Linear(8, 20, bias=False)
+    m.head.weight = m.emb.weight  # weight tying: the table is multiplied by the (counted) head
+    L = 5
+    for backend in ("pytorch", "aten"):
+        assert complexity(m, (L,), backend=backend, input_dtype=torch.long).macs == L * 8 * 20
+
+
 def test_input_options_validation():
     m = _TokenModel()
     with pytest.raises(TypeError, match="input_dtype"):
