@@ -14,6 +14,7 @@ from .specs import Constrain, SpecError, describe, resolve
 from .solver import History, Solver
 from .export import ExportError, export, register_exporter
 from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC counter
+from . import attention  # attention modules that call their (compressed) projections
 from .complexity import complexity, latency
 from .training import evaluate
 
@@ -35,5 +36,5 @@ def __getattr__(name):  # heavy sub-packages on first use: `ac.methods`, `ac.mod
 __all__ = [
     "LowRank", "Cardinality", "TTRank", "SchattenP", "Sum", "ConstraintSet", "Penalty",
     "Constrain", "resolve", "describe", "Solver", "History", "export", "register_exporter",
-    "complexity", "latency", "evaluate", "sets", "views", "methods", "models", "data",
+    "complexity", "latency", "evaluate", "sets", "views", "methods", "models", "data", "attention",
 ]

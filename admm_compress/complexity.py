@@ -17,9 +17,20 @@ backend is always named explicitly (``ptflops.get_model_complexity_info(..., bac
     ``nn.ReLU`` / ``nn.MaxPool2d`` / ... modules are counted a second time, on top of the module
     hook (ptflops issue #139); ``count_functional=False`` counts module hooks only, but then
     ``torch.matmul`` in attention is not counted either.  A module type ptflops does not know
-    counts 0 MACs: :func:`complexity` therefore raises for any module that owns parameters but
-    received no count, instead of returning a silently wrong number.  Register a counter for
-    such a type with :func:`register_counter`.
+    counts 0 MACs: :func:`complexity` therefore raises for any module that owns parameters it
+    *multiplies* (they reach a matrix product or convolution, seen by a
+    :class:`~torch.utils._python_dispatch.TorchDispatchMode` during the count) but received no
+    count, instead of returning a silently wrong number.  Parameters that are only added,
+    concatenated or looked up (a ViT's class token and position embedding, an embedding
+    table) cost no MACs and raise nothing.  Register a counter for such a type with
+    :func:`register_counter`.  ``nn.MultiheadAttention`` is counted by ptflops' hook (products,
+    q scaling, softmax); the functionals its unfused path calls are not counted again.
+
+Attention: in eval mode PyTorch runs ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer``
+through fused kernels and ``F.scaled_dot_product_attention`` through fused SDPA kernels, whose
+products no ATen counter sees.  The ``"aten"`` backend and :func:`torch_macs` therefore count
+with the MHA fast path disabled and SDPA on its math backend (same function, every product an
+``addmm`` / ``bmm``); ``baddbmm`` and the fused SDPA ops get counters as well.
 
 Parametrized modules (:mod:`torch.nn.utils.parametrize`, e.g. a LoRITa factor product or a
 masked weight) are counted as the layer they parametrize, with the **dense** weight shape
@@ -35,7 +46,9 @@ may give the parameter count of its module type (``params_fn``), e.g. the nonzer
 layer.
 
 Counting runs one forward pass on a zero input of shape ``(1, *input_size)`` with the model's
-dtype and device, in eval mode; the train/eval flags of all modules are restored afterwards.
+dtype and device (``input_dtype=torch.long`` for token ids, or ``input_constructor`` for
+several or keyword inputs), in eval mode; the train/eval flags of all modules are restored
+afterwards.
 The ptflops ``pytorch`` backend patches ``torch.nn.functional`` globally while it runs, so do
 not count in several threads at once.  Nothing is printed: ptflops output is captured and sent
 to this module's logger at DEBUG level.
@@ -227,6 +240,75 @@ def _dtype_device(model: nn.Module):
     return torch.get_default_dtype(), torch.device("cpu")
 
 
+def _check_input_options(input_constructor, input_dtype, where: str):
+    if input_constructor is not None and not callable(input_constructor):
+        raise TypeError(f"{where}: input_constructor must be a callable shape -> tensor, tuple of "
+                        f"tensors or dict of keyword tensors, got {input_constructor!r}")
+    if input_dtype is not None and not isinstance(input_dtype, torch.dtype):
+        raise TypeError(f"{where}: input_dtype must be a torch.dtype (e.g. torch.long for token ids) "
+                        f"or None, got {input_dtype!r}")
+    if input_constructor is not None and input_dtype is not None:
+        raise ValueError(f"{where}: give input_constructor or input_dtype, not both (the constructor "
+                         f"chooses its own dtype)")
+
+
+def _build_input(shape: tuple, dtype, device, input_constructor, input_dtype, where: str, random: bool):
+    """The model input for ``shape`` = ``(batch, *input_size)``: a tensor, a tuple (positional
+    arguments) or a dict (keyword arguments).
+
+    Default: a float tensor of the model's dtype (zeros, or ``randn`` when ``random``);
+    ``input_dtype`` integer or bool: zeros of that dtype (valid token ids / masks for any
+    vocabulary); ``input_constructor(shape)``: whatever it returns, moved to ``device``.
+    """
+    if input_constructor is None:
+        dt = input_dtype if input_dtype is not None else dtype
+        if random and dt.is_floating_point:
+            return torch.randn(shape, dtype=dt, device=device)
+        return torch.zeros(shape, dtype=dt, device=device)
+    x = input_constructor(shape)
+
+    def move(t, path):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: input_constructor{tuple(shape)} must return a tensor, a tuple/list "
+                            f"of tensors or a dict of tensors; {path} is a {type(t).__name__}")
+        return t.to(device)
+
+    if isinstance(x, torch.Tensor):
+        return move(x, "the result")
+    if isinstance(x, (tuple, list)) and x:
+        return tuple(move(t, f"item {i}") for i, t in enumerate(x))
+    if isinstance(x, Mapping) and x:
+        return {k: move(t, f"key {k!r}") for k, t in x.items()}
+    return move(x, "the result")
+
+
+class _CallWith(nn.Module):
+    """``model(*args)`` for a tuple input (ptflops calls ``model(x)`` or ``model(**x)``)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, args):
+        return self.model(*args)
+
+
+def _runner(model: nn.Module, example):
+    """(module ptflops calls, its input): dicts and tensors go as they are, tuples through
+    :class:`_CallWith` as the keyword ``args`` (so ptflops sees no positional batch)."""
+    if isinstance(example, tuple):
+        return _CallWith(model), {"args": example}
+    return None, example
+
+
+def _call(model: nn.Module, example):
+    if isinstance(example, tuple):
+        return model(*example)
+    if isinstance(example, dict):
+        return model(**example)
+    return model(example)
+
+
 def _allowed(name: str, module: nn.Module, allow_zero) -> bool:
     for a in allow_zero:
         if isinstance(a, str):
@@ -307,6 +389,109 @@ def _counting_state(model: nn.Module):
 
 
 @contextlib.contextmanager
+def _unfused_attention():
+    """Run attention as plain matrix products while counting (restored afterwards).
+
+    ``nn.MultiheadAttention`` / ``nn.TransformerEncoderLayer`` take a fused inference kernel in
+    eval mode (``aten._native_multi_head_attention``, ``aten._transformer_encoder_layer_fwd``)
+    and ``F.scaled_dot_product_attention`` a fused CPU/GPU kernel; the ATen counters (ptflops'
+    and :class:`torch.utils.flop_counter.FlopCounterMode`) see none of their products and count
+    0.  Here the MHA fast path is disabled and SDPA runs its math backend, so every product is
+    an ``aten.addmm`` / ``aten.bmm`` (same function, same MACs).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    fast = torch.backends.mha.get_fastpath_enabled()
+    try:
+        torch.backends.mha.set_fastpath_enabled(False)
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def _fused_attention_macs(op):
+    """An ATen counter (ptflops' ``fn(inputs, outputs)``) for a fused attention op: MACs =
+    FLOPs / 2 of :mod:`torch.utils.flop_counter`'s formula (products only)."""
+    from torch.utils.flop_counter import flop_registry
+
+    flops_fn = flop_registry[op]
+
+    def macs(inputs, outputs):
+        out = outputs[0] if len(outputs) == 1 else outputs
+        return int(flops_fn(*inputs, out_val=out)) // 2
+    return macs
+
+
+def _default_aten_hooks() -> dict:
+    """ATen ops ptflops 0.7.x does not count: ``baddbmm`` (``nn.MultiheadAttention`` with a mask
+    and ``need_weights``) and the fused SDPA kernels (in case one runs despite
+    :func:`_unfused_attention`, e.g. called directly)."""
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    hooks = {}
+    for name in ("baddbmm", "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+        op = getattr(aten, name, None)
+        if op is not None and op in flop_registry:
+            hooks[op] = _fused_attention_macs(op)
+    return hooks
+
+
+# ops whose inputs are multiplied (an owned parameter feeding one costs MACs somewhere)
+def _mac_ops() -> frozenset:
+    from ptflops.aten_ops import ATEN_OPS_MAPPING
+    from torch.utils.flop_counter import flop_registry
+
+    aten = torch.ops.aten
+    extra = [getattr(aten, n, None) for n in ("addmv", "mv", "dot", "vdot", "addbmm", "linear", "einsum",
+                                              "_native_multi_head_attention", "conv_tbc",
+                                              "_scaled_dot_product_flash_attention_for_cpu")]
+    return frozenset([*ATEN_OPS_MAPPING, *flop_registry, *(o for o in extra if o is not None)])
+
+
+class _MacInputs:
+    """Storages of the tensors that reach a multiplying ATen op during a forward pass.
+
+    A parameter that only enters additions, concatenations or look-ups (a class token, a
+    position embedding, an embedding table) costs no MACs; one that is multiplied does.  Used
+    by the pytorch backend's "parameters but 0 counted MACs" check.
+    """
+
+    def __init__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        ops = _mac_ops()
+        seen = self.storages = set()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func._overloadpacket in ops:
+                    for a in list(args) + list((kwargs or {}).values()):
+                        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+                            if isinstance(t, torch.Tensor):
+                                seen.add(_storage_key(t))
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _storage_key(t: torch.Tensor):
+    try:
+        return (t.device, t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # tensors without storage (nested, functional)
+        return (t.device, id(t))
+
+
+@contextlib.contextmanager
 def _captured_output(what: str):
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
@@ -341,7 +526,61 @@ def _ptflops_failed(model: nn.Module, input_size: tuple, backend: str, text: str
 
 
 # ----------------------------------------------------------------------------- counting
-def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_functional):
+_LINEAR_ALIASES = {nn.modules.linear.NonDynamicallyQuantizableLinear: nn.Linear}
+
+# module types whose ptflops hook counts everything they compute; the functionals ptflops
+# patches (softmax, bmm, baddbmm, matmul, mul, add...) and that their unfused path calls must
+# not be counted a second time
+_WHOLE_COUNT = (nn.MultiheadAttention,)
+
+
+@contextlib.contextmanager
+def _unpatched_inside(model: nn.Module, types: tuple):
+    """While a module of ``types`` runs, undo ptflops' patching of functionals / tensor ops.
+
+    ``nn.MultiheadAttention`` off its fused path calls ``torch.baddbmm`` / ``torch.bmm`` /
+    ``F.softmax``, which ``count_functional=True`` counts on top of the module's hook (the MHA
+    hook already counts the products, the scaling and the softmax).
+    """
+    import torch.nn.functional as F
+
+    from ptflops.pytorch_ops import FUNCTIONAL_MAPPING, TENSOR_OPS_MAPPING
+
+    tensor_ops = {op.__name__ for op in TENSOR_OPS_MAPPING}
+    patched = ([(F, fn.__name__) for fn in FUNCTIONAL_MAPPING]
+               + [(torch, n) for n in tensor_ops] + [(torch.Tensor, n) for n in tensor_ops])
+    saved: list = []
+
+    def pre(module, args):
+        undone = []
+        for owner, name in patched:
+            value = getattr(owner, name, None)
+            original = getattr(value, "op", None)
+            if original is not None:  # patched by ptflops: the wrapper keeps the original as .op
+                undone.append((owner, name, value))
+                setattr(owner, name, original)
+        saved.append(undone)
+
+    def post(module, args, output):
+        for owner, name, value in saved.pop():
+            setattr(owner, name, value)
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, types):
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        while saved:  # a forward that raised inside the module
+            for owner, name, value in saved.pop():
+                setattr(owner, name, value)
+
+
+def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_functional, runner=None):
     from ptflops import get_model_complexity_info
     from ptflops.pytorch_ops import MODULES_MAPPING
 
@@ -388,16 +627,19 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
             continue
         base = _base_of_parametrized(m)
         counter = _registry_lookup(base, registry)
+        # nn.MultiheadAttention's out_proj is a NonDynamicallyQuantizableLinear, an nn.Linear in
+        # all but name (a marker for quantization); ptflops looks types up exactly
+        base = _LINEAR_ALIASES.get(base, base)
         if counter is not None:
             hooks[cls] = wrap_ours(counter.macs_fn, base)
         elif base in MODULES_MAPPING:
             hooks[cls] = wrap_ptflops(MODULES_MAPPING[base])
 
     what = type(model).__name__
-    with _captured_output(what) as buf:
+    with _captured_output(what) as buf, _MacInputs() as multiplied, _unpatched_inside(model, _WHOLE_COUNT):
         macs, _ = get_model_complexity_info(
-            model, input_size, print_per_layer_stat=False, as_strings=False,
-            input_constructor=make_input, ost=buf, verbose=False,
+            runner if runner is not None else model, input_size, print_per_layer_stat=False,
+            as_strings=False, input_constructor=make_input, ost=buf, verbose=False,
             custom_modules_hooks=hooks, backend="pytorch",
             backend_specific_config={"count_functional": count_functional})
     if errors:
@@ -406,6 +648,9 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
         raise _ptflops_failed(model, input_size, "pytorch", buf.getvalue())
 
     problems = []
+    # a parameter shared with a counted module (a language model's head tied to its embedding
+    # table) is multiplied there, and counted there
+    covered = {id(p) for m in model.modules() if type(m) in hooks for p in m.parameters()}
 
     def walk(m: nn.Module, name: str) -> None:
         label = name or "<model>"
@@ -423,10 +668,14 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
                                 f"{n_params} parameters) has no MAC counter for the ptflops "
                                 f"pytorch backend, which counts it as 0")
             return
-        own = sum(p.numel() for p in m.parameters(recurse=False))
+        # only parameters that are *multiplied* cost MACs: a class token, a position embedding or
+        # an embedding table (added, concatenated, looked up) is rightly counted 0
+        own = [(n, p) for n, p in m.named_parameters(recurse=False)
+               if _storage_key(p) in multiplied.storages and id(p) not in covered]
         if own and not _allowed(label, m, allow_zero):
-            problems.append(f"'{label}' ({type(m).__name__}, {own} parameters of its own) has no "
-                            f"MAC counter for the ptflops pytorch backend, which counts it as 0")
+            problems.append(f"'{label}' ({type(m).__name__}) multiplies parameters of its own "
+                            f"({', '.join(n for n, _ in own)}: {sum(p.numel() for _, p in own)} numbers) "
+                            f"but has no MAC counter for the ptflops pytorch backend, which counts it as 0")
         for child_name, child in m.named_children():
             walk(child, f"{name}.{child_name}" if name else child_name)
 
@@ -442,20 +691,23 @@ def _count_pytorch(model, input_size, registry, allow_zero, make_input, count_fu
     return int(macs), per, int(macs) - sum(per.values())
 
 
-def _count_aten(model, input_size, custom_hooks, make_input):
+def _count_aten(model, input_size, custom_hooks, make_input, runner=None):
     from ptflops import get_model_complexity_info
 
+    hooks = _default_aten_hooks()
+    hooks.update(custom_hooks or {})
+    model = runner if runner is not None else model
     # ptflops' aten engine registers forward (pre-)hooks on the model's children and never
     # removes them; remember the existing ones and remove the new ones afterwards.
     children = list(model.children())
     before = [(set(c._forward_pre_hooks), set(c._forward_hooks)) for c in children]
     what = type(model).__name__
     try:
-        with _captured_output(what) as buf:
+        with _captured_output(what) as buf, _unfused_attention():
             macs, _ = get_model_complexity_info(
                 model, input_size, print_per_layer_stat=False, as_strings=False,
                 input_constructor=make_input, ost=buf, verbose=False,
-                custom_modules_hooks=dict(custom_hooks or {}), backend="aten")
+                custom_modules_hooks=hooks, backend="aten")
     finally:
         for c, (pre, post) in zip(children, before):
             for k in set(c._forward_pre_hooks) - pre:
@@ -470,7 +722,9 @@ def _count_aten(model, input_size, custom_hooks, make_input):
 def complexity(model: nn.Module, input_size, backend: str = "pytorch",
                custom_hooks: Mapping | None = None,
                allow_zero: Iterable | None = None,
-               count_functional: bool = True) -> Complexity:
+               count_functional: bool = True, *,
+               input_constructor: Callable | None = None,
+               input_dtype: torch.dtype | None = None) -> Complexity:
     """Count the MACs and parameters of ``model`` on one input of shape ``input_size``.
 
     Parameters
@@ -491,6 +745,14 @@ def complexity(model: nn.Module, input_size, backend: str = "pytorch",
     count_functional : bool
         ``"pytorch"`` backend only: also count patched functionals and tensor ops
         (ptflops ``backend_specific_config={"count_functional": ...}``; see module docstring).
+    input_constructor : callable, optional
+        ``input_constructor((1, *input_size))`` returns the model's input: a tensor
+        (``model(x)``), a tuple of tensors (``model(*x)``) or a dict (``model(**x)``); tensors
+        are moved to the model's device.  E.g. ``lambda s: torch.randint(0, vocab, s)``.
+    input_dtype : torch.dtype, optional
+        Shortcut for a zero input of this dtype, e.g. ``torch.long`` for a model that starts
+        with an ``nn.Embedding`` (``complexity(lm, (seq_len,), input_dtype=torch.long)``).
+        Default: the model's floating dtype.
 
     Returns
     -------
@@ -530,17 +792,21 @@ def complexity(model: nn.Module, input_size, backend: str = "pytorch",
                                 f"to callables (module, inputs, output) -> int, got {cls!r}: {fn!r}")
             registry[cls] = _Counter(fn, registry[cls].params_fn if cls in registry else None)
 
+    _check_input_options(input_constructor, input_dtype, "complexity")
     dtype, device = _dtype_device(model)
+    example = _build_input((1, *input_size), dtype, device, input_constructor, input_dtype,
+                           "complexity", random=False)
+    runner, example = _runner(model, example)
 
     def make_input(res):
-        return torch.zeros((1, *res), dtype=dtype, device=device)
+        return example
 
     with _counting_state(model), torch.no_grad():
         if backend == "pytorch":
             macs, per_module, rest = _count_pytorch(model, input_size, registry, allow_zero,
-                                                    make_input, count_functional)
+                                                    make_input, count_functional, runner)
         else:
-            macs, per_module, rest = _count_aten(model, input_size, custom_hooks, make_input)
+            macs, per_module, rest = _count_aten(model, input_size, custom_hooks, make_input, runner)
     params = _count_params(model, registry)
     result = Complexity(macs=macs, params=params, backend=backend, input_size=input_size,
                         per_module=per_module, unattributed_macs=rest)
@@ -548,23 +814,28 @@ def complexity(model: nn.Module, input_size, backend: str = "pytorch",
     return result
 
 
-def torch_macs(model: nn.Module, input_size) -> int:
+def torch_macs(model: nn.Module, input_size, *, input_constructor: Callable | None = None,
+               input_dtype: torch.dtype | None = None) -> int:
     """MACs of one forward pass by :class:`torch.utils.flop_counter.FlopCounterMode`.
 
     PyTorch counts ``2 m n k`` FLOPs for a product of an ``m x k`` and a ``k x n`` matrix (and
     the equivalent for convolutions), without biases, normalization or activations; this
-    returns FLOPs / 2.  Used to cross-check ptflops on plain convolution / linear networks.
+    returns FLOPs / 2.  Used to cross-check ptflops on plain convolution / linear networks and
+    on attention (run unfused, as for ``complexity(backend="aten")``).  ``input_constructor`` /
+    ``input_dtype`` as in :func:`complexity`.
     """
     from torch.utils.flop_counter import FlopCounterMode
 
     model = _check_model(model)
     input_size = _check_input_size(input_size)
+    _check_input_options(input_constructor, input_dtype, "torch_macs")
     dtype, device = _dtype_device(model)
-    x = torch.zeros((1, *input_size), dtype=dtype, device=device)
-    with _counting_state(model), torch.no_grad():
+    x = _build_input((1, *input_size), dtype, device, input_constructor, input_dtype, "torch_macs",
+                     random=False)
+    with _counting_state(model), torch.no_grad(), _unfused_attention():
         counter = FlopCounterMode(display=False)
         with counter:
-            model(x)
+            _call(model, x)
     return int(counter.get_total_flops()) // 2
 
 
@@ -580,7 +851,8 @@ def _percentile(sorted_values: list, q: float) -> float:
 
 
 def latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 50, warmup: int = 10,
-            device: str | torch.device | None = None) -> Latency:
+            device: str | torch.device | None = None, *, input_constructor: Callable | None = None,
+            input_dtype: torch.dtype | None = None) -> Latency:
     """Median / p10 / p90 wall-clock time of ``model(x)`` for a random ``x`` of shape
     ``(batch, *input_size)``.
 
@@ -602,12 +874,19 @@ def latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 50, war
         Untimed calls first, >= 0.
     device : str or torch.device, optional
         Where to run; default: the model's device.
+    input_constructor : callable, optional
+        ``input_constructor((batch, *input_size))`` returns the input (tensor, tuple of tensors
+        or dict, see :func:`complexity`); moved to ``device``.
+    input_dtype : torch.dtype, optional
+        Input of zeros of this dtype instead of ``randn`` of the model's dtype (e.g.
+        ``torch.long`` token ids).
     """
     model = _check_model(model)
     input_size = _check_input_size(input_size)
     batch = check_int("batch", batch, low=1)
     repeats = check_int("repeats", repeats, low=1)
     warmup = check_int("warmup", warmup, low=0)
+    _check_input_options(input_constructor, input_dtype, "latency")
     dtype, model_device = _dtype_device(model)
     if device is None:
         dev = model_device
@@ -619,19 +898,20 @@ def latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 50, war
     if dev != model_device and not (dev.type == model_device.type and dev.index is None):
         run_model = copy.deepcopy(model).to(dev)
     is_cuda = dev.type == "cuda"
-    x = torch.randn((batch, *input_size), dtype=dtype, device=dev)
+    x = _build_input((batch, *input_size), dtype, dev, input_constructor, input_dtype, "latency",
+                     random=True)
     flags = [(m, m.training) for m in run_model.modules()]
     times = []
     try:
         run_model.eval()
         with torch.inference_mode():
             for _ in range(warmup):
-                run_model(x)
+                _call(run_model, x)
             if is_cuda:
                 torch.cuda.synchronize(dev)
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                run_model(x)
+                _call(run_model, x)
                 if is_cuda:
                     torch.cuda.synchronize(dev)
                 times.append((time.perf_counter() - t0) * 1e3)

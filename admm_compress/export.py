@@ -396,6 +396,9 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
             continue
         new.train(b.module.training)
         _set_submodule(out, b.name, new)
+    from .attention import convert as _convert_attention  # fused attention reads weights: see attention.py
+
+    _convert_attention(out, only_changed=True)
     if remove_channels:
         n = _remove_channels(out)
         if n:

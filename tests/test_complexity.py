@@ -1,5 +1,7 @@
 """complexity(): hand-computed MACs, flop_counter cross-check, zero-count errors,
 parametrized layers, registry, no printing; latency()."""
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -254,3 +256,160 @@ def test_complexity_and_latency_unwrap_a_data_parallel_wrapper():
     assert (a.macs, a.params) == (b.macs, b.params)
     assert a.params == 12 * 8 + 8 + 8 * 3 + 3
     assert ac.latency(wrapped, (12,), repeats=3, warmup=1).median > 0
+
+
+# ------------------------------------------------------------------------------ attention
+# Hand counts for self-attention on L tokens of width E with H heads (batch 1):
+#   products  4 L E^2 (q, k, v, out projections) + 2 L^2 E (q k^T and A v over all heads)
+#   biases    4 L E (one add per projection output; ptflops' aten backend counts them)
+#   ptflops' nn.MultiheadAttention hook also adds L E (q scaling) + H L^2 (softmax)
+def _mha_products(L, E):
+    return 4 * L * E * E + 2 * L * L * E
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, E, H, batch_first, need_weights, masked):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(E, H, batch_first=batch_first)
+        self.need_weights, self.masked = need_weights, masked
+
+    def forward(self, x):
+        mask = None
+        if self.masked:  # a float mask makes PyTorch use baddbmm when weights are needed
+            L = x.shape[1] if self.attn.batch_first else x.shape[0]
+            mask = torch.zeros(L, L)
+        return self.attn(x, x, x, need_weights=self.need_weights, attn_mask=mask)[0]
+
+
+@pytest.mark.parametrize("batch_first, need_weights, masked",
+                         [(True, True, False), (True, False, False), (False, True, True), (True, False, True)])
+def test_multihead_attention_counts_in_eval_mode_both_backends(batch_first, need_weights, masked):
+    """Eval mode takes PyTorch's fused MHA kernel, which ATen counters used to see as 0 MACs."""
+    L, E, H = 5, 16, 2
+    m = _SelfAttention(E, H, batch_first, need_weights, masked).eval()
+    size = (L, E)  # counted input (1, L, E): L tokens if batch first, else 1 token in a batch of L
+    L_tok, batch = (L, 1) if batch_first else (1, L)
+    products = batch * _mha_products(L_tok, E)
+    assert torch_macs(m, size) == products  # FlopCounterMode: FLOPs / 2 of every product
+    assert complexity(m, size, backend="aten").macs == products + batch * 4 * L_tok * E
+    assert complexity(m, size, backend="pytorch").macs == products + batch * (4 * L_tok * E + L_tok * E
+                                                                              + H * L_tok * L_tok)
+
+
+def test_transformer_encoder_counts_match_flop_counter_in_eval_mode():
+    L, E, H, FF, depth = 6, 16, 2, 24, 2
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, batch_first=True), depth).eval()
+    products = depth * (_mha_products(L, E) + 2 * L * E * FF)
+    biases = depth * (4 * L * E + L * FF + L * E)
+    assert torch_macs(enc, (L, E)) == products
+    assert complexity(enc, (L, E), backend="aten").macs == products + biases
+    pt = complexity(enc, (L, E), backend="pytorch")
+    # + q scaling, softmax (ptflops MHA hook) + 2 LayerNorms (ptflops: 2 per element, affine)...
+    # ... minus nothing: cross-check the attention part through per_module
+    attn = sum(v for k, v in pt.per_module.items() if k.endswith("self_attn"))
+    assert attn == depth * (_mha_products(L, E) + 4 * L * E + L * E + H * L * L)
+    assert enc.training is False
+
+
+def test_converted_attention_counts_as_the_stock_module():
+    from admm_compress import attention
+
+    L, E, H, FF = 6, 16, 2, 24
+    stock = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, FF, batch_first=True), 2,
+                                  enable_nested_tensor=False)
+    ours = attention.convert(copy.deepcopy(stock))
+    for backend in ("pytorch", "aten"):
+        assert complexity(ours, (L, E), backend=backend).macs == complexity(stock, (L, E), backend=backend).macs
+    assert torch_macs(ours, (L, E)) == torch_macs(stock, (L, E))
+    for need_weights, masked in ((True, False), (True, True)):  # the explicit-weights path too
+        stock = _SelfAttention(E, H, True, need_weights, masked)
+        ours = attention.convert(copy.deepcopy(stock))
+        assert isinstance(ours.attn, attention.MultiheadAttention)
+        for backend in ("pytorch", "aten"):
+            assert complexity(ours, (L, E), backend=backend).macs == complexity(stock, (L, E), backend=backend).macs
+
+
+def test_stock_vit_needs_no_allow_zero_and_aten_equals_flop_counter_plus_biases():
+    tv = pytest.importorskip("torchvision")
+    E, FF, C, P, depth = 16, 24, 10, 8, 2
+    vit = tv.models.VisionTransformer(image_size=32, patch_size=P, num_layers=depth, num_heads=2,
+                                      hidden_dim=E, mlp_dim=FF, num_classes=C)
+    T = (32 // P) ** 2 + 1  # patches + class token
+    c = complexity(vit, (3, 32, 32), backend="pytorch")  # class_token / pos_embedding: no error
+    assert c.params == sum(p.numel() for p in vit.parameters())
+    biases = (T - 1) * E + depth * (4 * T * E + T * FF + T * E) + C
+    assert complexity(vit, (3, 32, 32), backend="aten").macs == torch_macs(vit, (3, 32, 32)) + biases
+
+
+class _AddParam(nn.Module):
+    """Owns a parameter that is only added (like a position embedding): costs 0 MACs."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 4))
+        self.scale = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x + self.pos
+
+
+def test_zero_mac_check_flags_multiplied_parameters_only():
+    m = nn.Sequential(nn.Linear(4, 4), _AddParam())
+    assert complexity(m, (4,)).macs == 16 + 4
+    m[1].forward = lambda x: (x + m[1].pos) @ m[1].scale  # now a parameter is multiplied
+    with pytest.raises(ValueError, match=r"'1' \(_AddParam\) multiplies parameters of its own \(scale"):
+        complexity(m, (4,))
+
+
+class _TokenModel(nn.Module):
+    def __init__(self, V=20, E=8):
+        super().__init__()
+        self.emb = nn.Embedding(V, E)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, tokens, scale=None):
+        y = self.head(self.emb(tokens)).mean(1)
+        return y if scale is None else y * scale
+
+
+def test_token_input_models_are_measurable():
+    m = _TokenModel()
+    L = 7
+    expect = {"aten": L * 8 * 3 + L * 3, "pytorch": L * 8 * 3 + L * 3}
+    for backend in ("pytorch", "aten"):
+        a = complexity(m, (L,), backend=backend, input_dtype=torch.long)
+        b = complexity(m, (L,), backend=backend, input_constructor=lambda s: torch.randint(0, 20, s))
+        c = complexity(m, (L,), backend=backend,
+                       input_constructor=lambda s: (torch.zeros(s, dtype=torch.long), torch.ones(())))
+        d = complexity(m, (L,), backend=backend,
+                       input_constructor=lambda s: {"tokens": torch.zeros(s, dtype=torch.long)})
+        assert a.macs == b.macs == d.macs == expect[backend], backend
+        assert c.macs >= a.macs  # the extra `* scale` is an element-wise op (0 for aten)
+    assert torch_macs(m, (L,), input_dtype=torch.long) == L * 8 * 3
+    r = latency(m, (L,), batch=2, repeats=2, warmup=0, input_dtype=torch.long)
+    assert r.median > 0
+    r = latency(m, (L,), batch=2, repeats=2, warmup=0, input_constructor=lambda s: {"tokens": torch.zeros(s, dtype=torch.long)})
+    assert r.batch == 2
+    with pytest.raises(RuntimeError, match="ptflops"):  # a float input into an Embedding fails clearly
+        complexity(m, (L,))
+
+
+def test_tied_embedding_and_head_count_once_without_error():
+    m = _TokenModel(V=20, E=8)
+    m.head = nn.Linear(8, 20, bias=False)
+    m.head.weight = m.emb.weight  # weight tying: the table is multiplied by the (counted) head
+    L = 5
+    for backend in ("pytorch", "aten"):
+        assert complexity(m, (L,), backend=backend, input_dtype=torch.long).macs == L * 8 * 20
+
+
+def test_input_options_validation():
+    m = _TokenModel()
+    with pytest.raises(TypeError, match="input_dtype"):
+        complexity(m, (3,), input_dtype="long")
+    with pytest.raises(TypeError, match="input_constructor"):
+        complexity(m, (3,), input_constructor=5)
+    with pytest.raises(ValueError, match="not both"):
+        latency(m, (3,), input_dtype=torch.long, input_constructor=lambda s: torch.zeros(s))
+    with pytest.raises(TypeError, match=r"input_constructor\(1, 3\).*item 1 is a str"):
+        complexity(m, (3,), input_constructor=lambda s: (torch.zeros(s, dtype=torch.long), "x"))

@@ -789,6 +789,9 @@ class DecomposableNetSolver(Solver):
                  n_fact, len(layers), sum(rk), sum(L.full_rank for L in layers))
         if bn_loader is not None:
             recalibrate_bn(out, bn_loader, bn_batches)
+        from ..attention import convert as _convert_attention  # fused attention reads weights
+
+        _convert_attention(out, only_changed=True)
         return out
 
     @staticmethod
