@@ -165,6 +165,11 @@ def refusal(module: nn.Module, param_name: str, constraint: Constraint, view: Vi
         msg = check(module, param_name, constraint, view)
         if msg is not None:
             return msg or None
+    from .attention import check_binding as attention_refusal  # fused attention parameters
+
+    msg = attention_refusal(module, param_name, constraint, view)
+    if msg:
+        return msg
     if param_name != "weight":
         return (f"export builds compact layers from a module's 'weight'; '{param_name}' of "
                 f"{_kind(module)} cannot be exported (constrain 'weight', or exclude the layer)")

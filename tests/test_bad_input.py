@@ -734,3 +734,11 @@ def test_fit_with_inputs_the_model_cannot_take_names_the_batch_shape():
     _raises(ValueError, r"cannot take the loader's first batch of epoch 0 \(inputs \(4, 32\), targets \(4,\)\)",
             lambda: ac.Solver(SPEC, rho=0.1).fit(model, bad, epochs=1, progress=False))
     _assert_unchanged(model, snap)
+
+
+def test_fused_attention_parameter_refused_at_prepare():
+    model = nn.Sequential(nn.MultiheadAttention(8, 2))
+    spec = [ac.Constrain("0", ac.Cardinality(density=0.5), param="in_proj_weight")]
+    snap = _snapshot(model)
+    _raises(SpecError, r"layer '0'.*in_proj_weight.*attention\.convert\(model\)", lambda: ac.Solver(spec).prepare(model))
+    assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())

@@ -286,7 +286,9 @@ def test_convert_shared_module_replaced_at_every_name():
 def test_in_proj_weight_is_refused_with_the_fix():
     model = BareAttention()
     spec = ac.Constrain(nn.MultiheadAttention, ac.LowRank(rank=4), param="in_proj_weight", view="matrix")
-    b = resolve(spec, model)[0]
+    with pytest.raises(ac.SpecError, match=r"layer 'attn'.*in_proj_weight.*attention\.convert\(model\)"):
+        ac.Solver(spec).prepare(model)  # refused at prepare, before any training
+    b = resolve(spec, model, check_export=False)[0]
     msg = attention.check_binding(b.module, b.param_name, b.constraint, b.view, name=b.name)
     assert msg is not None
     for part in ("'attn'", "LowRank", "'matrix'", "in_proj_weight", "attention.convert(model)", "q_proj"):
