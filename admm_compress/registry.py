@@ -68,6 +68,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._validation import check_choice, check_float, check_int
+
 __all__ = ["Problem", "Baseline", "ProblemEntry", "SolverEntry", "RegistryError", "load_problems",
            "load_solvers", "search_path", "parse_value", "parse_assignments", "check_params",
            "train_dense", "cosine", "cifar10_problem", "MatrixVariable", "MatrixProblemModel"]
@@ -212,11 +214,13 @@ class MatrixProblemModel(nn.Module):
 # =========================================================================== baselines
 def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None, loss_fn=None,
                 val_loader=None, device=None, progress: bool | None = None, lr: float = 0.05,
-                phase: str = "train", desc: str = "dense", scheduler=None):
+                phase: str = "train", desc: str = "dense", scheduler=None, accuracy_fn=None):
     """Plain training (no constraint): the dense baseline and the pretraining of the CLI.
 
     ``scheduler`` is an optional factory ``optimizer -> LR scheduler`` stepped once per epoch
-    (as in :meth:`admm_compress.Solver.fit`; the CLI passes :func:`cosine`).
+    (as in :meth:`admm_compress.Solver.fit`; the CLI passes :func:`cosine`).  Outputs of any
+    structure train with a ``loss_fn`` that reads them; the accuracy is that of
+    :func:`admm_compress.training.count_correct` (NaN when undefined for the outputs).
 
     Returns an :class:`admm_compress.History` with one record per epoch (``loss``,
     ``train_accuracy``, ``val_accuracy`` when ``val_loader`` is given, ``wall``).
@@ -224,8 +228,11 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
     from tqdm.auto import tqdm
 
     from .solver import History, _bar_disabled
-    from .training import check_finite_loss, evaluate, move_batch, resolve_device
+    from .training import (accuracy_percent, batch_size, check_finite_loss, count_correct, evaluate, move_batch,
+                           resolve_device)
 
+    epochs = check_int("epochs", epochs, low=0, where=desc)
+    lr = check_float("lr", lr, low=0.0, low_open=True, where=desc)
     dev = resolve_device(device, model)
     model.to(dev)
     loss_fn = loss_fn or F.cross_entropy
@@ -240,7 +247,7 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=_bar_disabled(progress)):
         model.train()
         t0 = time.perf_counter()
-        n = correct = 0
+        n = correct = counted = 0
         total = 0.0
         for i, batch in enumerate(loader):
             x, y = move_batch(batch, dev)
@@ -250,13 +257,18 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
             check_finite_loss(loss.detach(), epoch, i)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * y.shape[0]
-            if out.dim() == 2 and y.dim() == 1:
-                correct += int((out.argmax(1) == y).sum())
-            n += y.shape[0]
-        rec = {"phase": phase, "epoch": epoch, "loss": total / max(n, 1), "train_accuracy": 100.0 * correct / max(n, 1)}
+            bs = batch_size(x, y)
+            total += float(loss.detach()) * bs
+            with torch.no_grad():
+                cc = count_correct(out, y, accuracy_fn)
+            if cc is not None:
+                correct += int(cc[0])
+                counted += int(cc[1])
+            n += bs
+        rec = {"phase": phase, "epoch": epoch, "loss": total / max(n, 1),
+               "train_accuracy": accuracy_percent(correct, counted)}
         if val_loader is not None:
-            ev = evaluate(model, val_loader, loss_fn, dev)
+            ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
             rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
         rec["wall"] = time.perf_counter() - t0
         hist.epochs.append(rec)
@@ -304,19 +316,20 @@ class Baseline:
 
     def fit(self, model: nn.Module, loader, epochs: int = 1, optimizer=None, loss_fn=None, val_loader=None,
             finetune_epochs: int = 0, device=None, progress: bool | None = None, lr: float = 0.05,
-            scheduler=None, **_):
+            scheduler=None, accuracy_fn=None, **_):
         from .training import evaluate
 
+        finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where=f"{type(self).__name__}.fit")
         hist = train_dense(model, loader, epochs, optimizer, loss_fn, val_loader, device, progress, lr,
-                           scheduler=scheduler)
+                           scheduler=scheduler, accuracy_fn=accuracy_fn)
         self.compress(model, loader)
         if val_loader is not None:
-            hist.final["after_finalize"] = evaluate(model, val_loader, loss_fn, device)
+            hist.final["after_finalize"] = evaluate(model, val_loader, loss_fn, device, accuracy_fn=accuracy_fn)
         if finetune_epochs > 0:
             ft = self.finetune(model, loader, finetune_epochs, loss_fn, val_loader, device, progress, lr)
             hist.epochs.extend(ft.epochs)
             if val_loader is not None:
-                hist.final["after_finetune"] = evaluate(model, val_loader, loss_fn, device)
+                hist.final["after_finetune"] = evaluate(model, val_loader, loss_fn, device, accuracy_fn=accuracy_fn)
         return hist
 
     def compress(self, model: nn.Module, loader) -> None:  # pragma: no cover - interface
