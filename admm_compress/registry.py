@@ -97,7 +97,8 @@ class Problem:
     input_size : tuple of int
         One input without the batch dimension (for MACs and latency).
     loss_fn : callable, default cross entropy
-        ``loss_fn(outputs, targets)``.
+        ``loss_fn(outputs, targets)``; the outputs are whatever the model returns (a tensor, a
+        tuple, a dict...).
     epochs : int
         Solver training epochs.
     pretrain_epochs : int
@@ -130,6 +131,12 @@ class Problem:
         Module names (globs) the network solvers leave dense, e.g. the final classifier.
     meta : dict
         Anything else worth recording in ``results.json``.
+    accuracy_fn : callable, optional
+        ``accuracy_fn(outputs, targets) -> correct or (correct, total)`` for models whose outputs
+        are not a logits tensor (see :func:`admm_compress.training.count_correct`).
+
+    Every field is checked when the problem is built (``epochs=-1``, ``lr=nan`` raise there, so
+    the CLI refuses them before any training).
     """
 
     name: str
@@ -153,6 +160,36 @@ class Problem:
     answer_checks: Callable | None = None
     keep_dense: tuple = ()
     meta: dict = dataclasses.field(default_factory=dict)
+    accuracy_fn: Callable | None = None
+
+    def __post_init__(self):
+        """Check every field (a bad ``--set`` value stops the CLI here, before any training)."""
+        where = f"Problem {self.name!r}"
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(self.model).__name__}")
+        for k in ("epochs", "pretrain_epochs", "finetune_epochs"):
+            setattr(self, k, check_int(k, getattr(self, k), low=0, where=where))
+        self.lr = check_float("lr", self.lr, low=0.0, low_open=True, where=where)
+        self.tolerance = check_float("tolerance", self.tolerance, low=0.0, low_open=True, where=where)
+        check_choice("task", self.task, ("classification", "exact"), where=where)
+        for k in ("loss_fn", "optimizer", "accuracy_fn", "answer_fn", "answer_checks"):
+            v = getattr(self, k)
+            if v is not None and not callable(v):
+                raise TypeError(f"{where}: {k} must be callable, got {v!r}")
+        if self.loss_fn is None:
+            raise TypeError(f"{where}: loss_fn must be callable, got None")
+        size = tuple(self.input_size) if isinstance(self.input_size, (tuple, list)) else None
+        if size is None or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size):
+            raise ValueError(f"{where}: input_size={self.input_size!r} must be a tuple of positive ints "
+                             f"(one input without the batch dimension)")
+        self.input_size = size
+        if isinstance(self.keep_dense, str):
+            self.keep_dense = (self.keep_dense,)
+        self.keep_dense = tuple(self.keep_dense)
+        if not all(isinstance(k, str) for k in self.keep_dense):
+            raise TypeError(f"{where}: keep_dense must hold module-name globs (str), got {self.keep_dense!r}")
+        if self.train_loader is None or self.test_loader is None:
+            raise ValueError(f"{where}: train_loader and test_loader must be iterables of (inputs, targets)")
 
     @property
     def is_exact(self) -> bool:
@@ -595,7 +632,8 @@ def parse_assignments(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def check_params(entry: str, kind: str, params: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
-    """``defaults`` updated by ``params``; unknown names raise :class:`RegistryError` listing the valid ones."""
+    """``defaults`` updated by ``params``; unknown names raise :class:`RegistryError` listing the valid
+    ones (with a did-you-mean), and a non-bool value for a parameter whose default is a bool raises."""
     unknown = sorted(k for k in params if k not in defaults)
     if unknown:
         import difflib
@@ -609,6 +647,10 @@ def check_params(entry: str, kind: str, params: Mapping[str, Any], defaults: Map
                 hints.append(repr(k))
         raise RegistryError(f"unknown parameter(s) {', '.join(hints)} for {kind} {entry!r}; valid: "
                             f"{', '.join(sorted(defaults)) or '(none)'}")
+    for k, v in params.items():  # a flag takes true/false, nothing else (`--set include_linear=x`)
+        if isinstance(defaults[k], bool) and not isinstance(v, bool):
+            raise RegistryError(f"parameter {k}={v!r} of {kind} {entry!r} must be true or false "
+                                f"(default {defaults[k]})")
     full = dict(defaults)
     full.update(params)
     return full

@@ -71,7 +71,7 @@ from .graph import consumer_batchnorms
 from .sets.base import Constraint
 from .specs import Binding, Constrain, describe, resolve, unwrap, _as_list
 from .training import (CheckpointError, NonFiniteError, accuracy_percent, batch_size, check_finite_loss,
-                       count_correct, evaluate, load_checkpoint, move_batch, resolve_device, rng_state,
+                       check_writable, count_correct, evaluate, load_checkpoint, move_batch, resolve_device, rng_state,
                        save_checkpoint, set_rng_state, tree_detach)
 
 __all__ = ["Solver", "History", "Slot"]
@@ -702,7 +702,8 @@ class Solver:
             ``cb(solver, model, record)`` after every epoch; returning ``True`` stops training.
         checkpoint : path, optional
             Written atomically after every epoch (model, optimizer, solver, RNG states, history);
-            if it exists when ``fit`` starts, training resumes from it.
+            if it exists when ``fit`` starts, training resumes from it.  Its folder is created and
+            probed for writing before training (an unwritable path raises ``ValueError`` naming it).
         scheduler : callable, optional
             ``optimizer -> LR scheduler`` stepped once per epoch.
         progress : bool, optional
@@ -761,6 +762,7 @@ class Solver:
                                 f"{type(checkpoint).__name__}")
             if os.path.isdir(checkpoint):
                 raise ValueError(f"fit: checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path")
+            check_writable(checkpoint, "fit: checkpoint")  # a bad folder fails now, not after epoch 1
         dev = resolve_device(device, model)
         self._accuracy_fn = accuracy_fn
         self._amp_device = dev.type

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .sets.base import Constraint
-from .views import View, check_module, get_view
+from .views import VIEWS, View, check_module, get_view
 
 __all__ = ["Constrain", "Binding", "resolve", "unwrap", "describe", "SpecError"]
 
@@ -104,6 +104,14 @@ class Constrain:
             self.exclude = tuple(self.exclude)
         if not isinstance(self.view, (str, View)):
             raise TypeError(f"{self.label}: view must be a view name or a View, got {self.view!r}")
+        if isinstance(self.view, str) and self.view != "auto" and self.view not in VIEWS:
+            import difflib
+
+            known = sorted(VIEWS) + ["auto"]
+            close = difflib.get_close_matches(self.view, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{self.label}: view={self.view!r} is not a known view{hint}; choose one of "
+                             f"{known} or pass a View (e.g. TTView)")
 
     @property
     def label(self) -> str:

@@ -21,6 +21,7 @@ __all__ = [
     "resolve_device",
     "evaluate",
     "save_checkpoint",
+    "check_writable",
     "load_checkpoint",
     "CheckpointError",
     "NonFiniteError",
@@ -240,6 +241,26 @@ def set_rng_state(st: dict[str, torch.Tensor], loader: Any = None) -> None:
         sampler_gen.set_state(st["sampler"])
 
 
+def check_writable(path: str | os.PathLike, what: str = "path") -> None:
+    """Create the folder of the file ``path`` and prove a file can be written there.
+
+    Raises ``ValueError`` naming ``path`` (and the OS error) when the folder cannot be created
+    (a parent is a file, no permission) or is not writable, or when ``path`` is a folder.
+    Called before any training so an unusable output path fails at once, not after hours.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what}={path!r} cannot be written: folder {folder!r}: {e.strerror or e}") from None
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write ``obj`` with :func:`torch.save` atomically: temp file, fsync, then rename.
 
@@ -249,17 +270,27 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     prefix = f".{os.path.basename(path)}.tmp-"
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".pt", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".pt", dir=folder)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, naming no path
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        msg = (f"writing checkpoint {path!r} failed ({type(e).__name__}: {e}); the previous checkpoint "
+               f"file, if any, is intact")
+        if isinstance(e, OSError):  # same class, so callers catching OSError still do
+            err = type(e)(msg) if e.errno is None else type(e)(e.errno, msg)
+            raise err from e
+        raise CheckpointError(msg) from e
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.pt")):
