@@ -683,6 +683,8 @@ def _report_run(args, pentry, sentry, res, out) -> int:
     res["command"] = "admm-compress " + " ".join(shlex.quote(a) for a in args._argv)
     writer = _Writer()
     earlier = list(res.get("write_failures", []))
+    if earlier:  # one rescue folder for the whole run
+        writer._rescue = Path(earlier[0]["written_to"]).parent
     results_path = writer.json(out / "results.json", _jsonable(res))
     _write(f"\n{pentry.name} / {sentry.name} (seed {args.seed})\n")
     _write(_run_table(res))
