@@ -865,6 +865,12 @@ class Solver:
                     raise ValueError(f"fit: the model cannot take the loader's first batch of epoch {epoch} "
                                      f"(inputs {shapes[0]}, targets {shapes[1]}): {e}") from e
                 raise
+            except TypeError as e:
+                if i == 0 and loss_fn is F.cross_entropy and "must be Tensor" in str(e):
+                    raise TypeError(f"fit: the default loss_fn (cross entropy) needs the model to return a logits "
+                                    f"tensor ({e}); for a model returning a dict or tuple pass a loss_fn that "
+                                    f"reads it, e.g. loss_fn=lambda out, y: F.cross_entropy(out['out'], y)") from e
+                raise
             check_finite_loss(loss, epoch, i)
             self._optimizer_step(opt)
             if solver_steps:

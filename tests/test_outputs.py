@@ -186,3 +186,9 @@ def test_train_dense_and_baseline_on_tuple_outputs():
     h = train_dense(model, loader, 5, loss_fn=tuple_loss, val_loader=loader, lr=0.1, progress=False)
     assert _loss(model, loader, tuple_loss) < before
     assert math.isnan(h.epochs[-1]["train_accuracy"])
+
+
+def test_dict_outputs_without_loss_fn_name_the_fix():
+    loader, _, _ = _data()
+    with pytest.raises(TypeError, match=r"default loss_fn \(cross entropy\) needs the model to return a logits tensor"):
+        ac.Solver([ac.Constrain("body", ac.LowRank(rank=3))], rho=0.5).fit(DictNet(), loader, epochs=1)
