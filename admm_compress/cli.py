@@ -792,6 +792,7 @@ def _cmd_bench(args) -> int:
     _check_output_dir(out, "--out", BENCH_FILES)
     cache: dict = {}
     rows, results, failures = [], [], []
+    run_write_failures: list[dict] = []
     for seed in args.seeds:
         for e, combo in jobs:
             tag = e.name + "".join(f"_{_slug(k)}-{_slug(v)}" for k, v in combo.items())
@@ -806,6 +807,7 @@ def _cmd_bench(args) -> int:
                 log.error("%s failed: %s: %s", e.name, type(exc).__name__, exc, exc_info=args.verbose > 0)
                 failures.append((e.name, seed, f"{type(exc).__name__}: {exc}"))
                 continue
+            run_write_failures.extend(res.get("write_failures", []))
             keys = list(e.params) + [k for k in sparams[e.name] if k not in e.params]
             shown = {k: res["solver_params"][k] for k in keys if k in res["solver_params"]}
             results.append(res)
@@ -840,6 +842,7 @@ def _cmd_bench(args) -> int:
         targets.append((prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv"),
                         prefix.with_name(prefix.name + ".png")))
     writer = _Writer()
+    writer.failed = run_write_failures  # the runs' own files first, then the tables
     written = []
     for md_path, csv_path, png_path in targets:
         img = [f"![trade-off]({png_path.name})"] if has_plot else []

@@ -162,7 +162,9 @@ def _storage_key(module: nn.Module, name: str) -> int:
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module, name):
-        return id(module.parametrizations[name].original)
+        plist = module.parametrizations[name]
+        orig = getattr(plist, "original", None)  # original0/original1 for an unsafe multi-output one
+        return id(orig) if orig is not None else id(plist)
     t = module._parameters.get(name) if name in module._parameters else None
     if t is None:
         t = module._buffers.get(name) if name in module._buffers else getattr(module, name, None)
