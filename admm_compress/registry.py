@@ -188,8 +188,17 @@ class Problem:
         self.keep_dense = tuple(self.keep_dense)
         if not all(isinstance(k, str) for k in self.keep_dense):
             raise TypeError(f"{where}: keep_dense must hold module-name globs (str), got {self.keep_dense!r}")
-        if self.train_loader is None or self.test_loader is None:
-            raise ValueError(f"{where}: train_loader and test_loader must be iterables of (inputs, targets)")
+        for k in ("train_loader", "test_loader"):
+            ld = getattr(self, k)
+            if ld is None:
+                raise ValueError(f"{where}: {k} must be an iterable of (inputs, targets), got None")
+            try:
+                empty = len(ld) == 0
+            except TypeError:  # iterables without a length are checked when they are read
+                empty = False
+            if empty:
+                raise ValueError(f"{where}: {k} yields no batch (len 0); check the parameters that size it "
+                                 f"(e.g. steps_per_epoch, batch_size)")
 
     @property
     def is_exact(self) -> bool:
