@@ -32,9 +32,10 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["main", "run_one", "build_parser"]
 
@@ -48,6 +49,100 @@ class CLIError(ValueError):
 def _write(text: str = "", stream=None) -> None:
     (stream or sys.stdout).write(text + "\n")
     (stream or sys.stdout).flush()
+
+
+# ============================================================================ output files
+RUN_FILES = ("results.json", "model_state_dict.pt", "accuracy_vs_macs.png", "spectra.png", "residuals.png")
+BENCH_FILES = ("bench.md", "bench.csv", "tradeoff.png")
+
+
+def _check_output_dir(path: Path, what: str, files: Sequence[str] = ()) -> None:
+    """Create ``path`` (with its parents) and write a probe file in it, before any training.
+
+    Raises :class:`CLIError` naming the path when it is a file, cannot be created, or is not
+    writable, or when one of the ``files`` the command will write there is a folder.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"{what} {str(path)!r} exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".admm-compress-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CLIError(f"{what} {str(path)!r} cannot be written: {e.strerror or e}"
+                       + (f" ({e.filename})" if getattr(e, "filename", None) and str(e.filename) != str(path) else "")
+                       ) from None
+    for name in files:
+        f = path / name
+        if f.is_dir():
+            raise CLIError(f"{what}: {str(f)!r} is a folder, but the command writes a file there")
+
+
+def _commit(tmp: str, path: Path) -> None:
+    """Move a completely written temporary file onto ``path`` (atomic on one file system)."""
+    os.replace(tmp, path)
+
+
+class _Writer:
+    """Writes output files atomically (temporary file in the same folder, then :func:`os.replace`).
+
+    A late I/O error (disk full, folder removed, permissions changed during training) does not
+    lose what was computed: the file is written into one rescue folder under the system's
+    temporary directory instead, and :attr:`failed` records ``{"path", "error", "written_to"}``.
+    """
+
+    def __init__(self):
+        self.failed: list[dict] = []
+        self._rescue: Path | None = None
+
+    def __call__(self, path: Path, write: Callable[[str], Any]) -> Path:
+        path = Path(path)
+        tmp = None
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            write(tmp)
+            _commit(tmp, path)
+            return path
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+            if tmp is not None and os.path.exists(tmp):
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+            if self._rescue is None:
+                self._rescue = Path(tempfile.mkdtemp(prefix="admm-compress-rescue-"))
+            alt = self._rescue / path.name
+            write(str(alt))
+            msg = f"{type(e).__name__}: {e}"
+            self.failed.append({"path": str(path), "error": msg, "written_to": str(alt)})
+            log.error("could not write %s (%s); wrote %s instead", path, msg, alt)
+            return alt
+
+    def text(self, path: Path, text: str) -> Path:
+        def write(p):
+            with open(p, "w", newline="") as f:
+                f.write(text)
+        return self(path, write)
+
+    def json(self, path: Path, obj) -> Path:
+        return self.text(path, json.dumps(obj, indent=1))
+
+    def report(self) -> None:
+        """Print every failed write and where its content went (stderr)."""
+        for f in self.failed:
+            _write(f"admm-compress: error: could not write {f['path']} ({f['error']}); its content is in "
+                   f"{f['written_to']}", sys.stderr)
+
+
+def _check_finite_assignments(assign: dict) -> None:
+    """``--set key=nan`` / ``inf``: no parameter takes a non-finite number."""
+    for k, v in assign.items():
+        vals = v if isinstance(v, tuple) else (v,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in vals):
+            raise CLIError(f"--set {k}={v!r}: parameters must be finite numbers")
 
 
 # ============================================================================ parser
@@ -224,7 +319,7 @@ def _measure(model, problem, device, latency_batch, latency_repeats) -> dict:
     import admm_compress as ac
 
     out: dict[str, Any] = {}
-    ev = ac.evaluate(model, problem.test_loader, problem.loss_fn, device)
+    ev = ac.evaluate(model, problem.test_loader, problem.loss_fn, device, accuracy_fn=problem.accuracy_fn)
     out["accuracy"], out["loss"] = ev["accuracy"], ev["loss"]
     try:
         c = ac.complexity(model, problem.input_size, backend="pytorch")
@@ -263,10 +358,14 @@ def _check_solver_builds(sentry, problem, full_sparams: dict) -> None:
     from .solver import Solver
     from .specs import SpecError, resolve
 
+    from ._validation import check_float
+
     try:
         solver = sentry.build(problem, **full_sparams)
         if isinstance(solver, Solver) and solver.spec:
             resolve(solver.spec, problem.model)
+        if "lr_scale" in full_sparams:  # the solver trains with problem.lr * lr_scale
+            check_float("lr_scale", full_sparams["lr_scale"], low=0.0, low_open=True, where=f"solver {sentry.name!r}")
     except (RegistryError, SpecError):
         raise
     except (ValueError, TypeError) as e:
@@ -348,7 +447,9 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
                                    and e.kind == "admm" and e.constraint in problem.accepts])
     full_sparams = sentry.resolve(sparams, problem)
     _check_solver_builds(sentry, problem, full_sparams)
-    out.mkdir(parents=True, exist_ok=True)  # only once every name and parameter has been checked
+    # only once every name and parameter has been checked, and before any training
+    _check_output_dir(out, "--out", RUN_FILES)
+    writer = _Writer()
     res: dict[str, Any] = {"problem": problem.name, "solver": sentry.name, "solver_kind": sentry.kind,
                            "problem_params": {k: v for k, v in {**pentry.defaults, **pparams}.items()},
                            "solver_params": full_sparams, "seed": seed, "device": str(dev),
@@ -365,6 +466,8 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
         train_loader = _shard(problem.train_loader, world, seed)
     solver_lr = problem.lr * float(full_sparams.get("lr_scale", 1.0))
     fit_kw = dict(optimizer=problem.optimizer, loss_fn=problem.loss_fn, device=dev, progress=progress, lr=solver_lr)
+    if problem.accuracy_fn is not None:  # models with dict / tuple outputs
+        fit_kw["accuracy_fn"] = problem.accuracy_fn
 
     if problem.is_exact:
         solver = sentry.build(problem, **full_sparams)
@@ -374,10 +477,10 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
         res["answer"] = problem.check_answer(model)
         res["history"] = hist.to_dict() if hasattr(hist, "to_dict") else {}
         if plots:
-            res["plots"] = {"residuals": P.residuals(hist.epochs, out / "residuals.png",
-                                                     f"{problem.name} / {sentry.name}")}
-        with open(out / "results.json", "w") as f:
-            json.dump(_jsonable(res), f, indent=1)
+            res["plots"] = {"residuals": str(writer(out / "residuals.png", lambda p: P.residuals(
+                hist.epochs, p, f"{problem.name} / {sentry.name}")))}
+        res["write_failures"] = writer.failed
+        writer.json(out / "results.json", _jsonable(res))
         return res
 
     # ---- dense reference (shared between solvers of a benchmark through `pretrained`)
@@ -390,7 +493,7 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
         t0 = time.perf_counter()
         dh = train_dense(train_model, train_loader, problem.pretrain_epochs, problem.optimizer, problem.loss_fn,
                          problem.test_loader, dev, progress, problem.lr, desc="pretrain",
-                         scheduler=cosine(problem.pretrain_epochs))
+                         scheduler=cosine(problem.pretrain_epochs), accuracy_fn=problem.accuracy_fn)
         dense = _measure(model, problem, dev, latency_batch, latency_repeats)
         dense["epoch_time_s"] = _median([e["wall"] for e in dh.epochs])
         dense["pretrain_wall_s"] = time.perf_counter() - t0
@@ -435,19 +538,21 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
                          if a.get("epoch_time_s") and b.get("epoch_time_s") else None)
     res["latency_note"] = (f"median of {latency_repeats} forward passes, batch {latency_batch}, {dev}, "
                            f"torch threads {torch.get_num_threads()}")
-    torch.save(compact.state_dict(), out / "model_state_dict.pt")
-    res["files"] = {"state_dict": str(out / "model_state_dict.pt")}
+    state = compact.state_dict()
+    res["files"] = {"state_dict": str(writer(out / "model_state_dict.pt", lambda p: torch.save(state, p)))}
     if plots:
         pts = [{"label": "dense", "macs": b.get("macs"), "accuracy": b["accuracy"], "marker": "s"},
                {"label": sentry.name, "macs": a.get("macs"), "accuracy": a["accuracy"]}]
+        title = f"{problem.name} / {sentry.name}"
         res["plots"] = {
-            "accuracy_vs_macs": P.accuracy_vs_macs(pts, out / "accuracy_vs_macs.png", f"{problem.name}"),
-            "spectra": P.singular_spectra(dense["spectra"], spectra_after, out / "spectra.png",
-                                          title=f"{problem.name} / {sentry.name}: singular values before / after"),
-            "residuals": P.residuals(hist.epochs, out / "residuals.png", f"{problem.name} / {sentry.name}"),
+            "accuracy_vs_macs": str(writer(out / "accuracy_vs_macs.png",
+                                           lambda p: P.accuracy_vs_macs(pts, p, f"{problem.name}"))),
+            "spectra": str(writer(out / "spectra.png", lambda p: P.singular_spectra(
+                dense["spectra"], spectra_after, p, title=f"{title}: singular values before / after"))),
+            "residuals": str(writer(out / "residuals.png", lambda p: P.residuals(hist.epochs, p, title))),
         }
-    with open(out / "results.json", "w") as f:
-        json.dump(_jsonable(res), f, indent=1)
+    res["write_failures"] = writer.failed
+    writer.json(out / "results.json", _jsonable(res))
     return res
 
 
@@ -507,8 +612,9 @@ def _cmd_run(args) -> int:
     problems, solvers = _load(args)
     pentry = _problem_entry(problems, args.problem)
     sentry = _solver_entry(solvers, args.solver)
-    pparams, sparams = _split_assignments(parse_assignments(args.assign), pentry.defaults,
-                                          {sentry.name: sentry.defaults}, pentry.name)
+    assign = parse_assignments(args.assign)
+    _check_finite_assignments(assign)
+    pparams, sparams = _split_assignments(assign, pentry.defaults, {sentry.name: sentry.defaults}, pentry.name)
     _check_run_numbers(args)
     resolve_device(args.device)  # CUDA asked for but absent: clear error before any work
     if args.nproc < 1:
@@ -575,12 +681,19 @@ def _run_main(args, pentry, sentry, pparams, sparams, solvers, out):
 
 def _report_run(args, pentry, sentry, res, out) -> int:
     res["command"] = "admm-compress " + " ".join(shlex.quote(a) for a in args._argv)
-    with open(out / "results.json", "w") as f:
-        json.dump(_jsonable(res), f, indent=1)
+    writer = _Writer()
+    earlier = list(res.get("write_failures", []))
+    if earlier:  # one rescue folder for the whole run
+        writer._rescue = Path(earlier[0]["written_to"]).parent
+    results_path = writer.json(out / "results.json", _jsonable(res))
     _write(f"\n{pentry.name} / {sentry.name} (seed {args.seed})\n")
     _write(_run_table(res))
-    _write(f"wrote {out / 'results.json'}" + ("" if "answer" in res else f", {out / 'model_state_dict.pt'}")
+    _write(f"wrote {results_path}" + ("" if "answer" in res else f", {res.get('files', {}).get('state_dict')}")
            + f" and plots in {out}/")
+    writer.failed = [f for f in earlier if f["path"] != str(out / "results.json")] + writer.failed
+    if writer.failed:
+        writer.report()
+        return 1
     if "answer" in res and not res["answer"]["ok"]:
         return 1
     return 0
@@ -589,6 +702,9 @@ def _report_run(args, pentry, sentry, res, out) -> int:
 def _check_run_numbers(args):
     if args.epochs is not None and args.epochs < 0:
         raise CLIError(f"--epochs={args.epochs} must be >= 0")
+    for seed in ([args.seed] if hasattr(args, "seed") else []) + list(getattr(args, "seeds", None) or []):
+        if seed < 0:
+            raise CLIError(f"seed {seed} must be >= 0")
     if args.latency_batch < 1 or args.latency_repeats < 1:
         raise CLIError("--latency-batch and --latency-repeats must be >= 1")
     if args.threads is not None:
@@ -642,8 +758,9 @@ def _cmd_bench(args) -> int:
         skipped = [n for n, e in sorted(solvers.items()) if not e.available]
         if skipped:
             log.warning("skipping unavailable solver(s): %s", ", ".join(skipped))
-    pparams, sparams = _split_assignments(parse_assignments(args.assign), pentry.defaults,
-                                          {e.name: e.defaults for e in chosen}, pentry.name)
+    assign = parse_assignments(args.assign)
+    _check_finite_assignments(assign)
+    pparams, sparams = _split_assignments(assign, pentry.defaults, {e.name: e.defaults for e in chosen}, pentry.name)
     _check_run_numbers(args)
     resolve_device(args.device)
     # exact problems: keep the solvers that apply (explicitly named ones that do not apply -> error)
@@ -664,9 +781,18 @@ def _cmd_bench(args) -> int:
             _check_solver_builds(e, probe, e.resolve({**combo, **sparams[e.name]}, probe))
     del probe
     out = Path(args.out) if args.out else _default_out("bench", pentry.name)
-    out.mkdir(parents=True, exist_ok=True)
+    # every output location is created and probed before the first training starts
+    report_prefix = None
+    if args.report:
+        report_prefix = Path(args.report)
+        if not report_prefix.name or report_prefix.name in (".", ".."):
+            raise CLIError(f"--report {args.report!r} must end with a file-name prefix (e.g. docs/results/bench)")
+        _check_output_dir(report_prefix.parent, "--report folder",
+                          [report_prefix.name + ext for ext in (".md", ".csv", ".png")])
+    _check_output_dir(out, "--out", BENCH_FILES)
     cache: dict = {}
     rows, results, failures = [], [], []
+    run_write_failures: list[dict] = []
     for seed in args.seeds:
         for e, combo in jobs:
             tag = e.name + "".join(f"_{_slug(k)}-{_slug(v)}" for k, v in combo.items())
@@ -681,6 +807,7 @@ def _cmd_bench(args) -> int:
                 log.error("%s failed: %s: %s", e.name, type(exc).__name__, exc, exc_info=args.verbose > 0)
                 failures.append((e.name, seed, f"{type(exc).__name__}: {exc}"))
                 continue
+            run_write_failures.extend(res.get("write_failures", []))
             keys = list(e.params) + [k for k in sparams[e.name] if k not in e.params]
             shown = {k: res["solver_params"][k] for k in keys if k in res["solver_params"]}
             results.append(res)
@@ -710,25 +837,29 @@ def _cmd_bench(args) -> int:
         md += ["", "Failed runs:", ""] + [f"- {n} (seed {s}): {msg}" for n, s, msg in failures]
     has_plot = bool(results) and "answer" not in results[0]
     targets = [(out / "bench.md", out / "bench.csv", out / "tradeoff.png")]
-    if args.report:
-        prefix = Path(args.report)
-        prefix.parent.mkdir(parents=True, exist_ok=True)
+    if report_prefix is not None:
+        prefix = report_prefix
         targets.append((prefix.with_name(prefix.name + ".md"), prefix.with_name(prefix.name + ".csv"),
                         prefix.with_name(prefix.name + ".png")))
+    writer = _Writer()
+    writer.failed = run_write_failures  # the runs' own files first, then the tables
+    written = []
     for md_path, csv_path, png_path in targets:
         img = [f"![trade-off]({png_path.name})"] if has_plot else []
-        md_path.write_text("\n".join(md + [""] + img) + "\n")
-        _write_csv(csv_path, results)
+        written.append(writer.text(md_path, "\n".join(md + [""] + img) + "\n"))
+        written.append(writer(csv_path, lambda p: _write_csv(Path(p), results)))
         if has_plot:
             from . import plots as P
 
-            P.tradeoff([{"solver": r["solver"], "macs_drop": r["macs_drop"], "acc_after": r["acc_after"],
-                         "setting": json.dumps(_jsonable(r["solver_params"]), sort_keys=True)} for r in results]
-                       + [{"solver": "dense (pretrained, before)", "macs_drop": 0.0, "acc_after": r["acc_before"]} for r in results],
-                       png_path, title)
+            rows_ = ([{"solver": r["solver"], "macs_drop": r["macs_drop"], "acc_after": r["acc_after"],
+                       "setting": json.dumps(_jsonable(r["solver_params"]), sort_keys=True)} for r in results]
+                     + [{"solver": "dense (pretrained, before)", "macs_drop": 0.0, "acc_after": r["acc_before"]}
+                        for r in results])
+            written.append(writer(png_path, lambda p: P.tradeoff(rows_, p, title)))
     _write("\n".join(md))
-    _write("wrote " + ", ".join(str(p) for t in targets for p in (t if has_plot else t[:2])))
-    return 1 if failures or not results else 0
+    _write("wrote " + ", ".join(str(p) for p in written))
+    writer.report()
+    return 1 if failures or not results or writer.failed else 0
 
 
 def _write_csv(path: Path, results: list) -> None:

@@ -314,9 +314,17 @@ def _pin_data_rule(b) -> Constraint | None:
 
 
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
+    """Put ``new`` where the module ``name`` is, under every name it is registered at.
+
+    A module held at several attributes (``self.a = self.b = nn.Linear(...)``) is listed once
+    by ``named_modules()``; replacing it at one name only would leave the others dense.
+    """
+    old = root.get_submodule(name)
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for n in names:
+        parent_name, _, attr = n.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, new)
 
 
 @torch.no_grad()

@@ -68,6 +68,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ._validation import check_choice, check_float, check_int
 from .exportable import register_checker
 
 __all__ = ["Problem", "Baseline", "ProblemEntry", "SolverEntry", "RegistryError", "load_problems",
@@ -97,7 +98,8 @@ class Problem:
     input_size : tuple of int
         One input without the batch dimension (for MACs and latency).
     loss_fn : callable, default cross entropy
-        ``loss_fn(outputs, targets)``.
+        ``loss_fn(outputs, targets)``; the outputs are whatever the model returns (a tensor, a
+        tuple, a dict...).
     epochs : int
         Solver training epochs.
     pretrain_epochs : int
@@ -130,6 +132,12 @@ class Problem:
         Module names (globs) the network solvers leave dense, e.g. the final classifier.
     meta : dict
         Anything else worth recording in ``results.json``.
+    accuracy_fn : callable, optional
+        ``accuracy_fn(outputs, targets) -> correct or (correct, total)`` for models whose outputs
+        are not a logits tensor (see :func:`admm_compress.training.count_correct`).
+
+    Every field is checked when the problem is built (``epochs=-1``, ``lr=nan`` raise there, so
+    the CLI refuses them before any training).
     """
 
     name: str
@@ -153,6 +161,45 @@ class Problem:
     answer_checks: Callable | None = None
     keep_dense: tuple = ()
     meta: dict = dataclasses.field(default_factory=dict)
+    accuracy_fn: Callable | None = None
+
+    def __post_init__(self):
+        """Check every field (a bad ``--set`` value stops the CLI here, before any training)."""
+        where = f"Problem {self.name!r}"
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(self.model).__name__}")
+        for k in ("epochs", "pretrain_epochs", "finetune_epochs"):
+            setattr(self, k, check_int(k, getattr(self, k), low=0, where=where))
+        self.lr = check_float("lr", self.lr, low=0.0, low_open=True, where=where)
+        self.tolerance = check_float("tolerance", self.tolerance, low=0.0, low_open=True, where=where)
+        check_choice("task", self.task, ("classification", "exact"), where=where)
+        for k in ("loss_fn", "optimizer", "accuracy_fn", "answer_fn", "answer_checks"):
+            v = getattr(self, k)
+            if v is not None and not callable(v):
+                raise TypeError(f"{where}: {k} must be callable, got {v!r}")
+        if self.loss_fn is None:
+            raise TypeError(f"{where}: loss_fn must be callable, got None")
+        size = tuple(self.input_size) if isinstance(self.input_size, (tuple, list)) else None
+        if size is None or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in size):
+            raise ValueError(f"{where}: input_size={self.input_size!r} must be a tuple of positive ints "
+                             f"(one input without the batch dimension)")
+        self.input_size = size
+        if isinstance(self.keep_dense, str):
+            self.keep_dense = (self.keep_dense,)
+        self.keep_dense = tuple(self.keep_dense)
+        if not all(isinstance(k, str) for k in self.keep_dense):
+            raise TypeError(f"{where}: keep_dense must hold module-name globs (str), got {self.keep_dense!r}")
+        for k in ("train_loader", "test_loader"):
+            ld = getattr(self, k)
+            if ld is None:
+                raise ValueError(f"{where}: {k} must be an iterable of (inputs, targets), got None")
+            try:
+                empty = len(ld) == 0
+            except TypeError:  # iterables without a length are checked when they are read
+                empty = False
+            if empty:
+                raise ValueError(f"{where}: {k} yields no batch (len 0); check the parameters that size it "
+                                 f"(e.g. steps_per_epoch, batch_size)")
 
     @property
     def is_exact(self) -> bool:
@@ -222,11 +269,13 @@ class MatrixProblemModel(nn.Module):
 # =========================================================================== baselines
 def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None, loss_fn=None,
                 val_loader=None, device=None, progress: bool | None = None, lr: float = 0.05,
-                phase: str = "train", desc: str = "dense", scheduler=None):
+                phase: str = "train", desc: str = "dense", scheduler=None, accuracy_fn=None):
     """Plain training (no constraint): the dense baseline and the pretraining of the CLI.
 
     ``scheduler`` is an optional factory ``optimizer -> LR scheduler`` stepped once per epoch
-    (as in :meth:`admm_compress.Solver.fit`; the CLI passes :func:`cosine`).
+    (as in :meth:`admm_compress.Solver.fit`; the CLI passes :func:`cosine`).  Outputs of any
+    structure train with a ``loss_fn`` that reads them; the accuracy is that of
+    :func:`admm_compress.training.count_correct` (NaN when undefined for the outputs).
 
     Returns an :class:`admm_compress.History` with one record per epoch (``loss``,
     ``train_accuracy``, ``val_accuracy`` when ``val_loader`` is given, ``wall``).
@@ -234,8 +283,11 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
     from tqdm.auto import tqdm
 
     from .solver import History, _bar_disabled
-    from .training import check_finite_loss, evaluate, move_batch, resolve_device
+    from .training import (accuracy_percent, batch_size, check_finite_loss, count_correct, evaluate, move_batch,
+                           resolve_device)
 
+    epochs = check_int("epochs", epochs, low=0, where=desc)
+    lr = check_float("lr", lr, low=0.0, low_open=True, where=desc)
     dev = resolve_device(device, model)
     model.to(dev)
     loss_fn = loss_fn or F.cross_entropy
@@ -250,7 +302,7 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
     for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=_bar_disabled(progress)):
         model.train()
         t0 = time.perf_counter()
-        n = correct = 0
+        n = correct = counted = 0
         total = 0.0
         for i, batch in enumerate(loader):
             x, y = move_batch(batch, dev)
@@ -260,13 +312,18 @@ def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None,
             check_finite_loss(loss.detach(), epoch, i)
             loss.backward()
             opt.step()
-            total += float(loss.detach()) * y.shape[0]
-            if out.dim() == 2 and y.dim() == 1:
-                correct += int((out.argmax(1) == y).sum())
-            n += y.shape[0]
-        rec = {"phase": phase, "epoch": epoch, "loss": total / max(n, 1), "train_accuracy": 100.0 * correct / max(n, 1)}
+            bs = batch_size(x, y)
+            total += float(loss.detach()) * bs
+            with torch.no_grad():
+                cc = count_correct(out, y, accuracy_fn)
+            if cc is not None:
+                correct += int(cc[0])
+                counted += int(cc[1])
+            n += bs
+        rec = {"phase": phase, "epoch": epoch, "loss": total / max(n, 1),
+               "train_accuracy": accuracy_percent(correct, counted)}
         if val_loader is not None:
-            ev = evaluate(model, val_loader, loss_fn, dev)
+            ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
             rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
         rec["wall"] = time.perf_counter() - t0
         hist.epochs.append(rec)
@@ -314,19 +371,20 @@ class Baseline:
 
     def fit(self, model: nn.Module, loader, epochs: int = 1, optimizer=None, loss_fn=None, val_loader=None,
             finetune_epochs: int = 0, device=None, progress: bool | None = None, lr: float = 0.05,
-            scheduler=None, **_):
+            scheduler=None, accuracy_fn=None, **_):
         from .training import evaluate
 
+        finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where=f"{type(self).__name__}.fit")
         hist = train_dense(model, loader, epochs, optimizer, loss_fn, val_loader, device, progress, lr,
-                           scheduler=scheduler)
+                           scheduler=scheduler, accuracy_fn=accuracy_fn)
         self.compress(model, loader)
         if val_loader is not None:
-            hist.final["after_finalize"] = evaluate(model, val_loader, loss_fn, device)
+            hist.final["after_finalize"] = evaluate(model, val_loader, loss_fn, device, accuracy_fn=accuracy_fn)
         if finetune_epochs > 0:
             ft = self.finetune(model, loader, finetune_epochs, loss_fn, val_loader, device, progress, lr)
             hist.epochs.extend(ft.epochs)
             if val_loader is not None:
-                hist.final["after_finetune"] = evaluate(model, val_loader, loss_fn, device)
+                hist.final["after_finetune"] = evaluate(model, val_loader, loss_fn, device, accuracy_fn=accuracy_fn)
         return hist
 
     def compress(self, model: nn.Module, loader) -> None:  # pragma: no cover - interface
@@ -592,7 +650,8 @@ def parse_assignments(items: Sequence[str] | None) -> dict[str, Any]:
 
 
 def check_params(entry: str, kind: str, params: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict:
-    """``defaults`` updated by ``params``; unknown names raise :class:`RegistryError` listing the valid ones."""
+    """``defaults`` updated by ``params``; unknown names raise :class:`RegistryError` listing the valid
+    ones (with a did-you-mean), and a non-bool value for a parameter whose default is a bool raises."""
     unknown = sorted(k for k in params if k not in defaults)
     if unknown:
         import difflib
@@ -606,6 +665,10 @@ def check_params(entry: str, kind: str, params: Mapping[str, Any], defaults: Map
                 hints.append(repr(k))
         raise RegistryError(f"unknown parameter(s) {', '.join(hints)} for {kind} {entry!r}; valid: "
                             f"{', '.join(sorted(defaults)) or '(none)'}")
+    for k, v in params.items():  # a flag takes true/false, nothing else (`--set include_linear=x`)
+        if isinstance(defaults[k], bool) and not isinstance(v, bool):
+            raise RegistryError(f"parameter {k}={v!r} of {kind} {entry!r} must be true or false "
+                                f"(default {defaults[k]})")
     full = dict(defaults)
     full.update(params)
     return full

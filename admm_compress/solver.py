@@ -71,8 +71,9 @@ from ._validation import check_choice, check_float, check_int
 from .graph import consumer_batchnorms
 from .sets.base import Constraint
 from .specs import Binding, Constrain, describe, resolve, unwrap, _as_list
-from .training import (CheckpointError, NonFiniteError, check_finite_loss, evaluate, load_checkpoint,
-                       move_batch, resolve_device, rng_state, save_checkpoint, set_rng_state)
+from .training import (CheckpointError, NonFiniteError, accuracy_percent, batch_size, check_finite_loss,
+                       check_writable, count_correct, evaluate, load_checkpoint, move_batch, resolve_device, rng_state,
+                       save_checkpoint, set_rng_state, tree_detach)
 
 __all__ = ["Solver", "History", "Slot"]
 
@@ -692,13 +693,14 @@ class Solver:
             loss = loss_fn(out, targets)
         loss = self._amp_loss(loss) + self.penalty()
         self._backprop(loss)
-        return loss.detach(), out.detach()
+        return loss.detach(), tree_detach(out)
 
     def fit(self, model: nn.Module, loader: Iterable, epochs: int = 1, optimizer: Any = None,
             loss_fn: Callable | None = None, val_loader: Iterable | None = None, finetune_epochs: int = 0,
             finetune_optimizer: Any = None, device: Any = None, callbacks: Sequence[Callable] = (),
             checkpoint: str | os.PathLike | None = None, scheduler: Callable | None = None,
-            progress: bool | None = None, lr: float = 0.05, autocast: torch.dtype | None = None) -> History:
+            progress: bool | None = None, lr: float = 0.05, autocast: torch.dtype | None = None,
+            accuracy_fn: Callable | None = None) -> History:
         """Train ``model`` under the constraints, finalize, and optionally fine-tune.
 
         Parameters
@@ -713,6 +715,10 @@ class Solver:
             when ``prepare`` reparameterizes the model, e.g. LoRITa).  Default: SGD(lr, momentum
             0.9, weight decay 5e-4).
         loss_fn : callable, default cross entropy
+            ``loss_fn(outputs, targets) -> scalar``; ``outputs`` is whatever the model returns
+            (a tensor, a tuple with auxiliary logits, a dict such as torchvision segmentation's
+            ``{"out", "aux"}``, an HF-style output), so a model with structured outputs trains
+            with a ``loss_fn`` that reads them.
         val_loader : iterable, optional
             Evaluated after every epoch, after finalize and after fine-tuning.
         finetune_epochs : int
@@ -725,7 +731,8 @@ class Solver:
             ``cb(solver, model, record)`` after every epoch; returning ``True`` stops training.
         checkpoint : path, optional
             Written atomically after every epoch (model, optimizer, solver, RNG states, history);
-            if it exists when ``fit`` starts, training resumes from it.
+            if it exists when ``fit`` starts, training resumes from it.  Its folder is created and
+            probed for writing before training (an unwritable path raises ``ValueError`` naming it).
         scheduler : callable, optional
             ``optimizer -> LR scheduler`` stepped once per epoch.
         progress : bool, optional
@@ -736,6 +743,12 @@ class Solver:
             Mixed precision: forward passes and losses run under :func:`torch.autocast` on the
             training device (``float16`` adds a :class:`torch.amp.GradScaler`).  Weights, Z, U
             and every projection stay in the weights' dtype; SVDs run in float32 or float64.
+        accuracy_fn : callable, optional
+            ``accuracy_fn(outputs, targets)`` -> number of correct examples of the batch, or
+            ``(correct, total)`` (see :func:`admm_compress.training.count_correct`); used for
+            ``train_accuracy`` / ``val_accuracy``.  Default: top-1 accuracy when the outputs are
+            a logits tensor ``(N, C, *S)`` and the targets class indices ``(N, *S)``; for other
+            outputs (dict, tuple, regression) the accuracies are NaN (not measured).
         """
         if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
             raise ValueError(f"fit: autocast={autocast!r}; allowed: None, torch.bfloat16, torch.float16")
@@ -763,7 +776,7 @@ class Solver:
             if n_batches == 0:
                 raise ValueError(f"fit: {name} is empty (len({name}) == 0); it must yield at least one "
                                  f"(inputs, targets) batch")
-        for name, fn in (("loss_fn", loss_fn), ("scheduler", scheduler)):
+        for name, fn in (("loss_fn", loss_fn), ("scheduler", scheduler), ("accuracy_fn", accuracy_fn)):
             if fn is not None and not callable(fn):
                 raise TypeError(f"fit: {name} must be callable, got {fn!r}")
         if finetune_optimizer is not None and not (isinstance(finetune_optimizer, torch.optim.Optimizer)
@@ -778,7 +791,9 @@ class Solver:
                                 f"{type(checkpoint).__name__}")
             if os.path.isdir(checkpoint):
                 raise ValueError(f"fit: checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path")
+            check_writable(checkpoint, "fit: checkpoint")  # a bad folder fails now, not after epoch 1
         dev = resolve_device(device, model)
+        self._accuracy_fn = accuracy_fn
         self._amp_device = dev.type
         if autocast is torch.float16:
             self._scaler = torch.amp.GradScaler(dev.type)
@@ -825,14 +840,14 @@ class Solver:
             feasible = self.finalize(model)
             history.final["feasible"] = all(feasible.values())
             if val_loader is not None:
-                history.final["after_finalize"] = evaluate(model, val_loader, loss_fn, dev)
+                history.final["after_finalize"] = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
             start_epoch = 0
         if finetune_epochs > 0:
             self._finetune(model, loader, loss_fn, dev, finetune_epochs, finetune_optimizer, lr,
                            val_loader, history, checkpoint, start_epoch if phase == "finetune" else 0,
                            progress, callbacks)
         if val_loader is not None and finetune_epochs > 0:
-            history.final["after_finetune"] = evaluate(model, val_loader, loss_fn, dev)
+            history.final["after_finetune"] = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
         return history
 
     def _make_optimizer(self, model, optimizer, lr):
@@ -857,6 +872,8 @@ class Solver:
         n = 0
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
+        counted = torch.zeros((), device=dev, dtype=torch.long)
+        accuracy_fn = getattr(self, "_accuracy_fn", None)
         nb = 0
         for i, batch in enumerate(loader):
             x, y = move_batch(batch, dev)
@@ -870,33 +887,43 @@ class Solver:
                         loss = loss_fn(out, y)
                     loss = self._amp_loss(loss)
                     self._backprop(loss)
-                    loss, out = loss.detach(), out.detach()
+                    loss, out = loss.detach(), tree_detach(out)
             except RuntimeError as e:
                 if i == 0 and any(w in str(e) for w in ("shape", "size", "dimension", "channels")):
                     shapes = tuple(getattr(x, "shape", ())), tuple(getattr(y, "shape", ()))
                     raise ValueError(f"fit: the model cannot take the loader's first batch of epoch {epoch} "
                                      f"(inputs {shapes[0]}, targets {shapes[1]}): {e}") from e
                 raise
+            except TypeError as e:
+                if i == 0 and loss_fn is F.cross_entropy and "must be Tensor" in str(e):
+                    raise TypeError(f"fit: the default loss_fn (cross entropy) needs the model to return a logits "
+                                    f"tensor ({e}); for a model returning a dict or tuple pass a loss_fn that "
+                                    f"reads it, e.g. loss_fn=lambda out, y: F.cross_entropy(out['out'], y)") from e
+                raise
             check_finite_loss(loss, epoch, i)
             self._optimizer_step(opt)
             if solver_steps:
                 self.step()
-            loss_sum += loss * y.shape[0]
-            if out.dim() == 2 and y.dim() == 1:
-                correct += (out.argmax(1) == y).sum()
-            n += y.shape[0]
+            bs = batch_size(x, y)
+            loss_sum += loss * bs
+            cc = count_correct(out, y, accuracy_fn)  # None: no accuracy for these outputs
+            if cc is not None:
+                correct += torch.as_tensor(cc[0], device=dev).long()
+                counted += torch.as_tensor(cc[1], device=dev).long()
+            n += bs
             nb += 1
         if nb == 0:
             raise ValueError(f"fit: the training loader yielded no batch in epoch {epoch}")
         if solver_steps:
             self.epoch_end()
         self._check_weights_finite(model, epoch)
-        rec = {"phase": phase, "epoch": epoch, "loss": float(loss_sum) / n, "train_accuracy": 100.0 * int(correct) / n}
+        rec = {"phase": phase, "epoch": epoch, "loss": float(loss_sum) / n,
+               "train_accuracy": accuracy_percent(int(correct), int(counted))}
         if solver_steps and self.residuals:
             last = self.residuals[-1]
             rec.update(primal=last["primal"], dual=last["dual"], rho=last["rho"])
         if val_loader is not None:
-            ev = evaluate(model, val_loader, loss_fn, dev)
+            ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
             rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
         rec["wall"] = time.perf_counter() - t0
         return rec

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .sets.base import Constraint
-from .views import View, check_module, get_view
+from .views import VIEWS, View, check_module, get_view
 
 __all__ = ["Constrain", "Binding", "resolve", "unwrap", "describe", "SpecError"]
 
@@ -121,11 +121,14 @@ class Constrain:
             self.exclude = tuple(self.exclude)
         if not isinstance(self.view, (str, View)):
             raise TypeError(f"{self.label}: view must be a view name or a View, got {self.view!r}")
-        if isinstance(self.view, str):
-            from .views import VIEWS
-            if self.view != "auto" and self.view not in VIEWS:
-                raise ValueError(f"{self.label}: view={self.view!r} is not a known view; choose one of "
-                                 f"{sorted(VIEWS) + ['auto']} or pass a View (e.g. TTView)")
+        if isinstance(self.view, str) and self.view != "auto" and self.view not in VIEWS:
+            import difflib
+
+            known = sorted(VIEWS) + ["auto"]
+            close = difflib.get_close_matches(self.view, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{self.label}: view={self.view!r} is not a known view{hint}; choose one of "
+                             f"{known} or pass a View (e.g. TTView)")
         if not isinstance(self.skip_unexportable, bool):
             raise TypeError(f"{self.label}: skip_unexportable must be a bool, got {self.skip_unexportable!r}")
 
@@ -152,15 +155,39 @@ class Constrain:
         return ok
 
     def select(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        """Modules (name, module) this spec selects in ``model`` (wrapper unwrapped)."""
+        """Modules (name, module) this spec selects in ``model`` (wrapper unwrapped).
+
+        A module registered under several names is selected once, under the first of its names
+        the target matches (so a glob naming only its second name selects it too).
+        """
         model = unwrap(model)
-        return [(n, m) for n, m in model.named_modules() if self._selected(n, m)]
+        out, seen = [], set()
+        for n, m in model.named_modules(remove_duplicate=False):
+            if id(m) not in seen and self._selected(n, m):
+                seen.add(id(m))
+                out.append((n, m))
+        return out
 
 
 def _get_param(module: nn.Module, name: str):
     """The parameter ``name`` of ``module`` (the original tensor shape under parametrize)."""
     p = getattr(module, name, None)
     return p if isinstance(p, torch.Tensor) else None
+
+
+def _storage_key(module: nn.Module, name: str) -> int:
+    """Identity of the tensor behind ``module.<name>``: the same for tied weights (one
+    ``Parameter`` held by several modules), also under :mod:`torch.nn.utils.parametrize`."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, name):
+        plist = module.parametrizations[name]
+        orig = getattr(plist, "original", None)  # original0/original1 for an unsafe multi-output one
+        return id(orig) if orig is not None else id(plist)
+    t = module._parameters.get(name) if name in module._parameters else None
+    if t is None:
+        t = module._buffers.get(name) if name in module._buffers else getattr(module, name, None)
+    return id(t)
 
 
 @dataclasses.dataclass(eq=False)
@@ -227,9 +254,10 @@ def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = Fals
     Raises
     ------
     SpecError
-        A spec selects nothing; a weight is selected twice; a selected module lacks the
-        parameter; the view or the constraint cannot handle the weight's shape.  Nothing is
-        modified when this raises.
+        A spec selects nothing; a weight is selected twice; a tied weight (one ``Parameter``
+        held by several modules) is selected by two different specs (two constraints on one
+        tensor cannot both hold); a selected module lacks the parameter; the view or the
+        constraint cannot handle the weight's shape.  Nothing is modified when this raises.
     """
     from .exportable import refusal, shrink_warning
 
@@ -238,6 +266,7 @@ def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = Fals
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
     seen: dict[tuple[int, str], str] = {}
+    tensors: dict[int, tuple[int, str, Constrain]] = {}  # storage id -> (spec index, weight key, spec)
     bindings = Bindings()
     for i, s in enumerate(specs):
         n_skipped = len(bindings.skipped)
@@ -258,6 +287,16 @@ def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = Fals
                                 f"{seen[key]}; a weight may be selected by one spec only "
                                 f"(use exclude= or Sum(...) to combine constraints)")
             seen[key] = f"spec[{i}]"
+            wkey = f"{name}.{s.param}" if name else s.param
+            tid = _storage_key(module, s.param)
+            if tid in tensors and tensors[tid][0] != i:
+                j, other, o = tensors[tid]
+                raise SpecError(f"tied weight: '{wkey}' and '{other}' are one tensor (the same Parameter), "
+                                f"but '{other}' is constrained by spec[{j}] {o.label} (view {o.view!r}) and "
+                                f"'{wkey}' by spec[{i}] {s.label} (view {s.view!r}); two different constraints "
+                                f"on one tensor cannot both hold. Constrain both names with one spec, or "
+                                f"exclude= one of them (use Sum(...) to combine sets)")
+            tensors.setdefault(tid, (i, wkey, s))
             view = _natural_view(s, module, p, where)
             if check_export:
                 why = refusal(module, s.param, s.constraint, view)

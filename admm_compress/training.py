@@ -21,12 +21,16 @@ __all__ = [
     "resolve_device",
     "evaluate",
     "save_checkpoint",
+    "check_writable",
     "load_checkpoint",
     "CheckpointError",
     "NonFiniteError",
     "rng_state",
     "set_rng_state",
     "move_batch",
+    "tree_detach",
+    "batch_size",
+    "count_correct",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,43 +68,146 @@ def resolve_device(device: Any = None, model: nn.Module | None = None) -> torch.
     return dev
 
 
-def move_batch(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split a loader batch into ``(inputs, targets)`` on ``device``."""
+def _to(obj: Any, device: torch.device) -> Any:
+    """Every tensor of a (nested) structure on ``device``; other leaves as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, obj)
+
+
+def move_batch(batch: Any, device: torch.device) -> tuple[Any, Any]:
+    """Split a loader batch into ``(inputs, targets)`` on ``device``.
+
+    Inputs and targets are usually tensors; nested lists / tuples / dicts of tensors (e.g.
+    per-image target dicts) are moved leaf by leaf.
+    """
     if not isinstance(batch, (list, tuple)) or len(batch) < 2:
         raise ValueError(f"each batch of the loader must be (inputs, targets), got {type(batch).__name__}"
                          + (f" of length {len(batch)}" if isinstance(batch, (list, tuple)) else ""))
-    x, y = batch[0], batch[1]
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return _to(batch[0], device), _to(batch[1], device)
+
+
+def tree_detach(obj: Any) -> Any:
+    """``obj`` with every tensor detached, whatever its structure.
+
+    Models return a tensor, a tuple (auxiliary logits), a dict (torchvision segmentation's
+    ``{"out", "aux"}``) or any :mod:`torch.utils._pytree` container (HF-style ``ModelOutput``
+    is registered there by ``transformers``); leaves that are not tensors are kept as they are.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.detach()
+    from torch.utils import _pytree as pytree
+
+    return pytree.tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, obj)
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    from torch.utils import _pytree as pytree
+
+    for leaf in pytree.tree_leaves(obj):
+        if isinstance(leaf, torch.Tensor):
+            return leaf
+    return None
+
+
+def batch_size(inputs: Any, targets: Any) -> int:
+    """Examples in a batch: the leading dimension of the targets (or of the inputs).
+
+    The first tensor leaf with at least one dimension decides; a target that is a list (one
+    entry per example, e.g. detection target dicts) counts its length.
+    """
+    if isinstance(targets, list) and targets and not isinstance(targets[0], torch.Tensor):
+        return len(targets)
+    for obj in (targets, inputs):
+        t = _first_tensor(obj)
+        if t is not None and t.dim() >= 1:
+            return int(t.shape[0])
+    return 1
+
+
+def count_correct(outputs: Any, targets: Any, accuracy_fn: Callable | None = None):
+    """``(correct, total)`` of one batch for the top-1 accuracy, or ``None`` when not defined.
+
+    Default: when ``outputs`` is a tensor of logits ``(N, C, *S)`` and ``targets`` an integer
+    tensor of class indices ``(N, *S)`` (classification ``S = ()``, segmentation ``S = (H, W)``),
+    the entries with ``argmax_C(outputs) == targets`` among those whose target is a valid class
+    ``0 <= t < C`` (so an ``ignore_index`` such as 255 or -100 is not counted).  Anything else
+    (a dict or tuple of outputs, regression targets) has no default accuracy: ``None``.
+
+    ``accuracy_fn(outputs, targets)`` replaces the default; it returns the number of correct
+    examples of the batch (counted against :func:`batch_size`) or a pair ``(correct, total)``
+    (e.g. pixels), as Python numbers or 0-d tensors, or ``None`` to skip the batch.
+    Returned values may be device tensors (no host sync per batch).
+    """
+    if accuracy_fn is not None:
+        r = accuracy_fn(outputs, targets)
+        if r is None:
+            return None
+        if isinstance(r, (tuple, list)):
+            if len(r) != 2:
+                raise ValueError(f"accuracy_fn must return correct or (correct, total), got a "
+                                 f"{type(r).__name__} of length {len(r)}")
+            return r[0], r[1]
+        return r, batch_size(None, targets)
+    if not (isinstance(outputs, torch.Tensor) and isinstance(targets, torch.Tensor)):
+        return None
+    if (outputs.dim() < 2 or targets.dim() != outputs.dim() - 1 or targets.is_floating_point()
+            or targets.is_complex() or targets.dtype == torch.bool
+            or targets.shape[0] != outputs.shape[0] or tuple(targets.shape[1:]) != tuple(outputs.shape[2:])):
+        return None
+    valid = (targets >= 0) & (targets < outputs.shape[1])
+    correct = ((outputs.argmax(1) == targets) & valid).sum()
+    return correct, valid.sum()
+
+
+def accuracy_percent(correct, total) -> float:
+    """``100 * correct / total`` as a float; NaN when nothing was counted (accuracy not defined)."""
+    total = float(total)
+    return 100.0 * float(correct) / total if total > 0 else float("nan")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable | None = None,
-             device: Any = None, max_batches: int | None = None) -> dict[str, float]:
+             device: Any = None, max_batches: int | None = None,
+             accuracy_fn: Callable | None = None) -> dict[str, float]:
     """Mean loss and top-1 accuracy (in %) of ``model`` on ``loader`` in eval mode.
 
-    The model's train/eval mode is restored afterwards.
+    ``loss_fn(outputs, targets)`` receives the model's outputs as they are (a tensor, tuple,
+    dict, ...).  The accuracy is that of :func:`count_correct` (``accuracy_fn`` replaces the
+    default); it is NaN when it is not defined for these outputs (e.g. a dict of outputs and no
+    ``accuracy_fn``).  The model's train/eval mode is restored afterwards.
     """
     loss_fn = loss_fn or nn.functional.cross_entropy
+    if accuracy_fn is not None and not callable(accuracy_fn):
+        raise TypeError(f"evaluate: accuracy_fn must be callable, got {accuracy_fn!r}")
     dev = resolve_device(device, model)
     was_training = model.training
     model.eval()
-    total, correct, loss_sum = 0, 0, 0.0
+    total, loss_sum = 0, 0.0
+    correct = counted = 0
     try:
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = move_batch(batch, dev)
             out = model(x)
+            n = batch_size(x, y)
             loss_sum += float(loss_fn(out, y, reduction="sum")) if _accepts_reduction(loss_fn) \
-                else float(loss_fn(out, y)) * y.shape[0]
-            if out.dim() == 2 and y.dim() == 1:
-                correct += int((out.argmax(1) == y).sum())
-            total += y.shape[0]
+                else float(loss_fn(out, y)) * n
+            cc = count_correct(out, y, accuracy_fn)
+            if cc is not None:
+                correct += cc[0]
+                counted += cc[1]
+            total += n
     finally:
         model.train(was_training)
     if total == 0:
         raise ValueError("evaluate: the loader yielded no batch")
-    return {"loss": loss_sum / total, "accuracy": 100.0 * correct / total, "n": total}
+    return {"loss": loss_sum / total, "accuracy": accuracy_percent(correct, counted), "n": total}
 
 
 def _accepts_reduction(fn: Callable) -> bool:
@@ -134,6 +241,26 @@ def set_rng_state(st: dict[str, torch.Tensor], loader: Any = None) -> None:
         sampler_gen.set_state(st["sampler"])
 
 
+def check_writable(path: str | os.PathLike, what: str = "path") -> None:
+    """Create the folder of the file ``path`` and prove a file can be written there.
+
+    Raises ``ValueError`` naming ``path`` (and the OS error) when the folder cannot be created
+    (a parent is a file, no permission) or is not writable, or when ``path`` is a folder.
+    Called before any training so an unusable output path fails at once, not after hours.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{what}={path!r} is a directory; give a file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"{what}={path!r} cannot be written: folder {folder!r}: {e.strerror or e}") from None
+
+
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """Write ``obj`` with :func:`torch.save` atomically: temp file, fsync, then rename.
 
@@ -143,17 +270,27 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     prefix = f".{os.path.basename(path)}.tmp-"
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".pt", dir=folder)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".pt", dir=folder)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, naming no path
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        msg = (f"writing checkpoint {path!r} failed ({type(e).__name__}: {e}); the previous checkpoint "
+               f"file, if any, is intact")
+        if isinstance(e, OSError):  # same class, so callers catching OSError still do
+            err = type(e)(msg) if e.errno is None else type(e)(e.errno, msg)
+            raise err from e
+        raise CheckpointError(msg) from e
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
     for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.pt")):

@@ -31,6 +31,9 @@ def _components(model):
 
 
 def build(seed, device, epochs, m, n, rank, density, steps_per_epoch, lr, tolerance):
+    from admm_compress._validation import check_float
+
+    check_float("density", density, low=0.0, high=1.0, low_open=True, where="robust_pca")
     g = torch.Generator().manual_seed(seed)
     L0 = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g,
                                                                               dtype=torch.float64)

@@ -22,6 +22,9 @@ DEFAULTS = {"epochs": 100, "m": 40, "n": 40, "rank": 2, "observed": 0.5, "p": 0.
 
 
 def build(seed, device, epochs, m, n, rank, observed, p, lam, steps_per_epoch, lr, tolerance):
+    from admm_compress._validation import check_float
+
+    check_float("observed", observed, low=0.0, high=1.0, low_open=True, where="schatten_completion")
     g = torch.Generator().manual_seed(seed)
     T = torch.randn(m, rank, generator=g, dtype=torch.float64) @ torch.randn(rank, n, generator=g,
                                                                              dtype=torch.float64)

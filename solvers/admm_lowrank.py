@@ -20,6 +20,8 @@ DEFAULTS = {"ratio": 0.4, "rho": 0.1, "rho_growth": 1.2, "rho_max": 1.0, "every"
 
 
 def build(problem, ratio, rho, rho_growth, rho_max, view, every):
+    if view != "auto":
+        ac.views.get_view(view)  # a misspelt view stops the run now, even on a model without convolutions
     if problem is not None and problem.spec is not None:
         spec = problem.spec
     else:

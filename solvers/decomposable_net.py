@@ -12,8 +12,12 @@ DEFAULTS = {"rank_ratio": (0.01, 0.25), "lam": 0.5, "criterion": "global", "sche
 def build(problem, rank_ratio, lam, criterion, scheme, export_ratio, min_rank):
     from admm_compress.methods.decomposable_net import decomposable_net
 
+    from admm_compress._validation import check_float
+
+    # export_ratio is used only after training (export): check it now
+    check_float("export_ratio", export_ratio, low=0.0, high=1.0, low_open=True, where="decomposable_net")
     keep = list(problem.keep_dense) if problem is not None else []
-    return decomposable_net(tuple(rank_ratio), lam, criterion=criterion, scheme=scheme,
+    return decomposable_net(tuple(rank_ratio) if isinstance(rank_ratio, list) else rank_ratio, lam, criterion=criterion, scheme=scheme,
                                     min_rank=min_rank, exclude=keep or None)
 
 

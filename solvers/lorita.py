@@ -14,6 +14,10 @@ def build(problem, n_factors, weight_decay, truncation, rank_ratio, target_ratio
     # lr_scale is applied by the CLI: the factor products train with problem.lr * lr_scale
     from admm_compress.methods.lorita import lorita  # lazy: an absent module makes this entry unavailable
 
+    from admm_compress._validation import check_float
+
+    if target_ratio is not None:  # checked even when the truncation does not use it
+        check_float("target_ratio", target_ratio, low=0.0, high=1.0, low_open=True, where="lorita")
     keep = list(problem.keep_dense) if problem is not None else []
     kw = {}
     if truncation == "lsvt":

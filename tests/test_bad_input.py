@@ -185,7 +185,10 @@ SPEC_CONSTRUCTION = [
     (lambda: ac.Constrain(nn.Linear, LR1, metric="bm"), ValueError, r"metric='bm' is not allowed; choose None or 'bn'"),
     (lambda: ac.Constrain(nn.Linear, LR1, rho=-1), ValueError, r"rho=-1.0 is out of range"),
     (lambda: ac.Constrain(nn.Linear, LR1, rho=NAN), ValueError, r"rho=nan is out of range"),
+    # an unknown view name is refused when the spec is built (even if it would select nothing)
     (lambda: ac.Constrain(nn.Linear, LR1, view="rows"), ValueError, r"view='rows' is not a known view; choose one of"),
+    (lambda: ac.Constrain(nn.Conv2d, LR1, view="chanel"), ValueError,
+     r"view='chanel' is not a known view \(did you mean 'channel'\?\)"),
     (lambda: ac.Constrain(nn.Linear, LR1, skip_unexportable=1), TypeError, r"skip_unexportable must be a bool"),
 ]
 
@@ -725,6 +728,96 @@ def test_cli_usage_errors_exit_2_before_any_work(argv, match, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert re.search(match, err), err
     assert not out.exists(), "a refused command must not create its output folder"
+
+
+# every CLI value is checked before the dense pretraining (which would fail the test if it ran)
+CLI_VALUES = [
+    (["run", "digits_fcn", "lrpet", "--set", "epochs=-1"], r"Problem 'digits_fcn': epochs=-1 is out of range"),
+    (["run", "digits_fcn", "lrpet", "--set", "pretrain_epochs=-1"], r"pretrain_epochs=-1 is out of range"),
+    (["run", "digits_fcn", "lrpet", "--set", "finetune_epochs=-2"], r"finetune_epochs=-2 is out of range"),
+    (["run", "digits_fcn", "lrpet", "--set", "lr=-1"], r"lr=-1.0 is out of range; allowed: lr in \(0.0, inf\]"),
+    (["run", "digits_fcn", "lrpet", "--set", "lr=nan"], r"--set lr=nan: parameters must be finite numbers"),
+    (["run", "digits_fcn", "lrpet", "--set", "lr=abc"], r"lr must be a real number, got 'abc'"),
+    (["run", "digits_fcn", "admm_lowrank", "--set", "view=chanel"], r"view='chanel' is not a known view"),
+    (["run", "digits_fcn", "trp", "--set", "view=chanel"], r"trp: view='chanel' is not allowed"),
+    (["run", "digits_fcn", "lorita", "--set", "lr_scale=0"], r"lr_scale=0.0 is out of range"),
+    (["run", "digits_fcn", "lorita", "--set", "target_ratio=2"], r"target_ratio=2.0 is out of range"),
+    (["run", "digits_fcn", "decomposable_net", "--set", "export_ratio=2"], r"export_ratio=2.0 is out of range"),
+    (["run", "digits_fcn", "lrpet", "--set", "include_linear=maybe"],
+     r"include_linear='maybe' of solver 'lrpet' must be true or false"),
+    (["run", "digits_fcn", "lrpet", "--set", "pruning_ration=0.5"], r"did you mean 'pruning_ratio'"),
+    (["run", "digits_fcn", "lrpet", "--seed", "-1"], r"seed -1 must be >= 0"),
+    (["run", "best_rank_r", "admm_lowrank", "--set", "steps_per_epoch=0"], r"train_loader yields no batch"),
+    (["run", "best_rank_r", "admm_lowrank", "--set", "tolerance=-1"], r"tolerance=-1.0 is out of range"),
+    (["run", "robust_pca", "admm_lowrank", "--set", "density=2"], r"robust_pca: density=2.0 is out of range"),
+    (["run", "schatten_completion", "admm_lowrank", "--set", "observed=0"], r"observed=0.0 is out of range"),
+    (["bench", "digits_fcn", "--solvers", "lrpet", "--set", "lr=inf"], r"--set lr=inf: parameters must be finite"),
+    (["bench", "digits_fcn", "--solvers", "dense", "lrpet", "--set", "pretrain_epochs=-1"],
+     r"pretrain_epochs=-1 is out of range"),
+]
+
+
+@pytest.mark.parametrize("argv, match", CLI_VALUES, ids=[" ".join(c[0][1:]) for c in CLI_VALUES])
+def test_cli_values_are_refused_before_pretraining(argv, match, tmp_path, monkeypatch, capsys):
+    from admm_compress import registry
+    from admm_compress.cli import main
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before the bad value was refused")
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ADMM_COMPRESS_PATH", raising=False)
+    monkeypatch.setattr(registry, "train_dense", no_training)
+    monkeypatch.setattr(ac.Solver, "fit", no_training)
+    out = tmp_path / "out"
+    assert main(argv + ["--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err), err
+    assert not out.exists(), "a refused command must not create its output folder"
+
+
+def test_cli_unwritable_outputs_are_refused_before_pretraining(tmp_path, monkeypatch, capsys):
+    from admm_compress import registry
+    from admm_compress.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("ADMM_COMPRESS_PATH", raising=False)
+    monkeypatch.setattr(registry, "train_dense", lambda *a, **k: pytest.fail("training started"))
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for argv, match in [
+        (["run", "digits_fcn", "lrpet", "--out", str(afile / "sub")],
+         rf"--out '{re.escape(str(afile / 'sub'))}' cannot be written"),
+        (["run", "digits_fcn", "lrpet", "--out", str(afile)], rf"--out '{re.escape(str(afile))}' exists and is not a folder"),
+        (["bench", "digits_fcn", "--solvers", "lrpet", "--out", str(tmp_path / "b"), "--report", str(afile / "rep")],
+         rf"--report folder '{re.escape(str(afile))}' exists and is not a folder"),
+        (["bench", "digits_fcn", "--solvers", "lrpet", "--out", str(tmp_path / "b"), "--report",
+          str(afile / "sub" / "rep")], rf"--report folder '{re.escape(str(afile / 'sub'))}' cannot be written"),
+    ]:
+        assert main(argv + ["--no-progress"]) == 2, argv
+        err = capsys.readouterr().err
+        assert re.search(match, err), err
+    assert not (tmp_path / "b").exists()  # nothing created when a later output check fails
+    (tmp_path / "o" / "results.json").mkdir(parents=True)  # a folder where a result file goes
+    assert main(["run", "digits_fcn", "lrpet", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "results.json' is a folder" in capsys.readouterr().err
+
+
+def test_fit_checkpoint_in_an_unwritable_place_is_refused_before_training(tmp_path):
+    model = _mlp()
+    snap = _snapshot(model)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    bad = afile / "run.pt"
+    _raises(ValueError, rf"fit: checkpoint='{re.escape(str(bad))}' cannot be written",
+            lambda: ac.Solver(SPEC, rho=0.1).fit(model, [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))],
+                                                 epochs=1, checkpoint=bad, progress=False))
+    _assert_unchanged(model, snap)
+    # a missing folder is created (the run can write there)
+    ok = tmp_path / "new" / "deeper" / "run.pt"
+    ac.Solver(SPEC, rho=0.1).fit(_mlp(), [(torch.randn(4, 8), torch.zeros(4, dtype=torch.long))], epochs=1,
+                                 checkpoint=ok, progress=False)
+    assert ok.is_file()
 
 
 def test_fit_with_inputs_the_model_cannot_take_names_the_batch_shape():

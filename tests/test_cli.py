@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -313,3 +314,41 @@ def test_search_path_env_var_and_shadowing(tmp_path, monkeypatch, capsys):
     problems = load_problems()
     assert problems["digits_fcn"].description == "shadowed by the user"
     assert "robust_pca" in problems  # the repository's others are still found
+
+
+# ------------------------------------------------------------------ late I/O errors lose nothing
+def test_a_late_write_error_keeps_the_results_in_a_rescue_folder(tmp_path, monkeypatch, capsys):
+    """The output folder turns unwritable after training (simulated: every move into it fails):
+    each file is written to one rescue folder instead, the command says which path failed and
+    where its content is, and exits 1."""
+    import tempfile
+
+    from admm_compress import cli
+
+    out = tmp_path / "run"
+    rescue_root = tmp_path / "tmp"
+    rescue_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(rescue_root))
+    real = cli._commit
+
+    def commit(tmp, path):
+        if Path(path).parent == out:
+            raise OSError(28, "No space left on device (simulated)")
+        real(tmp, path)
+
+    monkeypatch.setattr(cli, "_commit", commit)
+    code = main(["run", "digits_fcn", "lrpet", "--out", str(out), *TINY])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    rescue = [p for p in rescue_root.iterdir() if p.name.startswith("admm-compress-rescue-")]
+    assert len(rescue) == 1
+    for name in ("results.json", "model_state_dict.pt", "accuracy_vs_macs.png", "spectra.png", "residuals.png"):
+        assert f"could not write {out / name}" in err and f"its content is in {rescue[0] / name}" in err, (name, err)
+        assert (rescue[0] / name).stat().st_size > 0
+        assert not (out / name).exists()
+    assert not [p for p in out.iterdir()], "no temporary file may be left behind"
+    res = json.loads((rescue[0] / "results.json").read_text())
+    assert res["files"]["state_dict"] == str(rescue[0] / "model_state_dict.pt")
+    state = torch.load(rescue[0] / "model_state_dict.pt", weights_only=True)
+    assert set(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert math.isfinite(res["acc_after"])

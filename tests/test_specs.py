@@ -74,3 +74,75 @@ def test_describe_lists_layers():
     text = s.describe()
     assert "conv1.weight" in text and "8x27" in text
     assert "short.weight" in text.split("without BN metric")[1]
+
+
+# ----------------------------------------------------------------- tied weights, shared modules
+class Tied(nn.Module):
+    """Two Linear layers holding one Parameter (tied weights, as an embedding and an LM head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_weight_under_two_conflicting_specs_is_refused():
+    spec = [ac.Constrain("a", ac.LowRank(rank=2)), ac.Constrain("b", ac.Cardinality(density=0.5))]
+    net = Tied()
+    w0 = net.a.weight.detach().clone()
+    for call in (lambda: resolve(spec, net), lambda: ac.Solver(spec, rho=1.0).prepare(net)):
+        with pytest.raises(SpecError) as e:
+            call()
+        msg = str(e.value)
+        assert "tied weight" in msg and "'a.weight'" in msg and "'b.weight'" in msg
+        assert "LowRank" in msg and "Cardinality" in msg and "spec[0]" in msg and "spec[1]" in msg
+    assert torch.equal(net.a.weight, w0)
+
+
+def test_tied_weight_under_one_spec_is_feasible_after_fit():
+    torch.manual_seed(0)
+    net = Tied()
+    x = torch.randn(32, 6)
+    loader = [(x, torch.randn(32, 6))]
+    solver = ac.Solver(ac.Constrain(nn.Linear, ac.LowRank(rank=2)), rho=1.0)
+    hist = solver.fit(net, loader, epochs=2, loss_fn=nn.functional.mse_loss, lr=0.01)
+    assert net.a.weight is net.b.weight and hist.final["feasible"]
+    s = torch.linalg.svdvals(net.a.weight.detach())
+    assert float(s[2]) <= 1e-5 * float(s[0])  # rank 2 up to float32 SVD round-off
+
+
+class Shared(nn.Module):
+    """One nn.Linear registered under two attribute names, called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.second = self.first
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.second(torch.relu(self.first(x)))))
+
+
+@pytest.mark.parametrize("target", [nn.Linear, "first", "second"])
+def test_module_under_two_names_is_exported_at_both(target):
+    from _helpers import projected
+
+    torch.manual_seed(0)
+    net = Shared()
+    spec = ac.Constrain(target, ac.LowRank(rank=2), exclude="out")
+    bindings = resolve(spec, net)
+    assert len(bindings) == 1  # one module, one binding, whichever of its names the target names
+    ref = projected(net, spec)
+    compact = ac.export(net, spec)
+    assert compact.first is compact.second and not isinstance(compact.first, nn.Linear)
+    names = {n for n, m in compact.named_modules(remove_duplicate=False) if isinstance(m, nn.Linear)}
+    assert not any(n in ("first", "second") for n in names)
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        # float32: the factorized product differs from the dense projected weight by round-off
+        torch.testing.assert_close(compact(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -79,7 +79,7 @@ from ..sets import LowRank
 from ..solver import Solver
 from ..specs import Constrain, SpecError, resolve, unwrap
 from ..solver import _broadcast_, _world_size
-from ..training import resolve_device
+from ..training import resolve_device, tree_detach
 
 __all__ = ["decomposable_net", "DecomposableNetSolver", "DNLayer", "recalibrate_bn"]
 
@@ -398,7 +398,7 @@ class DecomposableNetSolver(Solver):
                 loss = self._amp_loss(loss_fn(out, targets))
             self._backprop(loss)
             self.last = {"keep_ratio": 1.0, "ranks": None, "loss_full": loss.detach(), "loss_low": None}
-            return loss.detach(), out.detach()
+            return loss.detach(), tree_detach(out)
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
         params = [p for _, p in named]
         ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -453,7 +453,7 @@ class DecomposableNetSolver(Solver):
         self._acc.append((z, loss_full.detach(), loss_low.detach()))
         log.debug("Decomposable-Net step: Z=%.4f, kept %d of %d bases", z, sum(ranks),
                   sum(L.full_rank for L in layers))
-        return loss, out_full.detach()
+        return loss, tree_detach(out_full)
 
     @staticmethod
     @torch.no_grad()

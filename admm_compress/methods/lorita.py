@@ -63,7 +63,7 @@ from ..sets import LowRank, SchattenP
 from ..sets.base import Penalty
 from ..solver import Solver
 from ..specs import Constrain, resolve, unwrap
-from ..training import evaluate, load_checkpoint
+from ..training import evaluate, load_checkpoint, tree_detach
 
 __all__ = ["lorita", "LoRITaSolver", "SquaredFrobenius", "layer_group"]
 
@@ -310,7 +310,7 @@ class LoRITaSolver(Solver):
             out = model(inputs)
             loss = self._amp_loss(loss_fn(out, targets)) + self.penalty()
         self._backprop(loss)
-        return loss.detach(), out.detach()
+        return loss.detach(), tree_detach(out)
 
     # ----------------------------------------------------- equivalence as code
     def factor_penalty(self, model: nn.Module | None = None) -> torch.Tensor:
@@ -387,7 +387,7 @@ class LoRITaSolver(Solver):
         if val_loader is not None:
             t0 = time.perf_counter()
             with parametrize.cached():   # one product per layer for the whole evaluation
-                ev = evaluate(model, val_loader, loss_fn, dev)
+                ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=getattr(self, "_accuracy_fn", None))
             rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
             rec["wall"] += time.perf_counter() - t0
         return rec
