@@ -524,7 +524,7 @@ class SolverEntry(_Entry):
             return own(model)
         from .export import export
 
-        return export(model, solver.spec)
+        return export(model, solver)  # through export_spec(): what training selected
 
     def resolve(self, params: Mapping[str, Any], problem: Problem | None = None) -> dict:
         """Defaults < problem's solver_defaults < user's ``params``, names checked."""
