@@ -664,8 +664,10 @@ class DecomposableNetSolver(Solver):
         Raises
         ------
         ValueError
-            A target below what the per-layer floors ``min(min_rank, R_l)`` allow; the message
-            names the layers, their floors and the smallest admissible target.
+            A target below what the per-layer floors ``min(min_rank, R_l)`` allow (a MACs
+            budget; a ``rank_ratio`` with ``rank_rule="reserve"`` -- the official rule raises the
+            ranks to the floors instead, with a WARNING); the message names the layers, their
+            floors and the smallest admissible target.
         """
         layers = self._layers_for(model)
         if (rank_ratio is None) == (macs is None):
