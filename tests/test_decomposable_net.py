@@ -532,7 +532,7 @@ def test_bn_statistics_on_the_whole_fit_loader_by_default_and_bounded_on_request
     assert "not recalibrated" in caplog.text
 
 
-def test_default_optimizer_is_nesterov_with_weight_decay_on_weights_only():
+def test_default_optimizer_is_nesterov_with_weight_decay_on_weights_only(monkeypatch):
     model = small_cnn()
     s = decomposable_net().prepare(model)
     opt = s._make_optimizer(model, None, 0.1)
@@ -540,3 +540,12 @@ def test_default_optimizer_is_nesterov_with_weight_decay_on_weights_only():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 5e-4 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() >= 2), name
+    # fit and its fine-tuning use it too (fine-tuning at lr / 10)
+    made = []
+    real = DecomposableNetSolver.paper_sgd
+    monkeypatch.setattr(DecomposableNetSolver, "paper_sgd",
+                        staticmethod(lambda params, lr: made.append(lr) or real(params, lr)))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))]
+    decomposable_net(min_rank=2, seed=0).fit(small_cnn(), batches, epochs=1, lr=0.2, finetune_epochs=1,
+                                             progress=False)
+    assert made == [0.2, pytest.approx(0.02)]

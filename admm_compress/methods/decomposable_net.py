@@ -828,15 +828,27 @@ class DecomposableNetSolver(Solver):
         self._fit_loader = loader
         return super().fit(model, loader, *args, **kwargs)
 
-    def _make_optimizer(self, model, optimizer, lr):
-        """Default: SGD, Nesterov momentum 0.9, L2 ``5e-4`` on weight tensors only (Table 3)."""
-        if optimizer is not None:
-            return super()._make_optimizer(model, optimizer, lr)
-        params = [p for p in model.parameters() if p.requires_grad]
+    @staticmethod
+    def paper_sgd(params, lr: float) -> torch.optim.SGD:
+        """SGD with Nesterov momentum 0.9 and L2 ``5e-4`` on weight tensors (``dim >= 2``) only,
+        none on biases and BatchNorm ``gamma, beta`` (Table 3; the official code)."""
+        params = [p for p in params if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
         rest = [p for p in params if p.dim() < 2]
         return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
                                lr=lr, momentum=0.9, nesterov=True)
+
+    def _make_optimizer(self, model, optimizer, lr):
+        """Default: :meth:`paper_sgd` (Nesterov, L2 on weight tensors only)."""
+        if optimizer is not None:
+            return super()._make_optimizer(model, optimizer, lr)
+        return self.paper_sgd(model.parameters(), lr)
+
+    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs):
+        """:meth:`Solver._finetune` with :meth:`paper_sgd` at ``lr / 10`` by default."""
+        if optimizer is None:
+            optimizer = (lambda params, lr=lr: self.paper_sgd(params, lr / 10))
+        return super()._finetune(model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs)
 
     @torch.no_grad()
     def export(self, model: nn.Module, rank_ratio: float | None = None, *, macs: float | None = None,
