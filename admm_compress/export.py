@@ -263,6 +263,7 @@ def _dense_from(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool) 
     return new
 
 
+_BUILTIN = (_export_lowrank, _export_sparse, _export_sum)
 register_exporter(_is_lowrank, _export_lowrank, first=False)
 register_exporter(_is_sparse, _export_sparse, first=False)
 register_exporter(_is_sum, _export_sum, first=False)

@@ -74,14 +74,22 @@ def structured_on_weight(c: Constraint, module: nn.Module) -> bool:
             and isinstance(module, nn.modules.conv._ConvNd))
 
 
+def _custom_exporter(c: Constraint, v: View) -> bool:
+    """True if an exporter registered besides the built-in ones handles ``(c, v)`` (e.g. TRP's VH view)."""
+    from . import export
+
+    return any(match(c, v) for match, build in export._EXPORTERS if build not in export._BUILTIN)
+
+
 def _lowrank_rule(m: nn.Module, c: Constraint, v: View) -> str | None:
     if isinstance(v, TTView):
         return "a TTView is for TTRank; low rank needs view='channel' (conv) or the default"
     if isinstance(v, IdentityView) and (not isinstance(m, nn.Linear)):
         return ("view='identity' keeps the conv weight 4-D and low rank needs a matrix: use "
                 "view='channel' (out, in*kh*kw) or view='spatial' (out*kh, in*kw)")
-    if v.name not in ("matrix", "channel", "spatial", "identity"):
-        return f"low-rank export knows views 'matrix', 'channel' and 'spatial', not {v.name!r}"
+    if v.name not in ("matrix", "channel", "spatial", "identity") and not _custom_exporter(c, v):
+        return (f"low-rank export knows views 'matrix', 'channel' and 'spatial', not {v.name!r} "
+                f"(register an exporter for it with admm_compress.export.register_exporter)")
     if isinstance(m, nn.Linear):
         return None
     if not isinstance(m, _CONV):

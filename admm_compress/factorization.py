@@ -33,11 +33,16 @@ The inner dimension ``d >= min(m, n)`` is chosen by ``inner`` in :func:`apply_fa
   (smallest exact choice, no zero padding); an ``int``: that ``d`` (must be ``>= min(m, n)`` so the
   product can represent every weight, the condition of Prop. 4.2).
 
-*Initialization.*  The factors start as :func:`balanced_factors` of the layer's current weight
-(exact product, minimal factor norm), not from an independent random draw as in the paper's
-experiments; start from a freshly initialized model to train from scratch.  Inner directions
-beyond ``min(m, n)`` (``d > min(m, n)``) start at zero and receive zero gradient, so they stay
-unused: ``inner="min"`` trains the same function class with fewer parameters.
+*Initialization* (``init`` of :func:`apply_factorization`).  ``"random"`` (the paper, Sec. 5.1:
+"initializing from a random state"): independent Gaussian factors, zero mean, every entry of
+factor ``i`` with the same variance ``v``, chosen so that the product has the layer's current
+mean square, ``E[W_ab^2] = d^{N-1} v^N = mean(W^2)`` (for a freshly built layer: its default
+initialization; for PyTorch's ``Linear`` / ``Conv`` that is ``1 / (3 fan_in)``).  The layer's
+current *value* is discarded: use it to train from scratch.  ``"svd"``: :func:`balanced_factors`
+of the current weight (exact product, minimal factor norm), to compress a trained model.  With the
+SVD start, inner directions beyond ``min(m, n)`` (``d > min(m, n)``) start at zero and receive zero
+gradient, so they stay unused (``inner="min"`` trains the same function class with fewer
+parameters); with the random start every inner direction is used.
 
 *State dict.*  :func:`apply_factorization` uses :func:`torch.nn.utils.parametrize.register_parametrization`,
 so the key ``"<layer>.weight"`` is replaced by the ``N`` factors
@@ -72,6 +77,7 @@ __all__ = [
     "FactorProduct",
     "factor_shapes",
     "balanced_factors",
+    "random_factors",
     "apply_factorization",
     "collapse",
     "is_factorized",
@@ -88,6 +94,7 @@ log = logging.getLogger(__name__)
 
 _DEFAULT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _INNER_CHOICES = ("auto", "in", "out", "min")
+INITS = ("random", "svd")
 
 
 # ============================================================================ pure functions
@@ -189,6 +196,26 @@ def balanced_factors(w: torch.Tensor, n_factors: int, inner_dim: int | None = No
     # copy: the middle factors share one tensor when no mixing is drawn, and .to() is a no-op
     # for float64 weights, so without it the factors would alias each other
     return [f.to(w.dtype, copy=True) for f in factors]
+
+
+def random_factors(shape: Sequence[int], n_factors: int, inner_dim: int | None = None, *,
+                   mean_square: float, dtype=torch.float32, device=None,
+                   generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    r"""Independent Gaussian factors ``F_1 ... F_N`` whose product has ``E[W_ab^2] = mean_square``.
+
+    ``F_i`` has i.i.d. ``N(0, v)`` entries with ``v = (mean_square / d^{N-1})^{1/N}``: for
+    independent zero-mean factors ``E[(F_N \cdots F_1)_{ab}^2] = d^{N-1} v^N`` (each inner sum over
+    ``d`` terms multiplies the second moment by ``d v``).  Shapes :func:`factor_shapes` of the
+    ``(m, n)`` view of ``shape``; ``d`` as there.
+    """
+    n_factors = check_int("n_factors", n_factors, low=1)
+    mean_square = check_float("mean_square", mean_square, low=0.0)
+    m, n = _matrix_shape(shape)
+    d = min(m, n) if inner_dim is None else check_int("inner_dim", inner_dim, low=min(m, n))
+    std = (mean_square / d ** (n_factors - 1)) ** (0.5 / n_factors)
+    dev = generator.device if generator is not None else device
+    return [(torch.randn(a, b, generator=generator, dtype=dtype, device=dev) * std).to(device)
+            for a, b in factor_shapes(m, n, n_factors, d)]
 
 
 def lowrank_param_count(m: int, n: int, rank: int) -> int:
@@ -329,7 +356,7 @@ def _resolve_inner(name: str, module: nn.Module, inner) -> int:
 
 
 def apply_factorization(model: nn.Module, targets=None, n_factors: int = 3, *, inner="auto",
-                        generator: torch.Generator | None = None) -> list[str]:
+                        generator: torch.Generator | None = None, init: str = "svd") -> list[str]:
     """Replace the weight of every targeted layer by a product of ``n_factors`` trainable factors.
 
     Registers a :class:`FactorProduct` on ``module.weight`` with
@@ -352,7 +379,12 @@ def apply_factorization(model: nn.Module, targets=None, n_factors: int = 3, *, i
     inner : {"auto", "in", "out", "min"} or int
         Inner dimension ``d`` of the factors, see the module docstring (``"auto"`` follows the paper).
     generator : torch.Generator, optional
-        Random orthogonal mixing of the initial factors.
+        ``init="svd"``: random orthogonal mixing of the initial factors; ``init="random"``: the
+        draws of the factors (default: the global torch RNG, like ``nn.init``).
+    init : {"svd", "random"}
+        ``"svd"``: balanced factors of the current weight (the product equals it); ``"random"``:
+        :func:`random_factors` with the mean square of the current weight (training from scratch,
+        the paper); see the module docstring.
 
     Returns
     -------
@@ -369,6 +401,8 @@ def apply_factorization(model: nn.Module, targets=None, n_factors: int = 3, *, i
                              "or an int >= min(m, n)")
     elif isinstance(inner, bool) or not isinstance(inner, numbers.Integral):
         raise TypeError(f"inner must be one of {list(_INNER_CHOICES)} or an int, got {inner!r}")
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not allowed; choose one of {list(INITS)}")
     selected = _select(model, targets)
     plan = []
     for name, module in selected:
@@ -381,8 +415,16 @@ def apply_factorization(model: nn.Module, targets=None, n_factors: int = 3, *, i
                              "; collapse or remove it first")
         plan.append((name, module, _resolve_inner(name, module, inner)))
     for name, module, d in plan:
-        fp = FactorProduct(module.weight.shape, n_factors, d, generator)
+        w = module.weight.detach()
+        fp = FactorProduct(module.weight.shape, n_factors, d, generator if init == "svd" else None)
         parametrize.register_parametrization(module, "weight", fp, unsafe=False)
+        if init == "random":
+            ms = float(w.to(torch.float64).pow(2).mean())
+            draws = random_factors(w.shape, n_factors, d, mean_square=ms, dtype=w.dtype, device=w.device,
+                                   generator=generator)
+            with torch.no_grad():
+                for i, f in enumerate(draws):
+                    getattr(module.parametrizations.weight, f"original{i}").copy_(f)
         log.debug("factorized %s: weight %s = product of %s", name, fp.shape, fp.factor_shapes)
     log.info("factorized %d layer(s) into %d factors each", len(plan), n_factors)
     return [name for name, _, _ in plan]
@@ -597,31 +639,61 @@ def gsvt(model: nn.Module, groups, keep) -> dict[str, int]:
 
 
 def _sample_batch(data, n_samples: int, generator: torch.Generator | None):
-    """``(x, y)`` with at most ``n_samples`` rows from a batch tuple or an iterable of batches."""
+    """``(x, y)``: a uniformly random subsample of ``n_samples`` examples (all if fewer).
+
+    ``data`` is a batch tuple (rows drawn with ``randperm``), a ``DataLoader`` over a sized
+    dataset (indices drawn, then ``dataset[i]`` collated with the loader's ``collate_fn``; no
+    pass over the data), or any iterable of batches (one pass, reservoir sampling: every example
+    is kept with probability ``n_samples / total``).  ``generator`` seeds the draw (default: a
+    generator seeded with 0, so the sample is reproducible).
+    """
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    gdev = generator.device
+
+    def draw(total: int, k: int) -> torch.Tensor:
+        return torch.randperm(total, generator=generator, device=gdev)[:k].cpu()
+
     if isinstance(data, (tuple, list)) and len(data) >= 2 and isinstance(data[0], torch.Tensor):
         x, y = data[0], data[1]
         if x.shape[0] > n_samples:
-            dev = generator.device if generator is not None else "cpu"
-            idx = torch.randperm(x.shape[0], generator=generator, device=dev)[:n_samples].to(x.device)
-            x, y = x[idx], y[idx.to(y.device)]
+            idx = draw(x.shape[0], n_samples)
+            x, y = x[idx.to(x.device)], y[idx.to(y.device)]
         return x, y
-    xs, ys, have = [], [], 0
+    dataset = getattr(data, "dataset", None)
+    if isinstance(data, torch.utils.data.DataLoader) and dataset is not None and hasattr(dataset, "__len__") \
+            and hasattr(dataset, "__getitem__") and not isinstance(dataset, torch.utils.data.IterableDataset):
+        idx = draw(len(dataset), min(n_samples, len(dataset))).tolist()
+        if not idx:
+            raise ValueError("data yielded no batch")
+        batch = data.collate_fn([dataset[i] for i in idx])
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ValueError(f"each batch of data must be (inputs, targets), got {type(batch).__name__}")
+        return batch[0], batch[1]
     try:
         it = iter(data)
     except TypeError:
         raise TypeError(f"data must be a batch (inputs, targets) or an iterable of such batches, "
                         f"got {type(data).__name__}") from None
+    xs, ys, seen = None, None, 0       # reservoir (Vitter's algorithm R), one pass
     for batch in it:
         if not isinstance(batch, (tuple, list)) or len(batch) < 2:
             raise ValueError(f"each batch of data must be (inputs, targets), got {type(batch).__name__}")
-        xs.append(batch[0])
-        ys.append(batch[1])
-        have += batch[0].shape[0]
-        if have >= n_samples:
-            break
-    if not xs:
+        bx, by = batch[0], batch[1]
+        for j in range(bx.shape[0]):
+            if xs is None:
+                xs = bx.new_empty((n_samples, *bx.shape[1:]))
+                ys = by.new_empty((n_samples, *by.shape[1:]))
+            if seen < n_samples:
+                xs[seen], ys[seen] = bx[j], by[j]
+            else:
+                k = int(torch.randint(seen + 1, (1,), generator=generator, device=gdev))
+                if k < n_samples:
+                    xs[k], ys[k] = bx[j], by[j]
+            seen += 1
+    if xs is None:
         raise ValueError("data yielded no batch")
-    return torch.cat(xs)[:n_samples], torch.cat(ys)[:n_samples]
+    return xs[:min(seen, n_samples)], ys[:min(seen, n_samples)]
 
 
 def isvt(model: nn.Module, names, loss_fn: Callable | None = None, data=None, *,
@@ -646,8 +718,9 @@ def isvt(model: nn.Module, names, loss_fn: Callable | None = None, data=None, *,
     loss_fn : callable, optional
         ``loss_fn(outputs, targets) -> scalar``; default cross entropy.
     data : (inputs, targets) or iterable of such batches
-        A batch larger than ``n_samples`` is subsampled at random (``generator``); from a loader
-        the first ``n_samples`` examples are used (shuffle the loader for a random sample).
+        ``n_samples`` examples are drawn uniformly at random (App. A: "120 randomly subsampled
+        training data"), seeded by ``generator`` (default seed 0): rows of a batch, indices of a
+        ``DataLoader``'s dataset, or a reservoir sample over one pass of any other iterable.
     params_per_round : int
         Parameters removed per round (paper: 500).
     target_params, target_ratio

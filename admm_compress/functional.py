@@ -364,15 +364,18 @@ def lowrank_parts(x: torch.Tensor, rank=None, *, energy: float | None = None,
             s = s * energy_transfer_scale(s, r, total=total).unsqueeze(-1)
         return U, s, Vh, left
     U, s, Vh = svd(xc)
+    alpha = None
     if energy is not None:
         r = energy_rank(s, energy, min_rank)
+        if energy_transfer:  # alpha from the whole spectrum, before it is cut to the largest rank
+            alpha = energy_transfer_scale(s, r)
         q = int(r.max()) if r.numel() else 1
         U, s, Vh = U[..., :q], s[..., :q], Vh[..., :q, :]
         keep = _rank_mask(s, r)
     else:
         r = int(rank)
         keep = None
-    if energy_transfer:
+    if energy_transfer and alpha is None:
         alpha = energy_transfer_scale(s, r)
     if keep is None:
         U, s, Vh = U[..., :r], s[..., :r], Vh[..., :r, :]

@@ -6,8 +6,11 @@ Rank selection (Sec. 2.3, Algorithm 1)
 --------------------------------------
 * :func:`global_rank_selection` -- the paper's criterion :math:`C(\ell, i) = \sigma_{\ell,i}`:
   pool the singular values of all layers (raw, not normalized), sort them globally and drop
-  the ``d`` smallest bases; every layer keeps at least ``min(min_rank, R_l)`` (official code:
-  ``rank_min = 5``).
+  the ``d`` smallest bases.  Three floor rules (``floor_mode``): ``"none"`` -- the paper
+  (Sec. 2.3), no floor, a layer may keep 0 bases; ``"clip"`` -- the official code, top
+  ``round(Z N)`` then every rank raised to ``min(rank_min, R_l)`` (``rank_min = 5``);
+  ``"reserve"`` -- ours, the floors set aside first and the rest of the budget filled from the
+  global order (exactly ``max(round(Z N), sum floors)`` bases).
 * :func:`sample_keep_ratio` / :func:`num_dropped` -- Algorithm 1, lines 3-4:
   :math:`Z \sim \mathcal U(\alpha_l, \alpha_u)`, :math:`d = (1 - Z)\sum_\ell R_\ell`.
 * :func:`uniform_rank_selection`, :func:`energy_rank_selection` and ``criterion="energy"`` --
@@ -71,7 +74,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _CRITERIA = ("sv", "energy")
-_FLOOR_MODES = ("reserve", "clip")
+_FLOOR_MODES = ("reserve", "clip", "none")
 _SCHEMES = ("channel", "spatial")
 
 
@@ -179,16 +182,22 @@ def global_rank_selection(svals: Sequence[torch.Tensor], keep_ratio: Optional[fl
         ``"sv"``: :math:`\sigma_{\ell,i}` (the paper).  ``"energy"``: the energy criterion of
         Alvarez & Salzmann / TRP used as the "eng" baseline of Fig. 2(c): score
         :math:`1 - C'(\ell, i-1) = \sum_{k\ge i}\sigma_{\ell,k}^2 / \sum_j \sigma_{\ell,j}^2`.
-    floor_mode : {"reserve", "clip"}
-        ``"reserve"`` (default): the floor bases are set aside and the remaining keep budget is
-        filled from the global order of the other bases, so exactly
-        ``max(n_keep, sum floors)`` bases are kept.  ``"clip"``: the official code -- keep the
-        top ``n_keep`` globally, then raise every rank to its floor (may keep more).
+    floor_mode : {"reserve", "clip", "none"}
+        ``"reserve"`` (default; ours, neither the paper nor the official code): the floor bases
+        are set aside and the remaining keep budget is filled from the global order of the other
+        bases, so exactly ``max(n_keep, sum floors)`` bases are kept.  ``"clip"``: the official
+        code -- keep the top ``n_keep`` globally, then raise every rank to its floor (may keep
+        more).  ``"none"``: the paper (Sec. 2.3) -- keep the top ``n_keep`` globally, no floor
+        (``min_rank`` is ignored; a layer may get rank 0, which the paper reads as removing it).
+
+        Example (Z = 0.25, four layers of full ranks 16/32/64/10, ``min_rank=5``, tested):
+        ``"none"`` [3, 23, 0, 4], ``"clip"`` [5, 23, 5, 5], ``"reserve"`` [5, 15, 5, 5].
 
     Returns
     -------
     list of int
-        ``r_l`` with ``min(min_rank, R_l) <= r_l <= R_l``; non-decreasing in ``keep_ratio``.
+        ``r_l`` with ``min(min_rank, R_l) <= r_l <= R_l`` (``0 <= r_l`` for ``"none"``);
+        non-decreasing in ``keep_ratio``.
 
     Notes
     -----
@@ -216,9 +225,11 @@ def global_rank_selection(svals: Sequence[torch.Tensor], keep_ratio: Optional[fl
         floors, order_ids = _pool(svals, min_rank, criterion, normalize)
         n_pool = max(0, min(n_keep - sum(floors), order_ids.numel()))
         return ranks_from_order(floors, order_ids, n_pool)
-    # "clip": official code, floors applied after the global cut
+    # "none" (paper): the global cut alone; "clip" (official code): floors applied after it
     zeros, order_ids = _pool(svals, 0, criterion, normalize)
     ranks = ranks_from_order(zeros, order_ids, n_keep)
+    if floor_mode == "none":
+        return ranks
     return [max(r, min(min_rank, s.numel())) for r, s in zip(ranks, svals)]
 
 
@@ -305,8 +316,8 @@ def ranks_for_macs_budget(svals: Sequence[torch.Tensor], layer_macs_fn: Callable
         factorization stops paying off).
     budget : float >= 0
         Total MACs allowed (including ``fixed_macs``, the cost of the layers not decomposed).
-    min_rank : int >= 1
-        Floor per layer, ``min(min_rank, R_l)``.
+    min_rank : int >= 0
+        Floor per layer, ``min(min_rank, R_l)`` (0: no floor, the paper's rule).
     normalize, criterion
         As in :func:`global_rank_selection`.
     fill : bool
@@ -334,7 +345,7 @@ def ranks_for_macs_budget(svals: Sequence[torch.Tensor], layer_macs_fn: Callable
                         f"{type(layer_macs_fn).__name__}")
     budget = check_float("budget", budget, low=0.0)
     fixed_macs = check_float("fixed_macs", fixed_macs, low=0.0)
-    min_rank = check_int("min_rank", min_rank, low=1)
+    min_rank = check_int("min_rank", min_rank, low=0)
     check_choice("criterion", criterion, _CRITERIA)
     if not isinstance(normalize, bool) or not isinstance(fill, bool):
         raise TypeError(f"normalize and fill must be bools, got normalize={normalize!r}, fill={fill!r}")

@@ -6,11 +6,13 @@ REQUIRES = ["admm_compress.methods.lorita"]
 NAME = "lorita"
 DESCRIPTION = "LoRITa: N-factor products + weight decay, then LSVT/GSVT/ISVT truncation"
 PARAMS = {"n_factors": [1, 2, 3], "weight_decay": [1e-4, 5e-4], "rank_ratio": [0.25, 0.4, 0.5]}
+# init "auto": the paper's random factors when the problem trains from scratch (pretrain_epochs=0),
+# the SVD start of the pretrained dense model otherwise (random factors would discard it)
 DEFAULTS = {"n_factors": 3, "weight_decay": 5e-4, "truncation": "lsvt", "rank_ratio": 0.4,
-            "target_ratio": None, "lr_scale": 0.25}
+            "target_ratio": None, "lr_scale": 0.25, "init": "auto"}
 
 
-def build(problem, n_factors, weight_decay, truncation, rank_ratio, target_ratio, lr_scale):
+def build(problem, n_factors, weight_decay, truncation, rank_ratio, target_ratio, lr_scale, init="auto"):
     # lr_scale is applied by the CLI: the factor products train with problem.lr * lr_scale
     from admm_compress.methods.lorita import lorita  # lazy: an absent module makes this entry unavailable
 
@@ -26,5 +28,7 @@ def build(problem, n_factors, weight_decay, truncation, rank_ratio, target_ratio
         kw["keep"] = rank_ratio
     elif truncation == "isvt":
         kw["target_ratio"] = target_ratio if target_ratio is not None else rank_ratio
+    if init == "auto":
+        init = "svd" if problem is not None and getattr(problem, "pretrain_epochs", 0) > 0 else "random"
     return lorita(n_factors, weight_decay, targets=(nn.Conv2d, nn.Linear), exclude=keep or None,
-                          truncation=truncation, **kw)
+                  truncation=truncation, init=init, **kw)

@@ -1,12 +1,13 @@
-"""TRP (Xu et al., IJCAI 2019), the baseline LRPET compares to: energy-threshold truncation every T
-iterations plus the nuclear-norm subgradient."""
+"""TRP (Xu et al., IJCAI 2019), the baseline LRPET compares to, as released (cifar-TRP.py):
+energy-0.99 truncation of every non-stem, non-1x1 conv on the "VH" view before every iteration,
+plus the nuclear-norm subgradient every iteration."""
 from torch import nn
 
 NAME = "trp"
 KIND = "baseline"
-DESCRIPTION = "TRP baseline: energy-e truncation every T iterations + nuclear subgradient"
-PARAMS = {"energy": [0.8, 0.9, 0.95], "nuclear_weight": [0.0, 3e-4]}
-DEFAULTS = {"energy": 0.9, "nuclear_weight": 3e-4, "every": 20, "view": "channel"}
+DESCRIPTION = "TRP baseline as released: energy-e truncation (VH view) every iteration + nuclear subgradient"
+PARAMS = {"energy": [0.95, 0.98, 0.99], "nuclear_weight": [0.0, 3e-4]}
+DEFAULTS = {"energy": 0.99, "nuclear_weight": 3e-4, "every": 1, "view": "vh"}
 
 
 def build(problem, energy, nuclear_weight, every, view):

@@ -73,6 +73,8 @@ def naive_truncate(mat, r):
     (dict(scheme={"0": "diag"}), ["scheme['0']"]),
     (dict(min_rank=0), ["min_rank=0"]),
     (dict(clip=1.0), ["clip=1.0"]),
+    (dict(rank_rule="papers"), ["rank_rule='papers'", "official", "paper", "reserve"]),
+    (dict(export_ratio=0.0), ["export_ratio=0.0"]),
 ])
 def test_bad_arguments_raise_at_construction(kwargs, words):
     with pytest.raises(ValueError) as e:
@@ -191,9 +193,11 @@ def test_gradcheck_through_conv_views():
 
 # -------------------------------------------------------------------- rank sampling
 @pytest.mark.parametrize("criterion", ["global", "uniform", "energy"])
-def test_sampled_ranks_follow_the_criterion(criterion):
+@pytest.mark.parametrize("rule, floor_mode", [("official", "clip"), ("paper", "none"), ("reserve", "reserve")])
+def test_sampled_ranks_follow_the_criterion(criterion, rule, floor_mode):
     model = small_cnn()
-    s = decomposable_net(rank_ratio=(0.2, 0.7), criterion=criterion, min_rank=2, seed=1).prepare(model)
+    s = decomposable_net(rank_ratio=(0.2, 0.7), criterion=criterion, min_rank=2, seed=1,
+                         rank_rule=rule).prepare(model)
     x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
     for _ in range(3):
         s.backward(model, x, y, F.cross_entropy)
@@ -203,7 +207,7 @@ def test_sampled_ranks_follow_the_criterion(criterion):
         if criterion == "uniform":
             want = uniform_rank_selection([L.full_rank for L in s.layers], z, 2)
         else:
-            want = global_rank_selection(svals, keep_ratio=z, min_rank=2,
+            want = global_rank_selection(svals, keep_ratio=z, min_rank=2, floor_mode=floor_mode,
                                          criterion="sv" if criterion == "global" else "energy")
         assert [s.last["ranks"][L.name] for L in s.layers] == want
 
@@ -335,7 +339,7 @@ class _Exploding:
 
 def test_target_below_floors_raises_naming_layer_before_any_work():
     model = small_cnn()
-    s = decomposable_net(min_rank=5).prepare(model)     # floors: 5, 5, 5, 5 of R = 8, 12, 6, 5
+    s = decomposable_net(min_rank=5, rank_rule="reserve").prepare(model)  # floors 5, 5, 5, 5 of R = 8, 12, 6, 5
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"rank_ratio=0\.05.*'0': floor 5 of R=8.*smallest admissible"):
         s.export(model, rank_ratio=0.05, bn_loader=_Exploding())
@@ -347,7 +351,7 @@ def test_target_below_floors_raises_naming_layer_before_any_work():
         s.export(model, ranks={"3": 13})
     with pytest.raises(ValueError, match="not decomposed"):
         s.export(model, ranks={"conv9": 3})
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="at most one"):
         s.export(model, rank_ratio=0.5, macs=1e6)
     with pytest.raises(ValueError, match="input_size"):
         s.export(model, macs=1e6)
@@ -410,3 +414,138 @@ def test_trained_model_degrades_gracefully_and_beats_normal_training_truncated()
     assert acc_dn[0] > 90.0
     assert acc_dn[1] >= acc_base[1] - 1.0
     assert all(d > b + 5.0 for d, b in zip(acc_dn[2:], acc_base[2:]))
+
+
+# ------------------------------------------------- export through the generic export (issue 17)
+def _reference_export(s, model, ranks, input_size):
+    """The pre-issue-17 export path: Decomposable-Net's own factorization (dn_factor_convs /
+    dn_factor_linear) where the factor pair is cheaper, the truncated weight otherwise."""
+    layers = s._layers_for(model)
+    costs = s._cost_fns(layers, s._geometry(model, layers, input_size))
+    out = copy.deepcopy(model)
+    mods = dict(out.named_modules())
+    with torch.no_grad():
+        for L, (dense, _, fact) in zip(layers, costs):
+            r = ranks[L.name]
+            if r >= L.full_rank:
+                continue
+            m = mods[L.name]
+            if fact(r) < dense:
+                parent, _, attr = L.name.rpartition(".")
+                setattr(out.get_submodule(parent) if parent else out, attr, s._factor_module(L, m, r))
+            else:
+                m.weight.copy_(s.low_rank_weight(L, m.weight.detach(), r))
+    return out
+
+
+def _structure(model):
+    return [(type(m).__name__, getattr(m, "kernel_size", None), getattr(m, "in_channels", getattr(m, "in_features", None)),
+             getattr(m, "out_channels", getattr(m, "out_features", None)), getattr(m, "stride", None))
+            for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@pytest.mark.parametrize("scheme", ["channel", "spatial"])
+def test_export_through_generic_export_equals_the_previous_export(scheme):
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    s = decomposable_net(scheme=scheme, min_rank=2).prepare(model)
+    x = torch.randn(5, 3, 8, 8)
+    for z in (0.3, 0.6, 0.9):
+        compact = s.export(model, rank_ratio=z, input_size=(3, 8, 8), bn_loader=False)
+        ref = _reference_export(s, model, compact.decomposable_net_ranks, (3, 8, 8))
+        assert _structure(compact) == _structure(ref)
+        # float32 factorizations of the same truncation: a few ulps of the output scale
+        torch.testing.assert_close(compact(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_spec_is_one_lowrank_spec_per_layer_at_the_configured_size(caplog):
+    torch.manual_seed(0)
+    model = small_cnn().eval()
+    s = decomposable_net(rank_ratio=(0.1, 0.5), min_rank=2, scheme="spatial").prepare(model)
+    assert s.export_ratio == 0.5                       # default: alpha_u
+    with caplog.at_level("WARNING"):
+        specs = s.export_spec()
+    assert "without recalibrating its BatchNorm statistics" in caplog.text
+    assert "bn_loader" in caplog.text
+    ranks = s.select_ranks(model, 0.5)
+    want = {L.name: (ranks[L.name], "matrix" if isinstance(L.module, nn.Linear) else L.scheme)
+            for L in s.layers if ranks[L.name] < L.full_rank}
+    got = {c.target: (c.constraint.rank, c.view) for c in specs}
+    assert got == want and all(isinstance(c.constraint, ac.LowRank) for c in specs)
+    compact = ac.export(model, specs)
+    ours = s.export(model, bn_loader=False)          # no target: the configured size too
+    assert ours.decomposable_net_ranks == ranks
+    x = torch.randn(4, 3, 8, 8)
+    torch.testing.assert_close(compact(x), ours(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compact(x), s.truncate(model, ranks)(x), rtol=1e-4, atol=1e-5)
+
+
+def test_paper_rule_rank_zero_exports_a_bias_only_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).double().eval()
+    with torch.no_grad():      # layer 2 has tiny singular values: the global cut drops all of them
+        model[2].weight.mul_(1e-4)
+    s = decomposable_net(rank_ratio=(0.1, 0.5), rank_rule="paper").prepare(model)
+    ranks = s.select_ranks(model, 0.5)
+    assert ranks["2"] == 0 and all(L.floor == 0 for L in s.layers)
+    official = decomposable_net(rank_ratio=(0.1, 0.5), min_rank=2).prepare(model).select_ranks(model, 0.5)
+    assert official["2"] == 2
+    compact = s.export(model, rank_ratio=0.5)
+    x = torch.randn(7, 6, dtype=F64)
+    torch.testing.assert_close(compact(x), s.truncate(model, ranks)(x), rtol=1e-10, atol=1e-12)
+    # the layer's output is its bias alone, for every input
+    h = torch.relu(compact[0](x))
+    torch.testing.assert_close(compact[2](h), model[2].bias.expand(7, 8), rtol=0, atol=0)
+    assert isinstance(compact[2], nn.Sequential) and compact[2][0].out_features == 1
+    # in training the rank-0 layer's low-rank weight is zero
+    L = s.layers[1]
+    assert torch.count_nonzero(s.low_rank_weight(L, L.weight, 0)) == 0
+
+
+class _Counting:
+    def __init__(self, batches):
+        self.batches, self.seen = batches, 0
+
+    def __iter__(self):
+        for b in self.batches:
+            self.seen += 1
+            yield b
+
+
+def test_bn_statistics_on_the_whole_fit_loader_by_default_and_bounded_on_request(caplog):
+    torch.manual_seed(0)
+    model = small_cnn()
+    batches = [(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,))) for _ in range(5)]
+    s = decomposable_net(min_rank=2, seed=0)
+    loader = _Counting(batches)
+    s.fit(model, loader, epochs=1, lr=0.01, progress=False)
+    loader.seen = 0
+    s.export(model, rank_ratio=0.5)
+    assert loader.seen == len(batches)                 # footnote 1: the whole training set
+    loader.seen = 0
+    s.export(model, rank_ratio=0.5, bn_batches=2)
+    assert loader.seen == 2                            # the bounded-cost option
+    # without a fit loader: a warning, statistics untouched
+    fresh = decomposable_net(min_rank=2).prepare(small_cnn())
+    with caplog.at_level("WARNING"):
+        fresh.export(fresh._model_ref, rank_ratio=0.5)
+    assert "not recalibrated" in caplog.text
+
+
+def test_default_optimizer_is_nesterov_with_weight_decay_on_weights_only(monkeypatch):
+    model = small_cnn()
+    s = decomposable_net().prepare(model)
+    opt = s._make_optimizer(model, None, 0.1)
+    assert all(g["nesterov"] and g["momentum"] == 0.9 for g in opt.param_groups)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] == 5e-4 for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in decayed) == (p.dim() >= 2), name
+    # fit and its fine-tuning use it too (fine-tuning at lr / 10)
+    made = []
+    real = DecomposableNetSolver.paper_sgd
+    monkeypatch.setattr(DecomposableNetSolver, "paper_sgd",
+                        staticmethod(lambda params, lr: made.append(lr) or real(params, lr)))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,)))]
+    decomposable_net(min_rank=2, seed=0).fit(small_cnn(), batches, epochs=1, lr=0.2, finetune_epochs=1,
+                                             progress=False)
+    assert made == [0.2, pytest.approx(0.02)]

@@ -449,7 +449,8 @@ def test_isvt_reaches_target_greedily():
     for nm in names:
         assert torch.linalg.matrix_rank(model.get_submodule(nm).weight.double(), rtol=1e-4) == ranks[nm]
     # reference greedy (Appendix A) written from scratch: truncate copies of the original model
-    xs, ys = x[:120], y[:120]                              # the first n_samples of the loader
+    from admm_compress.factorization import _sample_batch  # the seeded random sample (tested below)
+    xs, ys = _sample_batch(loader, 120, torch.Generator().manual_seed(0))
     ref = {nm: min(shapes[nm]) for nm in names}
     while sum(lowrank_param_count(*shapes[nm], ref[nm]) for nm in names) > target:
         trials = {}
@@ -494,3 +495,35 @@ def test_factor_product_module_checks():
         FactorProduct((4, 6), 1)
     with pytest.raises(ValueError, match="inner_dim"):
         FactorProduct((4, 6), 2, inner_dim=3)
+
+
+def test_isvt_sample_is_a_seeded_uniform_random_subsample():
+    """App. A: "120 randomly subsampled training data" -- not the loader's first batches."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from admm_compress.factorization import _sample_batch
+
+    total, k = 60, 12
+    x = torch.arange(total, dtype=torch.float64).reshape(total, 1)
+    y = torch.arange(total)
+    batches = [(x[i:i + 10], y[i:i + 10]) for i in range(0, total, 10)]
+    loader = DataLoader(TensorDataset(x, y), batch_size=10, shuffle=False)
+    for data in (batches, loader, (x, y)):
+        xs, ys = _sample_batch(data, k, torch.Generator().manual_seed(3))
+        assert xs.shape == (k, 1) and torch.equal(xs[:, 0].long(), ys)     # rows stay paired
+        assert len(set(ys.tolist())) == k                                   # without replacement
+        xs2, ys2 = _sample_batch(data, k, torch.Generator().manual_seed(3))
+        assert torch.equal(ys, ys2)                                         # seeded: reproducible
+        assert torch.equal(_sample_batch(data, k, None)[1], _sample_batch(data, k, None)[1])
+        assert not torch.equal(torch.sort(ys).values, torch.arange(k))      # not the first k
+    # uniform: over T seeds each example is drawn with probability k/total; a binomial count
+    # stays within 5 standard deviations (false alarm probability below 1e-5 per example)
+    T = 400
+    for data in (batches, loader):
+        counts = torch.zeros(total)
+        for seed in range(T):
+            counts[_sample_batch(data, k, torch.Generator().manual_seed(seed))[1]] += 1
+        p = k / total
+        assert float((counts - T * p).abs().max()) <= 5 * (T * p * (1 - p)) ** 0.5
+    # fewer examples than asked: all of them
+    assert _sample_batch(batches[:1], k, None)[1].numel() == 10

@@ -91,7 +91,7 @@ def test_prepare_keeps_module_tree_state_dict_and_function(n_factors):
     x = torch.randn(2, 3, 8, 8)
     y0 = model(x)
     w0 = {n: model.get_submodule(n).weight.detach().clone() for n in ("conv1", "conv2", "fc")}
-    s = lorita(n_factors, 1e-3, truncation=None)
+    s = lorita(n_factors, 1e-3, truncation=None, init="svd")
     assert isinstance(s, LoRITaSolver) and isinstance(s, ac.Solver)
     s.prepare(model)
     assert s.factorized == ["conv1", "conv2", "fc"]
@@ -120,7 +120,7 @@ def test_prepare_vit_attention_groups_and_describe():
     model = models.vit(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden=8, mlp_dim=12)
     x = torch.randn(2, 3, 8, 8)
     y0 = model(x)
-    s = lorita(2, 1e-4, truncation="gsvt", keep=0.5)
+    s = lorita(2, 1e-4, truncation="gsvt", keep=0.5, init="svd")
     s.prepare(model)
     torch.testing.assert_close(model(x), y0, atol=1e-5, rtol=1e-5)
     groups = s.groups()
@@ -163,7 +163,7 @@ def test_default_optimizer_decays_the_factors(n_factors):
     model = models.fcn(depth=3, width=12)
     w0 = [l.weight.detach().clone() for l in model.layers]
     b0 = [l.bias.detach().clone() for l in model.layers]
-    s = lorita(n_factors, wd, truncation=None, momentum=0.0, other_weight_decay=0.0)
+    s = lorita(n_factors, wd, truncation=None, momentum=0.0, other_weight_decay=0.0, init="svd")
     seen = {}
     make = s._make_optimizer
 
@@ -221,7 +221,7 @@ def test_prop42_balanced_factors_attain_schatten(kind, m, n, n_factors, wd, seed
     """sum_i ||F_i||_F^2 == N * sum_j sigma_j^(2/N) = N * SchattenP(p=2/N)(W) right after prepare."""
     torch.manual_seed(seed)
     model = _one_layer(kind, m, n)
-    s = lorita(n_factors, wd, truncation=None).prepare(model)
+    s = lorita(n_factors, wd, truncation=None, init="svd").prepare(model)
     W = model[0].weight.reshape(m, -1)
     sq = sum(f.pow(2).sum() for f in factor_parameters(model))
     schatten = ac.SchattenP(p=2.0 / n_factors)(W)
@@ -300,7 +300,7 @@ def test_gsvt_ranks_each_group_separately():
             m, n = mod.weight.shape[0], mod.weight[0].numel()
             mod.weight.copy_(_with_spectrum(m, n, [3.0 * v for v in sv], seed=i).reshape(mod.weight.shape))
     ref = copy.deepcopy(model)
-    s = lorita(2, 1e-4, truncation="gsvt", keep=0.5).prepare(model)
+    s = lorita(2, 1e-4, truncation="gsvt", keep=0.5, init="svd").prepare(model)
     assert s.groups() == {"conv": ["conv"], "linear": ["fc"], "attention": ["attn.q", "attn.k"]}
     s.finalize(model)
     assert s.final_ranks == {"conv": 3, "fc": 3, "attn.q": 3, "attn.k": 3}
@@ -441,3 +441,84 @@ def test_float64_middle_factors_do_not_share_storage():
     with torch.no_grad():
         fs[1].mul_(2.0)
     torch.testing.assert_close(model[0].weight, 2.0 * W0)
+
+
+# ============================================================ issue 17: the paper's LoRITa
+def test_default_is_random_factors_with_the_papers_shapes():
+    """Training from scratch (Sec. 5.1): independent random factors, inner = in for a Linear
+    (square inner factors) -- every inner direction is used, unlike the SVD start, where the
+    rows beyond min(m, n) are zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 4))
+    w0 = model[0].weight.detach().clone()
+    s = lorita(3, 1e-4, truncation=None).prepare(model)
+    assert s.init == "random" and s.inner == "auto"
+    F1, F2, F3 = factor_parameters(model)
+    assert (F1.shape, F2.shape, F3.shape) == ((6, 6), (6, 6), (4, 6))
+    assert all(torch.linalg.matrix_rank(f.detach()) == min(f.shape) for f in (F1, F2, F3))
+    assert not torch.allclose(model[0].weight, w0, atol=1e-3)       # a fresh draw, not W
+    svd = nn.Sequential(nn.Linear(6, 4))
+    lorita(3, 1e-4, truncation=None, init="svd", inner="auto").prepare(svd)
+    assert torch.linalg.matrix_rank(factor_parameters(svd)[0].detach()) == 4   # rows 5, 6 zero
+
+
+def test_random_factors_give_the_layers_mean_square_in_expectation():
+    """E[(F_3 F_2 F_1)_ab^2] = d^2 v^3 = mean(W^2): Monte Carlo over R independent draws, within
+    5 standard errors estimated from the draws themselves (CLT)."""
+    from admm_compress.factorization import random_factors
+
+    target, R = 0.02, 400
+    g = torch.Generator().manual_seed(0)
+    ms = []
+    for _ in range(R):
+        F1, F2, F3 = random_factors((5, 7), 3, 7, mean_square=target, dtype=torch.float64, generator=g)
+        ms.append(float((F3 @ F2 @ F1).pow(2).mean()))
+    ms = torch.tensor(ms, dtype=torch.float64)
+    se = float(ms.std() / R ** 0.5)
+    assert abs(float(ms.mean()) - target) <= 5 * se
+    # and each factor's entries have the variance v = (target / d^(N-1))^(1/N)
+    v = (target / 70 ** 2) ** (1 / 3)                 # d = 70 below
+    F = torch.cat([f.flatten() for f in random_factors((50, 70), 3, 70, mean_square=target,
+                                                       dtype=torch.float64, generator=g)])
+    # the sample variance of n Gaussians has relative standard deviation sqrt(2 / n)
+    assert abs(float(F.pow(2).mean()) / v - 1) <= 5 * (2 / F.numel()) ** 0.5
+
+
+def test_weight_decay_convention_paper_lambda_is_half_of_torchs():
+    """torch weight_decay wd adds wd * F to the gradient = the gradient of the paper's Eq. 8
+    penalty lambda * ||F||^2 with lambda = wd / 2."""
+    model = nn.Sequential(nn.Linear(5, 3))
+    s = lorita(2, 2e-3, truncation=None).prepare(model)
+    assert s.paper_lambda == 1e-3
+    factors = factor_parameters(model)
+    pen = s.paper_lambda * sum(f.pow(2).sum() for f in factors)
+    grads = torch.autograd.grad(pen, factors)
+    for f, g in zip(factors, grads):
+        torch.testing.assert_close(g, s.weight_decay * f.detach(), rtol=1e-6, atol=0)
+
+
+def test_paper_preset():
+    from admm_compress.methods.lorita import lorita_paper
+
+    s = lorita_paper("fcn", n_factors=2, weight_decay=1e-4)
+    assert (s.optimizer_name, s.truncation, s.init, s.inner) == ("adam", "isvt", "random", "auto")
+    assert (s.keep, s.target_ratio, s.params_per_round, s.n_samples) == (0.5, 0.3, 500, 120)
+    assert s.fit_defaults == {"lr": 1e-2, "finetune_epochs": 1}
+    assert lorita_paper("cnn").fit_defaults["lr"] == 3e-4
+    # fit takes the preset's lr unless given; the optimizer is Adam
+    model = models.fcn(depth=2, width=8)
+    s = lorita_paper("fcn", truncation=None, keep=None, target_ratio=None, finetune_epochs=0)
+    seen = {}
+    make = s._make_optimizer
+    s._make_optimizer = lambda m, o, lr: seen.setdefault("opt", make(m, o, lr))
+    s.fit(model, _batches(1, shape=(64,)), epochs=1, progress=False)
+    assert isinstance(seen["opt"], torch.optim.Adam) and seen["opt"].param_groups[0]["lr"] == 1e-2
+    # ViT: only the attention projections are over-parameterized (Sec. 5.3)
+    vit = models.vit(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden=8, mlp_dim=12)
+    sv = lorita_paper("vit").prepare(vit)
+    assert sv.factorized == [f"blocks.0.attn.{p}" for p in ("q", "k", "v", "out")]
+    assert sv.fit_defaults["lr"] == 3e-4
+    with pytest.raises(ValueError, match="attention projection"):
+        lorita(2, 1e-4, attention_only=True).prepare(models.fcn(depth=2, width=8))
+    with pytest.raises(ValueError, match="arch='mlp'"):
+        lorita_paper("mlp")

@@ -199,6 +199,64 @@ def test_fit_on_digits32_is_feasible_and_exportable():
         assert torch.linalg.matrix_rank(W, rtol=1e-4).item() <= lrpet_rank(min(W.shape), 0.5)
 
 
+@pytest.mark.parametrize("shape", [(20, 20), (3, 12, 9)])
+def test_energy_rule_with_energy_transfer_keeps_the_norm(shape):
+    """LowRank(energy=e, energy_transfer=True) = alpha * Pi_k(X) with k the energy rank and
+    alpha = ||s|| / ||s_{1:k}|| over the WHOLE spectrum, so ||P(X)||_F = ||X||_F (Eq. 6)."""
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    out = ac.LowRank(energy=0.9, energy_transfer=True).project(x)
+    torch.testing.assert_close(torch.linalg.matrix_norm(out), torch.linalg.matrix_norm(x), rtol=1e-12, atol=0)
+    for xb, ob in zip(x.reshape(-1, *shape[-2:]), out.reshape(-1, *shape[-2:])):
+        U, s, Vh = torch.linalg.svd(xb, full_matrices=False)
+        k = _energy_rank(s, 0.9)
+        alpha = s.norm() / s[:k].norm()
+        torch.testing.assert_close(ob, alpha * (U[:, :k] * s[:k]) @ Vh[:k], rtol=1e-10, atol=1e-12)
+
+
+def test_finalize_truncates_without_energy_transfer_or_metric_when_every_is_steps():
+    """every=T steps: the last projection lies steps back; finalize is the plain truncated SVD
+    of the trained weight (Sec. III-E), not alpha * Pi_r in the BN metric again."""
+    torch.manual_seed(0)
+    model = ConvBN()
+    _randomize_bn(model)
+    solver = methods.lrpet(0.5, every=3).prepare(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(4, 3, 6, 6)
+    for _ in range(5):  # projections after step 3; steps 4 and 5 move the weights off rank r
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        solver.step()
+    model.eval()
+    before = {b.name: b.param.detach().reshape(b.shape[0], -1).clone() for b in solver.bindings}
+    solver.finalize(model)
+    for b in solver.bindings:
+        W = before[b.name]
+        r = lrpet_rank(min(W.shape), 0.5)
+        assert torch.linalg.matrix_rank(W).item() > r  # really off rank r before finalize
+        U, sv, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        expect = ((U[:, :r] * sv[:r]) @ Vh[:r]).float()
+        torch.testing.assert_close(b.param.detach().reshape(b.shape[0], -1), expect, rtol=1e-5, atol=1e-6)
+    compact = solver.export(model).eval()
+    torch.testing.assert_close(compact(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_vgg16_rank_floor_preset_of_sec_iv_b():
+    model = ac.models.vgg16(num_classes=10)
+    solver = methods.lrpet(0.92, min_rank="vgg16", bn_rectification=False).prepare(model)
+    convs = [b for b in solver.bindings]
+    q = [min(b.viewed_shape) for b in convs]
+    assert q[:2] == [27, 64]  # 3 -> 64 (64 x 27), 64 -> 64 (64 x 576)
+    floors = [18, 42] + [42] * (len(convs) - 2)  # floor(2/3 * 27), floor(2/3 * 64), the second's
+    assert [solver.floors[b.name] for b in convs] == floors
+    ranks = [b.constraint.rank_for(b.viewed_shape) for b in convs]
+    assert ranks == [max(f, lrpet_rank(n, 0.92)) for f, n in zip(floors, q)]
+    with pytest.raises(ValueError, match="min_rank='vgg' is not allowed"):
+        methods.lrpet(0.5, min_rank="vgg")
+
+
 def _take(loader, n):
     out = []
     for i, b in enumerate(loader):
@@ -222,7 +280,19 @@ def test_bad_input():
 
 
 # ------------------------------------------------------------------ TRP baseline
-def test_trp_truncates_by_energy_and_adds_the_nuclear_subgradient_once():
+def _energy_rank(s, e):
+    """Smallest k with sum_{i<=k} s_i^2 >= e * sum s_i^2 (the definition, by a loop)."""
+    total, acc = float((s ** 2).sum()), 0.0
+    for k, v in enumerate(s.tolist(), 1):
+        acc += v * v
+        if acc >= e * total * (1 - 1e-12):
+            return k
+    return len(s)
+
+
+def test_trp_truncates_by_energy_and_adds_the_nuclear_subgradient_every_iteration():
+    """every=2, lr=0: iterations 0 and 1 see the current weight's subgradient U V^T (full rank
+    before the first truncation), iteration 2 the U_k V_k^T kept by the truncation after step 2."""
     torch.manual_seed(0)
     lin = nn.Linear(10, 8, bias=False).double()
     solver = methods.trp(energy=0.9, nuclear_weight=0.1, every=2, targets=nn.Linear)
@@ -230,24 +300,124 @@ def test_trp_truncates_by_energy_and_adds_the_nuclear_subgradient_once():
     x = torch.randn(4, 10, dtype=torch.float64)
     opt = torch.optim.SGD(lin.parameters(), lr=0.0)  # lr 0: only the projection moves W
     W0 = lin.weight.detach().clone()
-    s = torch.linalg.svdvals(W0)
-    k = int(torch.searchsorted(torch.cumsum(s ** 2, 0) / (s ** 2).sum(), torch.tensor(0.9, dtype=torch.float64)) + 1)
+    k = _energy_rank(torch.linalg.svdvals(W0), 0.9)
     for it in range(3):
         loss = lin(x).sum() + solver.penalty()
         opt.zero_grad()
         loss.backward()
         g = lin.weight.grad.clone()
-        if it == 2:  # the iteration right after the truncation at step 2
-            U, _, Vh = torch.linalg.svd(lin.weight.detach())
-            torch.testing.assert_close(g - x.sum(0).expand(8, -1), 0.1 * U[:, :k] @ Vh[:k])
-        else:
-            torch.testing.assert_close(g, x.sum(0).expand(8, -1))
+        U, _, Vh = torch.linalg.svd(lin.weight.detach(), full_matrices=False)
+        r = 8 if it < 2 else k  # rank of the current weight
+        torch.testing.assert_close(g - x.sum(0).expand(8, -1), 0.1 * U[:, :r] @ Vh[:r])
         opt.step()
         solver.step()
     assert torch.linalg.matrix_rank(lin.weight.detach()).item() == k
+    assert solver.rank_history == [{"weight": k}]
+    # an optimizer step ran since the truncation: finalize applies the rule to the current weight
+    k2 = _energy_rank(torch.linalg.svdvals(lin.weight.detach()), 0.9)
     solver.finalize(lin)
+    assert solver.final_ranks == {"weight": k2} == solver.rank_history[-1]
     compact = solver.export(lin)
     torch.testing.assert_close(compact(x), lin(x))
+
+
+class StemNet(nn.Module):
+    """stem 3x3 conv, a 3x3 conv, a 1x1 conv, a strided non-square 3x5 conv with dilation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 12, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(12, 12, 1)
+        self.c = nn.Conv2d(12, 10, (3, 5), stride=(2, 1), padding=(2, 2), dilation=(2, 1))
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(torch.relu(self.stem(x)))))))
+
+
+def test_trp_defaults_are_the_official_release():
+    """cifar-TRP.py: energy 0.99, truncation before every iteration, the VH view, the stem and
+    1x1 convs dense, nuclear weight 3e-4."""
+    from admm_compress.methods.trp import VHView
+
+    solver = methods.trp()
+    assert solver.every == 1 and solver.nuclear_weight == 3e-4
+    assert solver.spec[0].constraint.energy == 0.99 and isinstance(solver.spec[0].view, VHView)
+    solver.prepare(StemNet())
+    assert [b.name for b in solver.bindings] == ["a", "c"]
+    assert solver.skipped == ["stem", "b"]
+    assert all(isinstance(b.view, VHView) for b in solver.bindings)
+    # the switches restore the stem and the 1x1 conv
+    s2 = methods.trp(skip_stem=False, skip_1x1=False, view="channel")
+    s2.prepare(StemNet())
+    assert [b.name for b in s2.bindings] == ["stem", "a", "b", "c"]
+
+
+def test_vh_view_is_the_release_permutation_and_exports_as_kh1_then_1kw():
+    from admm_compress.methods.trp import VHView
+
+    torch.manual_seed(0)
+    v = VHView()
+    w = torch.randn(10, 12, 3, 5)
+    m = v.to(w)
+    assert m.shape == (36, 50)
+    # definition: M[(i, y), (o, x)] = W[o, i, y, x]
+    i, y, o, x = 7, 2, 4, 3
+    assert m[i * 3 + y, o * 5 + x] == w[o, i, y, x]
+    torch.testing.assert_close(v.back(m, w.shape), w, rtol=0, atol=0)
+    # a rank-4 weight in this view exports to a (3,1) conv then a (1,5) conv with equal outputs
+    net = StemNet().double()
+    spec = ac.Constrain("c", ac.LowRank(rank=4), view=v)
+    with torch.no_grad():
+        net.c.weight.copy_(v.back(ac.LowRank(rank=4).project(v.to(net.c.weight)), net.c.weight.shape))
+    compact = ac.export(net, spec)
+    first, second = compact.c[0], compact.c[1]
+    assert first.kernel_size == (3, 1) and second.kernel_size == (1, 5)
+    assert (first.in_channels, first.out_channels, second.out_channels) == (12, 4, 10)
+    xin = torch.randn(2, 3, 11, 9, dtype=torch.float64)
+    torch.testing.assert_close(compact(xin), net(xin), rtol=1e-10, atol=1e-10)
+
+
+def test_trp_truncates_every_iteration_on_the_vh_view_and_pins_ranks_for_finetuning():
+    torch.manual_seed(0)
+    net = StemNet()
+    solver = methods.trp(energy=0.9)
+    solver.prepare(net)
+    x = torch.randn(2, 3, 8, 8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    for it in range(2):
+        before = {b.key: b.view.to(b.param.detach()).clone() for b in solver.bindings}
+        loss = net(x).pow(2).mean() + solver.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        expect = {b.key: _energy_rank(torch.linalg.svdvals(b.view.to(b.param.detach()).double()), 0.9)
+                  for b in solver.bindings}
+        assert solver.step()
+        assert solver.rank_history[-1] == expect
+        for b in solver.bindings:  # the weight after step() is the energy truncation of the stepped weight
+            truncated = b.view.to(b.param.detach())
+            assert torch.linalg.matrix_rank(truncated).item() == expect[b.key]
+        assert not torch.equal(before["a.weight"], b.view.to(net.a.weight.detach()))
+    assert len(solver.rank_history) == 2
+    ranks = dict(solver.rank_history[-1])
+    for b in solver.bindings:  # the kept rank is the energy rank of the weight before truncation
+        assert 1 <= ranks[b.key] < min(b.viewed_shape)
+    # right after a truncation finalize keeps its ranks (the rule on its own output would cut more)
+    finalized = {b.key: b.param.detach().clone() for b in solver.bindings}
+    solver.finalize(net)
+    assert solver.final_ranks == ranks == solver.rank_history[-1]
+    for b in solver.bindings:
+        torch.testing.assert_close(b.param.detach(), finalized[b.key], rtol=1e-5, atol=1e-6)
+    # fine-tuning in factored form keeps the pinned rank (the energy rule is not applied again)
+    from admm_compress.structure import release, structure
+
+    structure(solver.bindings)
+    for b in solver.bindings:
+        assert torch.linalg.matrix_rank(b.view.to(b.param.detach())).item() == ranks[b.key]
+    release(solver.bindings)
+    net.eval()
+    torch.testing.assert_close(solver.export(net)(x), net(x), rtol=1e-5, atol=1e-5)
 
 
 def test_trp_bad_input():

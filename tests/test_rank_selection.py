@@ -98,6 +98,34 @@ def test_clip_floor_mode_matches_official_code(svals, z, min_rank):
     assert global_rank_selection(svals, keep_ratio=z, min_rank=min_rank, floor_mode="clip") == want
 
 
+@settings(max_examples=40, deadline=None)
+@given(svals=spectra(), z=st.floats(0.0, 1.0), min_rank=st.integers(1, 6))
+def test_none_floor_mode_is_the_papers_rule(svals, z, min_rank):
+    """floor_mode='none' = Sec. 2.3 as written: pool every raw singular value, drop the d
+    smallest, no floor (min_rank ignored, rank 0 possible)."""
+    total = sum(s.numel() for s in svals)
+    n_keep = int(round(z * total))
+    allv = sorted(((float(v), l) for l, s in enumerate(svals) for v in s), key=lambda t: -t[0])
+    counts = [0] * len(svals)
+    for _, l in allv[:n_keep]:
+        counts[l] += 1
+    assert global_rank_selection(svals, keep_ratio=z, min_rank=min_rank, floor_mode="none") == counts
+    assert global_rank_selection(svals, drop=total - n_keep, min_rank=min_rank, floor_mode="none") == counts
+
+
+def test_the_three_rank_rules_on_the_example_of_issue_17():
+    """Z = 0.25 on four layers of full ranks 16/32/64/10 (keep round(30.5) = 30 of 122): the 30
+    largest values are the top 3 / 23 / 0 / 4 of the layers; everything else is <= 0.5."""
+    l0 = torch.tensor([90.5, 85.5, 80.5] + [0.5 - 0.01 * i for i in range(13)], dtype=F64)
+    l1 = torch.tensor([100.0 - i for i in range(23)] + [0.4 - 0.01 * i for i in range(9)], dtype=F64)
+    l2 = torch.tensor([0.3 - 0.001 * i for i in range(64)], dtype=F64)
+    l3 = torch.tensor([95.5, 93.5, 91.5, 89.5] + [0.2 - 0.01 * i for i in range(6)], dtype=F64)
+    sv = [l0, l1, l2, l3]
+    assert global_rank_selection(sv, keep_ratio=0.25, min_rank=5, floor_mode="none") == [3, 23, 0, 4]
+    assert global_rank_selection(sv, keep_ratio=0.25, min_rank=5, floor_mode="clip") == [5, 23, 5, 5]
+    assert global_rank_selection(sv, keep_ratio=0.25, min_rank=5, floor_mode="reserve") == [5, 15, 5, 5]
+
+
 def test_global_selection_hand_made():
     a = torch.tensor([10.0, 9.0, 8.0])
     b = torch.tensor([1.0, 0.5])

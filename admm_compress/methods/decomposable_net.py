@@ -21,8 +21,12 @@ One step (Algorithm 1)
 2. SVD of every decomposed layer; draw :math:`Z \sim \mathcal U(\alpha_l, \alpha_u)` and drop
    :math:`d = (1-Z)\sum_\ell R_\ell` bases with the rank criterion (Sec. 2.3): ``"global"`` --
    all singular values pooled raw and sorted globally (the paper), ``"uniform"`` /
-   ``"energy"`` -- the "uni" / "eng" baselines of Fig. 2(c); each layer keeps at least
-   ``min(min_rank, R_l)`` (official ``rank_min = 5``);
+   ``"energy"`` -- the "uni" / "eng" baselines of Fig. 2(c).  The floor rule ``rank_rule``:
+   ``"official"`` (default) -- the official code, the top ``round(Z N)`` bases, then every rank
+   raised to ``min(min_rank, R_l)`` (``rank_min = 5``); ``"paper"`` -- Sec. 2.3 as written, no
+   floor: a layer may keep 0 bases (see *Rank 0* below); ``"reserve"`` -- ours, the floors set
+   aside and the rest of the budget filled from the global order (keeps exactly
+   ``max(round(Z N), sum floors)``; not measured better than the others, kept as an option);
 3. low-rank forward/backward through the *same* parameters
    (:func:`torch.func.functional_call` with the truncated weights substituted; no model copy);
 4. gradient per decomposed weight: :math:`(1-\lambda)\nabla_f + \lambda\,\frac{\|\nabla_f\|_F}
@@ -31,11 +35,23 @@ One step (Algorithm 1)
    other parameter (biases, BN :math:`\gamma, \beta`) is shared and gets the plain
    :math:`\lambda`-weighted average.
 
+Rank 0 (``rank_rule="paper"``): the paper removes such a layer.  In training its truncated
+weight is zero (zero low-rank gradient).  At export it becomes a rank-1 factor pair with zero
+factors, i.e. stock layers whose output is the bias alone (a residual branch then passes only its
+shortcut; in a plain chain every later layer sees a constant); MACs are counted at rank 1.
+
 BatchNorm (footnote 1): :math:`\gamma, \beta` are shared.  The low-rank pass normalizes with
 its own batch statistics and does **not** touch the running statistics (it runs on clones of
 the buffers); the full-rank pass tracks them as usual, so the trained model evaluates normally
-at full size.  For every exported size the statistics are recomputed on training data
-(:func:`recalibrate_bn`, as in US-Nets).
+at full size.  For every exported size the statistics are recomputed "on the whole training
+set" (footnote 1; :func:`recalibrate_bn`, as in US-Nets): :meth:`DecomposableNetSolver.export`
+uses the loader of the last :meth:`~DecomposableNetSolver.fit` (or ``bn_loader=``), every batch
+of it unless ``bn_batches=`` bounds the cost.
+
+Optimizer: without ``optimizer=``, :meth:`~DecomposableNetSolver.fit` uses the paper's and the
+official code's SGD with Nesterov momentum 0.9 and the L2 regularization ``eta = 5e-4``
+(Table 3) on the decomposed weights and every other weight tensor (``dim >= 2``) only, not on
+biases or BatchNorm ``gamma, beta``.
 
 Matrix views (Sec. 2.1; DESIGN.md, official ``tensor2mat``), selectable per layer:
 ``"channel"`` ``(kh*kw*I, O)`` -> ``kh x kw`` conv ``I -> r`` then ``1 x 1`` conv ``r -> O``;
@@ -46,7 +62,14 @@ low-rank approximation to every convolutional and fully connected layer", Sec. 2
 
 After training, :meth:`DecomposableNetSolver.export` returns a compact copy at any size -- a
 rank ratio :math:`Z` (fraction of :math:`\sum_\ell R_\ell` bases kept) or a MACs budget -- with
-stock ``nn.Conv2d`` / ``nn.Linear`` layers and BN statistics recomputed for that size.
+stock ``nn.Conv2d`` / ``nn.Linear`` layers and BN statistics recomputed for that size.  It
+builds the compact model through the generic :func:`admm_compress.export` with the
+per-layer ``LowRank(rank=r_l)`` specs of :meth:`DecomposableNetSolver.export_spec` (views
+``"channel"`` / ``"spatial"`` / ``"matrix"``, whose truncations equal those of the paper's
+matricizations: the matrices are transposes and row/column permutations of each other), then
+recalibrates BN.  ``ac.export(model, solver)`` uses :meth:`export_spec` at the configured size
+(``export_ratio``) and cannot recalibrate BN (it has no data): it logs a WARNING naming
+``solver.export(model, bn_loader=...)``.
 
 Example::
 
@@ -77,6 +100,7 @@ from ..rank_selection import (check_alphas, dn_factor_convs, dn_factor_linear, d
                               uniform_rank_selection)
 from ..sets import LowRank
 from ..solver import Solver
+from ..views import VIEWS
 from ..specs import Constrain, SpecError, resolve, unwrap
 from ..solver import _broadcast_, _world_size
 from ..training import resolve_device, tree_detach
@@ -87,14 +111,17 @@ log = logging.getLogger(__name__)
 
 CRITERIA = ("global", "uniform", "energy")
 SCHEMES = ("channel", "spatial")
+RANK_RULES = ("official", "paper", "reserve")
 _SV_CRITERION = {"global": "sv", "energy": "energy"}
+_FLOOR_MODE = {"official": "clip", "paper": "none", "reserve": "reserve"}
 
 
 class _AnyRank(LowRank):
     """Spec placeholder: Decomposable-Net constrains no rank during training (identity projection).
 
-    The model stays full-rank; sizes are chosen at export.  ``ac.export(model, solver)`` therefore
-    returns the dense model -- use :meth:`DecomposableNetSolver.export`.
+    The model stays full-rank; sizes are chosen at export (:meth:`DecomposableNetSolver.export_spec`
+    and :meth:`DecomposableNetSolver.export`); ``ac.export(model, solver.spec)`` would return the
+    dense model.
     """
 
     sized_at_export = True  # no break-even warning at prepare: the rank is chosen at export
@@ -105,6 +132,29 @@ class _AnyRank(LowRank):
 
     def __repr__(self):
         return f"AnyRank({self._label})"
+
+
+class _RankZero(LowRank):
+    """Rank 0 (the paper's removed layer) for :func:`admm_compress.export`: the projection is
+    zero and the factors are a zero rank-1 pair, exported as stock layers whose output is the
+    bias alone (``LowRank`` itself needs ``rank >= 1``)."""
+
+    def __init__(self):
+        super().__init__(rank=1)
+
+    def _project(self, x, metric=None):
+        return torch.zeros_like(x)
+
+    def factorize(self, x, metric=None):
+        x = self._check_input(x)
+        return (x.new_zeros(*x.shape[:-1], 1), x.new_zeros(*x.shape[:-2], 1, x.shape[-1]))
+
+    def _contains(self, x, atol, rtol):
+        ok = bool((x.abs() <= atol).all())
+        return ok, "" if ok else "rank 0: the weight must be zero"
+
+    def __repr__(self):
+        return "LowRank(rank=0)"
 
 
 @dataclasses.dataclass(eq=False)
@@ -197,15 +247,15 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20,
         bn.train()
     n = 0
     try:
-        for i, batch in enumerate(loader):
-            if batches is not None and i >= batches:
-                break
+        for batch in loader:
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             if not isinstance(x, torch.Tensor):
                 raise TypeError(f"recalibrate_bn: batches must be tensors or (inputs, targets) pairs, "
                                 f"got {type(x).__name__}")
             model(x.to(dev))
             n += 1
+            if batches is not None and n >= batches:
+                break  # before fetching another batch (a loader may load or augment on fetch)
     finally:
         for m, t in modes.items():
             m.training = t
@@ -242,7 +292,13 @@ class DecomposableNetSolver(Solver):
         Conv matrix view, per layer: the first glob (insertion order) matching the module name
         wins; unmatched convs use ``"channel"`` (a ``"*"`` key sets another default).
     min_rank : int >= 1
-        Per-layer floor ``min(min_rank, R_l)``.
+        Per-layer floor ``min(min_rank, R_l)`` (not used by ``rank_rule="paper"``).
+    rank_rule : {"official", "paper", "reserve"}
+        Floor rule of the global selection (module docstring): the official code's clip, the
+        paper's no-floor rule, or ours (reserve the floors, fill the rest).
+    export_ratio : float in (0, 1], optional
+        The configured export size :math:`Z` of :meth:`export_spec` / :meth:`export` without a
+        target (default: ``alpha_u``, the largest size trained).
     clip : float in (0, 1)
         :math:`\delta^2`: the squared singular-value ratio is clipped at ``clip`` in the backward
         pass (paper: :math:`\delta = \sqrt{0.99}`, i.e. ``clip = 0.99``).
@@ -261,10 +317,14 @@ class DecomposableNetSolver(Solver):
 
     def __init__(self, spec, *, rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str = "global",
                  scheme: str | Mapping[str, str] = "channel", min_rank: int = 5, clip: float = 0.99,
-                 rescale: bool = True, seed: int | None = None):
+                 rescale: bool = True, seed: int | None = None, rank_rule: str = "official",
+                 export_ratio: float | None = None):
         alpha_l, alpha_u = _check_rank_ratio(rank_ratio)
         lam = _check_lam(lam)
         check_choice("criterion", criterion, CRITERIA, where="decomposable_net")
+        self.rank_rule = check_choice("rank_rule", rank_rule, RANK_RULES, where="decomposable_net")
+        self.export_ratio = alpha_u if export_ratio is None else check_float(
+            "export_ratio", export_ratio, low=0.0, high=1.0, low_open=True, where="decomposable_net")
         scheme = _check_scheme(scheme)
         min_rank = check_int("min_rank", min_rank, low=1, where="decomposable_net")
         clip = check_float("clip", clip, low=0.0, high=1.0, low_open=True, high_open=True,
@@ -287,6 +347,7 @@ class DecomposableNetSolver(Solver):
         self.last: dict = {}
         self.epoch_stats: list[dict] = []
         self._acc: list[tuple] = []
+        self._fit_loader = None
 
     # ------------------------------------------------------------------ set-up
     def prepare(self, model: nn.Module) -> "DecomposableNetSolver":
@@ -337,7 +398,8 @@ class DecomposableNetSolver(Solver):
             scheme = self._scheme_of(b.name, m)
             mshape = tuple(dn_matrix(m.weight.detach(), scheme).shape)
             R = min(mshape)
-            layers.append(DNLayer(b.name, m, scheme, mshape, R, min(self.min_rank, R)))
+            floor = 0 if self.rank_rule == "paper" else min(self.min_rank, R)
+            layers.append(DNLayer(b.name, m, scheme, mshape, R, floor))
         if isinstance(self.scheme, Mapping):
             convs = [L.name for L in layers if isinstance(L.module, nn.Conv2d)]
             for g in self.scheme:
@@ -367,7 +429,8 @@ class DecomposableNetSolver(Solver):
         if self.criterion == "uniform":
             return uniform_rank_selection([L.full_rank for L in layers], keep_ratio, self.min_rank)
         return global_rank_selection(list(svals), keep_ratio=keep_ratio, min_rank=self.min_rank,
-                                     criterion=_SV_CRITERION[self.criterion])
+                                     criterion=_SV_CRITERION[self.criterion],
+                                     floor_mode=_FLOOR_MODE[self.rank_rule])
 
     def low_rank_weight(self, layer: DNLayer, weight: torch.Tensor, rank: int, svd=None) -> torch.Tensor:
         r"""Differentiable :math:`\widetilde W = P_r(W)` in ``layer``'s view, back in weight shape."""
@@ -489,7 +552,7 @@ class DecomposableNetSolver(Solver):
 
     def _repr_fields(self) -> str:
         return (f"rank_ratio=({self.alpha_l:g}, {self.alpha_u:g}), lam={self.lam:g}, "
-                f"criterion={self.criterion!r}, specs={len(self.spec)}")
+                f"criterion={self.criterion!r}, rank_rule={self.rank_rule!r}, specs={len(self.spec)}")
 
     @torch.no_grad()
     def finalize(self, model: nn.Module | None = None) -> dict[str, bool]:
@@ -574,8 +637,9 @@ class DecomposableNetSolver(Solver):
                 dense, fact = L.dense_params(), L.params_at
             else:
                 dense, fact = self._macs_fns(L, shapes)
-            fns.append((dense, (lambda r, d=dense, f=fact, R=L.full_rank: d if r >= R else min(f(r), d)),
-                        fact))
+            fact0 = (lambda r, f=fact: f(max(r, 1)))  # rank 0 is exported as a zero rank-1 pair
+            fns.append((dense, (lambda r, d=dense, f=fact0, R=L.full_rank: d if r >= R else min(f(r), d)),
+                        fact0))
         return fns
 
     def select_ranks(self, model: nn.Module, rank_ratio: float | None = None, *, macs: float | None = None,
@@ -602,8 +666,10 @@ class DecomposableNetSolver(Solver):
         Raises
         ------
         ValueError
-            A target below what the per-layer floors ``min(min_rank, R_l)`` allow; the message
-            names the layers, their floors and the smallest admissible target.
+            A target below what the per-layer floors ``min(min_rank, R_l)`` allow (a MACs
+            budget; a ``rank_ratio`` with ``rank_rule="reserve"`` -- the official rule raises the
+            ranks to the floors instead, with a WARNING); the message names the layers, their
+            floors and the smallest admissible target.
         """
         layers = self._layers_for(model)
         if (rank_ratio is None) == (macs is None):
@@ -614,7 +680,7 @@ class DecomposableNetSolver(Solver):
         if rank_ratio is not None:
             z = check_float("rank_ratio", rank_ratio, low=0.0, high=1.0, low_open=True, where="export")
             n_keep = int(round(z * total))
-            if n_keep < floors:
+            if self.rank_rule == "reserve" and n_keep < floors:
                 binding = ", ".join(f"'{L.name}': floor {L.floor} of R={L.full_rank}" for L in layers[:6])
                 raise ValueError(
                     f"export: rank_ratio={z:g} keeps {n_keep} of the {total} bases, below the per-layer "
@@ -623,6 +689,10 @@ class DecomposableNetSolver(Solver):
                     f"{floors / total:.4f}")
             svals = [s[1] for s in self._svds(layers)]
             ranks = self._select(layers, svals, z)
+            if sum(ranks) > n_keep:
+                log.warning("export: rank_ratio=%g asks for %d of %d bases; the %r rule raises every layer to "
+                            "its floor min(min_rank=%d, R_l) and keeps %d (ratio %.4f)", z, n_keep, total,
+                            self.rank_rule, self.min_rank, sum(ranks), sum(ranks) / total)
             return {L.name: int(r) for L, r in zip(layers, ranks)}
         budget = check_float("macs", macs, low=0.0, low_open=True, where="export")
         if input_size is None:
@@ -653,7 +723,8 @@ class DecomposableNetSolver(Solver):
             ranks = self._uniform_for_budget(layers, fns, fixed, budget)
         else:
             svals = [s[1] for s in self._svds(layers)]
-            ranks = ranks_for_macs_budget(svals, lambda l, r: fns[l][1](r), budget, self.min_rank,
+            ranks = ranks_for_macs_budget(svals, lambda l, r: fns[l][1](r), budget,
+                                          0 if self.rank_rule == "paper" else self.min_rank,
                                           criterion=_SV_CRITERION[self.criterion], fixed_macs=float(fixed))
         return {L.name: int(r) for L, r in zip(layers, ranks)}
 
@@ -686,7 +757,7 @@ class DecomposableNetSolver(Solver):
         out = []
         for L in layers:
             r = ranks.get(L.name, L.full_rank)
-            r = check_int(f"ranks['{L.name}']", r, low=1, where="export")
+            r = check_int(f"ranks['{L.name}']", r, low=0 if self.rank_rule == "paper" else 1, where="export")
             if r < L.floor:
                 raise ValueError(f"export: layer '{L.name}': rank={r} is below its floor "
                                  f"min(min_rank={self.min_rank}, R={L.full_rank}) = {L.floor}")
@@ -711,32 +782,106 @@ class DecomposableNetSolver(Solver):
                 w.copy_(self.low_rank_weight(L, w.detach(), r))
         return out
 
+    # ------------------------------------------------------------- export specs
+    def _view_of(self, L: DNLayer) -> str:
+        """The library view whose rank-``r`` truncation equals ``L``'s (transposed, permuted)."""
+        if isinstance(L.module, nn.Linear):
+            return "matrix"
+        return L.scheme
+
+    def _specs(self, layers, ranks) -> list[Constrain]:
+        specs = []
+        for L, r in zip(layers, ranks):
+            if r >= L.full_rank:
+                continue
+            glob = "".join(f"[{c}]" if c in "*?[" else c for c in L.name)
+            specs.append(Constrain(glob, _RankZero() if r == 0 else LowRank(rank=int(r)), view=self._view_of(L),
+                                   name=f"decomposable_net:{L.name}"))
+        return specs
+
+    def export_spec(self, rank_ratio: float | None = None, macs: float | None = None, *,
+                    input_size: Sequence[int] | None = None, backend: str = "pytorch") -> list[Constrain]:
+        r"""Per-layer ``Constrain(<layer name>, LowRank(rank=r_l), view=...)`` at one size.
+
+        The ranks are :meth:`select_ranks` of the prepared model at ``rank_ratio`` or ``macs``
+        (default: the configured ``export_ratio``); layers kept at full rank get no spec; rank 0
+        (``rank_rule="paper"``) is ``LowRank(rank=0)``, a zero rank-1 pair at export.  Views:
+        ``"channel"`` / ``"spatial"`` for convs, ``"matrix"`` for linear layers.
+
+        ``ac.export(model, solver)`` builds the compact model from this (the configured size) and
+        cannot recalibrate BatchNorm statistics, which Decomposable-Net computes per size
+        (footnote 1): with BatchNorm in the model a WARNING says so; use
+        ``solver.export(model, bn_loader=...)`` (or after :meth:`fit`, ``solver.export(model)``).
+        """
+        self._require_prepared()
+        model = self._model_ref
+        if rank_ratio is None and macs is None:
+            rank_ratio = self.export_ratio
+        sel = self.select_ranks(model, rank_ratio, macs=macs, input_size=input_size, backend=backend)
+        if any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules()):
+            log.warning("Decomposable-Net export_spec (ac.export(model, solver)): the model is exported "
+                        "at %s without recalibrating its BatchNorm statistics for that size (paper "
+                        "footnote 1); use solver.export(model, bn_loader=train_loader) instead",
+                        f"rank_ratio={rank_ratio:g}" if rank_ratio is not None else f"macs={macs:g}")
+        return self._specs(self.layers, [sel[L.name] for L in self.layers])
+
+    def fit(self, model: nn.Module, loader: Iterable, *args, **kwargs):
+        """:meth:`Solver.fit`; the loader is kept for the BN statistics of :meth:`export`."""
+        self._fit_loader = loader
+        return super().fit(model, loader, *args, **kwargs)
+
+    @staticmethod
+    def paper_sgd(params, lr: float) -> torch.optim.SGD:
+        """SGD with Nesterov momentum 0.9 and L2 ``5e-4`` on weight tensors (``dim >= 2``) only,
+        none on biases and BatchNorm ``gamma, beta`` (Table 3; the official code)."""
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        rest = [p for p in params if p.dim() < 2]
+        return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+                               lr=lr, momentum=0.9, nesterov=True)
+
+    def _make_optimizer(self, model, optimizer, lr):
+        """Default: :meth:`paper_sgd` (Nesterov, L2 on weight tensors only)."""
+        if optimizer is not None:
+            return super()._make_optimizer(model, optimizer, lr)
+        return self.paper_sgd(model.parameters(), lr)
+
+    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs):
+        """:meth:`Solver._finetune` with :meth:`paper_sgd` at ``lr / 10`` by default."""
+        if optimizer is None:
+            optimizer = (lambda params, lr=lr: self.paper_sgd(params, lr / 10))
+        return super()._finetune(model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs)
+
     @torch.no_grad()
     def export(self, model: nn.Module, rank_ratio: float | None = None, *, macs: float | None = None,
                ranks: Mapping[str, int] | None = None, input_size: Sequence[int] | None = None,
-               bn_loader: Iterable | None = None, bn_batches: int | None = 20,
+               bn_loader: Iterable | None = None, bn_batches: int | None = None,
                backend: str = "pytorch") -> nn.Module:
         r"""A compact copy of ``model`` at one size, without retraining (Sec. 2.3, Fig. 1(a)).
 
-        Give exactly one target: ``rank_ratio`` (fraction :math:`Z` of :math:`\sum_\ell R_\ell`
+        Give at most one target: ``rank_ratio`` (fraction :math:`Z` of :math:`\sum_\ell R_\ell`
         bases kept), ``macs`` (budget for the whole model, needs ``input_size``) or ``ranks``
-        (``{layer name: rank}``, missing layers keep full rank).  Ranks are chosen by the solver's
-        criterion (:meth:`select_ranks`).  Every decomposed layer with ``r_l < R_l`` becomes two
-        stock layers (:func:`~admm_compress.rank_selection.dn_factor_convs` /
-        :func:`~admm_compress.rank_selection.dn_factor_linear`: ``U_r S_r^{1/2}``,
-        ``S_r^{1/2} V_r^T``) when that is cheaper -- in MACs when ``input_size`` is given, else in
-        weight entries -- and otherwise stays one layer holding the truncated weight, so the
-        output equals :meth:`truncate`'s before BN recalibration.
+        (``{layer name: rank}``, missing layers keep full rank); none: the configured
+        ``export_ratio``.  Ranks are chosen by the solver's criterion and rule
+        (:meth:`select_ranks`).  The compact model is :func:`admm_compress.export` with the
+        specs of :meth:`export_spec` at these ranks: every decomposed layer with ``r_l < R_l``
+        becomes two stock layers (``U_r S_r^{1/2}``, ``S_r^{1/2} V_r^T``) when that is cheaper --
+        in MACs when ``input_size`` is given, else in weight entries -- and otherwise stays one
+        layer holding the truncated weight, so the output equals :meth:`truncate`'s before BN
+        recalibration.  Then the BN statistics are recomputed for this size (footnote 1).
 
         Parameters
         ----------
         model : nn.Module
             The trained model (unchanged).
-        bn_loader : iterable, optional
-            Training batches to recompute every BatchNorm's statistics for this size
-            (:func:`recalibrate_bn`); ``None`` keeps the full model's statistics.
+        bn_loader : iterable or False, optional
+            Training batches for the BatchNorm statistics of this size (:func:`recalibrate_bn`).
+            Default: the loader of the last :meth:`fit`; ``False`` keeps the full model's
+            statistics.  Without either (a model with BatchNorm) a WARNING says the statistics
+            were not recalibrated.
         bn_batches : int >= 1 or None
-            Batches used for the recalibration (``None``: the whole loader).
+            ``None`` (default): the whole loader, "the whole training set" of footnote 1; an int
+            bounds the cost to that many batches.
         backend : {"pytorch", "aten"}
             ptflops backend for ``macs``.
 
@@ -752,9 +897,13 @@ class DecomposableNetSolver(Solver):
             Bad target (also one below the per-layer floors, naming the layers), before any copy
             or recalibration.
         """
+        from ..export import export as generic_export
+
         given = [k for k, v in (("rank_ratio", rank_ratio), ("macs", macs), ("ranks", ranks)) if v is not None]
-        if len(given) != 1:
-            raise ValueError(f"export: give exactly one of rank_ratio=, macs=, ranks=; got {given or 'none'}")
+        if len(given) > 1:
+            raise ValueError(f"export: give at most one of rank_ratio=, macs=, ranks=; got {given}")
+        if not given:
+            rank_ratio = self.export_ratio
         if bn_batches is not None:
             bn_batches = check_int("bn_batches", bn_batches, low=1, where="export")
         if input_size is not None:
@@ -768,27 +917,31 @@ class DecomposableNetSolver(Solver):
             rk = [sel[L.name] for L in layers]
         shapes = self._geometry(model, layers, input_size) if input_size is not None else None
         costs = self._cost_fns(layers, shapes)
-        out = copy.deepcopy(unwrap(model))
+        # layers whose factor pair is not cheaper by this cost stay one layer (truncated weight)
+        factored = [r < L.full_rank and fact(r) < dense for L, r, (dense, _, fact) in zip(layers, rk, costs)]
+        src = unwrap(model)
+        specs = self._specs([L for L, f in zip(layers, factored) if f], [r for r, f in zip(rk, factored) if f])
+        out = generic_export(src, specs) if specs else copy.deepcopy(src)
         mods = dict(out.named_modules())
-        n_fact = 0
-        for L, r, (dense, _, fact) in zip(layers, rk, costs):
-            if r >= L.full_rank:
-                continue
-            m = mods[L.name]
-            if fact(r) < dense:
-                new = self._factor_module(L, m, r)
-                new.train(m.training)
-                _set_submodule(out, L.name, new)
-                n_fact += 1
-            else:
+        for L, r, f in zip(layers, rk, factored):
+            if r < L.full_rank and not f:
                 log.info("layer '%s' at rank %d of %d stays one layer (factorized form not cheaper)",
                          L.name, r, L.full_rank)
-                m.weight.copy_(self.low_rank_weight(L, m.weight.detach(), r))
+                w = mods[L.name].weight
+                w.copy_(self.low_rank_weight(L, w.detach(), r))
         out.decomposable_net_ranks = {L.name: int(r) for L, r in zip(layers, rk)}
         log.info("exported %d of %d decomposed layers as factor pairs; kept %d of %d bases",
-                 n_fact, len(layers), sum(rk), sum(L.full_rank for L in layers))
-        if bn_loader is not None:
+                 sum(factored), len(layers), sum(rk), sum(L.full_rank for L in layers))
+        if bn_loader is None:
+            bn_loader = self._fit_loader
+        has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats for m in out.modules())
+        if bn_loader is False:
+            pass
+        elif bn_loader is not None:
             recalibrate_bn(out, bn_loader, bn_batches)
+        elif has_bn:
+            log.warning("Decomposable-Net export: BatchNorm statistics were not recalibrated for this size "
+                        "(no bn_loader and no fit() loader); pass bn_loader=train_loader (footnote 1)")
         from ..attention import convert as _convert_attention  # fused attention reads weights
 
         _convert_attention(out, only_changed=True)
@@ -852,7 +1005,8 @@ def _check_scheme(scheme):
 def decomposable_net(rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str = "global",
                      scheme: str | Mapping[str, str] = "channel", min_rank: int = 5, clip: float = 0.99,
                      targets=(nn.Conv2d, nn.Linear), exclude=None, *, rescale: bool = True,
-                     seed: int | None = None) -> DecomposableNetSolver:
+                     seed: int | None = None, rank_rule: str = "official",
+                     export_ratio: float | None = None) -> DecomposableNetSolver:
     r"""A :class:`DecomposableNetSolver`: joint full/low-rank training, any size exportable.
 
     Parameters
@@ -869,7 +1023,14 @@ def decomposable_net(rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str =
     scheme : {"channel", "spatial"} or mapping glob -> scheme
         Conv decomposition, per layer (1 x 1 convs and linear layers: channel-wise).
     min_rank : int >= 1
-        Per-layer floor ``min(min_rank, R_l)`` (official code: 5).
+        Per-layer floor ``min(min_rank, R_l)`` (official code: 5; unused by ``rank_rule="paper"``).
+    rank_rule : {"official", "paper", "reserve"}
+        ``"official"``: top ``round(Z N)`` bases, then ranks raised to the floor (official code);
+        ``"paper"``: Sec. 2.3, no floor, rank 0 possible (the layer's output is its bias);
+        ``"reserve"``: ours, floors reserved and the rest filled from the global order.
+    export_ratio : float in (0, 1], optional
+        Size of :meth:`~DecomposableNetSolver.export_spec` / ``export`` without a target
+        (default ``alpha_u``).
     clip : float in (0, 1)
         :math:`\delta^2` of App. A (``0.99``, i.e. :math:`\delta = \sqrt{0.99}`).
     targets : module type(s), glob or predicate
@@ -887,10 +1048,12 @@ def decomposable_net(rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str =
         Bad arguments (``alpha_l >= alpha_u``, ``lam`` outside [0, 1], ...), at construction.
     """
     solver_kwargs = dict(rank_ratio=rank_ratio, lam=lam, criterion=criterion, scheme=scheme,
-                         min_rank=min_rank, clip=clip, rescale=rescale, seed=seed)
+                         min_rank=min_rank, clip=clip, rescale=rescale, seed=seed, rank_rule=rank_rule,
+                         export_ratio=export_ratio)
     _check_rank_ratio(rank_ratio)
     _check_lam(lam)
-    label = f"Decomposable-Net r_l sampled by {criterion}, Z~U{tuple(rank_ratio)}, min_rank={min_rank}"
+    label = (f"Decomposable-Net r_l sampled by {criterion} ({rank_rule} rule), Z~U{tuple(rank_ratio)}, "
+             f"min_rank={min_rank}")
     spec = Constrain(targets, _AnyRank(label), view="auto", exclude=exclude, name="decomposable_net",
                      skip_unexportable=targets == (nn.Conv2d, nn.Linear))
     return DecomposableNetSolver(spec, **solver_kwargs)

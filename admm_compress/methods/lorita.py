@@ -22,10 +22,14 @@ training spec states exactly that constraint (``solver.spec`` before :meth:`LoRI
 
 Life cycle (the Solver's, with the ADMM parts switched off)
 
-* :meth:`~LoRITaSolver.prepare`: resolve the spec (:func:`admm_compress.specs.resolve`),
-  factorize the selected weights with a *balanced* split of their current value (the product is
-  exactly the original weight; the module tree is unchanged and the state-dict key
-  ``"<layer>.weight"`` becomes ``"<layer>.parametrizations.weight.original{0..N-1}"``);
+* :meth:`~LoRITaSolver.prepare`: resolve the spec (:func:`admm_compress.specs.resolve`) and
+  factorize the selected weights.  ``init="random"`` (default; the paper trains "from a random
+  state", Sec. 5.1): independent Gaussian factors scaled so the product has the layer's current
+  mean square (its default initialization in a fresh model), with the paper's factor shapes
+  (``inner="auto"``: square inner factors); ``init="svd"``: a *balanced* split of the current
+  weight (the product is exactly the original weight), to compress a trained model.  The module
+  tree is unchanged and the state-dict key ``"<layer>.weight"`` becomes
+  ``"<layer>.parametrizations.weight.original{0..N-1}"``;
 * training: :meth:`~LoRITaSolver.penalty` is 0 and :meth:`~LoRITaSolver.step` /
   :meth:`~LoRITaSolver.update` do nothing; the weight decay of the optimizer is the whole
   regularizer.  **Build the optimizer after** ``prepare`` (the old weight Parameters are no
@@ -42,6 +46,16 @@ Life cycle (the Solver's, with the ADMM parts switched off)
 
 ``n_factors=1`` is the paper's baseline (``N = 1``): nothing is factorized, the same weight decay
 and the same truncation apply, so ``N = 1`` and ``N > 1`` run through one code path.
+
+Weight-decay convention.  ``weight_decay`` is torch's: the optimizer adds ``weight_decay * F_i``
+to the gradient, the gradient of ``weight_decay / 2 * sum ||F_i||_F^2``.  The paper's Eq. 3 / 8
+writes the penalty as ``lambda * sum ||F_i||_F^2`` (gradient ``2 lambda F_i``), so
+``lambda_paper = weight_decay / 2`` (:attr:`LoRITaSolver.paper_lambda`); the paper's tuned values
+(Sec. 5) are the ones passed to its optimizer, i.e. torch's ``weight_decay`` here.
+
+The paper's pipeline is :func:`lorita_paper`: Adam (lr ``1e-2`` FCN, ``3e-4`` CNN / ViT), random
+factors, GSVT then ISVT on 120 random training examples, then one fine-tuning round; for a ViT
+only the attention projections are over-parameterized (Sec. 5.3).
 """
 from __future__ import annotations
 
@@ -65,7 +79,7 @@ from ..solver import Solver
 from ..specs import Constrain, resolve, unwrap
 from ..training import evaluate, load_checkpoint, tree_detach
 
-__all__ = ["lorita", "LoRITaSolver", "SquaredFrobenius", "layer_group"]
+__all__ = ["lorita", "lorita_paper", "LoRITaSolver", "SquaredFrobenius", "layer_group"]
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +222,15 @@ class LoRITaSolver(Solver):
                  params_per_round: int = 500, n_samples: int = 120, isvt_loader=None,
                  isvt_loss_fn: Callable | None = None, inner="min", optimizer: str = "sgd",
                  momentum: float = 0.9, other_weight_decay: float | None = None,
-                 group_fn: Callable = layer_group):
+                 group_fn: Callable = layer_group, init: str = "svd", attention_only: bool = False,
+                 isvt_seed: int = 0, fit_defaults: Mapping[str, Any] | None = None):
         self._final_spec = None
+        self.init = init
+        self.attention_only = attention_only
+        self.isvt_seed = isvt_seed
+        self.fit_defaults = dict(fit_defaults or {})
         super().__init__(spec, mode="projection", every="epoch")
+        self._user_train_spec = list(self._train_spec)
         self.n_factors = n_factors
         self.weight_decay = weight_decay
         self.truncation = truncation
@@ -266,16 +286,46 @@ class LoRITaSolver(Solver):
                                  "(prepare was called before); collapse(model) first or use a fresh model")
         self._final_spec = None
         self.final_ranks = {}
+        if self.attention_only:
+            self._restrict_to_attention(target)
         super().prepare(model)
         names = [b.name for b in self.bindings]
         if self.n_factors >= 2:
-            self.factorized = apply_factorization(target, names, self.n_factors, inner=self.inner)
-            _unshare(factor_parameters(target))
+            self.factorized = apply_factorization(target, names, self.n_factors, inner=self.inner, init=self.init)
+            if self.init == "svd":
+                _unshare(factor_parameters(target))
         else:
             self.factorized = []
-        log.info("LoRITa: N=%d on %d layer(s), weight decay %.3g on the factors", self.n_factors,
-                 len(names), self.weight_decay)
+        log.info("LoRITa: N=%d on %d layer(s), %s factors, weight decay %.3g on the factors", self.n_factors,
+                 len(names), self.init, self.weight_decay)
+        if self.init == "random" and self.n_factors >= 2:
+            log.info("LoRITa: init='random' discards the current values of %d layer(s) (training from scratch); "
+                     "use init='svd' to compress a trained model", len(names))
         return self
+
+    def _restrict_to_attention(self, target: nn.Module) -> None:
+        """Keep only the layers of group ``"attention"`` (the paper's ViT setting, Sec. 5.3)."""
+        spec = self._user_train_spec[0]
+        base = Constrain(spec.target, spec.constraint, view=spec.view, exclude=spec.exclude, name=spec.name)
+        mods = dict(target.named_modules())
+        keep = []
+        for b in resolve([base], target):
+            parent = mods.get(b.name.rpartition(".")[0]) if "." in b.name else target
+            if self.group_fn(b.name, b.module, parent) == "attention":
+                keep.append(b.name)
+        if not keep:
+            raise ValueError("lorita(attention_only=True): the model has no attention projection (a Linear "
+                             "inside a module whose class name contains 'Attention'); nn.MultiheadAttention's "
+                             "packed in_proj_weight is not a layer and cannot be factorized")
+        names = set(keep)
+        self._attention_names = keep
+        self._train_spec = [Constrain(lambda n, m, names=names: n in names, spec.constraint, view=spec.view,
+                                      exclude=spec.exclude, name=spec.name)]
+
+    @property
+    def paper_lambda(self) -> float:
+        """The paper's ``lambda`` of Eq. 3 / 8 (penalty ``lambda sum ||F||^2``): ``weight_decay / 2``."""
+        return self.weight_decay / 2.0
 
     def penalty(self) -> torch.Tensor:
         """0: the Schatten-(2/N) penalty is the optimizer's weight decay on the factors (Eq. 8).
@@ -367,10 +417,14 @@ class LoRITaSolver(Solver):
     def fit(self, model, loader, epochs: int = 1, optimizer=None, loss_fn=None, **kwargs):
         """:meth:`Solver.fit`; the training ``loader`` and ``loss_fn`` are kept for ISVT.
 
-        ISVT (``truncation="isvt"``) evaluates the loss on the first ``n_samples`` examples of
-        ``isvt_loader`` if one was given to :func:`lorita`, else of this ``loader`` (shuffle it
-        for a random sample, as the paper subsamples 120 training examples).
+        ISVT (``truncation="isvt"``) evaluates the loss on ``n_samples`` examples drawn at
+        random (seed ``isvt_seed``) from ``isvt_loader`` if one was given to :func:`lorita`, else
+        from this ``loader`` (App. A: 120 randomly subsampled training examples).  Keyword
+        arguments not given take the preset's values (:func:`lorita_paper`: ``lr``,
+        ``finetune_epochs``).
         """
+        for k, v in self.fit_defaults.items():   # the preset's lr / fine-tuning (lorita_paper)
+            kwargs.setdefault(k, v)
         self._fit_data, self._fit_loss = loader, loss_fn
         self._progress = bool(kwargs.get("progress") or False)
         self.fit_times = []
@@ -468,7 +522,8 @@ class LoRITaSolver(Solver):
             loss_fn = loss_fn or self.isvt_loss_fn or self._fit_loss
             ranks = isvt(target, names, loss_fn, data, params_per_round=self.params_per_round,
                          target_params=self.target_params, target_ratio=self.target_ratio,
-                         n_samples=self.n_samples, ranks=start, progress=self._progress)
+                         n_samples=self.n_samples, ranks=start, progress=self._progress,
+                         generator=torch.Generator().manual_seed(self.isvt_seed))
         dense = sum(m * n for m, n in shapes.values())
         kept = sum(lowrank_param_count(*shapes[n], ranks[n]) for n in names)
         log.info("LoRITa %s: ranks %s; %d -> %d parameters in the truncated layers", t, ranks, dense, kept)
@@ -551,9 +606,10 @@ def lorita(n_factors: int = 3, weight_decay: float = 5e-4, *, targets=(nn.Conv2d
            exclude=None, truncation: str | None = "lsvt", rank: int | None = None,
            rank_ratio: float | None = None, keep=None, target_ratio: float | None = None,
            target_params: int | None = None, params_per_round: int = 500, n_samples: int = 120,
-           isvt_loader=None, isvt_loss_fn: Callable | None = None, inner="min",
+           isvt_loader=None, isvt_loss_fn: Callable | None = None, inner=None,
            optimizer: str = "sgd", momentum: float = 0.9, other_weight_decay: float | None = None,
-           group_fn: Callable = layer_group) -> LoRITaSolver:
+           group_fn: Callable = layer_group, init: str = "random", attention_only: bool = False,
+           isvt_seed: int = 0) -> LoRITaSolver:
     r"""A :class:`LoRITaSolver`: train ``W = F_N ... F_1`` with weight decay, then truncate.
 
     Parameters
@@ -561,8 +617,10 @@ def lorita(n_factors: int = 3, weight_decay: float = 5e-4, *, targets=(nn.Conv2d
     n_factors : int >= 1
         ``N`` of the paper (``N = 1``: the un-factorized baseline; the paper uses 2 or 3).
     weight_decay : float >= 0
-        ``lambda`` of Eq. 8 as torch's ``weight_decay`` on the factors (penalty
-        ``lambda/2 sum ||F_i||_F^2`` = ``SchattenP(p=2/N, weight=lambda N/2)`` at the optimum).
+        Torch's ``weight_decay`` on the factors: gradient ``weight_decay * F_i``, penalty
+        ``weight_decay/2 sum ||F_i||_F^2`` = ``SchattenP(p=2/N, weight=weight_decay N/2)`` at the
+        optimum.  The paper's Eq. 8 ``lambda`` (penalty ``lambda sum ||F_i||^2``) is
+        ``weight_decay / 2``; its tuned values are optimizer settings, i.e. this argument.
     targets : module type(s), glob(s) or predicate
         Layers to factorize (default every ``Conv2d`` and ``Linear``, i.e. also attention
         projections; grouped/transposed convolutions are skipped when types are given).
@@ -591,9 +649,20 @@ def lorita(n_factors: int = 3, weight_decay: float = 5e-4, *, targets=(nn.Conv2d
         ISVT sample source; default the training loader given to :meth:`LoRITaSolver.fit`.
     isvt_loss_fn : callable, optional
         ISVT loss; default the loss of ``fit``, else cross entropy.
-    inner : {"min", "auto", "in", "out"} or int
+    inner : {"min", "auto", "in", "out"}, int or None
         Inner dimension of the factors (:func:`admm_compress.factorization.apply_factorization`);
-        ``"min"`` = ``min(m, n)``, the smallest exact choice (``"auto"`` is the paper's layout).
+        ``"auto"`` is the paper's layout (square inner factors), ``"min"`` = ``min(m, n)``.
+        Default: ``"auto"`` with ``init="random"``, ``"min"`` with ``init="svd"`` (where the extra
+        inner directions of ``"auto"`` would start at zero and stay there).
+    init : {"random", "svd"}
+        ``"random"`` (default, training from scratch as the paper): independent Gaussian factors
+        whose product has the layer's current mean square; ``"svd"``: balanced factors of the
+        current weight (exact product), to compress a trained model.
+    attention_only : bool
+        Factorize only the attention projections (group ``"attention"`` of ``group_fn``), the
+        paper's ViT setting (Sec. 5.3: "over-parameterization across all attention modules").
+    isvt_seed : int
+        Seed of ISVT's random subsample of ``n_samples`` training examples.
     optimizer : {"sgd", "adam"}
         Default optimizer of :meth:`fit` when none is passed (coupled L2 weight decay).
     momentum : float
@@ -623,7 +692,13 @@ def lorita(n_factors: int = 3, weight_decay: float = 5e-4, *, targets=(nn.Conv2d
         other_weight_decay = check_float("other_weight_decay", other_weight_decay, low=0.0, where="lorita")
     params_per_round = check_int("params_per_round", params_per_round, low=1, where="lorita")
     n_samples = check_int("n_samples", n_samples, low=1, where="lorita")
-    if isinstance(inner, str):
+    check_choice("init", init, ("random", "svd"), where="lorita")
+    if not isinstance(attention_only, bool):
+        raise TypeError(f"lorita: attention_only must be a bool, got {attention_only!r}")
+    isvt_seed = check_int("isvt_seed", isvt_seed, low=0, where="lorita")
+    if inner is None:
+        inner = "auto" if init == "random" else "min"
+    elif isinstance(inner, str):
         check_choice("inner", inner, ("auto", "in", "out", "min"), where="lorita")
     else:
         check_int("inner", inner, low=1, where="lorita")
@@ -681,7 +756,43 @@ def lorita(n_factors: int = 3, weight_decay: float = 5e-4, *, targets=(nn.Conv2d
                         target_params=target_params, params_per_round=params_per_round,
                         n_samples=n_samples, isvt_loader=isvt_loader, isvt_loss_fn=isvt_loss_fn,
                         inner=inner, optimizer=optimizer, momentum=momentum,
-                        other_weight_decay=other_weight_decay, group_fn=group_fn)
+                        other_weight_decay=other_weight_decay, group_fn=group_fn, init=init,
+                        attention_only=attention_only, isvt_seed=isvt_seed)
+
+
+#: The paper's learning rates (Sec. 5.1-5.3: Adam, FCN 1e-2, CNN and ViT 3e-4).
+PAPER_LR = {"fcn": 1e-2, "cnn": 3e-4, "vit": 3e-4}
+
+
+def lorita_paper(arch: str, n_factors: int = 3, weight_decay: float = 1e-4, *, keep=0.5,
+                 target_ratio: float = 0.3, finetune_epochs: int = 1, **kwargs) -> LoRITaSolver:
+    r"""LoRITa's published pipeline as one preset (papers/004 Sec. 5, App. A, Tables 2-5).
+
+    * random factors (``init="random"``, ``inner="auto"``: square inner factors), ``N`` in
+      {2, 3, 4};
+    * Adam with coupled L2 weight decay on the factors (``optimizer="adam"``), learning rate
+      ``1e-2`` (``arch="fcn"``) or ``3e-4`` (``"cnn"``, ``"vit"``), applied by
+      :meth:`LoRITaSolver.fit` unless ``lr=`` is given;
+    * ``weight_decay`` is torch's (``lambda_paper = weight_decay / 2``, see the module
+      docstring); the paper tunes it per model (FCN / ViT grids around ``1e-5 ... 2e-3``,
+      CNN ``1e-5 ... 1e-2``): tune it;
+    * truncation: GSVT with ``keep`` (per group), then ISVT to ``target_ratio`` of the dense
+      parameters with 500 parameters per round on 120 random training examples;
+    * one fine-tuning round: ``fit(..., finetune_epochs=finetune_epochs)`` by default;
+    * ``arch="vit"``: only the attention projections are factorized (``attention_only=True``).
+
+    Other keyword arguments go to :func:`lorita` (e.g. ``targets``, ``exclude``,
+    ``other_weight_decay``).
+    """
+    check_choice("arch", arch, tuple(PAPER_LR), where="lorita_paper")
+    finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where="lorita_paper")
+    opts = dict(truncation="isvt", keep=keep, target_ratio=target_ratio, params_per_round=500,
+                n_samples=120, optimizer="adam", init="random", inner="auto",
+                attention_only=arch == "vit")
+    opts.update(kwargs)
+    solver = lorita(n_factors, weight_decay, **opts)
+    solver.fit_defaults = {"lr": PAPER_LR[arch], "finetune_epochs": finetune_epochs}
+    return solver
 
 
 def _glob_predicate(globs: list[str]):

@@ -102,15 +102,30 @@ class Constraint(abc.ABC):
 class ConstraintSet(Constraint):
     """A closed set ``C``; the hard constraint ``x in C``.
 
-    ``project(x)`` is the Euclidean projection ``argmin_{z in C} ||z - x||_F`` (quasi-optimal
-    for :class:`TTRank`, as documented there).  It returns a new tensor of the same shape,
-    dtype and device and never modifies ``x``.
+    ``project(x)`` maps ``x`` into ``C``.  It returns a new tensor of the same shape, dtype and
+    device and never modifies ``x``.  It is the exact Euclidean projection
+    ``argmin_{z in C} ||z - x||_F`` for :class:`LowRank` with ``rank=``/``ratio=`` and the
+    exact SVD (Eckart-Young) and for :class:`Cardinality` (top-k, also per group).  It is
+    **not** the Euclidean projection for:
+
+    * :class:`Sum` (``W = L + S``): alternating projections onto the two sets, a local
+      minimizer of ``||L + S - x||`` that depends on the start (RASPA Algorithm 1, line 1);
+    * :class:`TTRank`: TT-SVD, quasi-optimal within ``sqrt(d - 1)`` of the optimum;
+    * :class:`LowRank` with ``energy=`` (TRP's rule): the rank is chosen from the data, a
+      rank-selection rule that is not idempotent (applied again it may cut further);
+    * :class:`LowRank` with ``energy_transfer=True`` (LRPET Eq. 6): ``alpha * Pi_r(x)`` with
+      ``alpha >= 1``, which lies in the set but is not the nearest point;
+    * :class:`LowRank` with ``svd="randomized"`` (or ``"auto"`` choosing it): near-optimal
+      (Halko et al.), not exact;
+    * :class:`LowRank` ``project(x, metric=d)``: the nearest point in the weighted norm
+      ``||diag(d) (z - x)||_F`` (LRPET Eq. 7-10), not the Frobenius one.
     """
 
     is_penalty = False
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Euclidean projection of ``x`` onto the set."""
+        """A point of the set for ``x``: the Euclidean projection, except where the class
+        docstring says otherwise."""
         x = self._check_input(x)
         return self._project(x)
 
