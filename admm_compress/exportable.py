@@ -76,9 +76,9 @@ def structured_on_weight(c: Constraint, module: nn.Module) -> bool:
 
 def _custom_exporter(c: Constraint, v: View) -> bool:
     """True if an exporter registered besides the built-in ones handles ``(c, v)`` (e.g. TRP's VH view)."""
-    from . import export
+    from .export import _BUILTIN, _EXPORTERS
 
-    return any(match(c, v) for match, build in export._EXPORTERS if build not in export._BUILTIN)
+    return any(match(c, v) for match, build in _EXPORTERS if build not in _BUILTIN)
 
 
 def _lowrank_rule(m: nn.Module, c: Constraint, v: View) -> str | None:
