@@ -27,12 +27,15 @@ class _SparseMixin:
     its smallest encoding (bitmask, COO or CSR; :mod:`admm_compress.storage`), not the dense
     weight and mask; ``load_state_dict`` restores both bit for bit (and still accepts the dense form).
 
-    *Execution*: ``kernel`` is ``"dense"`` (``weight * mask`` through the stock dense op) or
-    ``"csr"`` (a ``torch.sparse_csr`` matrix product; im2col via ``F.unfold`` for convolutions).
-    :func:`select_kernels` measures both per layer and input shape and sets the faster one.  The
-    CSR path runs only where it can: no autograd (``torch.no_grad`` / ``inference_mode``), a CPU
-    input, and not while tracing, scripting or compiling (those see the dense op, so exported
-    graphs stay plain ``linear`` / ``conv``).
+    *Execution*: ``kernel`` is ``"dense"`` (the stock dense op) or ``"csr"`` (a
+    ``torch.sparse_csr`` matrix product; im2col via ``F.unfold`` for convolutions).
+    :func:`admm_compress.select_kernels` measures both per layer and input shape and sets the
+    faster one.  With autograd on (training) the effective weight is ``weight * mask`` at every
+    call, so masked entries get no gradient.  Without autograd (``torch.no_grad`` /
+    ``inference_mode``) in eager mode, the dense kernel uses ``weight`` itself, checked once per
+    weight version to be zero off the support (the per-call product costs as much memory traffic
+    as a batch-1 layer itself), and the CSR kernel a cached CSR copy of the weight.  Tracing,
+    scripting, ``torch.export`` and ONNX export always see the plain ``weight * mask`` + dense op.
     """
 
     kernel = "dense"  # "dense" or "csr"; see select_kernels
@@ -44,6 +47,7 @@ class _SparseMixin:
         self.kernel = "dense"
         self.kernel_timing = None  # set by select_kernels: {"dense_ms", "csr_ms", "input_shape"}
         self._csr_cache: tuple | None = None
+        self._zero_off_support: tuple | None = None
 
     @property
     def nnz(self) -> int:
@@ -99,18 +103,34 @@ class _SparseMixin:
 
     # ------------------------------------------------------------------ CSR execution
     @torch.jit.unused
-    def _csr_usable(self, x: torch.Tensor) -> bool:
-        if self.kernel != "csr" or torch.is_grad_enabled() or x.device.type != "cpu":
-            return False
-        if torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing():
+    def _eager_inference(self, x: torch.Tensor) -> bool:
+        """No autograd, not tracing / compiling: the cached fast paths may run."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing():
             return False
         return True
+
+    @torch.jit.unused
+    def _key(self) -> tuple:
+        w, m = self.weight, self.mask
+        return (w.data_ptr(), w._version, m.data_ptr(), m._version, w.dtype)
+
+    @torch.jit.unused
+    def _inference_weight(self) -> torch.Tensor:
+        """The dense effective weight without the per-call ``weight * mask``: ``weight`` itself
+        once checked (per weight / mask version) to be zero off the support, which export and
+        masked fine-tuning keep; ``weight * mask`` otherwise."""
+        key = self._key()
+        check = getattr(self, "_zero_off_support", None)
+        if check is None or check[0] != key:
+            ok = not bool((self.weight.detach() * (self.mask == 0)).any())
+            self._zero_off_support = check = (key, ok)
+        return self.weight if check[1] else self.weight * self.mask
 
     @torch.jit.unused
     def _csr_weight(self) -> torch.Tensor:
         """``weight * mask`` as a ``(rows, cols)`` CSR matrix, rebuilt when the weight or mask changed."""
         w, m = self.weight, self.mask
-        key = (w.data_ptr(), w._version, m.data_ptr(), m._version, w.dtype)
+        key = self._key()
         cache = getattr(self, "_csr_cache", None)
         if cache is None or cache[0] != key:
             with warnings.catch_warnings():  # "sparse CSR support is in beta"
@@ -123,6 +143,7 @@ class _SparseMixin:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state["_csr_cache"] = None
+        state["_zero_off_support"] = None
         return state
 
 
@@ -151,8 +172,10 @@ class SparseLinear(_SparseMixin, nn.Linear):
 
     def forward(self, x):
         if not torch.jit.is_scripting():
-            if self._csr_usable(x):
-                return self._forward_csr(x)
+            if self._eager_inference(x):
+                if self.kernel == "csr" and x.device.type == "cpu":
+                    return self._forward_csr(x)
+                return F.linear(x, self._inference_weight(), self.bias)
         return F.linear(x, self.weight * self.mask, self.bias)
 
     @torch.jit.unused
@@ -167,8 +190,10 @@ class SparseLinear(_SparseMixin, nn.Linear):
 class _SparseConvMixin(_SparseMixin):
     def forward(self, x):
         if not torch.jit.is_scripting():
-            if self._csr_usable(x) and self._csr_conv_ok():
-                return self._forward_csr(x)
+            if self._eager_inference(x):
+                if self.kernel == "csr" and x.device.type == "cpu" and self._csr_conv_ok():
+                    return self._forward_csr(x)
+                return self._conv_forward(x, self._inference_weight(), self.bias)
         return self._conv_forward(x, self.weight * self.mask, self.bias)
 
     @torch.jit.unused
