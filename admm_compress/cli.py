@@ -437,6 +437,7 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
                            f"torch threads {torch.get_num_threads()}")
     torch.save(compact.state_dict(), out / "model_state_dict.pt")
     res["files"] = {"state_dict": str(out / "model_state_dict.pt")}
+    res["state_dict_bytes"] = (out / "model_state_dict.pt").stat().st_size  # sparse layers: values + index only
     if plots:
         pts = [{"label": "dense", "macs": b.get("macs"), "accuracy": b["accuracy"], "marker": "s"},
                {"label": sentry.name, "macs": a.get("macs"), "accuracy": a["accuracy"]}]

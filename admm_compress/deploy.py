@@ -44,18 +44,26 @@ def _geometry(m: nn.Module) -> tuple:
     return ()
 
 
-def _median_ms(fn, repeats: int, warmup: int) -> float:
+def _median_ms(fn, repeats: int, warmup: int, clock) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return 1e3 * statistics.median(times)
 
 
-def _time_layer(m: _SparseMixin, x: torch.Tensor, repeats: int, warmup: int) -> tuple[float, float]:
+def _clock(timer: str):
+    """``"wall"``: perf_counter; ``"cpu"``: this process's CPU time (blind to other processes'
+    load, but counts every intra-op thread); ``"auto"``: CPU time when torch runs 1 thread."""
+    if timer == "auto":
+        timer = "cpu" if torch.get_num_threads() == 1 else "wall"
+    return time.process_time if timer == "cpu" else time.perf_counter
+
+
+def _time_layer(m: _SparseMixin, x: torch.Tensor, repeats: int, warmup: int, clock) -> tuple[float, float]:
     """Median ms of ``m(x)`` with the dense and with the CSR kernel (interleaved rounds)."""
     old = m.kernel
     dense, csr = [], []
@@ -66,14 +74,14 @@ def _time_layer(m: _SparseMixin, x: torch.Tensor, repeats: int, warmup: int) -> 
                 for k in order:
                     m.kernel = k
                     (dense if k == "dense" else csr).append(
-                        _median_ms(lambda: m(x), max(1, repeats // 3), warmup if r == 0 else 1))
+                        _median_ms(lambda: m(x), max(1, repeats // 3), warmup if r == 0 else 1, clock))
     finally:
         m.kernel = old
     return min(dense), min(csr)
 
 
 def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup: int = 3,
-                   margin: float = 0.05) -> list[dict]:
+                   margin: float = 0.05, timer: str = "auto") -> list[dict]:
     """Measure dense vs CSR execution of every sparse layer on its real input; keep the faster.
 
     Runs ``model(*example_inputs)`` once (eval mode, no autograd; the model's train/eval mode is
@@ -94,6 +102,9 @@ def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup:
         Timed (>= 3) and untimed (>= 0) calls per kernel and layer.
     margin : float
         In ``[0, 1)``: CSR must be faster than ``(1 - margin) x`` the dense time.
+    timer : {"auto", "wall", "cpu"}
+        What is timed: wall clock, or the process's CPU time (robust on a shared machine, exact
+        for single-threaded torch); ``"auto"`` = ``"cpu"`` when ``torch.get_num_threads() == 1``.
 
     Returns
     -------
@@ -110,6 +121,9 @@ def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup:
             raise ValueError(f"select_kernels: {name} must be an int >= {low}, got {val!r}")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
         raise ValueError(f"select_kernels: margin must be a number in [0, 1), got {margin!r}")
+    if timer not in ("auto", "wall", "cpu"):
+        raise ValueError(f"select_kernels: timer must be 'auto', 'wall' or 'cpu', got {timer!r}")
+    clock = _clock(timer)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _SparseMixin)]
     if not layers:
         return []
@@ -150,9 +164,9 @@ def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup:
             reason, kernel = "grouped / 'same'-padded / non-zero-padded conv: no CSR path", "dense"
         else:
             key = (type(m).__name__, tuple(m.weight.shape), m.nnz, _geometry(m), tuple(x.shape), x.dtype,
-                   torch.get_num_threads())
+                   torch.get_num_threads(), clock)
             if key not in _KERNEL_CACHE:
-                _KERNEL_CACHE[key] = _time_layer(m, x, repeats, warmup)
+                _KERNEL_CACHE[key] = _time_layer(m, x, repeats, warmup, clock)
             d_ms, c_ms = _KERNEL_CACHE[key]
             row["dense_ms"], row["csr_ms"] = d_ms, c_ms
             kernel = "csr" if c_ms < (1 - margin) * d_ms else "dense"

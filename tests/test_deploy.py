@@ -126,7 +126,8 @@ def test_select_kernels_follows_its_measurements_and_keeps_outputs():
 
 
 @pytest.mark.parametrize("kw, match", [({"repeats": 0}, "repeats"), ({"warmup": -1}, "warmup"),
-                                       ({"margin": 1.0}, "margin"), ({"repeats": 2.5}, "repeats")])
+                                       ({"margin": 1.0}, "margin"), ({"repeats": 2.5}, "repeats"),
+                                       ({"timer": "gpu"}, "timer")])
 def test_select_kernels_bad_input(kw, match):
     model = ac.export(Small(), [ac.Constrain(nn.Linear, ac.Cardinality(density=0.5))])
     with pytest.raises(ValueError, match=match):
