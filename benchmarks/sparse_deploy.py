@@ -88,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--densities", type=float, nargs="+", default=None)
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "sparse_deploy.md"))
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -102,7 +103,8 @@ def main(argv=None):
     t_all = time.perf_counter()
     load0 = os.getloadavg()[0]
     size_rows, lat_rows, choice_rows = [], [], []
-    for mname, (make, in_size, batches) in MODELS.items():
+    for mname in args.models:
+        make, in_size, batches = MODELS[mname]
         torch.manual_seed(0)
         dense = make().eval()
         dense_bytes = ac.saved_bytes(dense)
@@ -128,6 +130,9 @@ def main(argv=None):
             for b in batches:
                 x = torch.randn(b, *in_size, generator=torch.Generator().manual_seed(1))
                 masked = copy.deepcopy(compact)
+                for m in masked.modules():  # compact may carry the choice made for another batch size
+                    if hasattr(m, "kernel"):
+                        m.kernel = "dense"
                 t0 = time.perf_counter()
                 ac.deploy.clear_kernel_cache()
                 chosen = ac.select_kernels(compact, x, repeats=6 if args.quick else 9, timer="cpu")
