@@ -25,7 +25,7 @@ from torch import nn
 from .layers import _SparseConvMixin, _SparseMixin
 from .storage import saved_bytes, storage_bytes, storage_report
 
-__all__ = ["select_kernels", "storage_bytes", "saved_bytes", "storage_report", "clear_kernel_cache"]
+__all__ = ["select_kernels", "keep_faster", "storage_bytes", "saved_bytes", "storage_report", "clear_kernel_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -175,5 +175,164 @@ def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup:
         m.kernel = kernel
         row["kernel"], row["reason"] = kernel, reason
         log.info("sparse layer '%s' (density %.3f): kernel=%s (%s)", name, row["density"], kernel, reason)
+        report.append(row)
+    return report
+
+
+# ------------------------------------------------------------------ latency-aware export pass
+def _dense_projected(model: nn.Module, spec) -> tuple[nn.Module, list]:
+    """A copy of ``model`` whose constrained weights are what ``export`` builds from (the
+    reconstruction of their factors), and its bindings."""
+    import copy
+
+    from torch.nn.utils import parametrize
+
+    from .specs import resolve, unwrap
+
+    src = unwrap(model)
+    if any(parametrize.is_parametrized(m) for m in src.modules()):
+        raise ValueError("keep_faster: the model is parametrized (LoRITa factors / fine-tuning structure); "
+                         "pass the finalized model with its parametrizations removed")
+    dense = copy.deepcopy(src)
+    bindings = resolve(getattr(spec, "spec", spec), dense)
+    with torch.no_grad():
+        for b in bindings:
+            c = b.constraint
+            factors = c.factorize(b.to_view(b.param.detach()))
+            b.param.copy_(b.view.back(c.reconstruct(factors, b.viewed_shape), b.shape))
+    return dense, bindings
+
+
+def _time_pair(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: int, warmup: int, clock) -> tuple[float, float]:
+    """Median ms of ``a(x)`` and ``b(x)`` (interleaved rounds, the best round's median each)."""
+    ta, tb = [], []
+    with torch.inference_mode():
+        for r in range(3):
+            for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+                m = (a, b)[which]
+                (ta if which == 0 else tb).append(
+                    _median_ms(lambda: m(x), max(1, repeats // 3), warmup if r == 0 else 1, clock))
+    return min(ta), min(tb)
+
+
+def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, repeats: int = 15,
+                warmup: int = 3, margin: float = 0.05, timer: str = "auto") -> list[dict]:
+    """Latency-aware pass: put a constrained layer back in dense form where that is faster.
+
+    For every layer of ``spec`` that :func:`admm_compress.export` replaced in ``compact``
+    (low-rank pair, sparse layer, TT, ``Sum``), the compact module and the dense layer holding the
+    *same* constrained weight (the reconstruction of its factors, so it still satisfies the
+    constraint and the model's outputs do not change) are timed on the layer's real input
+    (sparse layers with their best kernel, :func:`select_kernels` runs first).  Where the dense
+    layer is faster by more than ``margin`` (relative), it replaces the compact module in
+    ``compact`` (in place).  Layers whose compact form does not take the dense layer's input and
+    give its output (channels removed in neighbours by structured sparsity) are left alone.
+
+    Parameters
+    ----------
+    compact : nn.Module
+        ``ac.export(model, spec)``; modified in place.
+    model, spec
+        What ``compact`` was exported from (the same weights).
+    *example_inputs
+        A deployment-sized input: ``compact(*example_inputs)`` must run.
+    repeats, warmup, margin, timer
+        As :func:`select_kernels`.
+
+    Returns
+    -------
+    list of dict
+        Per constrained layer: ``name, compact`` (its exported type), ``compact_ms, dense_ms,
+        kept`` (``"compact"`` or ``"dense"``) and ``reason``.
+    """
+    import copy
+
+    from .specs import unwrap
+
+    if not isinstance(compact, nn.Module) or not isinstance(model, nn.Module):
+        raise TypeError(f"keep_faster: compact and model must be nn.Modules, got {type(compact).__name__} "
+                        f"and {type(model).__name__}")
+    if not example_inputs:
+        raise ValueError("keep_faster: give at least one example input (compact(*example_inputs) must run)")
+    for name, val, low in (("repeats", repeats, 3), ("warmup", warmup, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ValueError(f"keep_faster: {name} must be an int >= {low}, got {val!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ValueError(f"keep_faster: margin must be a number in [0, 1), got {margin!r}")
+    if timer not in ("auto", "wall", "cpu"):
+        raise ValueError(f"keep_faster: timer must be 'auto', 'wall' or 'cpu', got {timer!r}")
+    clock = _clock(timer)
+    compact = unwrap(compact)
+    select_kernels(compact, *example_inputs, repeats=repeats, warmup=warmup, margin=margin, timer=timer)
+    dense, bindings = _dense_projected(model, spec)
+    names = []
+    for b in bindings:
+        if b.name not in names:
+            names.append(b.name)
+    inputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for n in names:
+        try:
+            mod = compact.get_submodule(n)
+        except AttributeError:
+            continue
+
+        def record(mod, args, n=n):
+            if n not in inputs and args and isinstance(args[0], torch.Tensor):
+                inputs[n] = args[0].detach().clone()
+        handles.append(mod.register_forward_pre_hook(record))
+    modes = {m: m.training for m in compact.modules()}
+    try:
+        compact.eval()
+        with torch.inference_mode():
+            compact(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.train(t)
+    report = []
+    for n in names:
+        row = {"name": n, "compact": None, "compact_ms": None, "dense_ms": None, "kept": "compact"}
+        try:
+            cm = compact.get_submodule(n)
+        except AttributeError:
+            row.update(kept="-", reason="not in the exported model")
+            report.append(row)
+            continue
+        dm = dense.get_submodule(n)
+        row["compact"] = type(cm).__name__
+        x = inputs.get(n)
+        if type(cm) is type(dm) and not isinstance(cm, _SparseMixin):
+            row.update(kept="dense", reason="export kept it dense (compact form not smaller)")
+        elif x is None:
+            row["reason"] = "not called by the example input"
+        else:
+            dm_eval, cm_mode = copy.deepcopy(dm).eval(), cm.training
+            cm.eval()
+            with torch.inference_mode():
+                ref = cm(x)
+                try:
+                    out = dm_eval(x)
+                except RuntimeError:  # the compact layer's input lost channels: no dense stand-in
+                    out = None
+            same = out is not None and ref.shape == out.shape and torch.allclose(
+                out, ref, rtol=1e-3, atol=1e-4 * max(float(ref.abs().max()), 1.0))
+            if not same:
+                row["reason"] = "dense layer's output differs (neighbouring channels removed): left alone"
+            else:
+                c_ms, d_ms = _time_pair(cm, dm_eval, x, repeats, warmup, clock)
+                row["compact_ms"], row["dense_ms"] = c_ms, d_ms
+                if d_ms < (1 - margin) * c_ms:
+                    new = copy.deepcopy(dm)
+                    new.train(cm_mode)
+                    parent_name, _, attr = n.rpartition(".")
+                    setattr(compact.get_submodule(parent_name) if parent_name else compact, attr, new)
+                    row["kept"] = "dense"
+                    row["reason"] = f"dense faster: {d_ms:.3g} ms vs compact {c_ms:.3g} ms"
+                else:
+                    row["reason"] = f"compact not slower: {c_ms:.3g} ms vs dense {d_ms:.3g} ms"
+            cm.train(cm_mode)
+        log.info("layer '%s': keeps %s (%s)", n, row["kept"], row["reason"])
         report.append(row)
     return report

@@ -195,3 +195,62 @@ def test_exported_model_torch_export_and_script(name):
     scripted = torch.jit.script(compact)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ latency-aware export
+def _projected(model, spec):
+    from _helpers import projected
+
+    return projected(model, spec)
+
+
+LA_SPEC = [ac.Constrain("conv2", ac.LowRank(rank=4), view="channel"),
+           ac.Constrain(nn.Linear, ac.Cardinality(density=0.3), view="identity")]
+
+
+def test_keep_faster_swaps_exactly_the_layers_measured_slower(monkeypatch):
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    # decision logic under controlled timings: the low-rank pair "measures" slower than dense,
+    # the sparse fc faster
+    fake = {nn.Sequential: (2.0, 1.0), SparseLinear: (1.0, 2.0)}
+    monkeypatch.setattr(ac.deploy, "_time_pair", lambda cm, dm, x, *a: fake[type(cm)])
+    compact = ac.export(model, LA_SPEC).eval()
+    rep = ac.deploy.keep_faster(compact, model, LA_SPEC, x, repeats=3, warmup=0)
+    by = {r["name"]: r for r in rep}
+    assert by["conv2"]["kept"] == "dense" and type(compact.conv2) is nn.Conv2d
+    assert by["fc"]["kept"] == "compact" and isinstance(compact.fc, SparseLinear)
+    ref = _projected(model, LA_SPEC).eval()
+    # the dense conv2 holds the rank-4 weight itself: still feasible, same outputs
+    assert torch.linalg.matrix_rank(compact.conv2.weight.detach().reshape(16, -1)) <= 4
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), ref(x), rtol=1e-4, atol=1e-5)
+    dense_macs = ac.complexity(ref, (3, 8, 8)).macs
+    assert ac.complexity(compact, (3, 8, 8)).macs < dense_macs  # the sparse fc still counts its nnz
+
+
+def test_export_latency_aware_keeps_outputs_and_leaves_removed_channels_alone():
+    torch.manual_seed(0)
+    model = ConvNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    spec = LA_SPEC + [ac.Constrain("conv1", ac.Cardinality(density=0.5, group_dim=0), view="identity")]
+    compact = ac.export(model, spec, latency_aware=True, example_inputs=x).eval()
+    ref = _projected(model, spec).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), ref(x), rtol=1e-4, atol=1e-5)
+    rep = ac.deploy.keep_faster(compact, model, spec, x, repeats=3, warmup=0)
+    by = {r["name"]: r for r in rep}
+    assert set(by) == {"conv1", "conv2", "fc"}
+    for name in ("conv1", "conv2"):  # conv1 lost filters, conv2 the inputs behind them
+        assert by[name]["kept"] == "compact" and "differs" in by[name]["reason"]
+
+
+@pytest.mark.parametrize("kw, err, match", [
+    ({"latency_aware": True}, ValueError, "example_inputs"),
+    ({"latency_aware": True, "example_inputs": torch.randn(1, 3, 8, 8), "inplace": True}, ValueError, "inplace"),
+    ({"latency_aware": "yes", "example_inputs": torch.randn(1, 3, 8, 8)}, TypeError, "latency_aware must be a bool"),
+])
+def test_export_latency_aware_bad_input(kw, err, match):
+    with pytest.raises(err, match=match):
+        ac.export(ConvNet().eval(), LA_SPEC, **kw)
