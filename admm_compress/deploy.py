@@ -220,10 +220,11 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
     """Latency-aware pass: put a constrained layer back in dense form where that is faster.
 
     For every layer of ``spec`` that :func:`admm_compress.export` replaced in ``compact``
-    (low-rank pair, sparse layer, TT, ``Sum``), the compact module and the dense layer holding the
-    *same* constrained weight (the reconstruction of its factors, so it still satisfies the
-    constraint and the model's outputs do not change) are timed on the layer's real input
-    (sparse layers with their best kernel, :func:`select_kernels` runs first).  Where the dense
+    (low-rank pair, TT, ``Sum``), the compact module and the dense layer holding the *same*
+    constrained weight (the reconstruction of its factors, so it still satisfies the constraint
+    and the model's outputs do not change) are timed on the layer's real input.  Unstructured
+    sparse layers are settled by :func:`select_kernels` (run first): their dense kernel is the
+    dense layer's own op, so they are never slower than it beyond timing noise.  Where the dense
     layer is faster by more than ``margin`` (relative), it replaces the compact module in
     ``compact`` (in place).  Layers whose compact form does not take the dense layer's input and
     give its output (channels removed in neighbours by structured sparsity) are left alone.
@@ -307,6 +308,9 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
             row.update(kept="dense", reason="export kept it dense (compact form not smaller)")
         elif x is None:
             row["reason"] = "not called by the example input"
+        elif isinstance(cm, _SparseMixin):  # its dense kernel *is* the dense layer's op
+            row["reason"] = (f"sparse layer on its measured kernel ({cm.kernel}); its dense kernel is the "
+                             f"dense layer's own op")
         else:
             dm_eval, cm_mode = copy.deepcopy(dm).eval(), cm.training
             cm.eval()
