@@ -165,13 +165,20 @@ def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup:
         else:
             key = (type(m).__name__, tuple(m.weight.shape), m.nnz, _geometry(m), tuple(x.shape), x.dtype,
                    torch.get_num_threads(), clock)
+            failed = None
             if key not in _KERNEL_CACHE:
-                _KERNEL_CACHE[key] = _time_layer(m, x, repeats, warmup, clock)
-            d_ms, c_ms = _KERNEL_CACHE[key]
-            row["dense_ms"], row["csr_ms"] = d_ms, c_ms
-            kernel = "csr" if c_ms < (1 - margin) * d_ms else "dense"
-            reason = f"measured: dense {d_ms:.3g} ms, csr {c_ms:.3g} ms"
-            m.kernel_timing = {"dense_ms": d_ms, "csr_ms": c_ms, "input_shape": tuple(x.shape)}
+                try:
+                    _KERNEL_CACHE[key] = _time_layer(m, x, repeats, warmup, clock)
+                except (RuntimeError, NotImplementedError) as e:  # e.g. no CSR matmul for this dtype
+                    failed = f"CSR kernel unavailable ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+            if failed is not None:
+                kernel, reason = "dense", failed
+            else:
+                d_ms, c_ms = _KERNEL_CACHE[key]
+                row["dense_ms"], row["csr_ms"] = d_ms, c_ms
+                kernel = "csr" if c_ms < (1 - margin) * d_ms else "dense"
+                reason = f"measured: dense {d_ms:.3g} ms, csr {c_ms:.3g} ms"
+                m.kernel_timing = {"dense_ms": d_ms, "csr_ms": c_ms, "input_shape": tuple(x.shape)}
         m.kernel = kernel
         row["kernel"], row["reason"] = kernel, reason
         log.info("sparse layer '%s' (density %.3f): kernel=%s (%s)", name, row["density"], kernel, reason)

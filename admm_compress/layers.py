@@ -26,6 +26,7 @@ class _SparseMixin:
     *Storage*: the state dict holds only the ``nnz`` values of ``weight * mask`` and the support in
     its smallest encoding (bitmask, COO or CSR; :mod:`admm_compress.storage`), not the dense
     weight and mask; ``load_state_dict`` restores both bit for bit (and still accepts the dense form).
+    ``state_dict(keep_vars=True)`` (the live Parameters, as exporters ask for) keeps the dense form.
 
     *Execution*: ``kernel`` is ``"dense"`` (the stock dense op) or ``"csr"`` (a
     ``torch.sparse_csr`` matrix product; im2col via ``F.unfold`` for convolutions).
@@ -63,7 +64,9 @@ class _SparseMixin:
     # ---------------------------------------------------------------- compact state dict
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        if prefix + "weight" not in destination or prefix + "mask" not in destination:
+        # keep_vars=True asks for the live Parameters (the TorchScript-based ONNX exporter matches
+        # graph inputs to them): only the default, saved form is compact
+        if keep_vars or prefix + "weight" not in destination or prefix + "mask" not in destination:
             return
         from .storage import encode_support
 

@@ -254,3 +254,32 @@ def test_export_latency_aware_keeps_outputs_and_leaves_removed_channels_alone():
 def test_export_latency_aware_bad_input(kw, err, match):
     with pytest.raises(err, match=match):
         ac.export(ConvNet().eval(), LA_SPEC, **kw)
+
+
+def test_onnx_runtime_runs_sparse_and_lowrank_exports_with_eager_outputs(tmp_path):
+    """Even with the eager CSR kernel selected, the ONNX graph holds the dense ops and ORT
+    reproduces eager outputs (float32, other kernels: rtol/atol 1e-4 on O(1) outputs)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    for name in ("sparse", "lowrank", "sum"):
+        compact = ac.export(ConvNet().eval(), EXPORTS[name]).eval()
+        for m in compact.modules():
+            if hasattr(m, "kernel"):
+                m.kernel = "csr"
+        path = str(tmp_path / f"{name}.onnx")
+        with torch.no_grad():
+            ref = compact(x)
+            torch.onnx.export(compact, (x,), path, dynamo=False, input_names=["x"])
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        out = torch.from_numpy(sess.run(None, {"x": x.numpy()})[0])
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_csr_unavailable_for_a_dtype_falls_back_to_dense():
+    layer = _sparse(SparseLinear(16, 8)).to(torch.float16)
+    rep = ac.select_kernels(nn.Sequential(layer), torch.randn(2, 16, dtype=torch.float16), repeats=3, warmup=0)
+    assert rep[0]["kernel"] in ("dense", "csr")
+    if rep[0]["csr_ms"] is None:  # this build has no half CSR matmul on CPU
+        assert "CSR kernel unavailable" in rep[0]["reason"] and layer.kernel == "dense"

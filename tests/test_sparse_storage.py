@@ -157,3 +157,10 @@ def test_finetuning_after_reload_keeps_the_support():
         opt.step()
     assert bool((other.weight[other.mask == 0] == 0).all())
     assert torch.equal(other.state_dict()["weight_bitmask"], layer.state_dict()["weight_bitmask"])
+
+
+def test_keep_vars_state_dict_returns_the_live_parameters():
+    """Exporters (TorchScript-based ONNX) match graph inputs to state_dict(keep_vars=True)."""
+    layer = SparseLinear(8, 5, mask=torch.rand(5, 8) < 0.4)
+    sd = layer.state_dict(keep_vars=True)
+    assert sd["weight"] is layer.weight and torch.equal(sd["mask"], layer.mask)
