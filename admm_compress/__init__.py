@@ -17,6 +17,7 @@ from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC c
 from . import attention  # attention modules that call their (compressed) projections
 from .complexity import complexity, latency
 from .training import evaluate
+from .deploy import saved_bytes, select_kernels, storage_bytes
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,5 @@ def __getattr__(name):  # heavy sub-packages on first use: `ac.methods`, `ac.mod
 __all__ = [
     "LowRank", "Cardinality", "TTRank", "SchattenP", "Sum", "ConstraintSet", "Penalty",
     "Constrain", "resolve", "describe", "Solver", "History", "export", "register_exporter",
-    "complexity", "latency", "evaluate", "sets", "views", "methods", "models", "data", "attention",
+    "complexity", "latency", "evaluate", "storage_bytes", "saved_bytes", "select_kernels", "sets", "views", "methods", "models", "data", "attention",
 ]

@@ -540,6 +540,10 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
                            f"torch threads {torch.get_num_threads()}")
     state = compact.state_dict()
     res["files"] = {"state_dict": str(writer(out / "model_state_dict.pt", lambda p: torch.save(state, p)))}
+    try:  # sparse layers store values + index only: the file size, next to the counted params
+        res["state_dict_bytes"] = Path(res["files"]["state_dict"]).stat().st_size
+    except OSError:
+        pass
     if plots:
         pts = [{"label": "dense", "macs": b.get("macs"), "accuracy": b["accuracy"], "marker": "s"},
                {"label": sentry.name, "macs": a.get("macs"), "accuracy": a["accuracy"]}]

@@ -329,7 +329,8 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool = True) -> nn.Module:
+def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool = True, *,
+           latency_aware: bool = False, example_inputs=None) -> nn.Module:
     """A model whose constrained layers are replaced by compact ones.
 
     Parameters
@@ -353,6 +354,13 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         consumer's inputs behind a pruned filter) where that is exact, see
         :func:`admm_compress.channels.remove_channels`.  ``False`` keeps every layer's
         ``IndexSelect`` / ``IndexScatter`` form.
+    latency_aware : bool
+        After the export, time each replaced layer against the dense layer holding the same
+        (constrained) weight on its real input and keep the dense one where it is faster; sparse
+        layers first get their faster kernel.  See :func:`admm_compress.deploy.keep_faster` (the
+        per-layer report is logged).  Needs ``example_inputs``; not with ``inplace=True``.
+    example_inputs : Tensor or tuple of Tensor
+        A deployment-sized input for ``latency_aware``.
 
     Returns
     -------
@@ -368,6 +376,8 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         raise TypeError(f"export: inplace must be a bool, got {inplace!r}")
     if not isinstance(remove_channels, bool):
         raise TypeError(f"export: remove_channels must be a bool, got {remove_channels!r}")
+    if latency_aware is not False:
+        example_inputs = _check_latency_args(latency_aware, inplace, example_inputs)
     spec = _spec_of(spec)
     src = unwrap(model)
     out = src if inplace else copy.deepcopy(src)
@@ -412,4 +422,22 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         n = _remove_channels(out)
         if n:
             log.info("removed the pruned channels of %d neighbouring layer pair(s)", n)
+    if latency_aware:
+        from .deploy import keep_faster
+
+        keep_faster(out, model, spec, *example_inputs)
     return out
+
+
+def _check_latency_args(latency_aware, inplace: bool, example_inputs) -> tuple:
+    if not isinstance(latency_aware, bool):
+        raise TypeError(f"export: latency_aware must be a bool, got {latency_aware!r}")
+    if inplace:
+        raise ValueError("export: latency_aware=True needs inplace=False (the dense layers are rebuilt from "
+                         "the original model)")
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise ValueError(f"export: latency_aware=True needs example_inputs (a tensor or a tuple of tensors), "
+                         f"got {type(example_inputs).__name__}")
+    return tuple(example_inputs)

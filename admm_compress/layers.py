@@ -8,6 +8,8 @@ registers a MAC counter with :mod:`admm_compress.complexity`.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -16,23 +18,155 @@ __all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "IndexSelect", "Index
 
 
 class _SparseMixin:
-    """Weight stored densely with a fixed 0/1 ``mask`` buffer; the effective weight is ``weight * mask``.
+    """Weight kept densely with a fixed 0/1 ``mask`` buffer; the effective weight is ``weight * mask``.
 
     MACs are counted from ``mask.sum()`` (unstructured sparsity: what a sparse kernel would do).
     Gradients of masked entries are zero, so fine-tuning keeps the support.
+
+    *Storage*: the state dict holds only the ``nnz`` values of ``weight * mask`` and the support in
+    its smallest encoding (bitmask, COO or CSR; :mod:`admm_compress.storage`), not the dense
+    weight and mask; ``load_state_dict`` restores both bit for bit (and still accepts the dense form).
+    ``state_dict(keep_vars=True)`` (the live Parameters, as exporters ask for) keeps the dense form.
+
+    *Execution*: ``kernel`` is ``"dense"`` (the stock dense op) or ``"csr"`` (a
+    ``torch.sparse_csr`` matrix product; im2col via ``F.unfold`` for convolutions).
+    :func:`admm_compress.select_kernels` measures both per layer and input shape and sets the
+    faster one.  With autograd on (training) the effective weight is ``weight * mask`` at every
+    call, so masked entries get no gradient.  Without autograd (``torch.no_grad`` /
+    ``inference_mode``) in eager mode, the dense kernel uses ``weight`` itself, checked once per
+    weight version to be zero off the support (the per-call product costs as much memory traffic
+    as a batch-1 layer itself), and the CSR kernel a cached CSR copy of the weight.  Tracing,
+    scripting, ``torch.export`` and ONNX export always see the plain ``weight * mask`` + dense op.
     """
+
+    kernel = "dense"  # "dense" or "csr"; see select_kernels
 
     def _init_mask(self, mask: torch.Tensor):
         self.register_buffer("mask", mask.to(dtype=self.weight.dtype, device=self.weight.device))
         with torch.no_grad():
             self.weight.mul_(self.mask)
+        self.kernel = "dense"
+        self.kernel_timing = None  # set by select_kernels: {"dense_ms", "csr_ms", "input_shape"}
+        self._csr_cache: tuple | None = None
+        self._zero_off_support: tuple | None = None
 
     @property
     def nnz(self) -> int:
         return int(self.mask.count_nonzero())
 
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", nnz={self.nnz}/{self.weight.numel()}, kernel={self.kernel}"
+        t = getattr(self, "kernel_timing", None)
+        if t:
+            s += f" (dense {t['dense_ms']:.3g} ms, csr {t['csr_ms']:.3g} ms)"
+        return s
 
-class SparseLinear(nn.Linear, _SparseMixin):
+    # ---------------------------------------------------------------- compact state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # keep_vars=True asks for the live Parameters (the TorchScript-based ONNX exporter matches
+        # graph inputs to them): only the default, saved form is compact
+        if keep_vars or prefix + "weight" not in destination or prefix + "mask" not in destination:
+            return
+        from .storage import encode_support
+
+        w = destination.pop(prefix + "weight").detach()
+        mask = destination.pop(prefix + "mask").detach()
+        fmt, idx = encode_support(mask)
+        destination[prefix + "weight_values"] = (w * mask)[mask != 0].clone()
+        for key, t in idx.items():
+            destination[prefix + "weight_" + key] = t.to(w.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        from .storage import SUPPORT_KEYS, decode_support
+
+        vkey = prefix + "weight_values"
+        fmts = [f for f, keys in SUPPORT_KEYS.items() if all(prefix + "weight_" + k in state_dict for k in keys)]
+        if vkey in state_dict and fmts:
+            fmt = fmts[0]
+            idx = {k: state_dict.pop(prefix + "weight_" + k) for k in SUPPORT_KEYS[fmt]}
+            values = state_dict.pop(vkey)
+            try:
+                sup = decode_support(fmt, idx, tuple(self.weight.shape))
+            except ValueError as e:
+                error_msgs.append(f"{prefix}weight_{SUPPORT_KEYS[fmt][0]}: {e}")
+                return
+            k = int(sup.count_nonzero())
+            if values.dim() != 1 or values.numel() != k:
+                error_msgs.append(f"{vkey}: {values.numel()} values for a support of {k} entries "
+                                  f"(weight shape {tuple(self.weight.shape)})")
+                return
+            w = torch.zeros(self.weight.shape, dtype=values.dtype, device=values.device)
+            w[sup.to(values.device)] = values
+            state_dict[prefix + "weight"] = w
+            state_dict[prefix + "mask"] = sup.to(dtype=values.dtype, device=values.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # ------------------------------------------------------------------ CSR execution
+    @torch.jit.unused
+    def _eager_inference(self, x: torch.Tensor) -> bool:
+        """No autograd, not tracing / compiling: the cached fast paths may run."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling() or _fx_tracing():
+            return False
+        return True
+
+    @torch.jit.unused
+    def _key(self) -> tuple:
+        w, m = self.weight, self.mask
+        return (w.data_ptr(), w._version, m.data_ptr(), m._version, w.dtype)
+
+    @torch.jit.unused
+    def _inference_weight(self) -> torch.Tensor:
+        """The dense effective weight without the per-call ``weight * mask``: ``weight`` itself
+        once checked (per weight / mask version) to be zero off the support, which export and
+        masked fine-tuning keep; ``weight * mask`` otherwise."""
+        key = self._key()
+        check = getattr(self, "_zero_off_support", None)
+        if check is None or check[0] != key:
+            ok = not bool((self.weight.detach() * (self.mask == 0)).any())
+            self._zero_off_support = check = (key, ok)
+        return self.weight if check[1] else self.weight * self.mask
+
+    @torch.jit.unused
+    def _csr_weight(self) -> torch.Tensor:
+        """``weight * mask`` as a ``(rows, cols)`` CSR matrix, rebuilt when the weight or mask changed."""
+        w, m = self.weight, self.mask
+        key = self._key()
+        cache = getattr(self, "_csr_cache", None)
+        if cache is None or cache[0] != key:
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                csr = (w.detach() * m).reshape(w.shape[0], -1).to_sparse_csr()
+            self._csr_cache = cache = (key, csr)
+        return cache[1]
+
+    def __getstate__(self):  # the CSR cache is derived data: not pickled / deep-copied
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state["_csr_cache"] = None
+        state["_zero_off_support"] = None
+        return state
+
+
+def _fx_tracing() -> bool:
+    from torch.fx import _symbolic_trace as st
+
+    probe = getattr(st, "is_fx_symbolic_tracing", None) or getattr(st, "is_fx_tracing", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _csr_matmul_cols(w_csr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """``w_csr @ cols[b]`` for each ``b`` of a ``(B, K, L)`` dense tensor: ``(B, rows, L)``."""
+    B, K, L = cols.shape
+    if B == 1:
+        return (w_csr @ cols[0]).unsqueeze(0)
+    out = w_csr @ cols.transpose(0, 1).reshape(K, B * L)
+    return out.reshape(-1, B, L).transpose(0, 1)
+
+
+class SparseLinear(_SparseMixin, nn.Linear):
     """``nn.Linear`` with a fixed sparsity mask (cardinality-constrained weight)."""
 
     def __init__(self, in_features, out_features, bias=True, mask=None, device=None, dtype=None):
@@ -40,29 +174,74 @@ class SparseLinear(nn.Linear, _SparseMixin):
         self._init_mask(torch.ones_like(self.weight) if mask is None else mask)
 
     def forward(self, x):
+        if not torch.jit.is_scripting():
+            if self._eager_inference(x):
+                if self.kernel == "csr" and x.device.type == "cpu":
+                    return self._forward_csr(x)
+                return F.linear(x, self._inference_weight(), self.bias)
         return F.linear(x, self.weight * self.mask, self.bias)
 
+    @torch.jit.unused
+    def _forward_csr(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        y = (self._csr_weight() @ x2.t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
-class SparseConv1d(nn.Conv1d, _SparseMixin):
+
+class _SparseConvMixin(_SparseMixin):
+    def forward(self, x):
+        if not torch.jit.is_scripting():
+            if self._eager_inference(x):
+                if self.kernel == "csr" and x.device.type == "cpu" and self._csr_conv_ok():
+                    return self._forward_csr(x)
+                return self._conv_forward(x, self._inference_weight(), self.bias)
+        return self._conv_forward(x, self.weight * self.mask, self.bias)
+
+    @torch.jit.unused
+    def _csr_conv_ok(self) -> bool:
+        return self.groups == 1 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+
+    @torch.jit.unused
+    def _forward_csr(self, x: torch.Tensor) -> torch.Tensor:
+        one_d = self.weight.dim() == 3
+        unbatched = x.dim() == self.weight.dim() - 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        if one_d:  # a Conv1d is a Conv2d of height 1
+            x = x.unsqueeze(2)
+            k, s, p, d = (1, *self.kernel_size), (1, *self.stride), (0, *self.padding), (1, *self.dilation)
+        else:
+            k, s, p, d = self.kernel_size, self.stride, self.padding, self.dilation
+        B, C, H, W = x.shape
+        oh = (H + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1
+        ow = (W + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+        if k == (1, 1) and s == (1, 1) and p == (0, 0):
+            cols = x.reshape(B, C, H * W)
+        else:
+            cols = F.unfold(x, k, dilation=d, padding=p, stride=s)
+        y = _csr_matmul_cols(self._csr_weight(), cols)  # (B, out, oh * ow)
+        if self.bias is not None:
+            y = y + self.bias.unsqueeze(-1)
+        y = y.reshape(B, self.out_channels, ow) if one_d else y.reshape(B, self.out_channels, oh, ow)
+        return y.squeeze(0) if unbatched else y
+
+
+class SparseConv1d(_SparseConvMixin, nn.Conv1d):
     """``nn.Conv1d`` with a fixed sparsity mask."""
 
     def __init__(self, *args, mask=None, **kw):
         super().__init__(*args, **kw)
         self._init_mask(torch.ones_like(self.weight) if mask is None else mask)
 
-    def forward(self, x):
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
 
-
-class SparseConv2d(nn.Conv2d, _SparseMixin):
+class SparseConv2d(_SparseConvMixin, nn.Conv2d):
     """``nn.Conv2d`` with a fixed sparsity mask."""
 
     def __init__(self, *args, mask=None, **kw):
         super().__init__(*args, **kw)
         self._init_mask(torch.ones_like(self.weight) if mask is None else mask)
-
-    def forward(self, x):
-        return self._conv_forward(x, self.weight * self.mask, self.bias)
 
 
 class IndexSelect(nn.Module):

@@ -22,6 +22,7 @@ is the headline; the process CPU time of the same calls is reported too, because
 insensitive to other processes on a shared machine.
 
 Writes ``docs/results/latency_speedup.md``.
+The same models in ONNX Runtime next to eager: ``benchmarks/latency_onnx.py`` (``docs/results/latency_onnx.md``).
 
 Run:  python benchmarks/latency_speedup.py [--quick] [--threads 1] [--device cuda] [--out docs/results/latency_speedup.md]
 (``--device cuda``: timed on the GPU with ``torch.cuda.synchronize`` around each call; the report then
