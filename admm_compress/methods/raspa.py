@@ -33,6 +33,7 @@ Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import numbers
@@ -42,13 +43,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import tt_layers  # noqa: F401  (registers the TTConv2d exporter and MAC counter)
+from .. import tt_layers
 from .._validation import check_choice, check_float, check_int
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
-from ..specs import Constrain
+from ..specs import Constrain, SpecError
 from ..structure import Additive, Factored, additive_components, unflatten_factors
-from ..views import TTView, View, balanced_factors
+from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 
 __all__ = ["raspa", "RaspaSolver", "AutoTTView"]
 
@@ -185,6 +186,76 @@ class RaspaSolver(Solver):
         super().__init__(spec, mode="admm", **kw)
         self.init = check_choice("init", init, ("decompose", "scratch"), where="raspa")
         self.decompose_iters = check_int("decompose_iters", decompose_iters, low=1, where="raspa")
+        self._per_layer: _PerLayer | None = None
+
+    def prepare(self, model: nn.Module) -> "RaspaSolver":
+        """:meth:`Solver.prepare`, after expanding per-layer ranks/densities into one spec per layer.
+
+        Logs a warning (with both numbers) for every layer whose TT + sparse form would cost more
+        MACs per output position than its dense layer.
+        """
+        if self._per_layer is not None:
+            self.spec = self._per_layer.expand(model)
+        super().prepare(model)
+        for row in self.layer_costs():
+            if row["macs_pos"] > row["dense_macs_pos"]:
+                log.warning("layer '%s' (%s, layout %s, TT ranks %s, %d kept entries of S): %d MACs per output "
+                            "position, more than the dense layer's %d; lower its TT ranks or density (or leave "
+                            "it dense with exclude=)", row["layer"], "x".join(map(str, row["shape"])),
+                            row["layout"], row["ranks"], row["s_kept"], row["macs_pos"], row["dense_macs_pos"])
+        return self
+
+    def layer_costs(self) -> list[dict]:
+        """Per bound layer: effective TT ranks, parameters and MACs per output position.
+
+        Keys: ``layer``, ``shape``, ``layout``, ``ranks`` (effective, :meth:`TTRank.rank_for`),
+        ``tt_params`` (values of the exported L branch), ``s_kept`` (``kappa``), ``params``
+        (their sum), ``dense_params``, ``macs_pos`` (L branch + one MAC per kept entry of S, per
+        output position; the L branch's first 1x1 map runs at the input resolution, counted as
+        ``prod(stride)`` positions) and ``dense_macs_pos`` (``O I K``).  Biases are not counted.
+        """
+        self._require_prepared()
+        rows = []
+        for b in self.bindings:
+            c = b.constraint
+            tt, card = (c.sets if isinstance(c, Sum) else (c, None))
+            shape = b.shape
+            O, I, K = shape[0], shape[1], math.prod(shape[2:])
+            vs = b.viewed_shape
+            ranks = tt.rank_for(vs)
+            tv = tt_layers.resolve_tt_view(b.view, shape)
+            stride = math.prod(getattr(b.module, "stride", (1,)))
+            if getattr(tv, "layout", "eq9") == "oki":
+                tt_params, tt_macs = tt_layers.tt_oki_cost(shape, ranks, in_positions=stride)
+            else:
+                tt_params = tt.num_params(vs)
+                tt_macs = tt_layers.tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
+            kept = card.num_params(vs) if card is not None else 0
+            rows.append(dict(layer=b.name, shape=shape, layout=getattr(tv, "layout", "eq9"), ranks=tuple(ranks),
+                             tt_params=int(tt_params), s_kept=int(kept), params=int(tt_params + kept),
+                             dense_params=O * I * K, macs_pos=int(tt_macs + kept), dense_macs_pos=O * I * K))
+        return rows
+
+    def describe(self) -> str:
+        """Table of the bound layers: shape, layout, TT ranks, parameters and MACs per output position
+        (L branch + S's kept entries vs dense; :meth:`layer_costs`)."""
+        if not self.bindings:
+            return "(not prepared)"
+        head = ("layer", "shape", "layout", "ranks", "L params", "S kept", "params", "dense", "MACs/pos",
+                "dense MACs/pos")
+        rows = [head]
+        tot = [0, 0, 0, 0]
+        for r in self.layer_costs():
+            rows.append((r["layer"], "x".join(map(str, r["shape"])), r["layout"], str(r["ranks"]),
+                         str(r["tt_params"]), str(r["s_kept"]), str(r["params"]), str(r["dense_params"]),
+                         str(r["macs_pos"]), str(r["dense_macs_pos"])))
+            tot = [tot[0] + r["params"], tot[1] + r["dense_params"], tot[2] + r["macs_pos"],
+                   tot[3] + r["dense_macs_pos"]]
+        rows.append(("total", "", "", "", "", "", str(tot[0]), str(tot[1]), str(tot[2]), str(tot[3])))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
 
     def _make_slots(self, bindings):
         for b in bindings:
@@ -248,39 +319,94 @@ class RaspaSolver(Solver):
                     b.module, b.param_name, _GivenAdditive(b.constraint, b.view, b.shape, L, S), unsafe=True)
 
 
-def _check_ranks(tt_ranks):
+def _check_ranks(tt_ranks, name="tt_ranks"):
     if isinstance(tt_ranks, numbers.Integral) and not isinstance(tt_ranks, bool):
-        return check_int("tt_ranks", tt_ranks, low=1, where="raspa")
+        return check_int(name, tt_ranks, low=1, where="raspa")
     if isinstance(tt_ranks, (tuple, list)) and len(tt_ranks) > 0:
-        return tuple(check_int(f"tt_ranks[{i}]", r, low=1, where="raspa") for i, r in enumerate(tt_ranks))
-    raise TypeError(f"raspa: tt_ranks must be a positive int or a non-empty tuple of positive ints "
+        return tuple(check_int(f"{name}[{i}]", r, low=1, where="raspa") for i, r in enumerate(tt_ranks))
+    raise TypeError(f"raspa: {name} must be a positive int or a non-empty tuple of positive ints "
                     f"(RASPA's gamma_1..gamma_d), got {tt_ranks!r}")
+
+
+def _per_layer(value, name: str, check) -> dict | None:
+    """``{glob: checked value}`` for a mapping argument (None for a single value)."""
+    if not isinstance(value, Mapping):
+        return None
+    if not value:
+        raise ValueError(f"raspa: {name}={{}} is empty; give {{glob: value, ...}} or a single value")
+    out = {}
+    for g, v in value.items():
+        if not isinstance(g, str):
+            raise TypeError(f"raspa: {name} keys must be glob strings of layer names, got {g!r}")
+        out[g] = check(v, f"{name}[{g!r}]")
+    return out
+
+
+def _lookup(table: Mapping, layer: str, name: str):
+    for g, v in table.items():
+        if fnmatch.fnmatchcase(layer, g):
+            return v
+    raise SpecError(f"raspa: layer '{layer}' matches no glob of {name} ({list(table)}); add an entry "
+                    f"for it (e.g. '*': default) or leave it out with exclude=")
+
+
+class _PerLayer:
+    """Per-layer ranks/densities of :func:`raspa`, expanded to one ``Constrain`` per layer at prepare."""
+
+    def __init__(self, ranks, density, view_for, template: Constrain):
+        self.ranks, self.density, self.view_for, self.template = ranks, density, view_for, template
+
+    def expand(self, model: nn.Module) -> list[Constrain]:
+        from ..specs import unwrap
+
+        specs = []
+        names = [n for n, _ in self.template.select(unwrap(model))]
+        if not names:
+            return [self.template]  # resolve() raises its "selects no layer" error
+        for n in names:
+            r = _lookup(self.ranks, n, "tt_ranks") if isinstance(self.ranks, dict) else self.ranks
+            d = _lookup(self.density, n, "density") if isinstance(self.density, dict) else self.density
+            specs.append(Constrain(lambda name, m, n=n: name == n, Sum(TTRank(r), Cardinality(density=d)),
+                                   view=self.view_for(r), name=f"raspa:{n}"))
+        return specs
 
 
 def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth: float = 1.0,
           every: Any = "epoch", d: int | None = None, factors: Any = None, *, targets=nn.Conv2d,
           exclude=None, init: str = "decompose", rho_max: float | None = None, tol: float | None = None,
-          decompose_iters: int = 10) -> RaspaSolver:
+          decompose_iters: int = 10, layout: str = "oki") -> RaspaSolver:
     """A :class:`RaspaSolver`: ADMM on ``W = L + S`` with low TT-rank ``L`` and sparse ``S``.
 
     Parameters
     ----------
-    tt_ranks : int or tuple of int
-        Target internal TT ranks ``(gamma_1, ..., gamma_m)`` of the tensorized ``L`` (RASPA
-        Table 8 writes ``(1, 10, 10, 1)`` for ``(10, 10)``); one int for all.  A rank above
-        what an unfolding allows is capped (:meth:`TTRank.rank_for`).
-    density : float in (0, 1]
+    tt_ranks : int, tuple of int, or {glob: int or tuple}
+        Target internal TT ranks of the tensorized ``L``: with ``layout="oki"`` the pair
+        ``(r_1, r_2)`` of the ``(O, K, I)`` tensor (RASPA Tables 8-10 write ``(1, 10, 10, 1)``
+        for ``(10, 10)``); one int for both.  A mapping gives per-layer values as the tables do
+        (``{"layer1.*": (10, 10), "layer3.0.conv1": (20, 15), "*": 5}``: the first glob, in
+        order, matching a layer's name applies; a targeted layer matched by none raises at
+        ``prepare``).  A rank above what an unfolding allows is capped
+        (:meth:`TTRank.rank_for`: ``r_1 <= min(O, K I)``, ``r_2 <= min(r_1 K, I)``).
+        :func:`admm_compress.rank_selection`-style budgets: :func:`tt_ranks_for_budget`.
+    density : float in (0, 1], or {glob: float}
         Fraction of entries of ``S`` kept: ``kappa = round(density * numel)`` (RASPA's
-        "sparsity 90%" is ``density=0.1``).
+        "sparsity 90%" is ``density=0.1``); per layer like ``tt_ranks``.
     rho : float > 0
         ADMM penalty ``lambda`` of Eq. 3.
     rho_growth, rho_max, every, tol :
         Schedule of the general :class:`~admm_compress.Solver`.
+    layout : {"oki", "eq9"}
+        TT tensorization (:mod:`admm_compress.views`).  ``"oki"`` (default): ``(O, kh*kw, I)``
+        (:meth:`TTView.oki`), which reproduces RASPA Table 1's compression with Tables 8-10's
+        ranks and exports to three stock convolutions.  ``"eq9"``: the literal reading of Eq. 9,
+        ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`, exported as
+        :class:`~admm_compress.TTConv2d`).
     d : int, optional
-        Number of channel factors (cores besides the kernel core).  Default: from the length
-        of ``tt_ranks`` (see :class:`AutoTTView`), else 2.
+        ``layout="eq9"`` only: number of channel factors (cores besides the kernel core).
+        Default: from the length of ``tt_ranks`` (see :class:`AutoTTView`), else 2.
     factors : None, (out_factors, in_factors), or {channels: factors}
-        Channel factorizations ``O = o_1...o_d``, ``I = i_1...i_d``; default balanced.
+        ``layout="eq9"`` only: channel factorizations ``O = o_1...o_d``, ``I = i_1...i_d``;
+        default balanced.
     targets : module type(s), glob or predicate
         Layers compressed (every ``nn.Conv2d`` by default).
     exclude : str or sequence of str, optional
@@ -289,24 +415,61 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
         ``"decompose"``: ``L, S`` from the given weight by alternating projections (Algorithm 1,
         line 1; ``decompose_iters`` alternations); ``"scratch"``: ``L = W``, ``S = 0``.
 
+    Notes
+    -----
+    With per-layer mappings, ``solver.spec`` holds one template spec until ``prepare``, which
+    replaces it by one ``Constrain`` per layer (``solver.describe()`` lists each layer's ranks,
+    parameters and MACs).  At ``prepare`` a layer whose TT branch would cost more MACs than
+    its dense layer is logged as a warning with both numbers.
+
     Raises
     ------
     ValueError, TypeError
-        Bad values (density 0 or > 1, non-positive ranks, ``tt_ranks`` longer than ``d``), at
-        call time; shapes a layer cannot take (channels not factorable as asked, ranks longer
-        than the layer's tensor order) at ``prepare`` (before any training), naming the layer.
+        Bad values (density 0 or > 1, non-positive ranks, ``tt_ranks`` longer than ``d`` or, for
+        ``layout="oki"``, longer than 2; ``d``/``factors`` with ``layout="oki"``), at call time;
+        shapes a layer cannot take (channels not factorable as asked, ranks longer than the
+        layer's tensor order, layers the TT export cannot build) at ``prepare`` (before any
+        training), naming the layer.
     """
-    ranks = _check_ranks(tt_ranks)
-    dens = check_float("density", density, low=0.0, high=1.0, low_open=True, where="raspa")
+    layout = check_choice("layout", layout, TT_LAYOUTS, where="raspa")
+    rank_map = _per_layer(tt_ranks, "tt_ranks", _check_ranks)
+    dens_map = _per_layer(density, "density", lambda v, nm: check_float(nm, v, low=0.0, high=1.0,
+                                                                         low_open=True, where="raspa"))
+    ranks = _check_ranks(tt_ranks) if rank_map is None else None
+    dens = check_float("density", density, low=0.0, high=1.0, low_open=True, where="raspa") \
+        if dens_map is None else None
     rho = check_float("rho", rho, low=0.0, low_open=True, where="raspa")
-    if d is not None:
-        d = check_int("d", d, low=1, where="raspa")
-        if isinstance(ranks, tuple) and len(ranks) > d:
-            raise ValueError(f"raspa: tt_ranks={ranks} has {len(ranks)} entries but with d={d} channel "
-                             f"factors the tensorized weight has at most d + 1 = {d + 1} modes, i.e. at most "
-                             f"{d} internal ranks")
-    view = AutoTTView(d=d, factors=factors, n_ranks=len(ranks) if isinstance(ranks, tuple) else None)
-    constraint = Sum(TTRank(ranks), Cardinality(density=dens))
-    spec = Constrain(targets, constraint, view=view, exclude=exclude, name="raspa")
-    return RaspaSolver(spec, rho=rho, every=every, rho_growth=rho_growth, rho_max=rho_max, tol=tol,
-                       init=init, decompose_iters=decompose_iters)
+    all_ranks = list(rank_map.values()) if rank_map is not None else [ranks]
+    if layout == "oki":
+        if d is not None or factors is not None:
+            raise ValueError(f"raspa: d={d!r} / factors={factors!r} choose channel factorizations of the "
+                             f"'eq9' layout; layout='oki' tensorizes (O, kh*kw, I) and takes neither "
+                             f"(pass layout='eq9' to use them)")
+        for r in all_ranks:
+            if isinstance(r, tuple) and len(r) > 2:
+                raise ValueError(f"raspa: tt_ranks={r} has {len(r)} entries but layout='oki' views a weight "
+                                 f"as the 3-way (O, kh*kw, I), which has 2 internal TT ranks (r1, r2)")
+
+        def view_for(r):
+            return TTView.oki()
+    else:
+        if d is not None:
+            d = check_int("d", d, low=1, where="raspa")
+            for r in all_ranks:
+                if isinstance(r, tuple) and len(r) > d:
+                    raise ValueError(f"raspa: tt_ranks={r} has {len(r)} entries but with d={d} channel "
+                                     f"factors the tensorized weight has at most d + 1 = {d + 1} modes, i.e. "
+                                     f"at most {d} internal ranks")
+
+        def view_for(r):
+            return AutoTTView(d=d, factors=factors, n_ranks=len(r) if isinstance(r, tuple) else None)
+    r0 = ranks if rank_map is None else next(iter(rank_map.values()))
+    d0 = dens if dens_map is None else next(iter(dens_map.values()))
+    constraint = Sum(TTRank(r0), Cardinality(density=d0))
+    spec = Constrain(targets, constraint, view=view_for(r0), exclude=exclude, name="raspa")
+    solver = RaspaSolver(spec, rho=rho, every=every, rho_growth=rho_growth, rho_max=rho_max, tol=tol,
+                         init=init, decompose_iters=decompose_iters)
+    if rank_map is not None or dens_map is not None:
+        solver._per_layer = _PerLayer(rank_map if rank_map is not None else ranks,
+                                      dens_map if dens_map is not None else dens, view_for, spec)
+    return solver
