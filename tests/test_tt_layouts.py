@@ -259,3 +259,56 @@ def test_per_layer_bad_input():
         raspa(tt_ranks={})
     with pytest.raises(TypeError, match="glob strings"):
         raspa(tt_ranks={3: 4})
+
+
+# ----------------------------------------------------------- ranks from a budget
+def _budget_net():
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    with torch.no_grad():  # decaying spectra, so layers differ in how much rank they need
+        for m in net:
+            if isinstance(m, nn.Conv2d):
+                m.weight.mul_(torch.logspace(0, -2, m.weight.shape[0]).reshape(-1, 1, 1, 1))
+    return net
+
+
+@pytest.mark.parametrize("metric, red, density", [("params", 0.5, 0.0), ("params", 0.7, 0.05),
+                                                 ("macs", 0.5, 0.0), ("macs", 0.6, 0.02)])
+def test_tt_ranks_for_budget_meets_the_budget_on_the_exported_model(metric, red, density):
+    from admm_compress.methods.raspa import tt_ranks_for_budget
+
+    net = _budget_net()
+    ranks = tt_ranks_for_budget(net, red, metric, exclude="0", density=density, input_size=(3, 8, 8))
+    assert sorted(ranks) == ["2", "4", "6"]
+    dense = ac.complexity(net, (3, 8, 8))
+    if density > 0:
+        solver = raspa(tt_ranks=ranks, density=density, exclude="0")
+    else:
+        solver = ac.Solver([ac.Constrain(n, ac.TTRank(r), view=TTView.oki()) for n, r in ranks.items()])
+    solver.prepare(net)
+    solver.finalize(net)
+    ex = ac.export(net, solver)
+    got = ac.complexity(ex, (3, 8, 8))
+    # counted by ptflops on the exported model (the L + S sum's "+" is no MAC of a layer)
+    used = got.params if metric == "params" else got.macs - got.unattributed_macs
+    assert used <= (1 - red) * (dense.params if metric == "params" else dense.macs)
+    # a looser budget never gets smaller ranks (one global threshold)
+    looser = tt_ranks_for_budget(net, red / 2, metric, exclude="0", density=density, input_size=(3, 8, 8))
+    assert all(looser[n][0] >= ranks[n][0] and looser[n][1] >= ranks[n][1] for n in ranks)
+    assert looser != ranks
+
+
+def test_tt_ranks_for_budget_bad_input():
+    from admm_compress.methods.raspa import tt_ranks_for_budget
+
+    net = _budget_net()
+    with pytest.raises(ValueError, match=r"reduction=0.999 .*out of reach.*remove only"):
+        tt_ranks_for_budget(net, 0.999, exclude="0")
+    with pytest.raises(ValueError, match="reduction"):
+        tt_ranks_for_budget(net, 1.5)
+    with pytest.raises(ValueError, match="metric"):
+        tt_ranks_for_budget(net, 0.5, "flops")
+    with pytest.raises(ValueError, match="input_size"):
+        tt_ranks_for_budget(net, 0.5, "macs")

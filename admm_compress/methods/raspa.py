@@ -51,7 +51,7 @@ from ..specs import Constrain, SpecError
 from ..structure import Additive, Factored, additive_components, unflatten_factors
 from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 
-__all__ = ["raspa", "RaspaSolver", "AutoTTView"]
+__all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -473,3 +473,138 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
         solver._per_layer = _PerLayer(rank_map if rank_map is not None else ranks,
                                       dens_map if dens_map is not None else dens, view_for, spec)
     return solver
+
+
+def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "params", *, targets=nn.Conv2d,
+                        exclude=None, density: float = 0.0, input_size: Sequence[int] | None = None) -> dict:
+    """Per-layer ``"oki"`` TT ranks ``{layer: (r_1, r_2)}`` that meet a parameter or MAC budget.
+
+    Global selection over the singular values of the TT unfoldings: every targeted weight ``W``
+    is viewed as ``X = (O, kh*kw, I)`` (:meth:`TTView.oki`); its two unfoldings ``X_<1>``
+    (``O x K I``) and ``X_<2>`` (``O K x I``) have singular values ``s^(1), s^(2)``, normalized
+    by ``||W||_F`` so layers compete on relative energy.  One global threshold ``t`` gives
+    ``r_1 = #{s^(1) > t}``, ``r_2 = min(#{s^(2) > t}, K r_1)`` (at least 1); the cost is monotone
+    in ``t``, so a bisection over all the normalized singular values finds the smallest ``t``
+    (largest ranks) whose model cost is within the budget.  The TT-SVD error of a layer is
+    bounded by the discarded singular values of the two unfoldings (Oseledets 2011, Thm. 2.2),
+    which is what a global threshold balances across layers.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (pre-trained) model; its current weights define the singular values.
+    reduction : float in (0, 1)
+        Target fraction of the *whole model's* parameters (``metric="params"``) or MACs
+        (``metric="macs"``, ptflops count at ``input_size``) to remove; untargeted layers and
+        everything else count as dense.
+    metric : {"params", "macs"}
+    targets, exclude :
+        Layers to compress, as for :func:`raspa` (Conv1d/2d/3d and Linear weights).
+    density : float in [0, 1)
+        Density of the sparse branch ``S`` that will be used with these ranks (its kept entries
+        count in the budget; 0 for a pure TT model such as ``admm_tt``).
+    input_size : tuple of int
+        Input shape without batch (needed for ``metric="macs"``).
+
+    Returns
+    -------
+    dict
+        ``{layer name: (r_1, r_2)}``, usable as ``raspa(tt_ranks=..., density=density)``.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, or a budget that rank 1 everywhere cannot meet (the message gives the
+        largest achievable reduction).
+    """
+    from ..complexity import complexity
+    from ..specs import Constrain as _C, unwrap
+
+    red = check_float("reduction", reduction, low=0.0, high=1.0, low_open=True, high_open=True,
+                      where="tt_ranks_for_budget")
+    metric = check_choice("metric", metric, ("params", "macs"), where="tt_ranks_for_budget")
+    dens = check_float("density", density, low=0.0, high=1.0, high_open=True, where="tt_ranks_for_budget")
+    if metric == "macs" and input_size is None:
+        raise ValueError("tt_ranks_for_budget: metric='macs' needs input_size (the input shape without batch)")
+    model = unwrap(model)
+    probe = _C(targets, TTRank(1), view=TTView.oki(), exclude=exclude)
+    layers = [(n, m) for n, m in probe.select(model)
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not layers:
+        raise ValueError(f"tt_ranks_for_budget: targets={targets!r} selects no Linear/Conv layer of the model")
+    pos = {n: (1, 1) for n, _ in layers}
+    if metric == "macs":
+        hooks = []
+
+        def hook(name):
+            def f(m, inp, out):
+                sp = lambda t: int(t[0, 0].numel()) if t.dim() > 2 else 1  # noqa: E731
+                pos[name] = (sp(inp[0]), sp(out))
+            return f
+        for n, m in layers:
+            hooks.append(m.register_forward_hook(hook(n)))
+        p0 = next(model.parameters())
+        try:
+            with torch.no_grad():
+                was = model.training
+                model.eval()
+                model(torch.zeros(1, *input_size, dtype=p0.dtype, device=p0.device))
+                model.train(was)
+        finally:
+            for h in hooks:
+                h.remove()
+        total = complexity(model, tuple(input_size)).macs
+    else:
+        total = sum(p.numel() for p in model.parameters())
+    info = []
+    fixed = total
+    for n, m in layers:
+        w = m.weight.detach().double()
+        O, I, K = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+        x = TTView.oki().to(w)
+        norm = float(w.norm()) or 1.0
+        s1 = torch.linalg.svdvals(x.reshape(O, K * I)) / norm
+        s2 = torch.linalg.svdvals(x.reshape(O * K, I)) / norm
+        pin, pout = pos[n]
+        kept = round(dens * O * I * K)
+        dense_cost = O * I * K * (pout if metric == "macs" else 1)
+        fixed -= dense_cost
+        info.append((n, tuple(w.shape), K, s1, s2, pin, pout, kept))
+
+    def ranks_at(t):
+        out = {}
+        for n, shape, K, s1, s2, *_ in info:
+            r1 = max(1, int((s1 > t).sum()))
+            r2 = max(1, min(int((s2 > t).sum()), K * r1))
+            out[n] = (r1, r2)
+        return out
+
+    def cost(ranks):
+        c = fixed
+        for n, shape, K, s1, s2, pin, pout, kept in info:
+            p, mac = tt_layers.tt_oki_cost(shape, ranks[n], in_positions=pin, out_positions=pout)
+            c += (mac + kept * pout) if metric == "macs" else (p + kept)
+        return c
+
+    budget = (1.0 - red) * total
+    cands = torch.cat([torch.cat([i[3], i[4]]) for i in info]).unique().sort(descending=True).values.tolist()
+    lo_rank = ranks_at(float("inf"))
+    if cost(lo_rank) > budget:
+        raise ValueError(f"tt_ranks_for_budget: reduction={red} of the model's {metric} is out of reach: TT ranks "
+                         f"(1, 1) on every targeted layer (density={dens}) remove only "
+                         f"{100 * (1 - cost(lo_rank) / total):.1f} %")
+    # cands[i] as threshold keeps the singular values strictly above it; find the last i that fits
+    # index -1: threshold +inf (ranks 1, fits); index len(cands): threshold -1 (all singular values)
+    lo, hi = -1, len(cands)
+    if cost(ranks_at(-1.0)) <= budget:
+        return ranks_at(-1.0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(ranks_at(cands[mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    best = ranks_at(cands[lo]) if lo >= 0 else lo_rank
+    log.info("tt_ranks_for_budget: %s reduction %.1f %% (target %.1f %%)", metric,
+             100 * (1 - cost(best) / total), 100 * red)
+    return best
