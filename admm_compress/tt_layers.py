@@ -446,6 +446,16 @@ def export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
         n_new = sum(int(p.numel()) for p in new.parameters()) - (0 if bias is None else int(bias.numel()))
         if n_new >= m.weight.numel():
             return None
+        if isinstance(m, nn.modules.conv._ConvNd) and len(new) == 3:
+            # per output position the first 1x1 conv runs prod(stride) times (input resolution)
+            s = math.prod(m.stride)
+            r1, r2 = new[1].out_channels, new[1].in_channels
+            tt_pp = r2 * m.in_channels * s + r1 * new[1].weight[0, 0].numel() * r2 + m.out_channels * r1
+            dense_pp = m.weight.numel()
+            if tt_pp > dense_pp:
+                log.warning("TT layer %d -> %d (stride %s, ranks (%d, %d)) costs about %d MACs per output position, "
+                            "more than the dense kernel's %d; lower its TT ranks to save compute",
+                            m.in_channels, m.out_channels, tuple(m.stride), r1, r2, tt_pp, dense_pp)
         return new
     return _export_tt_eq9(m, c, tv, factors, bias)
 
