@@ -355,8 +355,8 @@ def tt_oki_modules(cores: Sequence[torch.Tensor], module: nn.Module, bias: torch
     if K != math.prod(k):
         raise ValueError(f"tt_oki_modules: cores have K={K} but the kernel {k} has {math.prod(k)} taps")
     if K == 1:
-        no_pad = (isinstance(module.padding, str) and module.padding in ("valid", "same")) or \
-            all(p == 0 for p in (module.padding if not isinstance(module.padding, str) else ()))
+        # a 1x1 kernel pads nothing with "valid" / "same"
+        no_pad = isinstance(module.padding, str) or all(p == 0 for p in module.padding)
         if no_pad:  # stride first: the 1x1 maps run at the output resolution
             first = Conv(I, r2, 1, stride=module.stride, bias=False, **fk)
             second = Conv(r2, O, 1, bias=has_bias, **fk)
@@ -385,7 +385,7 @@ def tt_oki_modules(cores: Sequence[torch.Tensor], module: nn.Module, bias: torch
 
 
 def tt_oki_cost(shape: Sequence[int], ranks: Sequence[int], in_positions: int = 1,
-                out_positions: int = 1, bias: bool = False) -> tuple[int, int]:
+                out_positions: int = 1, bias: bool = False, padded: bool = False) -> tuple[int, int]:
     """``(params, MACs)`` of :func:`tt_oki_modules` for a weight of ``shape`` and effective ranks.
 
     Parameters
@@ -397,6 +397,9 @@ def tt_oki_cost(shape: Sequence[int], ranks: Sequence[int], in_positions: int = 
         Spatial positions of the layer's input and output (1 for a linear layer).
     bias : bool
         Count the bias (``O`` parameters, ``O`` MACs per output position, ptflops' convention).
+    padded : bool
+        ``K = 1`` only: the layer pads (then the first 1x1 map runs at ``in_positions``; without
+        padding the stride is applied first and both maps run at ``out_positions``).
     """
     O, I = int(shape[0]), int(shape[1])
     K = math.prod(int(s) for s in shape[2:])
@@ -404,7 +407,7 @@ def tt_oki_cost(shape: Sequence[int], ranks: Sequence[int], in_positions: int = 
     b = O if bias else 0
     if K == 1:
         params = r2 * I + O * r2
-        macs = params * out_positions  # stride on the first 1x1 (or no stride)
+        macs = r2 * I * (in_positions if padded else out_positions) + O * r2 * out_positions
     else:
         params = r2 * I + r1 * K * r2 + O * r1
         macs = r2 * I * in_positions + (r1 * K * r2 + O * r1) * out_positions

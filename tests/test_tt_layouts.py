@@ -128,7 +128,7 @@ def test_oki_conv_exports_to_stock_convs_with_equal_outputs(make):
 
 
 @pytest.mark.parametrize("make, hw", [(CONVS[0], (9, 10)), (CONVS[1], (9, 10)), (CONVS[5], (9, 10)),
-                                      (CONVS[4], (8, 8))])
+                                      (CONVS[4], (8, 8)), (CONVS[6], (9, 10))])
 def test_oki_export_macs_counted_by_ptflops_equal_the_analytic_count(make, hw):
     torch.manual_seed(2)
     conv = make()
@@ -137,8 +137,9 @@ def test_oki_export_macs_counted_by_ptflops_equal_the_analytic_count(make, hw):
     out = conv(torch.zeros(1, 8, *hw))
     P_out = out.shape[-1] * out.shape[-2]
     r = ac.TTRank((4, 3)).rank_for(TTView.oki().viewed_shape(conv.weight.shape))
-    params, macs = tt_oki_cost(conv.weight.shape, r, in_positions=hw[0] * hw[1] if conv.kernel_size != (1, 1)
-                               else P_out, out_positions=P_out, bias=conv.bias is not None)
+    pad = conv.padding if not isinstance(conv.padding, str) else (0,)
+    params, macs = tt_oki_cost(conv.weight.shape, r, in_positions=hw[0] * hw[1], out_positions=P_out,
+                               bias=conv.bias is not None, padded=any(p != 0 for p in pad))
     c = ac.complexity(seq, (8, *hw), backend="pytorch")
     assert c.macs == macs
     assert c.params == params == sum(p.numel() for p in seq.parameters())

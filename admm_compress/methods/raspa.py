@@ -225,8 +225,10 @@ class RaspaSolver(Solver):
             ranks = tt.rank_for(vs)
             tv = tt_layers.resolve_tt_view(b.view, shape)
             stride = math.prod(getattr(b.module, "stride", (1,)))
+            pad = getattr(b.module, "padding", 0)
+            padded = not isinstance(pad, str) and any(p != 0 for p in pad)
             if getattr(tv, "layout", "eq9") == "oki":
-                tt_params, tt_macs = tt_layers.tt_oki_cost(shape, ranks, in_positions=stride)
+                tt_params, tt_macs = tt_layers.tt_oki_cost(shape, ranks, in_positions=stride, padded=padded)
             else:
                 tt_params = tt.num_params(vs)
                 tt_macs = tt_layers.tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
@@ -569,7 +571,9 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
         kept = round(dens * O * I * K)
         dense_cost = O * I * K * (pout if metric == "macs" else 1)
         fixed -= dense_cost
-        info.append((n, tuple(w.shape), K, s1, s2, pin, pout, kept))
+        pad = getattr(m, "padding", 0)
+        padded = not isinstance(pad, str) and any(p != 0 for p in pad)
+        info.append((n, tuple(w.shape), K, s1, s2, pin, pout, kept, padded))
 
     def ranks_at(t):
         out = {}
@@ -581,8 +585,8 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
 
     def cost(ranks):
         c = fixed
-        for n, shape, K, s1, s2, pin, pout, kept in info:
-            p, mac = tt_layers.tt_oki_cost(shape, ranks[n], in_positions=pin, out_positions=pout)
+        for n, shape, K, s1, s2, pin, pout, kept, padded in info:
+            p, mac = tt_layers.tt_oki_cost(shape, ranks[n], in_positions=pin, out_positions=pout, padded=padded)
             c += (mac + kept * pout) if metric == "macs" else (p + kept)
         return c
 
