@@ -313,3 +313,17 @@ def test_tt_ranks_for_budget_bad_input():
         tt_ranks_for_budget(net, 0.5, "flops")
     with pytest.raises(ValueError, match="input_size"):
         tt_ranks_for_budget(net, 0.5, "macs")
+
+
+def test_tt_ranks_for_budget_on_linear_layers():
+    from admm_compress.methods.raspa import tt_ranks_for_budget
+
+    torch.manual_seed(8)
+    net = ac.models.fcn(depth=3, width=96)
+    dense = ac.complexity(net, (64,))
+    ranks = tt_ranks_for_budget(net, 0.6, "macs", targets=nn.Linear, density=0.05, input_size=(64,))
+    solver = raspa(tt_ranks=ranks, density=0.05, targets=nn.Linear).prepare(net)
+    assert solver.layer_costs()[0]["layout"] == "oki"
+    solver.finalize(net)
+    got = ac.complexity(ac.export(net, solver), (64,))
+    assert got.macs - got.unattributed_macs <= 0.4 * dense.macs

@@ -225,8 +225,7 @@ class RaspaSolver(Solver):
             ranks = tt.rank_for(vs)
             tv = tt_layers.resolve_tt_view(b.view, shape)
             stride = math.prod(getattr(b.module, "stride", (1,)))
-            pad = getattr(b.module, "padding", 0)
-            padded = not isinstance(pad, str) and any(p != 0 for p in pad)
+            padded = _padded(b.module)
             if getattr(tv, "layout", "eq9") == "oki":
                 tt_params, tt_macs = tt_layers.tt_oki_cost(shape, ranks, in_positions=stride, padded=padded)
             else:
@@ -319,6 +318,14 @@ class RaspaSolver(Solver):
                 L, S = captured[b.key]
                 parametrize.register_parametrization(
                     b.module, b.param_name, _GivenAdditive(b.constraint, b.view, b.shape, L, S), unsafe=True)
+
+
+def _padded(m: nn.Module) -> bool:
+    """Whether a layer pads its input (numeric non-zero padding; Linear: no)."""
+    pad = getattr(m, "padding", 0)
+    if isinstance(pad, str):
+        return False
+    return any(int(p) != 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,)))
 
 
 def _check_ranks(tt_ranks, name="tt_ranks"):
@@ -571,8 +578,7 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
         kept = round(dens * O * I * K)
         dense_cost = O * I * K * (pout if metric == "macs" else 1)
         fixed -= dense_cost
-        pad = getattr(m, "padding", 0)
-        padded = not isinstance(pad, str) and any(p != 0 for p in pad)
+        padded = _padded(m)
         info.append((n, tuple(w.shape), K, s1, s2, pin, pout, kept, padded))
 
     def ranks_at(t):
