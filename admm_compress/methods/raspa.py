@@ -13,9 +13,11 @@ is solved by the general ADMM of :class:`~admm_compress.Solver` with one auxilia
 component (keys ``<layer>.weight#L`` and ``<layer>.weight#S``):
 
 * W-step (Eq. 4-6): SGD on ``f + rho/2 (||L - Z_L + U||^2 + ||S - Z_S + V||^2)``;
-* Z-steps: ``Z_L = trunc_P(L + U)`` by TT-SVD of the Eq. 9 tensorization
-  ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (Eq. 8-10, :class:`~admm_compress.TTRank` on
-  :class:`AutoTTView`), ``Z_S = proj_Q(S + V)`` keeping the ``kappa`` largest entries (Eq. 11-12,
+* Z-steps: ``Z_L = trunc_P(L + U)`` by TT-SVD (Eq. 8-10, :class:`~admm_compress.TTRank`) of the
+  tensorized weight: by default the ``"oki"`` layout ``(O, kh*kw, I)`` (:meth:`TTView.oki`, whose
+  ranks ``(r_1, r_2)`` are Tables 8-10's and reproduce Table 1's compression), or with
+  ``layout="eq9"`` the literal Eq. 9 ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`);
+  ``Z_S = proj_Q(S + V)`` keeping the ``kappa`` largest entries (Eq. 11-12,
   :class:`~admm_compress.Cardinality`);
 * dual step (Eq. 13): ``U += L - Z_L``, ``V += S - Z_S``; ``rho`` constant or geometric
   (``rho_growth``) as in the general solver.
@@ -27,7 +29,10 @@ network function is unchanged; ``Z_L = trunc(L)``, ``Z_S = S``, ``U = V = 0``.
 
 End (Algorithm 1, lines 11-12): :meth:`Solver.finalize` projects ``L`` onto the TT-rank set and
 ``S`` onto the cardinality set; :func:`admm_compress.export` builds, per layer,
-``SumBranches(TTConv2d(cores of L), SparseConv2d(S))`` (:mod:`admm_compress.tt_layers`).
+``SumBranches(L chain, SparseConv2d(S))``, the L chain being three stock convolutions for the
+``"oki"`` layout (:func:`~admm_compress.tt_layers.tt_oki_modules`) or a ``TTConv2d`` for ``"eq9"``.
+Per-layer ranks/densities (Tables 8-10: :mod:`admm_compress.methods.raspa_tables`) and ranks from
+a budget (:func:`tt_ranks_for_budget`) are supported.
 Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-zero entries of
 ``S`` only; afterwards the ``L + S`` split is kept so the export is exact.
 """
@@ -375,8 +380,9 @@ class _PerLayer:
         for n in names:
             r = _lookup(self.ranks, n, "tt_ranks") if isinstance(self.ranks, dict) else self.ranks
             d = _lookup(self.density, n, "density") if isinstance(self.density, dict) else self.density
-            specs.append(Constrain(lambda name, m, n=n: name == n, Sum(TTRank(r), Cardinality(density=d)),
-                                   view=self.view_for(r), name=f"raspa:{n}"))
+            exact = "".join(f"[{c}]" if c in "*?[]" else c for c in n)  # the name as a glob of itself
+            specs.append(Constrain(exact, Sum(TTRank(r), Cardinality(density=d)), view=self.view_for(r),
+                                   name=f"raspa:{n}"))
         return specs
 
 
