@@ -231,7 +231,7 @@ class TTView(View):
 
     (The paper's tables are reproduced by the other named layout, :meth:`TTView.oki`; this one
     with Table 8's ranks stores 81.7 / 50.7 % fewer parameters on ResNet-20 instead of Table 1's
-    85.3 / 70.4 %, and its layer is a core-by-core contraction, :class:`~admm_compress.TTConv2d`.)
+    85.3 / 70.4 %, and its layer is a core-by-core contraction, :class:`~admm_compress.tt_layers.TTConv2d`.)
 
     With ``O = o_1 ... o_d`` (``out_factors``) and ``I = i_1 ... i_d`` (``in_factors``), the
     viewed tensor is
@@ -478,7 +478,7 @@ def _check_tt_module(view: View, module: nn.Module, where: str | None) -> None:
     ``"oki"`` (:class:`TTOKIView`): ``nn.Linear`` and ``nn.Conv1d/2d/3d`` with any padding mode
     (groups/transposed are refused above).  ``"eq9"`` (:class:`TTView` and shape-dependent
     views with ``for_shape``): ``nn.Linear`` and ``nn.Conv2d`` with ``padding_mode='zeros'``
-    (:class:`~admm_compress.TTConv2d`).
+    (:class:`~admm_compress.tt_layers.TTConv2d`).
     """
     kind = type(module).__name__
     layout = getattr(view, "layout", "eq9")

@@ -415,7 +415,7 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
         (:meth:`TTView.oki`), which reproduces RASPA Table 1's compression with Tables 8-10's
         ranks and exports to three stock convolutions.  ``"eq9"``: the literal reading of Eq. 9,
         ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`, exported as
-        :class:`~admm_compress.TTConv2d`).
+        :class:`~admm_compress.tt_layers.TTConv2d`).
     d : int, optional
         ``layout="eq9"`` only: number of channel factors (cores besides the kernel core).
         Default: from the length of ``tt_ranks`` (see :class:`AutoTTView`), else 2.
