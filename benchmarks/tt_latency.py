@@ -19,8 +19,8 @@ Latency: median over interleaved rounds (``latency_speedup.measure``), batch 1 a
 ``torch.set_num_threads(1)`` by default, in both memory formats: NCHW (PyTorch's default) and
 channels-last (``model.to(memory_format=torch.channels_last)``, the input converted inside the
 timed call) -- on this CPU the thin 1x1 convolutions of the TT chain run several times faster
-channels-last.  ``eq9`` is timed at batch 1, NCHW only (it is ~20x slower than dense at batch 32).  MACs by ``ac.complexity(..., backend="aten")`` (counts
-the convolutions actually run, so the sparse branch counts as dense there; the ptflops count of
+channels-last.  ``eq9`` is timed at batch 1, NCHW only (it is ~20x slower than dense at batch 32).
+MACs by ``ac.complexity(..., backend="aten")`` (counts the convolutions actually run, so the sparse branch counts as dense there; the ptflops count of
 the same model, with the sparse branch at its non-zeros, is given too).
 
 Writes ``docs/results/tt_latency.md``.  Run: ``python benchmarks/tt_latency.py [--quick]`` (~3 min).
@@ -31,7 +31,6 @@ import argparse
 import copy
 import os
 import platform
-import sys
 import time
 import warnings
 
