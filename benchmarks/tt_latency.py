@@ -20,10 +20,11 @@ Latency: median over interleaved rounds (``latency_speedup.measure``), batch 1 a
 channels-last (``model.to(memory_format=torch.channels_last)``, the input converted inside the
 timed call) -- on this CPU the thin 1x1 convolutions of the TT chain run several times faster
 channels-last.  ``eq9`` is timed at batch 1, NCHW only (it is ~20x slower than dense at batch 32).
-MACs by ``ac.complexity(..., backend="aten")`` (counts the convolutions actually run, so the sparse branch counts as dense there; the ptflops count of
+MACs by ``ac.complexity(..., backend="aten")`` (counts the convolutions actually run, so the sparse
+branch counts as dense there; the ptflops count of
 the same model, with the sparse branch at its non-zeros, is given too).
 
-Writes ``docs/results/tt_latency.md``.  Run: ``python benchmarks/tt_latency.py [--quick]`` (~3 min).
+Writes ``docs/results/tt_latency.md``.  Run: ``python benchmarks/tt_latency.py [--quick]`` (10 min on a loaded 2-core machine).
 """
 from __future__ import annotations
 
