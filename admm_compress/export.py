@@ -19,7 +19,8 @@ Cardinality         any                    ``SparseLinear`` / ``SparseConv*d`` (
                                            output filters + ``IndexScatter``; ``group_dim=1``:
                                            ``IndexSelect`` + fewer input channels
 Sum(a, b)           any                    ``SumBranches(export_a, export_b)`` (bias in one branch)
-TTRank              ``TTView``             :class:`admm_compress.tt_layers.TTConv2d` (registered by :mod:`admm_compress.tt_layers`)
+TTRank              ``TTView.oki()``       3 stock convs / 2 Linears (:func:`admm_compress.tt_layers.tt_oki_modules`)
+TTRank              ``TTView`` (eq9)       :class:`admm_compress.tt_layers.TTConv2d` / ``TTLinear``
 ==================  =====================  ==============================================
 
 After the swap, :func:`admm_compress.channels.remove_channels` deletes what structured sparsity
@@ -47,6 +48,7 @@ from .sets.base import Constraint
 from .specs import resolve, unwrap
 from .structure import additive_components
 from .views import View
+from . import tt_layers as _tt
 
 __all__ = ["export", "register_exporter", "build_compact", "ExportError"]
 
@@ -267,6 +269,7 @@ _BUILTIN = (_export_lowrank, _export_sparse, _export_sum)
 register_exporter(_is_lowrank, _export_lowrank, first=False)
 register_exporter(_is_sparse, _export_sparse, first=False)
 register_exporter(_is_sum, _export_sum, first=False)
+register_exporter(_tt.is_tt, _tt.export_tt, first=False)
 
 
 def build_compact(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool = True) -> nn.Module | None:

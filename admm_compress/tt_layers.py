@@ -1,6 +1,15 @@
-"""Convolutions whose kernel is stored in tensor-train (TT) format: :class:`TTConv2d`.
+"""Layers for tensor-train (TT) weights, for the two named TT layouts of :mod:`admm_compress.views`.
 
-A ``Conv2d`` kernel ``W`` of shape ``(O, I, kh, kw)`` seen through the RASPA tensorization
+* ``"oki"`` (:meth:`TTView.oki`, ``(O, kh*kw, I)``, RASPA's default): a TT weight *is* three
+  stock layers, :func:`tt_oki_modules` (``1x1 I -> r_2``, ``kh x kw r_2 -> r_1``, ``1x1 r_1 -> O``;
+  two ``nn.Linear`` for a linear layer), counted by ptflops' own counters, as fast as their MACs.
+* ``"eq9"`` (:class:`TTView`, the literal reading of RASPA Eq. 9): :class:`TTConv2d` /
+  :class:`TTLinear` below, evaluated core by core (a registered MAC counter).
+
+The exporter (:func:`export_tt`) is registered explicitly by :mod:`admm_compress.export` next to
+the built-in ones.
+
+Eq. 9 layout in detail.  A ``Conv2d`` kernel ``W`` of shape ``(O, I, kh, kw)`` seen through the RASPA tensorization
 (Eq. 9; :class:`~admm_compress.views.TTView` with ``O = o_1 ... o_d``, ``I = i_1 ... i_d``,
 ``K = kh * kw``)
 
@@ -29,12 +38,9 @@ positions; compare ``P O I K`` for the dense layer.  Note that a TT kernel with 
 is not always cheaper to *apply*: the ``r_j r_{j+1}`` products can exceed ``O I K / ...`` for
 large ranks, which :func:`tt_conv_macs_per_position` lets one check before exporting.
 
-The MACs are given to :func:`admm_compress.complexity` (``backend="pytorch"``) by a registered
-counter; the ``"aten"`` backend counts the same convolutions directly (without the bias add).
-Importing this module also registers the exporter that turns a :class:`~admm_compress.TTRank`
-constraint on a ``"tt"`` view into a :class:`TTConv2d` (:func:`admm_compress.export`), also as
-the low-rank branch of ``Sum(TTRank, Cardinality)`` next to a
-:class:`~admm_compress.layers.SparseConv2d`.
+The MACs are given to :func:`admm_compress.complexity` (``backend="pytorch"``) by a counter
+registered when this module is imported; the ``"aten"`` backend counts the same convolutions
+directly (without the bias add).
 """
 from __future__ import annotations
 
@@ -49,9 +55,10 @@ from torch.nn import functional as F
 from ._validation import check_int
 from .sets import TTRank
 from .sets.base import Constraint
-from .views import TTView, View
+from .views import TTOKIView, TTView, View
 
-__all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "resolve_tt_view"]
+__all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "tt_oki_modules", "tt_oki_cost",
+           "resolve_tt_view", "is_tt", "export_tt"]
 
 log = logging.getLogger(__name__)
 
@@ -283,34 +290,186 @@ def _register_counter() -> None:
 _register_counter()
 
 
-# ----------------------------------------------------------------- exporter
-def resolve_tt_view(view: View, shape: Sequence[int]) -> TTView:
-    """The fixed :class:`TTView` a ``"tt"`` view uses for a weight of ``shape``.
+# ----------------------------------------------------------------- "oki" layout: stock layers
+def _conv_cls(m: nn.Module):
+    return {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[m.weight.dim() - 2]
 
-    A :class:`TTView` is returned as is; a shape-dependent view (e.g. RASPA's automatic
-    tensorization) must provide ``for_shape(shape) -> TTView``.
+
+def tt_oki_modules(cores: Sequence[torch.Tensor], module: nn.Module, bias: torch.Tensor | None = None) -> nn.Sequential:
+    """The stock layers that apply an ``"oki"`` TT weight (:meth:`TTView.oki`) like ``module``.
+
+    With cores ``G_1: (1, O, r_1)``, ``G_2: (r_1, K, r_2)``, ``G_3: (r_2, I, 1)`` of the viewed
+    tensor ``(O, K, I)`` (``W[o, i, k] = sum_{a,b} G_1[o, a] G_2[a, k, b] G_3[b, i]``):
+
+    * convolution ``(O, I, *k)``, ``K > 1``: ``ConvNd(I -> r_2, 1x1)`` (``G_3``), ``ConvNd(r_2 ->
+      r_1, k)`` (``G_2``, with the layer's stride, padding, dilation and padding mode) and
+      ``ConvNd(r_1 -> O, 1x1)`` (``G_1``, bias).  Exact for every padding mode: the first
+      convolution is a per-pixel linear map without bias, so it commutes with padding.
+    * ``K = 1`` (linear layers, 1x1 convolutions): the size-1 middle core is an ``r_1 x r_2``
+      matrix, folded into the last factor (``O r_2 <= O r_1 + r_1 r_2`` since ``r_2 <= r_1``):
+      ``Linear(I -> r_2)``, ``Linear(r_2 -> O)`` (or two 1x1 convolutions, the stride on the
+      first when there is no padding).
+
+    MACs per output position: ``r_2 I (H_in W_in / P) + r_1 r_2 K + O r_1`` (+ ``O`` bias) for
+    ``K > 1``, all counted by ptflops' stock counters.
+
+    Parameters
+    ----------
+    cores : sequence of 3 Tensors
+        As :meth:`TTRank.factorize` returns them for the ``(O, K, I)`` view.
+    module : nn.Linear or nn.Conv1d/2d/3d
+        The dense layer replaced (its shape, stride, padding, dilation, padding mode, dtype and
+        device are copied; ``groups`` must be 1).
+    bias : Tensor, optional
+        Added by the last layer.
     """
-    if isinstance(view, TTView):
+    if len(cores) != 3:
+        raise ValueError(f"tt_oki_modules: expected the 3 TT cores of an (O, K, I) tensor, got {len(cores)}")
+    g1, g2, g3 = (c.detach() for c in cores)
+    O, K, I = g1.shape[1], g2.shape[1], g3.shape[1]
+    r1, r2 = g1.shape[2], g3.shape[0]
+    if tuple(g1.shape) != (1, O, r1) or tuple(g2.shape) != (r1, K, r2) or tuple(g3.shape) != (r2, I, 1):
+        raise ValueError(f"tt_oki_modules: core shapes {[tuple(c.shape) for c in cores]} do not chain as "
+                         f"(1, O, r1), (r1, K, r2), (r2, I, 1)")
+    fk = {"device": module.weight.device, "dtype": module.weight.dtype}
+    A = g1[0]                      # (O, r1)
+    C = g3[:, :, 0]                # (r2, I)
+    has_bias = bias is not None
+    if isinstance(module, nn.Linear):
+        if K != 1:
+            raise ValueError(f"tt_oki_modules: a Linear layer has K=1, got cores for K={K}")
+        first = nn.Linear(I, r2, bias=False, **fk)
+        second = nn.Linear(r2, O, bias=has_bias, **fk)
+        with torch.no_grad():
+            first.weight.copy_(C)
+            second.weight.copy_(A @ g2[:, 0, :])
+            if has_bias:
+                second.bias.copy_(bias)
+        return nn.Sequential(first, second)
+    if not isinstance(module, nn.modules.conv._ConvNd) or getattr(module, "transposed", False) or module.groups != 1:
+        raise ValueError(f"tt_oki_modules: needs nn.Linear or an ungrouped nn.Conv1d/2d/3d, got {module!r}")
+    Conv = _conv_cls(module)
+    nd = module.weight.dim() - 2
+    one = (1,) * nd
+    k = tuple(module.kernel_size)
+    if K != math.prod(k):
+        raise ValueError(f"tt_oki_modules: cores have K={K} but the kernel {k} has {math.prod(k)} taps")
+    if K == 1:
+        # a 1x1 kernel pads nothing with "valid" / "same"
+        no_pad = isinstance(module.padding, str) or all(p == 0 for p in module.padding)
+        if no_pad:  # stride first: the 1x1 maps run at the output resolution
+            first = Conv(I, r2, 1, stride=module.stride, bias=False, **fk)
+            second = Conv(r2, O, 1, bias=has_bias, **fk)
+        else:
+            first = Conv(I, r2, 1, bias=False, **fk)
+            second = Conv(r2, O, 1, stride=module.stride, padding=module.padding,
+                          padding_mode=module.padding_mode, bias=has_bias, **fk)
+        with torch.no_grad():
+            first.weight.copy_(C.reshape(r2, I, *one))
+            second.weight.copy_((A @ g2[:, 0, :]).reshape(O, r2, *one))
+            if has_bias:
+                second.bias.copy_(bias)
+        return nn.Sequential(first, second)
+    first = Conv(I, r2, 1, bias=False, **fk)
+    middle = Conv(r2, r1, k, stride=module.stride, padding=module.padding, dilation=module.dilation,
+                  padding_mode=module.padding_mode, bias=False, **fk)
+    last = Conv(r1, O, 1, bias=has_bias, **fk)
+    with torch.no_grad():
+        first.weight.copy_(C.reshape(r2, I, *one))
+        # G_2[a, k, b] -> weight[a, b, *k]
+        middle.weight.copy_(g2.permute(0, 2, 1).reshape(r1, r2, *k))
+        last.weight.copy_(A.reshape(O, r1, *one))
+        if has_bias:
+            last.bias.copy_(bias)
+    return nn.Sequential(first, middle, last)
+
+
+def tt_oki_cost(shape: Sequence[int], ranks: Sequence[int], in_positions: int = 1,
+                out_positions: int = 1, bias: bool = False, padded: bool = False) -> tuple[int, int]:
+    """``(params, MACs)`` of :func:`tt_oki_modules` for a weight of ``shape`` and effective ranks.
+
+    Parameters
+    ----------
+    shape : (O, I, *k)
+    ranks : (r_1, r_2)
+        Effective (capped) TT ranks, :meth:`TTRank.rank_for` of the ``(O, K, I)`` view.
+    in_positions, out_positions : int
+        Spatial positions of the layer's input and output (1 for a linear layer).
+    bias : bool
+        Count the bias (``O`` parameters, ``O`` MACs per output position, ptflops' convention).
+    padded : bool
+        ``K = 1`` only: the layer pads (then the first 1x1 map runs at ``in_positions``; without
+        padding the stride is applied first and both maps run at ``out_positions``).
+    """
+    O, I = int(shape[0]), int(shape[1])
+    K = math.prod(int(s) for s in shape[2:])
+    r1, r2 = int(ranks[0]), int(ranks[1])
+    b = O if bias else 0
+    if K == 1:
+        params = r2 * I + O * r2
+        macs = r2 * I * (in_positions if padded else out_positions) + O * r2 * out_positions
+    else:
+        params = r2 * I + r1 * K * r2 + O * r1
+        macs = r2 * I * in_positions + (r1 * K * r2 + O * r1) * out_positions
+    return params + b, macs + b * out_positions
+
+
+# ----------------------------------------------------------------- exporter
+def resolve_tt_view(view: View, shape: Sequence[int]) -> View:
+    """The fixed TT view a ``"tt"`` view uses for a weight of ``shape``.
+
+    A :class:`TTView` or :class:`TTOKIView` is returned as is; a shape-dependent view (e.g.
+    RASPA's automatic ``"eq9"`` tensorization) must provide ``for_shape(shape)``.
+    """
+    if isinstance(view, (TTView, TTOKIView)):
         return view
     fs = getattr(view, "for_shape", None)
     if fs is None:
-        raise TypeError(f"view {view!r} is named 'tt' but is neither a TTView nor has for_shape(shape)")
+        raise TypeError(f"view {view!r} is named 'tt' but is neither a TTView/TTOKIView nor has for_shape(shape)")
     return fs(tuple(shape))
 
 
-def _is_tt(c: Constraint, v: View) -> bool:
+def is_tt(c: Constraint, v: View) -> bool:
+    """Exporter predicate: a :class:`TTRank` on a ``"tt"`` view."""
     return isinstance(c, TTRank) and getattr(v, "name", None) == "tt"
 
 
-def _export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
+def export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
+    """Exporter of a TT-rank weight (registered by :mod:`admm_compress.export`).
+
+    ``"oki"`` layout: :func:`tt_oki_modules` (stock layers; ``None`` -- stay dense -- when that
+    stores at least as many numbers as the dense weight).  ``"eq9"`` layout: ``nn.Conv2d`` /
+    ``nn.Linear`` -> :class:`TTConv2d` / :class:`TTLinear`.
+    """
+    tv = resolve_tt_view(v, tuple(m.weight.shape))
+    bias = m.bias if (with_bias and getattr(m, "bias", None) is not None) else None
+    if isinstance(tv, TTOKIView):
+        cores = [t.to(device=m.weight.device, dtype=m.weight.dtype) for t in factors]
+        new = tt_oki_modules(cores, m, bias=bias)
+        n_new = sum(int(p.numel()) for p in new.parameters()) - (0 if bias is None else int(bias.numel()))
+        if n_new >= m.weight.numel():
+            return None
+        if isinstance(m, nn.modules.conv._ConvNd) and len(new) == 3:
+            # per output position the first 1x1 conv runs prod(stride) times (input resolution)
+            s = math.prod(m.stride)
+            r1, r2 = new[1].out_channels, new[1].in_channels
+            tt_pp = r2 * m.in_channels * s + r1 * new[1].weight[0, 0].numel() * r2 + m.out_channels * r1
+            dense_pp = m.weight.numel()
+            if tt_pp > dense_pp:
+                log.warning("TT layer %d -> %d (stride %s, ranks (%d, %d)) costs about %d MACs per output position, "
+                            "more than the dense kernel's %d; lower its TT ranks to save compute",
+                            m.in_channels, m.out_channels, tuple(m.stride), r1, r2, tt_pp, dense_pp)
+        return new
+    return _export_tt_eq9(m, c, tv, factors, bias)
+
+
+def _export_tt_eq9(m: nn.Module, c: TTRank, tv: TTView, factors, bias):
     """``nn.Conv2d`` / ``nn.Linear`` with a TT-rank weight -> :class:`TTConv2d` / :class:`TTLinear`
     (None: stay dense)."""
     if isinstance(m, nn.Linear):
-        tv = resolve_tt_view(v, tuple(m.weight.shape))
         cores = list(factors)
         if sum(int(t.numel()) for t in cores) >= m.weight.numel():
             return None
-        bias = m.bias if (with_bias and m.bias is not None) else None
         new = TTLinear([t.to(device=m.weight.device, dtype=m.weight.dtype) for t in cores], tv.out_factors,
                        tv.in_factors, bias=bias)
         if new.macs_per_position() - (m.out_features if bias is not None else 0) >= m.weight.numel():
@@ -325,13 +484,10 @@ def _export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
         log.info("TT export needs groups=1 and padding_mode='zeros' (got groups=%d, padding_mode=%r); "
                  "layer stays dense", m.groups, m.padding_mode)
         return None
-    shape = tuple(m.weight.shape)
-    tv = resolve_tt_view(v, shape)
     cores = list(factors)
     n_tt = sum(int(t.numel()) for t in cores)
     if n_tt >= m.weight.numel():
         return None
-    bias = m.bias if (with_bias and m.bias is not None) else None
     new = TTConv2d([t.to(device=m.weight.device, dtype=m.weight.dtype) for t in cores], tv.out_factors,
                    tv.in_factors, m.kernel_size, stride=m.stride, padding=m.padding, dilation=m.dilation,
                    bias=bias)
@@ -342,12 +498,3 @@ def _export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
                     "dense kernel's %d (fewer parameters: %d < %d); lower the TT ranks to save compute",
                     m.in_channels, m.out_channels, new.ranks, tt_pp, dense_pp, n_tt, m.weight.numel())
     return new
-
-
-def _register_exporter() -> None:
-    from .export import register_exporter
-
-    register_exporter(_is_tt, _export_tt, first=True)
-
-
-_register_exporter()

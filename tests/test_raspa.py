@@ -71,7 +71,7 @@ def test_finalize_gives_tt_ranks_and_exact_cardinality(trained):
     for name in ("2", "4"):
         conv = net.get_submodule(name)
         L, S = (t.detach() for t in additive_components(conv, "weight"))
-        view = TTView.auto(L.shape, 2)
+        view = TTView.oki()  # the default layout
         assert all(r <= 3 for r in unfolding_ranks(view.to(L)))
         kappa = round(0.1 * S.numel())
         assert int(torch.count_nonzero(S)) <= kappa
@@ -99,8 +99,10 @@ def test_export_equals_L_plus_S_model_and_counts_fewer_macs(trained):
     for name in ("2", "4"):
         mod = ex.get_submodule(name)
         assert isinstance(mod, SumBranches)
-        assert isinstance(mod.a, TTConv2d) and isinstance(mod.b, SparseConv2d)
-        assert all(r <= 3 for r in mod.a.ranks)
+        assert isinstance(mod.b, SparseConv2d)
+        # oki layout: 1x1 I -> r2, 3x3 r2 -> r1, 1x1 r1 -> O, all stock convs
+        assert isinstance(mod.a, nn.Sequential) and [type(c) for c in mod.a] == [nn.Conv2d] * 3
+        assert mod.a[0].out_channels <= 3 and mod.a[1].out_channels <= 3
         assert mod.b.nnz <= round(0.1 * mod.b.weight.numel())
     with torch.no_grad():
         out = ex(x)
@@ -136,7 +138,7 @@ def test_decompose_init_keeps_the_function_and_splits_W():
     # Z_S = proj(S) = S, Z_L = TT truncation of L, duals zero (Algorithm 1 lines 1-2)
     assert torch.equal(solver.Z["4.weight#S"], S)
     assert all(float(u.abs().max()) == 0 for u in solver.U.values())
-    view = TTView.auto(W.shape, 2)
+    view = TTView.oki()
     ZL = view.to(solver.Z["4.weight#L"])
     assert all(r <= 3 for r in unfolding_ranks(ZL))
     assert "4.weight" not in dict(net.named_parameters())  # reparameterized in place
@@ -164,7 +166,7 @@ def test_finetune_trains_cores_and_nonzeros_only_and_export_stays_exact():
     L, S = (t.detach() for t in additive_components(net[4], "weight"))
     assert not torch.equal(S, S_before)  # trained ...
     assert torch.all((S != 0) <= (S_before != 0))  # ... on the old support only
-    assert all(r <= 3 for r in unfolding_ranks(TTView.auto(L.shape, 2).to(L)))
+    assert all(r <= 3 for r in unfolding_ranks(TTView.oki().to(L)))
     net.eval()
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
@@ -222,12 +224,18 @@ def test_bad_density_raises_at_call(density):
 
 def test_ranks_longer_than_d_raise_at_call():
     with pytest.raises(ValueError, match=r"tt_ranks=\(3, 3, 3\).*d=2"):
-        raspa(tt_ranks=(3, 3, 3), density=0.1, d=2)
+        raspa(tt_ranks=(3, 3, 3), density=0.1, d=2, layout="eq9")
+    with pytest.raises(ValueError, match=r"tt_ranks=\(3, 3, 3\).*layout='oki'.*2 internal"):
+        raspa(tt_ranks=(3, 3, 3), density=0.1)
+    with pytest.raises(ValueError, match=r"d=2.*layout='oki'"):
+        raspa(tt_ranks=(3, 3), density=0.1, d=2)
+    with pytest.raises(ValueError, match="layout"):
+        raspa(layout="ko")
 
 
 def test_ranks_longer_than_the_layer_tensor_raise_before_training():
     net = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 16, 3))
-    solver = raspa(tt_ranks=(3, 3), density=0.1, d=2)  # the 1x1 conv views as a 2-way tensor
+    solver = raspa(tt_ranks=(3, 3), density=0.1, d=2, layout="eq9")  # the 1x1 conv views as a 2-way tensor
     with pytest.raises(SpecError, match=r"layer '0'.*ranks=\(3, 3\)"):
         solver.fit(net, data(), epochs=1, progress=False)
     assert not any(hasattr(m, "parametrizations") for m in net.modules())  # untouched
@@ -235,10 +243,10 @@ def test_ranks_longer_than_the_layer_tensor_raise_before_training():
 
 def test_channels_that_cannot_be_factored_raise_naming_the_layer():
     net = small_net()
-    solver = raspa(tt_ranks=(3, 3), density=0.1, factors=((4, 4), (4, 4)), exclude="0")
+    solver = raspa(tt_ranks=(3, 3), density=0.1, factors=((4, 4), (4, 4)), exclude="0", layout="eq9")
     with pytest.raises(SpecError, match=r"layer '2'.*8 input channels as \(4, 4\)"):
         solver.prepare(net)
-    solver = raspa(tt_ranks=(3, 3), density=0.1, factors={16: (4, 4)}, exclude="0")
+    solver = raspa(tt_ranks=(3, 3), density=0.1, factors={16: (4, 4)}, exclude="0", layout="eq9")
     with pytest.raises(SpecError, match=r"layer '2'.*no factorization for 8 channels"):
         solver.prepare(net)
     assert not any(hasattr(m, "parametrizations") for m in net.modules())
@@ -284,16 +292,22 @@ def test_tt_linear_equals_dense_weight_and_counts_its_macs():
     assert ac.complexity(layer, (7, 24), backend="pytorch").macs == layer.macs_per_position() * 7
 
 
-def test_raspa_on_linear_layers_exports_tt_plus_sparse_equal_outputs():
+@pytest.mark.parametrize("layout", ["oki", "eq9"])
+def test_raspa_on_linear_layers_exports_tt_plus_sparse_equal_outputs(layout):
     from admm_compress.tt_layers import TTLinear
 
     torch.manual_seed(0)
     model = ac.models.fcn(depth=3, width=96)
     data = [(torch.randn(16, 64), torch.randint(0, 10, (16,))) for _ in range(3)]
-    solver = raspa((4, 4), density=0.05, rho=0.5, targets=nn.Linear, exclude="layers.2")
+    solver = raspa((4, 4), density=0.05, rho=0.5, targets=nn.Linear, exclude="layers.2", layout=layout)
     solver.fit(model, data, epochs=2, progress=False)
     compact = solver.export(model).eval()
-    assert sum(isinstance(m, TTLinear) for m in compact.modules()) == 2
+    if layout == "eq9":
+        assert sum(isinstance(m, TTLinear) for m in compact.modules()) == 2
+    else:  # two stock Linears per layer: I -> r2, r2 -> O
+        tt = [m.a for m in compact.modules() if isinstance(m, SumBranches)]
+        assert len(tt) == 2
+        assert all([type(c) for c in a] == [nn.Linear, nn.Linear] and a[0].out_features <= 4 for a in tt)
     x = torch.randn(8, 64)
     torch.testing.assert_close(compact(x), model.eval()(x), rtol=1e-4, atol=1e-4)
     assert ac.complexity(compact, (64,)).params < ac.complexity(model, (64,)).params

@@ -13,9 +13,11 @@ is solved by the general ADMM of :class:`~admm_compress.Solver` with one auxilia
 component (keys ``<layer>.weight#L`` and ``<layer>.weight#S``):
 
 * W-step (Eq. 4-6): SGD on ``f + rho/2 (||L - Z_L + U||^2 + ||S - Z_S + V||^2)``;
-* Z-steps: ``Z_L = trunc_P(L + U)`` by TT-SVD of the Eq. 9 tensorization
-  ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (Eq. 8-10, :class:`~admm_compress.TTRank` on
-  :class:`AutoTTView`), ``Z_S = proj_Q(S + V)`` keeping the ``kappa`` largest entries (Eq. 11-12,
+* Z-steps: ``Z_L = trunc_P(L + U)`` by TT-SVD (Eq. 8-10, :class:`~admm_compress.TTRank`) of the
+  tensorized weight: by default the ``"oki"`` layout ``(O, kh*kw, I)`` (:meth:`TTView.oki`, whose
+  ranks ``(r_1, r_2)`` are Tables 8-10's and reproduce Table 1's compression), or with
+  ``layout="eq9"`` the literal Eq. 9 ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`);
+  ``Z_S = proj_Q(S + V)`` keeping the ``kappa`` largest entries (Eq. 11-12,
   :class:`~admm_compress.Cardinality`);
 * dual step (Eq. 13): ``U += L - Z_L``, ``V += S - Z_S``; ``rho`` constant or geometric
   (``rho_growth``) as in the general solver.
@@ -27,12 +29,16 @@ network function is unchanged; ``Z_L = trunc(L)``, ``Z_S = S``, ``U = V = 0``.
 
 End (Algorithm 1, lines 11-12): :meth:`Solver.finalize` projects ``L`` onto the TT-rank set and
 ``S`` onto the cardinality set; :func:`admm_compress.export` builds, per layer,
-``SumBranches(TTConv2d(cores of L), SparseConv2d(S))`` (:mod:`admm_compress.tt_layers`).
+``SumBranches(L chain, SparseConv2d(S))``, the L chain being three stock convolutions for the
+``"oki"`` layout (:func:`~admm_compress.tt_layers.tt_oki_modules`) or a ``TTConv2d`` for ``"eq9"``.
+Per-layer ranks/densities (Tables 8-10: :mod:`admm_compress.methods.raspa_tables`) and ranks from
+a budget (:func:`tt_ranks_for_budget`) are supported.
 Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-zero entries of
 ``S`` only; afterwards the ``L + S`` split is kept so the export is exact.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import numbers
@@ -42,15 +48,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import tt_layers  # noqa: F401  (registers the TTConv2d exporter and MAC counter)
+from .. import tt_layers
 from .._validation import check_choice, check_float, check_int
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
-from ..specs import Constrain
+from ..specs import Constrain, SpecError
 from ..structure import Additive, Factored, additive_components, unflatten_factors
-from ..views import TTView, View, balanced_factors
+from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 
-__all__ = ["raspa", "RaspaSolver", "AutoTTView"]
+__all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +191,77 @@ class RaspaSolver(Solver):
         super().__init__(spec, mode="admm", **kw)
         self.init = check_choice("init", init, ("decompose", "scratch"), where="raspa")
         self.decompose_iters = check_int("decompose_iters", decompose_iters, low=1, where="raspa")
+        self._per_layer: _PerLayer | None = None
+
+    def prepare(self, model: nn.Module) -> "RaspaSolver":
+        """:meth:`Solver.prepare`, after expanding per-layer ranks/densities into one spec per layer.
+
+        Logs a warning (with both numbers) for every layer whose TT + sparse form would cost more
+        MACs per output position than its dense layer.
+        """
+        if self._per_layer is not None:
+            self.spec = self._per_layer.expand(model)
+        super().prepare(model)
+        for row in self.layer_costs():
+            if row["macs_pos"] > row["dense_macs_pos"]:
+                log.warning("layer '%s' (%s, layout %s, TT ranks %s, %d kept entries of S): %d MACs per output "
+                            "position, more than the dense layer's %d; lower its TT ranks or density (or leave "
+                            "it dense with exclude=)", row["layer"], "x".join(map(str, row["shape"])),
+                            row["layout"], row["ranks"], row["s_kept"], row["macs_pos"], row["dense_macs_pos"])
+        return self
+
+    def layer_costs(self) -> list[dict]:
+        """Per bound layer: effective TT ranks, parameters and MACs per output position.
+
+        Keys: ``layer``, ``shape``, ``layout``, ``ranks`` (effective, :meth:`TTRank.rank_for`),
+        ``tt_params`` (values of the exported L branch), ``s_kept`` (``kappa``), ``params``
+        (their sum), ``dense_params``, ``macs_pos`` (L branch + one MAC per kept entry of S, per
+        output position; the L branch's first 1x1 map runs at the input resolution, counted as
+        ``prod(stride)`` positions) and ``dense_macs_pos`` (``O I K``).  Biases are not counted.
+        """
+        self._require_prepared()
+        rows = []
+        for b in self.bindings:
+            c = b.constraint
+            tt, card = (c.sets if isinstance(c, Sum) else (c, None))
+            shape = b.shape
+            O, I, K = shape[0], shape[1], math.prod(shape[2:])
+            vs = b.viewed_shape
+            ranks = tt.rank_for(vs)
+            tv = tt_layers.resolve_tt_view(b.view, shape)
+            stride = math.prod(getattr(b.module, "stride", (1,)))
+            padded = _padded(b.module)
+            if getattr(tv, "layout", "eq9") == "oki":
+                tt_params, tt_macs = tt_layers.tt_oki_cost(shape, ranks, in_positions=stride, padded=padded)
+            else:
+                tt_params = tt.num_params(vs)
+                tt_macs = tt_layers.tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
+            kept = card.num_params(vs) if card is not None else 0
+            rows.append(dict(layer=b.name, shape=shape, layout=getattr(tv, "layout", "eq9"), ranks=tuple(ranks),
+                             tt_params=int(tt_params), s_kept=int(kept), params=int(tt_params + kept),
+                             dense_params=O * I * K, macs_pos=int(tt_macs + kept), dense_macs_pos=O * I * K))
+        return rows
+
+    def describe(self) -> str:
+        """Table of the bound layers: shape, layout, TT ranks, parameters and MACs per output position
+        (L branch + S's kept entries vs dense; :meth:`layer_costs`)."""
+        if not self.bindings:
+            return "(not prepared)"
+        head = ("layer", "shape", "layout", "ranks", "L params", "S kept", "params", "dense", "MACs/pos",
+                "dense MACs/pos")
+        rows = [head]
+        tot = [0, 0, 0, 0]
+        for r in self.layer_costs():
+            rows.append((r["layer"], "x".join(map(str, r["shape"])), r["layout"], str(r["ranks"]),
+                         str(r["tt_params"]), str(r["s_kept"]), str(r["params"]), str(r["dense_params"]),
+                         str(r["macs_pos"]), str(r["dense_macs_pos"])))
+            tot = [tot[0] + r["params"], tot[1] + r["dense_params"], tot[2] + r["macs_pos"],
+                   tot[3] + r["dense_macs_pos"]]
+        rows.append(("total", "", "", "", "", "", str(tot[0]), str(tot[1]), str(tot[2]), str(tot[3])))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(head))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
 
     def _make_slots(self, bindings):
         for b in bindings:
@@ -248,39 +325,103 @@ class RaspaSolver(Solver):
                     b.module, b.param_name, _GivenAdditive(b.constraint, b.view, b.shape, L, S), unsafe=True)
 
 
-def _check_ranks(tt_ranks):
+def _padded(m: nn.Module) -> bool:
+    """Whether a layer pads its input (numeric non-zero padding; Linear: no)."""
+    pad = getattr(m, "padding", 0)
+    if isinstance(pad, str):
+        return False
+    return any(int(p) != 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,)))
+
+
+def _check_ranks(tt_ranks, name="tt_ranks"):
     if isinstance(tt_ranks, numbers.Integral) and not isinstance(tt_ranks, bool):
-        return check_int("tt_ranks", tt_ranks, low=1, where="raspa")
+        return check_int(name, tt_ranks, low=1, where="raspa")
     if isinstance(tt_ranks, (tuple, list)) and len(tt_ranks) > 0:
-        return tuple(check_int(f"tt_ranks[{i}]", r, low=1, where="raspa") for i, r in enumerate(tt_ranks))
-    raise TypeError(f"raspa: tt_ranks must be a positive int or a non-empty tuple of positive ints "
+        return tuple(check_int(f"{name}[{i}]", r, low=1, where="raspa") for i, r in enumerate(tt_ranks))
+    raise TypeError(f"raspa: {name} must be a positive int or a non-empty tuple of positive ints "
                     f"(RASPA's gamma_1..gamma_d), got {tt_ranks!r}")
+
+
+def _per_layer(value, name: str, check) -> dict | None:
+    """``{glob: checked value}`` for a mapping argument (None for a single value)."""
+    if not isinstance(value, Mapping):
+        return None
+    if not value:
+        raise ValueError(f"raspa: {name}={{}} is empty; give {{glob: value, ...}} or a single value")
+    out = {}
+    for g, v in value.items():
+        if not isinstance(g, str):
+            raise TypeError(f"raspa: {name} keys must be glob strings of layer names, got {g!r}")
+        out[g] = check(v, f"{name}[{g!r}]")
+    return out
+
+
+def _lookup(table: Mapping, layer: str, name: str):
+    for g, v in table.items():
+        if fnmatch.fnmatchcase(layer, g):
+            return v
+    raise SpecError(f"raspa: layer '{layer}' matches no glob of {name} ({list(table)}); add an entry "
+                    f"for it (e.g. '*': default) or leave it out with exclude=")
+
+
+class _PerLayer:
+    """Per-layer ranks/densities of :func:`raspa`, expanded to one ``Constrain`` per layer at prepare."""
+
+    def __init__(self, ranks, density, view_for, template: Constrain):
+        self.ranks, self.density, self.view_for, self.template = ranks, density, view_for, template
+
+    def expand(self, model: nn.Module) -> list[Constrain]:
+        from ..specs import unwrap
+
+        specs = []
+        names = [n for n, _ in self.template.select(unwrap(model))]
+        if not names:
+            return [self.template]  # resolve() raises its "selects no layer" error
+        for n in names:
+            r = _lookup(self.ranks, n, "tt_ranks") if isinstance(self.ranks, dict) else self.ranks
+            d = _lookup(self.density, n, "density") if isinstance(self.density, dict) else self.density
+            exact = "".join(f"[{c}]" if c in "*?[]" else c for c in n)  # the name as a glob of itself
+            specs.append(Constrain(exact, Sum(TTRank(r), Cardinality(density=d)), view=self.view_for(r),
+                                   name=f"raspa:{n}"))
+        return specs
 
 
 def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth: float = 1.0,
           every: Any = "epoch", d: int | None = None, factors: Any = None, *, targets=nn.Conv2d,
           exclude=None, init: str = "decompose", rho_max: float | None = None, tol: float | None = None,
-          decompose_iters: int = 10) -> RaspaSolver:
+          decompose_iters: int = 10, layout: str = "oki") -> RaspaSolver:
     """A :class:`RaspaSolver`: ADMM on ``W = L + S`` with low TT-rank ``L`` and sparse ``S``.
 
     Parameters
     ----------
-    tt_ranks : int or tuple of int
-        Target internal TT ranks ``(gamma_1, ..., gamma_m)`` of the tensorized ``L`` (RASPA
-        Table 8 writes ``(1, 10, 10, 1)`` for ``(10, 10)``); one int for all.  A rank above
-        what an unfolding allows is capped (:meth:`TTRank.rank_for`).
-    density : float in (0, 1]
+    tt_ranks : int, tuple of int, or {glob: int or tuple}
+        Target internal TT ranks of the tensorized ``L``: with ``layout="oki"`` the pair
+        ``(r_1, r_2)`` of the ``(O, K, I)`` tensor (RASPA Tables 8-10 write ``(1, 10, 10, 1)``
+        for ``(10, 10)``); one int for both.  A mapping gives per-layer values as the tables do
+        (``{"layer1.*": (10, 10), "layer3.0.conv1": (20, 15), "*": 5}``: the first glob, in
+        order, matching a layer's name applies; a targeted layer matched by none raises at
+        ``prepare``).  A rank above what an unfolding allows is capped
+        (:meth:`TTRank.rank_for`: ``r_1 <= min(O, K I)``, ``r_2 <= min(r_1 K, I)``).
+        :func:`admm_compress.rank_selection`-style budgets: :func:`tt_ranks_for_budget`.
+    density : float in (0, 1], or {glob: float}
         Fraction of entries of ``S`` kept: ``kappa = round(density * numel)`` (RASPA's
-        "sparsity 90%" is ``density=0.1``).
+        "sparsity 90%" is ``density=0.1``); per layer like ``tt_ranks``.
     rho : float > 0
         ADMM penalty ``lambda`` of Eq. 3.
     rho_growth, rho_max, every, tol :
         Schedule of the general :class:`~admm_compress.Solver`.
+    layout : {"oki", "eq9"}
+        TT tensorization (:mod:`admm_compress.views`).  ``"oki"`` (default): ``(O, kh*kw, I)``
+        (:meth:`TTView.oki`), which reproduces RASPA Table 1's compression with Tables 8-10's
+        ranks and exports to three stock convolutions.  ``"eq9"``: the literal reading of Eq. 9,
+        ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`, exported as
+        :class:`~admm_compress.tt_layers.TTConv2d`).
     d : int, optional
-        Number of channel factors (cores besides the kernel core).  Default: from the length
-        of ``tt_ranks`` (see :class:`AutoTTView`), else 2.
+        ``layout="eq9"`` only: number of channel factors (cores besides the kernel core).
+        Default: from the length of ``tt_ranks`` (see :class:`AutoTTView`), else 2.
     factors : None, (out_factors, in_factors), or {channels: factors}
-        Channel factorizations ``O = o_1...o_d``, ``I = i_1...i_d``; default balanced.
+        ``layout="eq9"`` only: channel factorizations ``O = o_1...o_d``, ``I = i_1...i_d``;
+        default balanced.
     targets : module type(s), glob or predicate
         Layers compressed (every ``nn.Conv2d`` by default).
     exclude : str or sequence of str, optional
@@ -289,25 +430,198 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
         ``"decompose"``: ``L, S`` from the given weight by alternating projections (Algorithm 1,
         line 1; ``decompose_iters`` alternations); ``"scratch"``: ``L = W``, ``S = 0``.
 
+    Notes
+    -----
+    With per-layer mappings, ``solver.spec`` holds one template spec until ``prepare``, which
+    replaces it by one ``Constrain`` per layer (``solver.describe()`` lists each layer's ranks,
+    parameters and MACs).  At ``prepare`` a layer whose TT branch would cost more MACs than
+    its dense layer is logged as a warning with both numbers.
+
     Raises
     ------
     ValueError, TypeError
-        Bad values (density 0 or > 1, non-positive ranks, ``tt_ranks`` longer than ``d``), at
-        call time; shapes a layer cannot take (channels not factorable as asked, ranks longer
-        than the layer's tensor order) at ``prepare`` (before any training), naming the layer.
+        Bad values (density 0 or > 1, non-positive ranks, ``tt_ranks`` longer than ``d`` or, for
+        ``layout="oki"``, longer than 2; ``d``/``factors`` with ``layout="oki"``), at call time;
+        shapes a layer cannot take (channels not factorable as asked, ranks longer than the
+        layer's tensor order, layers the TT export cannot build) at ``prepare`` (before any
+        training), naming the layer.
     """
-    ranks = _check_ranks(tt_ranks)
-    dens = check_float("density", density, low=0.0, high=1.0, low_open=True, where="raspa")
+    layout = check_choice("layout", layout, TT_LAYOUTS, where="raspa")
+    rank_map = _per_layer(tt_ranks, "tt_ranks", _check_ranks)
+    dens_map = _per_layer(density, "density", lambda v, nm: check_float(nm, v, low=0.0, high=1.0,
+                                                                         low_open=True, where="raspa"))
+    ranks = _check_ranks(tt_ranks) if rank_map is None else None
+    dens = check_float("density", density, low=0.0, high=1.0, low_open=True, where="raspa") \
+        if dens_map is None else None
     rho = check_float("rho", rho, low=0.0, low_open=True, where="raspa")
-    if d is not None:
-        d = check_int("d", d, low=1, where="raspa")
-        if isinstance(ranks, tuple) and len(ranks) > d:
-            raise ValueError(f"raspa: tt_ranks={ranks} has {len(ranks)} entries but with d={d} channel "
-                             f"factors the tensorized weight has at most d + 1 = {d + 1} modes, i.e. at most "
-                             f"{d} internal ranks")
-    view = AutoTTView(d=d, factors=factors, n_ranks=len(ranks) if isinstance(ranks, tuple) else None)
-    constraint = Sum(TTRank(ranks), Cardinality(density=dens))
-    spec = Constrain(targets, constraint, view=view, exclude=exclude, name="raspa",
+    all_ranks = list(rank_map.values()) if rank_map is not None else [ranks]
+    if layout == "oki":
+        if d is not None or factors is not None:
+            raise ValueError(f"raspa: d={d!r} / factors={factors!r} choose channel factorizations of the "
+                             f"'eq9' layout; layout='oki' tensorizes (O, kh*kw, I) and takes neither "
+                             f"(pass layout='eq9' to use them)")
+        for r in all_ranks:
+            if isinstance(r, tuple) and len(r) > 2:
+                raise ValueError(f"raspa: tt_ranks={r} has {len(r)} entries but layout='oki' views a weight "
+                                 f"as the 3-way (O, kh*kw, I), which has 2 internal TT ranks (r1, r2)")
+
+        def view_for(r):
+            return TTView.oki()
+    else:
+        if d is not None:
+            d = check_int("d", d, low=1, where="raspa")
+            for r in all_ranks:
+                if isinstance(r, tuple) and len(r) > d:
+                    raise ValueError(f"raspa: tt_ranks={r} has {len(r)} entries but with d={d} channel "
+                                     f"factors the tensorized weight has at most d + 1 = {d + 1} modes, i.e. "
+                                     f"at most {d} internal ranks")
+
+        def view_for(r):
+            return AutoTTView(d=d, factors=factors, n_ranks=len(r) if isinstance(r, tuple) else None)
+    r0 = ranks if rank_map is None else next(iter(rank_map.values()))
+    d0 = dens if dens_map is None else next(iter(dens_map.values()))
+    constraint = Sum(TTRank(r0), Cardinality(density=d0))
+    spec = Constrain(targets, constraint, view=view_for(r0), exclude=exclude, name="raspa",
                      skip_unexportable=targets is nn.Conv2d)
-    return RaspaSolver(spec, rho=rho, every=every, rho_growth=rho_growth, rho_max=rho_max, tol=tol,
-                       init=init, decompose_iters=decompose_iters)
+    solver = RaspaSolver(spec, rho=rho, every=every, rho_growth=rho_growth, rho_max=rho_max, tol=tol,
+                         init=init, decompose_iters=decompose_iters)
+    if rank_map is not None or dens_map is not None:
+        solver._per_layer = _PerLayer(rank_map if rank_map is not None else ranks,
+                                      dens_map if dens_map is not None else dens, view_for, spec)
+    return solver
+
+
+def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "params", *, targets=nn.Conv2d,
+                        exclude=None, density: float = 0.0, input_size: Sequence[int] | None = None) -> dict:
+    """Per-layer ``"oki"`` TT ranks ``{layer: (r_1, r_2)}`` that meet a parameter or MAC budget.
+
+    Global selection over the singular values of the TT unfoldings: every targeted weight ``W``
+    is viewed as ``X = (O, kh*kw, I)`` (:meth:`TTView.oki`); its two unfoldings ``X_<1>``
+    (``O x K I``) and ``X_<2>`` (``O K x I``) have singular values ``s^(1), s^(2)``, normalized
+    by ``||W||_F`` so layers compete on relative energy.  One global threshold ``t`` gives
+    ``r_1 = #{s^(1) > t}``, ``r_2 = min(#{s^(2) > t}, K r_1)`` (at least 1); the cost is monotone
+    in ``t``, so a bisection over all the normalized singular values finds the smallest ``t``
+    (largest ranks) whose model cost is within the budget.  The TT-SVD error of a layer is
+    bounded by the discarded singular values of the two unfoldings (Oseledets 2011, Thm. 2.2),
+    which is what a global threshold balances across layers.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (pre-trained) model; its current weights define the singular values.
+    reduction : float in (0, 1)
+        Target fraction of the *whole model's* parameters (``metric="params"``) or MACs
+        (``metric="macs"``, ptflops count at ``input_size``) to remove; untargeted layers and
+        everything else count as dense.
+    metric : {"params", "macs"}
+    targets, exclude :
+        Layers to compress, as for :func:`raspa` (Conv1d/2d/3d and Linear weights).
+    density : float in [0, 1)
+        Density of the sparse branch ``S`` that will be used with these ranks (its kept entries
+        count in the budget; 0 for a pure TT model such as ``admm_tt``).
+    input_size : tuple of int
+        Input shape without batch (needed for ``metric="macs"``).
+
+    Returns
+    -------
+    dict
+        ``{layer name: (r_1, r_2)}``, usable as ``raspa(tt_ranks=..., density=density)``.
+
+    Raises
+    ------
+    ValueError
+        Bad arguments, or a budget that rank 1 everywhere cannot meet (the message gives the
+        largest achievable reduction).
+    """
+    from ..complexity import complexity
+    from ..specs import Constrain as _C, unwrap
+
+    red = check_float("reduction", reduction, low=0.0, high=1.0, low_open=True, high_open=True,
+                      where="tt_ranks_for_budget")
+    metric = check_choice("metric", metric, ("params", "macs"), where="tt_ranks_for_budget")
+    dens = check_float("density", density, low=0.0, high=1.0, high_open=True, where="tt_ranks_for_budget")
+    if metric == "macs" and input_size is None:
+        raise ValueError("tt_ranks_for_budget: metric='macs' needs input_size (the input shape without batch)")
+    model = unwrap(model)
+    probe = _C(targets, TTRank(1), view=TTView.oki(), exclude=exclude)
+    layers = [(n, m) for n, m in probe.select(model)
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not layers:
+        raise ValueError(f"tt_ranks_for_budget: targets={targets!r} selects no Linear/Conv layer of the model")
+    pos = {n: (1, 1) for n, _ in layers}
+    if metric == "macs":
+        hooks = []
+
+        def hook(name):
+            def f(m, inp, out):
+                sp = lambda t: int(t[0, 0].numel()) if t.dim() > 2 else 1  # noqa: E731
+                pos[name] = (sp(inp[0]), sp(out))
+            return f
+        for n, m in layers:
+            hooks.append(m.register_forward_hook(hook(n)))
+        p0 = next(model.parameters())
+        try:
+            with torch.no_grad():
+                was = model.training
+                model.eval()
+                model(torch.zeros(1, *input_size, dtype=p0.dtype, device=p0.device))
+                model.train(was)
+        finally:
+            for h in hooks:
+                h.remove()
+        total = complexity(model, tuple(input_size)).macs
+    else:
+        total = sum(p.numel() for p in model.parameters())
+    info = []
+    fixed = total
+    for n, m in layers:
+        w = m.weight.detach().double()
+        O, I, K = w.shape[0], w.shape[1], math.prod(w.shape[2:])
+        x = TTView.oki().to(w)
+        norm = float(w.norm()) or 1.0
+        s1 = torch.linalg.svdvals(x.reshape(O, K * I)) / norm
+        s2 = torch.linalg.svdvals(x.reshape(O * K, I)) / norm
+        pin, pout = pos[n]
+        kept = round(dens * O * I * K)
+        dense_cost = O * I * K * (pout if metric == "macs" else 1)
+        fixed -= dense_cost
+        padded = _padded(m)
+        info.append((n, tuple(w.shape), K, s1, s2, pin, pout, kept, padded))
+
+    def ranks_at(t):
+        out = {}
+        for n, shape, K, s1, s2, *_ in info:
+            r1 = max(1, int((s1 > t).sum()))
+            r2 = max(1, min(int((s2 > t).sum()), K * r1))
+            out[n] = (r1, r2)
+        return out
+
+    def cost(ranks):
+        c = fixed
+        for n, shape, K, s1, s2, pin, pout, kept, padded in info:
+            p, mac = tt_layers.tt_oki_cost(shape, ranks[n], in_positions=pin, out_positions=pout, padded=padded)
+            c += (mac + kept * pout) if metric == "macs" else (p + kept)
+        return c
+
+    budget = (1.0 - red) * total
+    cands = torch.cat([torch.cat([i[3], i[4]]) for i in info]).unique().sort(descending=True).values.tolist()
+    lo_rank = ranks_at(float("inf"))
+    if cost(lo_rank) > budget:
+        raise ValueError(f"tt_ranks_for_budget: reduction={red} of the model's {metric} is out of reach: TT ranks "
+                         f"(1, 1) on every targeted layer (density={dens}) remove only "
+                         f"{100 * (1 - cost(lo_rank) / total):.1f} %")
+    # cands[i] as threshold keeps the singular values strictly above it; find the last i that fits
+    # index -1: threshold +inf (ranks 1, fits); index len(cands): threshold -1 (all singular values)
+    lo, hi = -1, len(cands)
+    if cost(ranks_at(-1.0)) <= budget:
+        return ranks_at(-1.0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cost(ranks_at(cands[mid])) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    best = ranks_at(cands[lo]) if lo >= 0 else lo_rank
+    log.info("tt_ranks_for_budget: %s reduction %.1f %% (target %.1f %%)", metric,
+             100 * (1 - cost(best) / total), 100 * red)
+    return best

@@ -41,8 +41,10 @@ class TTRank(ConstraintSet):
 
     so ``||X - P(X)||_F <= sqrt(d - 1) * min_{Y in C} ||X - Y||_F``.  A tensor already in ``C``
     is reproduced (up to rounding).  Cost: ``d - 1`` SVDs, the first of an
-    ``n_1 x (n_2 ... n_d)`` matrix.  Use :class:`~admm_compress.views.TTView` to see a
-    convolution kernel as the ``(kh*kw, o_1 i_1, ..., o_d i_d)`` tensor of RASPA Eq. 9.
+    ``n_1 x (n_2 ... n_d)`` matrix.  A layer's weight becomes a tensor through one of the two
+    named TT layouts of :mod:`admm_compress.views`: ``TTView.oki()`` (``(O, kh*kw, I)``, ranks
+    ``(r_1, r_2)``; exported as three stock convolutions) or ``TTView(out_factors, in_factors)``
+    (``(kh*kw, o_1 i_1, ..., o_d i_d)``, the literal reading of RASPA Eq. 9).
     """
 
     min_dim = 2
