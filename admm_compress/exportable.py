@@ -132,16 +132,23 @@ def _sparse_rule(m: nn.Module, c: Cardinality, v: View) -> str | None:
 
 
 def _tt_rule(m: nn.Module, c: Constraint, v: View) -> str | None:
+    from .views import TTOKIView
+
     if not (isinstance(v, TTView) or getattr(v, "name", None) == "tt"):
-        return ("TTRank acts on a tensorized weight: pass view=admm_compress.views.TTView(...) "
+        return ("TTRank acts on a tensorized weight: pass view=admm_compress.views.TTView.oki() "
                 "(or use methods.raspa / solver admm_tt, which choose one)")
-    if not isinstance(m, (nn.Linear, nn.Conv2d)):
-        return f"TT export builds layers for nn.Conv2d and nn.Linear, not {_kind(m)}; exclude it"
-    if isinstance(m, nn.Conv2d) and m.groups != 1:
+    if isinstance(m, _CONV) and m.groups != 1:
         return f"TT export of a grouped/depthwise convolution (groups={m.groups}) is not supported; exclude it"
+    if isinstance(v, TTOKIView):  # stock 1x1 -> k x k -> 1x1 chain: any conv dimension and padding mode
+        if not isinstance(m, (nn.Linear,) + _CONV):
+            return f"TT export builds layers for nn.Linear and nn.Conv1d/2d/3d, not {_kind(m)}; exclude it"
+        return None
+    if not isinstance(m, (nn.Linear, nn.Conv2d)):
+        return (f"the 'eq9' TT layout exports nn.Conv2d and nn.Linear only, not {_kind(m)}; use "
+                f"view=TTView.oki() (any conv) or exclude it")
     if isinstance(m, nn.Conv2d) and m.padding_mode != "zeros":
-        return (f"TT export rebuilds the conv with zero padding; padding_mode={m.padding_mode!r} "
-                f"cannot be reproduced; exclude it")
+        return (f"the 'eq9' TT layer pads with zeros; padding_mode={m.padding_mode!r} cannot be "
+                f"reproduced: use view=TTView.oki() or exclude it")
     return None
 
 
