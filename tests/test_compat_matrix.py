@@ -27,6 +27,7 @@ FAST = {("mobilenet_v2", c) for c in ("lowrank", "sparse", "channels", "lrpet", 
 FAST |= {("efficientnet_b0", c) for c in ("sparse", "channels", "lrpet", "decomposable_net")}
 FAST |= {("resnet18", c) for c in ("sparse", "channels")}
 FAST_MODELS = ("mobilenet_v2", "efficientnet_b0", "resnet18")
+REFUSED = {("mobilenet_v2", "trp"), ("efficientnet_b0", "trp")}
 
 
 def _params():
@@ -39,6 +40,11 @@ def _params():
 @pytest.mark.parametrize("model_name, compressor", list(_params()))
 def test_prepare_fit_finalize_export(model_name, compressor):
     r = run_case(model_name, compressor, small=True)
+    if (model_name, compressor) in REFUSED:
+        # TRP as released leaves the stem and the 1x1 convs dense; every other conv of these
+        # models is depthwise: nothing is left to compress, and prepare says so before training
+        assert r["status"] == "refused" and "could compress none" in r["reason"], r
+        return
     assert r["status"] == "works", r
     # compared in float64: the same linear maps in another order agree to ~1e-15 relative; any
     # wrong rank, missing layer or re-selection differs by orders of magnitude more than 1e-9

@@ -220,7 +220,8 @@ class TRPSolver(Solver):
             for c in self.spec:
                 ex = [c.exclude] if isinstance(c.exclude, str) else list(c.exclude or [])
                 spec.append(Constrain(c.target, c.constraint, view=c.view, exclude=ex + globs, param=c.param,
-                                      rho=c.rho, metric=c.metric, name=c.name))
+                                      rho=c.rho, metric=c.metric, name=c.name,
+                                      skip_unexportable=c.skip_unexportable))
             self.spec = spec
         self._subgrad, self._fresh = {}, False
         self.rank_history, self.final_ranks = [], {}
