@@ -12,6 +12,7 @@ from . import sets, views
 from .sets import Cardinality, ConstraintSet, LowRank, Penalty, SchattenP, Sum, TTRank
 from .specs import Constrain, describe, resolve
 from .solver import History, Solver
+from .penalty import AdaptiveRho, GeometricRho
 from .export import export, register_exporter
 from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC counter
 from .complexity import complexity, latency
@@ -37,3 +38,4 @@ __all__ = [
     "Constrain", "resolve", "describe", "Solver", "History", "export", "register_exporter",
     "complexity", "latency", "evaluate", "sets", "views", "methods", "models", "data",
 ]
+__all__ += ["AdaptiveRho", "GeometricRho"]
