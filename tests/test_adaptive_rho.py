@@ -22,7 +22,7 @@ def _planted(seed=1, n=40, k=5, m=80):
     return A, x_star, support
 
 
-def _sparse_ls_fit(scale, optimizer, epochs=150, steps=10):
+def _sparse_ls_fit(scale, optimizer, epochs=40, steps=10):
     """min_x scale/2 ||A x - y||^2 s.t. ||x||_0 <= k, y = A x*, through fit() with default rho."""
     A, x_star, support = _planted()
     y = A @ x_star
@@ -62,7 +62,7 @@ def test_auto_rho_trajectory_is_invariant_to_the_loss_scale():
     rho / s agrees too.  Adam (invariant to the gradient's scale by itself) likewise."""
     res = {}
     for s in (0.01, 1.0, 100.0):
-        w, _, _, solver, _ = _sparse_ls_fit(s, lambda p, s=s: torch.optim.SGD(p, lr=0.5 / s), epochs=60)
+        w, _, _, solver, _ = _sparse_ls_fit(s, lambda p, s=s: torch.optim.SGD(p, lr=0.5 / s))
         res[s] = (w, solver.rhos["weight"] / s)
     tol = 1e4 * EPS  # a few thousand float64 roundings along 600 steps
     for s in (0.01, 100.0):
@@ -71,7 +71,7 @@ def test_auto_rho_trajectory_is_invariant_to_the_loss_scale():
     ad = {}
     for s in (0.01, 100.0):
         # Adam is invariant to the gradient's scale once its eps scales with it too
-        w, _, _, solver, _ = _sparse_ls_fit(s, lambda p, s=s: torch.optim.Adam(p, lr=1e-2, eps=1e-10 * s), epochs=60)
+        w, _, _, solver, _ = _sparse_ls_fit(s, lambda p, s=s: torch.optim.Adam(p, lr=1e-2, eps=1e-10 * s))
         ad[s] = (w, solver.rhos["weight"] / s)
     torch.testing.assert_close(ad[0.01][0], ad[100.0][0], rtol=tol, atol=tol)
     assert ad[0.01][1] == pytest.approx(ad[100.0][1], rel=tol)
@@ -250,7 +250,7 @@ def test_finalize_reports_an_open_gap_and_history_records_both_sides(caplog):
 def test_closed_gap_finalizes_silently(caplog):
     w, _, _, solver, h = None, None, None, None, None
     with caplog.at_level(logging.WARNING, logger="admm_compress.solver"):
-        w, _, _, solver, h = _sparse_ls_fit(1.0, lambda p: torch.optim.SGD(p, lr=0.5), epochs=60)
+        w, _, _, solver, h = _sparse_ls_fit(1.0, lambda p: torch.optim.SGD(p, lr=0.5))
     assert not [r for r in caplog.records if "had not closed" in r.getMessage()]
     assert h.final["projection_distance"] < solver.finalize_warn_above
 
