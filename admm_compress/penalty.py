@@ -123,7 +123,7 @@ class AdaptiveRho:
     adaptive = True
 
     def __init__(self, balance: float = 1.0, kappa: float = 2.0, r_end: float = 1e-3, close_at: float = 0.7,
-                 factor: float = 2.0, decay: float = 0.7, rho_max: float | None = None):
+                 factor: float = 2.0, decay: float = 0.7, rho_max: float | None = None, lift: bool = False):
         where = "AdaptiveRho"
         self.balance = check_float("balance", balance, low=0.0, low_open=True, where=where)
         self.kappa = check_float("kappa", kappa, low=0.0, low_open=True, where=where)
@@ -132,6 +132,7 @@ class AdaptiveRho:
         self.factor = check_float("factor", factor, low=1.0, low_open=True, where=where)
         self.decay = check_float("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True, where=where)
         self.rho_max = rho_max
+        self.lift = bool(lift)
         self.horizon: int | None = None
         self.lr: float | None = None
         self.momentum: float | None = None
@@ -146,6 +147,11 @@ class AdaptiveRho:
             self.lr, self.momentum = float(g["lr"]), float(g["momentum"])
         else:
             self.lr, self.momentum = None, 0.0
+
+    def stability_step(self) -> float:
+        """``eta * rho`` at a quarter of heavy-ball's stability edge ``2 (1 + beta)``, at most 0.5."""
+        beta = 0.9 if self.momentum is None else self.momentum
+        return 0.5 * (1.0 + beta)
 
     def ceiling_step(self) -> float:
         """Largest ``eta * rho``: ``kappa`` times heavy-ball critical damping ``(1 - sqrt(beta))^2``, at most 0.5."""
@@ -243,7 +249,12 @@ class AdaptiveRho:
             if 1 / 1.1 <= ratio <= 1.1 or (ratio < 1 and target <= self.r_end):
                 continue  # within 10 %, or below the final target: let the duals close the rest
             new = rho * min(max(ratio, lo), self.factor)
-            new = min(max(new, 1e-3 * self.rho0[k]), self.cap[k])
+            cap = self.cap[k]
+            if self.lift and target <= self.r_end and ratio > 1:  # closing phase, gap still open
+                cap = cap / self.ceiling_step() * self.stability_step()
+                if self.rho_max is not None:
+                    cap = min(cap, self.rho_max)
+            new = min(max(new, 1e-3 * self.rho0[k]), cap)
             if new != rho:
                 out[k] = new
         return out
