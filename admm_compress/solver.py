@@ -246,8 +246,9 @@ class Solver:
     ``f(W) + rho/2 ||W - Z + U||^2``, so what a numeric rho does depends on the loss's gradient
     scale, the weight's scale and the learning rate: on the digits FCN-8 at density 0.1 a
     constant rho of 1e-3 left ``||W - Z|| / ||W||`` at 2.0 and the final projection took the
-    accuracy to 20 % (85 % after fine-tuning), rho 1 cost 1-20 points at density 0.05, and the
-    rho that works moves ~10x with the learning rate (docs/results/admm_vs_prune.md).  The
+    accuracy to 20 % (86 % after fine-tuning, 3-seed mean), rho 1 lost 25 points at density
+    0.05, and the rho that works moves ~10x with the learning rate
+    (docs/results/admm_vs_prune.md; "auto" matched the best of the constant grid there).  The
     adaptive rule (:class:`~admm_compress.penalty.AdaptiveRho`) measures instead of asking:
 
     * the first optimizer step runs with the penalty off and gives each weight's loss gradient
@@ -256,7 +257,7 @@ class Solver:
     * a ceiling from the optimizer: the penalty is a quadratic of curvature rho, and heavy-ball
       SGD (lr ``eta``, momentum ``beta``) is critically damped on it at
       ``eta * rho = (1 - sqrt(beta))^2``; above that W rings around Z (measured: rho 1 at lr
-      0.05, momentum 0.9 is 20x critical and lost 20 points), so ``rho <= 2 (1 - sqrt(beta))^2 /
+      0.05, momentum 0.9 is 20x critical and lost 25 points), so ``rho <= 2 (1 - sqrt(beta))^2 /
       eta`` (0.105 at lr 0.05, 0.53 at lr 0.01; ``eta * rho <= 0.5`` without momentum);
     * after every Z/U update, rho per weight follows the relative primal residual towards a
       target that falls geometrically to 1e-3 by 70 % of the run (:meth:`fit` knows the
