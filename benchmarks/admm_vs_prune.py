@@ -70,13 +70,14 @@ _pretrained: dict = {}
 def pretrained(problem: str, seed: int):
     """(model, train, test) with the model trained densely; the same weights per (problem, seed)."""
     P = PROBLEMS[problem]
-    train, test = P["data"](seed)
     key = (problem, seed)
     if key not in _pretrained:
         torch.manual_seed(seed)
         model = P["make"]()
-        train_dense(model, train, P["pretrain"], lr=0.05, progress=False)
-        _pretrained[key] = (copy.deepcopy(model.state_dict()), evaluate(model, test)["accuracy"])
+        pre_train, pre_test = P["data"](seed)  # its own loaders: their shuffling state is used up here
+        train_dense(model, pre_train, P["pretrain"], lr=0.05, progress=False)
+        _pretrained[key] = (copy.deepcopy(model.state_dict()), evaluate(model, pre_test)["accuracy"])
+    train, test = P["data"](seed)  # fresh loaders: every method sees the same batch order
     torch.manual_seed(seed)
     model = P["make"]()
     model.load_state_dict(_pretrained[key][0])
