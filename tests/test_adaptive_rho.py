@@ -270,3 +270,18 @@ def test_rho_arguments():
     assert ac.Solver(spec, mode="projection").rho == "auto"
     s = ac.Solver(spec, rho=0.1, rho_growth=2.0, rho_max=0.3).prepare(nn.Linear(6, 5))
     assert isinstance(s.rho_schedule, ac.GeometricRho) and s.rhos["weight"] == 0.1
+
+
+def test_auto_rho_per_component_of_a_sum_raspa_default():
+    """RASPA's default rho is "auto": each of L and S gets its own calibrated rho, and the run
+    ends feasible (TT rank on L, cardinality on S)."""
+    from admm_compress import methods
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    s = methods.raspa((2, 2), density=0.2, targets=nn.Linear, exclude="2", every=3)
+    assert s.rho == "auto"
+    h = s.fit(net, _toy_data(), epochs=2, progress=False)
+    assert set(s.rhos) == {"0.weight#L", "0.weight#S"}
+    assert all(r > 0 for r in s.rhos.values()) and s.rho_schedule.calibrated
+    assert h.final["feasible"]
