@@ -23,9 +23,9 @@ resumed; the Markdown report is written from the cache.
 
 Run (everything that fits the small shared CPU in ~15 min; see ``--help``)::
 
-    python benchmarks/admm_vs_prune.py --parts fcn_sparse fcn_lowrank fcn_robust fcn_tuned
-    python benchmarks/admm_vs_prune.py --parts resnet_sparse --seeds 0
-    python benchmarks/admm_vs_prune.py --report-only
+    python benchmarks/admm_vs_prune.py --parts fcn_sparse fcn_lowrank fcn_tuned fcn_robust fcn_cadence overhead
+    python benchmarks/admm_vs_prune.py --parts resnet_sparse resnet_cadence --seeds 0
+    python benchmarks/admm_vs_prune.py --report-only --note "..."
 """
 from __future__ import annotations
 
@@ -224,6 +224,12 @@ def part_jobs(part, seeds, lrs, rho_grid):
                              lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "sparse", d)))
                 jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lr, method="admm_auto_every10"),
                              lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "sparse", d, every=10)))
+    elif part in ("fcn_cadence", "resnet_cadence"):  # Z/U every 10 steps at the main lr, both densities
+        prob = "fcn" if part.startswith("fcn") else "resnet20"
+        for d in ((0.1, 0.05) if prob == "fcn" else (0.1, 0.2)):
+            for s in seeds:
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lrs[0], method="admm_auto_every10"),
+                             lambda prob=prob, s=s, d=d: run_admm(prob, s, lrs[0], "sparse", d, every=10)))
     elif part in ("fcn_tuned", "resnet_tuned"):
         prob = "fcn" if part.startswith("fcn") else "resnet20"
         for d in ((0.1, 0.05) if prob == "fcn" else (0.2,)):
@@ -366,8 +372,8 @@ def report(cache, out, note):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", nargs="*", default=["fcn_sparse", "fcn_lowrank", "fcn_robust", "fcn_tuned"],
-                    help="fcn_sparse fcn_lowrank fcn_robust fcn_tuned resnet_sparse resnet_lowrank resnet_robust "
-                         "resnet_tuned")
+                    help="fcn_sparse fcn_lowrank fcn_robust fcn_cadence fcn_tuned overhead resnet_sparse "
+                         "resnet_lowrank resnet_robust resnet_cadence resnet_tuned")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--lrs", nargs="*", type=float, default=[0.05, 0.1, 0.01],
                     help="the first is the main comparison's lr; all are used by the *_robust parts")
