@@ -455,7 +455,9 @@ class Solver:
             metric = self._metric(sl)
             k = sl.key
             if _batchable(sl.constraint) and metric is None and warm:
-                groups[(id(sl.constraint), sl.viewed_shape, V[k].dtype, V[k].device, self.rhos[k])].append(sl)
+                # a hard set's projection ignores rho: per-weight rhos (rho="auto") still batch
+                rk = self.rhos[k] if sl.constraint.is_penalty else 0.0
+                groups[(id(sl.constraint), sl.viewed_shape, V[k].dtype, V[k].device, rk)].append(sl)
             else:
                 tau = 1.0 / self.rhos[k] if self.rhos[k] > 0 else 0.0
                 out[k] = sl.from_view(self._apply(sl, sl.to_view(V[k]), tau, metric, warm))
