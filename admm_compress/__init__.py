@@ -12,6 +12,7 @@ from . import sets, views
 from .sets import Cardinality, ConstraintSet, LowRank, Penalty, SchattenP, Sum, TTRank
 from .specs import Constrain, SpecError, describe, resolve
 from .solver import History, Solver
+from .penalty import AdaptiveRho, GeometricRho
 from .export import ExportError, export, register_exporter
 from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC counter
 from . import attention  # attention modules that call their (compressed) projections
@@ -39,3 +40,4 @@ __all__ = [
     "Constrain", "resolve", "describe", "Solver", "History", "export", "register_exporter",
     "complexity", "latency", "evaluate", "storage_bytes", "saved_bytes", "select_kernels", "sets", "views", "methods", "models", "data", "attention",
 ]
+__all__ += ["AdaptiveRho", "GeometricRho"]

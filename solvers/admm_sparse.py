@@ -11,10 +11,12 @@ NAME = "admm_sparse"
 KIND = "admm"
 CONSTRAINT = "sparse"
 DESCRIPTION = "ADMM, Cardinality(density) per Conv2d / Linear weight (magnitude top-k Z-step)"
-# every: Z/U-step cadence in optimizer steps on network problems; rho and cadence as admm_lowrank
-# (where the measurement that chose them is written down)
-PARAMS = {"density": [0.1, 0.25, 0.5], "rho": [1e-2, 1e-1]}  # the grid holds the default rho
-DEFAULTS = {"density": 0.25, "rho": 0.1, "rho_growth": 1.2, "rho_max": 1.0, "every": 5}
+# every: Z/U-step cadence in optimizer steps on network problems (as admm_lowrank, where the
+# measurement that chose it is written down).  rho: the solver's adaptive default (issue 14,
+# docs/results/admm_vs_prune.md); the grid also sweeps numeric values (constant rho, or the
+# geometric schedule when rho_growth > 1 is set).
+PARAMS = {"density": [0.1, 0.25, 0.5], "rho": ["auto", 1e-2, 1e-1]}  # the grid holds the default rho
+DEFAULTS = {"density": 0.25, "rho": "auto", "rho_growth": 1.0, "rho_max": None, "every": 5}
 
 
 def build(problem, density, rho, rho_growth, rho_max, every):

@@ -4,8 +4,8 @@ from torch import nn
 REQUIRES = ["admm_compress.methods.raspa"]
 NAME = "raspa"
 DESCRIPTION = "RASPA: ADMM on W = L + S, TTRank(tt_ranks) on L, Cardinality(density) on S"
-PARAMS = {"tt_ranks": [4, 8, 16], "density": [0.02, 0.05, 0.1], "rho": [1e-3, 1e-2]}
-DEFAULTS = {"tt_ranks": 8, "density": 0.05, "rho": 1e-2, "rho_growth": 1.2, "rho_max": 1.0, "init": "decompose"}
+PARAMS = {"tt_ranks": [4, 8, 16], "density": [0.02, 0.05, 0.1], "rho": ["auto", 1e-3, 1e-2]}
+DEFAULTS = {"tt_ranks": 8, "density": 0.05, "rho": "auto", "rho_growth": 1.0, "rho_max": None, "init": "decompose"}
 # TT layout (admm_compress.views.TT_LAYOUTS): "oki" = (O, kh*kw, I), exported as three stock convs
 # (two Linears), fewer MACs than dense at these ranks; "eq9" = the literal Eq. 9 (TTConv2d, more MACs)
 DEFAULTS["layout"] = "oki"

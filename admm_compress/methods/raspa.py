@@ -19,8 +19,8 @@ component (keys ``<layer>.weight#L`` and ``<layer>.weight#S``):
   ``layout="eq9"`` the literal Eq. 9 ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`);
   ``Z_S = proj_Q(S + V)`` keeping the ``kappa`` largest entries (Eq. 11-12,
   :class:`~admm_compress.Cardinality`);
-* dual step (Eq. 13): ``U += L - Z_L``, ``V += S - Z_S``; ``rho`` constant or geometric
-  (``rho_growth``) as in the general solver.
+* dual step (Eq. 13): ``U += L - Z_L``, ``V += S - Z_S``; ``rho`` adaptive per component
+  (``"auto"``), constant or geometric (``rho_growth``) as in the general solver.
 
 Initialization (Algorithm 1, line 1): ``init="decompose"`` splits the given (pre-trained) weight
 by alternating projections (:meth:`Sum.decompose`): ``S`` = the sparse part, ``L = W - S``, so the
@@ -386,7 +386,7 @@ class _PerLayer:
         return specs
 
 
-def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth: float = 1.0,
+def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth: float = 1.0,
           every: Any = "epoch", d: int | None = None, factors: Any = None, *, targets=nn.Conv2d,
           exclude=None, init: str = "decompose", rho_max: float | None = None, tol: float | None = None,
           decompose_iters: int = 10, layout: str = "oki") -> RaspaSolver:
@@ -406,8 +406,9 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
     density : float in (0, 1], or {glob: float}
         Fraction of entries of ``S`` kept: ``kappa = round(density * numel)`` (RASPA's
         "sparsity 90%" is ``density=0.1``); per layer like ``tt_ranks``.
-    rho : float > 0
-        ADMM penalty ``lambda`` of Eq. 3.
+    rho : "auto", float > 0 or AdaptiveRho
+        ADMM penalty ``lambda`` of Eq. 3; ``"auto"`` (default): the general solver's adaptive
+        per-component penalty (:class:`~admm_compress.penalty.AdaptiveRho`).
     rho_growth, rho_max, every, tol :
         Schedule of the general :class:`~admm_compress.Solver`.
     layout : {"oki", "eq9"}
@@ -453,7 +454,10 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
     ranks = _check_ranks(tt_ranks) if rank_map is None else None
     dens = check_float("density", density, low=0.0, high=1.0, low_open=True, where="raspa") \
         if dens_map is None else None
-    rho = check_float("rho", rho, low=0.0, low_open=True, where="raspa")
+    from ..penalty import AdaptiveRho
+
+    if not (isinstance(rho, str) and rho == "auto") and not isinstance(rho, AdaptiveRho):
+        rho = check_float("rho", rho, low=0.0, low_open=True, where="raspa")
     all_ranks = list(rank_map.values()) if rank_map is not None else [ranks]
     if layout == "oki":
         if d is not None or factors is not None:

@@ -1,0 +1,413 @@
+"""ADMM with default arguments against ``torch.nn.utils.prune`` (and SVD truncation) at equal budget.
+
+The question (issue 14): does ``ac.Solver(spec).fit(...)`` with nothing tuned beat "train, cut,
+fine-tune" as a user would run it?  Every comparison starts from the same pretrained dense model
+(per seed) and spends the same epochs after pretraining with the same optimizer (SGD, momentum
+0.9, weight decay 5e-4) and the same LR schedule: ``E - F`` epochs at ``lr``, then ``F`` epochs at
+``lr / 10``.
+
+* peer, sparse: ``prune.l1_unstructured`` per layer ("prune_layer") or
+  ``prune.global_unstructured`` ("prune_global") to the density, then masked fine-tuning (the
+  pruning masks stay as forward pre-hooks) for all ``E`` epochs;
+* peer, low rank: every weight replaced by its truncated SVD (Eckart-Young), then the rank-r
+  factors fine-tuned (``admm_compress.structure``) for ``E`` epochs ("svd");
+* ours: ``ac.Solver([ac.Constrain(targets, set)]).fit(model, train, epochs=E - F,
+  finetune_epochs=F, lr=lr)`` -- default arguments only ("admm_auto"; "admm_auto_every10" with
+  ``every=10``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
+  the default is from its own best.
+
+Problems: the digits FCN-8 (``models.fcn(depth=8, width=96)``, every Linear) and the digits32
+ResNet-20 (every Conv2d and Linear).  Accuracy is measured on the test split after the whole
+budget.  Results are appended to a JSON-lines cache (``--cache``) so a run can be split and
+resumed; the Markdown report is written from the cache.
+
+Run (everything that fits the small shared CPU in ~15 min; see ``--help``)::
+
+    python benchmarks/admm_vs_prune.py --parts fcn_sparse fcn_lowrank fcn_tuned fcn_robust fcn_cadence overhead
+    python benchmarks/admm_vs_prune.py --parts resnet_sparse resnet_cadence --seeds 0
+    python benchmarks/admm_vs_prune.py --report-only --note "..."
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import admm_compress as ac  # noqa: E402
+from admm_compress import data, models  # noqa: E402
+from admm_compress.registry import train_dense  # noqa: E402
+from admm_compress.training import NonFiniteError, evaluate  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "docs", "results", "admm_vs_prune.md")
+CACHE = os.path.join(ROOT, "docs", "results", "admm_vs_prune.jsonl")
+
+PROBLEMS = {
+    # name: (loaders, model, pretrain epochs, epochs after pretraining E, of which fine-tuning F, targets)
+    "fcn": dict(make=lambda: models.fcn(depth=8, width=96, in_features=64, num_classes=10),
+                data=lambda seed: data.digits(batch_size=64, seed=seed), pretrain=30, E=20, F=5,
+                targets=(nn.Linear,)),
+    "resnet20": dict(make=lambda: models.resnet20(num_classes=10),
+                     data=lambda seed: data.digits32(batch_size=64, seed=seed), pretrain=4, E=4, F=1,
+                     targets=(nn.Conv2d, nn.Linear)),
+}
+
+_pretrained: dict = {}
+
+
+def pretrained(problem: str, seed: int):
+    """(model, train, test) with the model trained densely; the same weights per (problem, seed)."""
+    P = PROBLEMS[problem]
+    key = (problem, seed)
+    if key not in _pretrained:
+        torch.manual_seed(seed)
+        model = P["make"]()
+        pre_train, pre_test = P["data"](seed)  # its own loaders: their shuffling state is used up here
+        train_dense(model, pre_train, P["pretrain"], lr=0.05, progress=False)
+        _pretrained[key] = (copy.deepcopy(model.state_dict()), evaluate(model, pre_test)["accuracy"])
+    train, test = P["data"](seed)  # fresh loaders: every method sees the same batch order
+    torch.manual_seed(seed)
+    model = P["make"]()
+    model.load_state_dict(_pretrained[key][0])
+    torch.manual_seed(seed + 1000)  # the same shuffling for every method of this seed
+    return model, train, test, _pretrained[key][1]
+
+
+def _layers(model, targets):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, targets)]
+
+
+def two_phase(model, train, E, F, lr):
+    """The shared schedule: ``E - F`` epochs at lr, then ``F`` at lr / 10 (masks/factors kept by the caller)."""
+    if E - F > 0:
+        train_dense(model, train, E - F, lr=lr, progress=False)
+    if F > 0:
+        train_dense(model, train, F, lr=lr / 10, progress=False)
+
+
+def run_prune(problem, seed, lr, density, scope):
+    P = PROBLEMS[problem]
+    model, train, test, dense = pretrained(problem, seed)
+    layers = _layers(model, P["targets"])
+    if scope == "global":
+        prune.global_unstructured([(m, "weight") for _, m in layers], pruning_method=prune.L1Unstructured,
+                                  amount=1.0 - density)
+    else:
+        for _, m in layers:
+            prune.l1_unstructured(m, "weight", amount=1.0 - density)
+    after_cut = evaluate(model, test)["accuracy"]
+    two_phase(model, train, P["E"], P["F"], lr)
+    for _, m in layers:
+        prune.remove(m, "weight")
+    nnz = sum(int(torch.count_nonzero(m.weight)) for _, m in layers)
+    tot = sum(m.weight.numel() for _, m in layers)
+    assert nnz <= round(density * tot) + len(layers), (nnz, tot)
+    return {"acc": evaluate(model, test)["accuracy"], "after_cut": after_cut, "dense": dense}
+
+
+def run_svd(problem, seed, lr, ratio):
+    from admm_compress.structure import release, structure
+
+    P = PROBLEMS[problem]
+    model, train, test, dense = pretrained(problem, seed)
+    solver = ac.Solver(spec_for(problem, "lowrank", ratio), mode="projection")
+    solver.prepare(model)
+    solver.finalize(model)
+    after_cut = evaluate(model, test)["accuracy"]
+    state = copy.deepcopy(model.state_dict())
+    used_lr = lr
+    for attempt in (lr, lr / 10):  # factor fine-tuning of a deep net can diverge at the dense lr;
+        used_lr = attempt            # a user would then lower it, so the peer gets that retry
+        model.load_state_dict(state)
+        structure(solver.bindings)
+        try:
+            two_phase(model, train, P["E"], P["F"], attempt)
+            if evaluate(model, test)["accuracy"] > 20.0:  # not collapsed to chance
+                break
+        except NonFiniteError:
+            continue
+        finally:
+            release(solver.bindings)
+    else:
+        return {"acc": 10.0, "after_cut": after_cut, "dense": dense, "diverged": True, "peer_lr": used_lr}
+    return {"acc": evaluate(model, test)["accuracy"], "after_cut": after_cut, "dense": dense, "peer_lr": used_lr}
+
+
+def spec_for(problem, kind, amount):
+    P = PROBLEMS[problem]
+    cset = ac.Cardinality(density=amount) if kind == "sparse" else ac.LowRank(ratio=amount)
+    specs = []
+    for t in P["targets"]:
+        view = {"view": "channel"} if (t is nn.Conv2d and kind == "lowrank") else {}
+        specs.append(ac.Constrain(t, cset, **view))
+    return specs
+
+
+def run_admm(problem, seed, lr, kind, amount, **solver_kw):
+    P = PROBLEMS[problem]
+    model, train, test, dense = pretrained(problem, seed)
+    solver = ac.Solver(spec_for(problem, kind, amount), **solver_kw)
+    t0 = time.perf_counter()
+    h = solver.fit(model, train, epochs=P["E"] - P["F"], finetune_epochs=P["F"], lr=lr, val_loader=test,
+                   progress=False)
+    rhos = [u["rho"] for u in h.updates]
+    return {"acc": h.final["after_finetune"]["accuracy"], "before_finalize": h.final["before_finalize"]["accuracy"],
+            "after_finalize": h.final["after_finalize"]["accuracy"], "projection_distance": h.final["projection_distance"],
+            "final_primal": h.updates[-1]["primal"] if h.updates else None,
+            "rho_first": rhos[0] if rhos else None, "rho_last": rhos[-1] if rhos else None,
+            "dense": dense, "wall": time.perf_counter() - t0}
+
+
+def overhead(rounds=11, epochs=3):
+    """CPU seconds per optimizer step of ``fit`` with ``rho="auto"`` and with a numeric rho (0.1),
+    digits FCN-8, density 0.1, Z/U every 10 steps; runs interleaved over ``rounds``; medians."""
+    train, _ = data.digits(batch_size=64, seed=0)
+    batches = list(train)
+    per = {"auto": [], "0.1": []}
+    for i in range(rounds):
+        for rho in (["auto", "0.1"] if i % 2 == 0 else ["0.1", "auto"]):
+            torch.manual_seed(0)
+            model = PROBLEMS["fcn"]["make"]()
+            solver = ac.Solver(spec_for("fcn", "sparse", 0.1), rho=rho if rho == "auto" else float(rho), every=10)
+            t0 = time.process_time()
+            solver.fit(model, batches, epochs=epochs, lr=0.05, progress=False)
+            per[rho].append((time.process_time() - t0) / (epochs * len(batches)))
+    a, n = statistics.median(per["auto"]), statistics.median(per["0.1"])
+    return {"step_auto_ms": 1e3 * a, "step_numeric_ms": 1e3 * n, "ratio": a / n, "rounds": rounds,
+            "steps": epochs * len(batches)}
+
+
+# ----------------------------------------------------------------------------- parts
+def part_jobs(part, seeds, lrs, rho_grid):
+    """(key, fn) pairs of one part; ``key`` identifies the run in the cache."""
+    jobs = []
+    base_lr = lrs[0] if part.endswith(("_sparse", "_lowrank", "_tuned")) else None
+    if part in ("fcn_sparse", "resnet_sparse"):
+        prob = "fcn" if part.startswith("fcn") else "resnet20"
+        dens = (0.1, 0.05) if prob == "fcn" else (0.2, 0.1)
+        for d in dens:
+            for s in seeds:
+                for scope in ("layer", "global"):
+                    jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=base_lr, method=f"prune_{scope}"),
+                                 lambda prob=prob, s=s, d=d, scope=scope: run_prune(prob, s, base_lr, d, scope)))
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=base_lr, method="admm_auto"),
+                             lambda prob=prob, s=s, d=d: run_admm(prob, s, base_lr, "sparse", d)))
+    elif part in ("fcn_lowrank", "resnet_lowrank"):
+        prob = "fcn" if part.startswith("fcn") else "resnet20"
+        for s in seeds:
+            jobs.append((dict(problem=prob, kind="lowrank", amount=0.25, seed=s, lr=base_lr, method="svd"),
+                         lambda prob=prob, s=s: run_svd(prob, s, base_lr, 0.25)))
+            jobs.append((dict(problem=prob, kind="lowrank", amount=0.25, seed=s, lr=base_lr, method="admm_auto"),
+                         lambda prob=prob, s=s: run_admm(prob, s, base_lr, "lowrank", 0.25)))
+    elif part in ("fcn_robust", "resnet_robust"):
+        prob = "fcn" if part.startswith("fcn") else "resnet20"
+        d = 0.1 if prob == "fcn" else 0.2
+        for lr in lrs:
+            for s in seeds:
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lr, method="prune_layer"),
+                             lambda prob=prob, s=s, lr=lr: run_prune(prob, s, lr, d, "layer")))
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lr, method="prune_global"),
+                             lambda prob=prob, s=s, lr=lr: run_prune(prob, s, lr, d, "global")))
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lr, method="admm_auto"),
+                             lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "sparse", d)))
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lr, method="admm_auto_every10"),
+                             lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "sparse", d, every=10)))
+    elif part in ("fcn_cadence", "resnet_cadence"):  # Z/U every 10 steps at the main lr, both densities
+        prob = "fcn" if part.startswith("fcn") else "resnet20"
+        for d in ((0.1, 0.05) if prob == "fcn" else (0.1, 0.2)):
+            for s in seeds:
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lrs[0], method="admm_auto_every10"),
+                             lambda prob=prob, s=s, d=d: run_admm(prob, s, lrs[0], "sparse", d, every=10)))
+    elif part in ("fcn_tuned", "resnet_tuned"):
+        prob = "fcn" if part.startswith("fcn") else "resnet20"
+        for d in ((0.1, 0.05) if prob == "fcn" else (0.2,)):
+            for rho in rho_grid:
+                for s in seeds:
+                    jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=base_lr, method=f"admm_rho={rho:g}"),
+                                 lambda prob=prob, s=s, d=d, rho=rho: run_admm(prob, s, base_lr, "sparse", d, rho=rho)))
+    elif part == "overhead":
+        jobs.append((dict(problem="fcn", kind="sparse", amount=0.1, seed=0, lr=0.05, method="overhead"),
+                     overhead))
+    else:
+        raise SystemExit(f"unknown part {part!r}")
+    return jobs
+
+
+def _key(d):
+    return json.dumps({k: d[k] for k in ("problem", "kind", "amount", "seed", "lr", "method")}, sort_keys=True)
+
+
+def load_cache(path):
+    out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    out[_key(r)] = r
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _mean(xs):
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _fmt(xs):
+    if not xs:
+        return "not run"
+    m = _mean(xs)
+    return f"{m:.2f} ({', '.join(f'{x:.1f}' for x in xs)})"
+
+
+def report(cache, out, note):
+    rows = list(cache.values())
+
+    def sel(**kw):
+        return sorted((r for r in rows if all(r.get(k) == v for k, v in kw.items())), key=lambda r: r["seed"])
+
+    lines = ["# ADMM with default arguments vs torch.nn.utils.prune / SVD truncation (issue 14)", "",
+             f"Written by `benchmarks/admm_vs_prune.py` on {datetime.date.today()} ({platform.machine()}, "
+             f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)).  {note}", "",
+             "Test accuracy (%) after the whole budget, mean over seeds (per-seed values in brackets).  "
+             "Same pretrained model per seed; same epochs after pretraining, optimizer (SGD, momentum 0.9, "
+             "weight decay 5e-4) and schedule (E - F epochs at lr, F at lr/10) for every method.  "
+             "`admm_auto` = `ac.Solver([ac.Constrain(types, set)]).fit(model, train, epochs=E-F, "
+             "finetune_epochs=F, lr=lr)` with nothing else set.", ""]
+    problems = sorted({(r["problem"], r["kind"], r["amount"]) for r in rows if r["lr"] == 0.05})
+    lines += ["## Main comparison (lr 0.05, Z/U once per epoch)", "",
+              "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection | "
+              "dense | default >= peer? |", "|---|---|---|---|---|---|---|---|"]
+    for prob, kind, amount in problems:
+        ours = sel(problem=prob, kind=kind, amount=amount, lr=0.05, method="admm_auto")
+        if not ours:
+            continue
+        peers = ["prune_layer", "prune_global"] if kind == "sparse" else ["svd"]
+        what = f"density {amount:g}" if kind == "sparse" else f"LowRank(ratio={amount:g})"
+        for p in peers:
+            pr = sel(problem=prob, kind=kind, amount=amount, lr=0.05, method=p)
+            if not pr:
+                continue
+            oa, pa = [r["acc"] for r in ours], [r["acc"] for r in pr]
+            ba = _mean([r["before_finalize"] for r in ours])
+            aa = _mean([r["after_finalize"] for r in ours])
+            ok = "yes" if _mean(oa) >= _mean(pa) else "**no**"
+            lines.append(f"| {prob} | {what} | {p} | {_fmt(pa)} | {_fmt(oa)} | {ba:.1f} / {aa:.1f} | "
+                         f"{_mean([r['dense'] for r in ours]):.1f} | {ok} |")
+    # robustness
+    rob = [r for r in rows if r["method"] in ("admm_auto", "admm_auto_every10", "prune_layer", "prune_global")
+           and r["kind"] == "sparse"]
+    lrs = sorted({r["lr"] for r in rob}, reverse=True)
+    lines += ["", "## Robustness: learning rate and Z/U cadence (sparse)", "",
+              "| problem | density | lr | prune_layer | prune_global | admm_auto (per epoch) | admm_auto every=10 |",
+              "|---|---|---|---|---|---|---|"]
+    for prob, amount in sorted({(r["problem"], r["amount"]) for r in rob}):
+        for lr in lrs:
+            cells = [_fmt([r["acc"] for r in sel(problem=prob, kind="sparse", amount=amount, lr=lr, method=m)])
+                     for m in ("prune_layer", "prune_global", "admm_auto", "admm_auto_every10")]
+            if all(c == "not run" for c in cells[2:]):
+                continue
+            lines.append(f"| {prob} | {amount:g} | {lr:g} | " + " | ".join(cells) + " |")
+    # tuned
+    tuned = [r for r in rows if r["method"].startswith("admm_rho=")]
+    if tuned:
+        lines += ["", "## The default against its own hand-tuned rho (constant rho grid, lr 0.05, per epoch)", "",
+                  "| problem | density | admm_auto | " + " | ".join(sorted({r['method'] for r in tuned},
+                                                                           key=lambda m: float(m.split('=')[1])))
+                  + " | best tuned - auto |", "|---|---|---|" + "---|" * len({r['method'] for r in tuned}) + "---|"]
+        methods = sorted({r['method'] for r in tuned}, key=lambda m: float(m.split('=')[1]))
+        for prob, amount in sorted({(r["problem"], r["amount"]) for r in tuned}):
+            auto = [r["acc"] for r in sel(problem=prob, kind="sparse", amount=amount, lr=0.05, method="admm_auto")]
+            means = {}
+            cells = []
+            for m in methods:
+                xs = [r["acc"] for r in sel(problem=prob, kind="sparse", amount=amount, lr=0.05, method=m)]
+                means[m] = _mean(xs) if xs else float("nan")
+                cells.append(_fmt(xs))
+            best = max((v for v in means.values() if v == v), default=float("nan"))
+            lines.append(f"| {prob} | {amount:g} | {_fmt(auto)} | " + " | ".join(cells)
+                         + f" | {best - _mean(auto):+.2f} |")
+    ov = [r for r in rows if r["method"] == "overhead"]
+    if ov:
+        r = ov[-1]
+        lines += ["", "## Overhead of the adaptive rule", "",
+                  f"CPU time per optimizer step of `fit` (digits FCN-8, density 0.1, Z/U every 10 steps, "
+                  f"{r['steps']} steps per run, median of {r['rounds']} interleaved runs): rho='auto' "
+                  f"{r['step_auto_ms']:.3f} ms, rho=0.1 {r['step_numeric_ms']:.3f} ms, ratio "
+                  f"**{r['ratio']:.3f}**.  After the first step the rule costs one boolean test per step "
+                  f"and a few scalar operations per Z/U update."]
+    # rho trace
+    autos = [r for r in rows if r["method"].startswith("admm_auto")]
+    if autos:
+        lines += ["", "## What rho='auto' did (mean over the runs of each setting)", "",
+                  "| problem | constraint | lr | method | rho first update | rho last update | final primal "
+                  "||W-Z||/||W|| | projection distance | acc before / after final projection |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for prob, kind, amount, lr, m in sorted({(r["problem"], r["kind"], r["amount"], r["lr"], r["method"]) for r in autos}):
+            rs = sel(problem=prob, kind=kind, amount=amount, lr=lr, method=m)
+            lines.append(f"| {prob} | {kind} {amount:g} | {lr:g} | {m} | {_mean([r['rho_first'] for r in rs]):.3g} | "
+                         f"{_mean([r['rho_last'] for r in rs]):.3g} | {_mean([r['final_primal'] for r in rs]):.2e} | "
+                         f"{_mean([r['projection_distance'] for r in rs]):.2e} | "
+                         f"{_mean([r['before_finalize'] for r in rs]):.1f} / {_mean([r['after_finalize'] for r in rs]):.1f} |")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, out)
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--parts", nargs="*", default=["fcn_sparse", "fcn_lowrank", "fcn_robust", "fcn_tuned"],
+                    help="fcn_sparse fcn_lowrank fcn_robust fcn_cadence fcn_tuned overhead resnet_sparse "
+                         "resnet_lowrank resnet_robust resnet_cadence resnet_tuned")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    ap.add_argument("--lrs", nargs="*", type=float, default=[0.05, 0.1, 0.01],
+                    help="the first is the main comparison's lr; all are used by the *_robust parts")
+    ap.add_argument("--rho-grid", nargs="*", type=float, default=[1e-3, 1e-2, 1e-1, 1.0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--cache", default=CACHE)
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many seconds")
+    ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--note", default="", help="text added to the report header (e.g. what was not run)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cache = load_cache(args.cache)
+    t0 = time.perf_counter()
+    if not args.report_only:
+        for part in args.parts:
+            for meta, fn in part_jobs(part, args.seeds, args.lrs, args.rho_grid):
+                if _key(meta) in cache:
+                    continue
+                if args.budget_s is not None and time.perf_counter() - t0 > args.budget_s:
+                    print(f"budget of {args.budget_s:g} s spent; stopping before {meta}", flush=True)
+                    break
+                t1 = time.perf_counter()
+                res = fn()
+                rec = {**meta, **res, "wall_total": time.perf_counter() - t1}
+                cache[_key(rec)] = rec
+                with open(args.cache, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                print(f"{part}: {meta['problem']} {meta['kind']} {meta['amount']} seed {meta['seed']} lr "
+                      f"{meta['lr']} {meta['method']}: {res.get('acc', res.get('ratio')):.3f} "
+                      f"({rec['wall_total']:.0f} s)", flush=True)
+    print(report(cache, args.out, args.note))
+
+
+if __name__ == "__main__":
+    main()

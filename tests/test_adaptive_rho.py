@@ -1,0 +1,287 @@
+"""rho="auto" (admm_compress.penalty.AdaptiveRho): known answers without a user-set rho at any
+loss scale, exact dual rescaling, state round trip / resume, and the finalize report."""
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import admm_compress as ac
+
+EPS = torch.finfo(torch.float64).eps
+
+
+def _planted(seed=1, n=40, k=5, m=80):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, n, generator=g, dtype=torch.float64) / math.sqrt(m)
+    x_star = torch.zeros(n, dtype=torch.float64)
+    support = torch.randperm(n, generator=g)[:k]
+    x_star[support] = torch.randn(k, generator=g, dtype=torch.float64).sign() * (1 + torch.rand(k, generator=g))
+    return A, x_star, support
+
+
+def _sparse_ls_fit(scale, optimizer, epochs=40, steps=10):
+    """min_x scale/2 ||A x - y||^2 s.t. ||x||_0 <= k, y = A x*, through fit() with default rho."""
+    A, x_star, support = _planted()
+    y = A @ x_star
+    torch.manual_seed(0)
+    lin = nn.Linear(A.shape[1], 1, bias=False).double()
+    batches = [(A, y)] * steps
+
+    def loss_fn(out, target):
+        return scale * 0.5 * (out[:, 0] - target).pow(2).sum()
+
+    solver = ac.Solver([ac.Constrain(nn.Linear, ac.Cardinality(k=len(support)), view="identity")], every=10)
+    h = solver.fit(lin, batches, epochs=epochs, optimizer=optimizer, loss_fn=loss_fn, progress=False)
+    return lin.weight.detach()[0], x_star, support, solver, h
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+def test_auto_rho_recovers_planted_sparse_least_squares_at_any_loss_scale(scale):
+    """SGD with the step a user must take for this loss (lr = 0.5 / scale: the loss's gradient
+    Lipschitz constant is scale * ||A||^2): the same support and the same x* at every scale,
+    with rho never set.  (A numeric rho has to move 10^4x over this range.)"""
+    w, x_star, support, solver, h = _sparse_ls_fit(scale, lambda p: torch.optim.SGD(p, lr=0.5 / scale))
+    assert set(torch.nonzero(w).flatten().tolist()) == set(support.tolist())
+    # ADMM's fixed point is x*; what is left is the primal residual the run reached, which is
+    # below the target r_end = 1e-3 relative, so the tolerance is that residual times ||x*|| (with
+    # A's conditioning below 10 for m = 2n Gaussian rows) -- in practice float error.
+    r_end = solver.rho_schedule.r_end
+    assert solver.residuals[-1]["primal"] < r_end
+    assert float(torch.linalg.norm(w - x_star)) < 10 * r_end * float(torch.linalg.norm(x_star))
+    assert h.final["feasible"] and h.final["projection_distance"] < r_end
+    # rho scaled with the loss: same rho / scale at every scale (the invariance that gives the same answer)
+    assert all(r > 0 for r in solver.rhos.values())
+
+
+def test_auto_rho_trajectory_is_invariant_to_the_loss_scale():
+    """Multiplying the loss by s and dividing the SGD step by s leaves every W-step unchanged when
+    rho scales by s, which the adaptive rule does: the answers agree to float rounding, and
+    rho / s agrees too.  Adam (invariant to the gradient's scale by itself) likewise."""
+    res = {}
+    for s in (0.01, 1.0, 100.0):
+        w, _, _, solver, _ = _sparse_ls_fit(s, lambda p, s=s: torch.optim.SGD(p, lr=0.5 / s))
+        res[s] = (w, solver.rhos["weight"] / s)
+    tol = 1e4 * EPS  # a few thousand float64 roundings along 600 steps
+    for s in (0.01, 100.0):
+        torch.testing.assert_close(res[s][0], res[1.0][0], rtol=tol, atol=tol)
+        assert res[s][1] == pytest.approx(res[1.0][1], rel=tol)
+    ad = {}
+    for s in (0.01, 100.0):
+        # Adam is invariant to the gradient's scale once its eps scales with it too
+        w, _, _, solver, _ = _sparse_ls_fit(s, lambda p, s=s: torch.optim.Adam(p, lr=1e-2, eps=1e-10 * s))
+        ad[s] = (w, solver.rhos["weight"] / s)
+    torch.testing.assert_close(ad[0.01][0], ad[100.0][0], rtol=tol, atol=tol)
+    assert ad[0.01][1] == pytest.approx(ad[100.0][1], rel=tol)
+
+
+def _orthonormal_inputs(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_auto_rho_best_rank_r_in_a_hand_written_loop(scale):
+    """min 0.5 s ||W X - M X||^2 over rank(W) <= r, X X^T = I: Eckart-Young's truncated SVD, with
+    the solver in a hand-written loop (observe_optimizer + horizon) and rho never set."""
+    torch.manual_seed(0)
+    m, n, r = 12, 10, 3
+    M = torch.randn(m, n, dtype=torch.float64)
+    X = _orthonormal_inputs(n)
+    lin = nn.Linear(n, m, bias=False).double()
+    solver = ac.Solver([ac.Constrain(nn.Linear, ac.LowRank(rank=r))], every=5)
+    solver.prepare(lin)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.3 / scale)
+    steps = 1500
+    solver.rho_schedule.observe_optimizer(opt)
+    solver.rho_schedule.horizon = steps
+    for _ in range(steps):
+        loss = scale * 0.5 * (lin(X) - X @ M.T).pow(2).sum() + solver.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        solver.step()
+    solver.finalize(lin)
+    U, S, Vh = torch.linalg.svd(M)
+    target = (U[:, :r] * S[:r]) @ Vh[:r]
+    err = float(torch.linalg.norm(lin.weight.detach() - target) / torch.linalg.norm(target))
+    # the fixed point is A_r; the relative gap left is below r_end, amplified at most by
+    # s_1 / (s_r - s_{r+1}) (Wedin's perturbation bound for the top-r subspace)
+    bound = solver.rho_schedule.r_end * float(S[0] / (S[r - 1] - S[r]))
+    assert solver.residuals[-1]["primal"] < solver.rho_schedule.r_end
+    assert err < bound, (err, bound)
+    assert torch.linalg.matrix_rank(lin.weight).item() <= r
+
+
+def test_every_rho_change_rescales_the_scaled_dual_exactly():
+    """U <- (U + W - Z_new) * rho_old / rho_new on every update where rho changes: the unscaled
+    dual rho * U is what the U-step made it, to float rounding."""
+    torch.manual_seed(0)
+    lin = nn.Linear(20, 16, bias=False).double()
+    spec = [ac.Constrain(nn.Linear, ac.Cardinality(density=0.2), view="identity")]
+    solver = ac.Solver(spec, every=3)
+    solver.prepare(lin)
+    assert solver.rhos["weight"] == 0.0  # penalty off until the first step measured the scales
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    solver.rho_schedule.observe_optimizer(opt)
+    solver.rho_schedule.horizon = 600  # a slow target: rho goes down and up within 60 steps
+    x = torch.randn(32, 20, dtype=torch.float64)
+    t = torch.randn(32, 16, dtype=torch.float64)
+    changes = 0
+    for i in range(60):
+        loss = 0.5 * (lin(x) - t).pow(2).sum() / 32 + solver.penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (solver.steps + 1) % 3 == 0:  # an update follows inside this step(): predict it
+            W = lin.weight.detach().clone()
+            U0, rho_old = solver.U["weight"].clone(), solver.rhos["weight"]
+            Z1 = ac.Cardinality(density=0.2).project(W + U0)
+            solver.step()
+            rho_new = solver.rhos["weight"]
+            torch.testing.assert_close(solver.Z["weight"], Z1, rtol=0, atol=0)
+            torch.testing.assert_close(rho_new * solver.U["weight"], rho_old * (U0 + W - Z1),
+                                       rtol=8 * EPS, atol=8 * EPS * float(W.abs().max()) * max(rho_old, rho_new))
+            changes += rho_new != rho_old
+        else:
+            solver.step()
+        if i == 0:
+            assert solver.rhos["weight"] > 0  # calibrated at the first step
+    assert changes >= 3  # the test saw rho move
+
+
+def _toy_data(n=96, d=16, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    y = x[:, :classes].argmax(1)
+    ds = torch.utils.data.TensorDataset(x, y)
+    return torch.utils.data.DataLoader(ds, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def _toy_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_state_dict_round_trip_mid_run_continues_identically():
+    """Snapshot (model, optimizer, solver) mid-run, restore into fresh objects, continue both:
+    identical weights, Z, U and per-weight rho (the adaptive state travels with state_dict)."""
+    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    data = list(_toy_data())
+
+    def run(net, solver, opt, batches):
+        for x, y in batches:
+            loss = nn.functional.cross_entropy(net(x), y) + solver.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            solver.step()
+
+    net = _toy_net()
+    s = ac.Solver(spec(), every=4).prepare(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.5)
+    s.rho_schedule.observe_optimizer(opt)
+    s.rho_schedule.horizon = 3 * len(data)
+    run(net, s, opt, data[:5])
+    snap = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()), s.state_dict())
+    run(net, s, opt, data[5:] + data)
+
+    net2 = _toy_net(seed=7)
+    s2 = ac.Solver(spec(), every=4).prepare(net2)
+    opt2 = torch.optim.SGD(net2.parameters(), lr=0.05, momentum=0.5)
+    net2.load_state_dict(snap[0])
+    opt2.load_state_dict(snap[1])
+    s2.load_state_dict(snap[2])
+    run(net2, s2, opt2, data[5:] + data)
+    for a, b in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert s.rhos == s2.rhos  # per-weight rho (two layers of different gradient scale), restored exactly
+    assert len(set(s.rho_schedule.rho0.values())) == 2
+    for k in s.U:
+        assert torch.equal(s.U[k], s2.U[k]) and torch.equal(s.Z[k], s2.Z[k])
+    assert s2.rho_schedule.state_dict() == s.rho_schedule.state_dict()
+    numeric = ac.Solver(spec(), rho=0.1).prepare(_toy_net())
+    with pytest.raises(ValueError, match="adaptive rho state"):
+        s2.load_state_dict(numeric.state_dict())
+
+
+def test_checkpoint_resume_with_auto_rho_equals_uninterrupted(tmp_path):
+    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    ref = _toy_net(seed=3)
+    s_ref = ac.Solver(spec(), every=4)
+    s_ref.fit(ref, _toy_data(seed=5), epochs=4, progress=False)
+    ck = tmp_path / "ck.pt"
+    net = _toy_net(seed=3)
+    ac.Solver(spec(), every=4).fit(net, _toy_data(seed=5), epochs=4, checkpoint=ck, progress=False,
+                                   callbacks=[lambda solver, model, rec: rec["epoch"] == 1])
+    torch.manual_seed(1234)
+    net2 = _toy_net(seed=99)
+    s2 = ac.Solver(spec(), every=4)
+    s2.fit(net2, _toy_data(seed=5), epochs=4, checkpoint=ck, progress=False)
+    for a, b in zip(ref.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert s2.rho_schedule.state_dict() == s_ref.rho_schedule.state_dict()
+
+
+def test_finalize_reports_an_open_gap_and_history_records_both_sides(caplog):
+    """A numeric rho far too small leaves the gap open: WARNING with the distance and the fix;
+    history.final has the accuracy before and after the final projection."""
+    loader = _toy_data()
+    net = _toy_net()
+    s = ac.Solver([ac.Constrain(nn.Linear, ac.Cardinality(density=0.1))], rho=1e-6)
+    with caplog.at_level(logging.WARNING, logger="admm_compress.solver"):
+        h = s.fit(net, loader, epochs=2, val_loader=loader, progress=False)
+    d = h.final["projection_distance"]
+    assert d > s.finalize_warn_above
+    msgs = [r.getMessage() for r in caplog.records if "had not closed" in r.getMessage()]
+    assert len(msgs) == 1 and f"{d:.3g}" in msgs[0] and "rho='auto'" in msgs[0]
+    assert {"before_finalize", "after_finalize"} <= set(h.final)
+    assert 0 <= h.final["before_finalize"]["accuracy"] <= 100
+    # the distance is the definition: the finalized weight vs the one just before
+    net2 = _toy_net()
+    s2 = ac.Solver([ac.Constrain(nn.Linear, ac.Cardinality(density=0.1))], rho=1e-6)
+    s2.fit(net2, loader, epochs=0, progress=False)  # direct compression: no updates, no warning
+    assert s2.projection_distance > 0
+
+
+def test_closed_gap_finalizes_silently(caplog):
+    w, _, _, solver, h = None, None, None, None, None
+    with caplog.at_level(logging.WARNING, logger="admm_compress.solver"):
+        w, _, _, solver, h = _sparse_ls_fit(1.0, lambda p: torch.optim.SGD(p, lr=0.5))
+    assert not [r for r in caplog.records if "had not closed" in r.getMessage()]
+    assert h.final["projection_distance"] < solver.finalize_warn_above
+
+
+def test_rho_arguments():
+    spec = [ac.Constrain(nn.Linear, ac.LowRank(rank=2))]
+    assert ac.Solver(spec).rho == "auto" and "rho=auto" in repr(ac.Solver(spec))
+    with pytest.raises(ValueError, match=r"rho_growth=1.2 needs a numeric rho"):
+        ac.Solver(spec, rho_growth=1.2)
+    with pytest.raises(TypeError, match=r"rho must be a real number, got 'fast'"):
+        ac.Solver(spec, rho="fast")
+    custom = ac.AdaptiveRho(kappa=1.0)
+    assert ac.Solver(spec, rho=custom).rho_schedule is custom
+    with pytest.raises(ValueError, match=r"AdaptiveRho: kappa=0.0 is out of range"):
+        ac.AdaptiveRho(kappa=0.0)
+    # projection mode ignores rho; numeric rho keeps the geometric schedule
+    assert ac.Solver(spec, mode="projection").rho == "auto"
+    s = ac.Solver(spec, rho=0.1, rho_growth=2.0, rho_max=0.3).prepare(nn.Linear(6, 5))
+    assert isinstance(s.rho_schedule, ac.GeometricRho) and s.rhos["weight"] == 0.1
+
+
+def test_auto_rho_per_component_of_a_sum_raspa_default():
+    """RASPA's default rho is "auto": each of L and S gets its own calibrated rho, and the run
+    ends feasible (TT rank on L, cardinality on S)."""
+    from admm_compress import methods
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    s = methods.raspa((2, 2), density=0.2, targets=nn.Linear, exclude="2", every=3)
+    assert s.rho == "auto"
+    h = s.fit(net, _toy_data(), epochs=2, progress=False)
+    assert set(s.rhos) == {"0.weight#L", "0.weight#S"}
+    assert all(r > 0 for r in s.rhos.values()) and s.rho_schedule.calibrated
+    assert h.final["feasible"]
