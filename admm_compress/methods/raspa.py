@@ -402,7 +402,7 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: float = 1e-3, rho_growth
         order, matching a layer's name applies; a targeted layer matched by none raises at
         ``prepare``).  A rank above what an unfolding allows is capped
         (:meth:`TTRank.rank_for`: ``r_1 <= min(O, K I)``, ``r_2 <= min(r_1 K, I)``).
-        :func:`admm_compress.rank_selection`-style budgets: :func:`tt_ranks_for_budget`.
+        :mod:`admm_compress.methods._decomposable_net.rank_selection`-style budgets: :func:`tt_ranks_for_budget`.
     density : float in (0, 1], or {glob: float}
         Fraction of entries of ``S`` kept: ``kappa = round(density * numel)`` (RASPA's
         "sparsity 90%" is ``density=0.1``); per layer like ``tt_ranks``.
