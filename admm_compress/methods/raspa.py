@@ -1,7 +1,7 @@
 """RASPA: co-exploring low TT-rankness and sparsity (papers/003), as a configuration of the Solver.
 
 Every targeted convolution weight is reparameterized as ``W = L + S``
-(:class:`~admm_compress.structure.Additive`, a :mod:`torch.nn.utils.parametrize`
+(:class:`~admm_compress.parametrizations.Additive`, a :mod:`torch.nn.utils.parametrize`
 parametrization: the module tree is the original one) and the problem (Eq. 1-2)
 
 .. math::
@@ -53,7 +53,7 @@ from .._validation import check_choice, check_float, check_int
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
 from ..specs import Constrain, SpecError
-from ..structure import Additive, Factored, additive_components, unflatten_factors
+from ..parametrizations import Additive, Factored, additive_components, unflatten_factors
 from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 
 __all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
