@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import tt_layers
-from .._validation import check_choice, check_float, check_int
+from .._validation import check_choice, check_float, check_int, where_prefix
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
 from ..specs import Constrain, SpecError
@@ -59,10 +59,6 @@ from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 __all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
 
 log = logging.getLogger(__name__)
-
-
-def _pre(where):
-    return f"{where}: " if where else ""
 
 
 class AutoTTView(View):
@@ -118,7 +114,7 @@ class AutoTTView(View):
         if shape in self._cache:
             return self._cache[shape]
         if len(shape) < 2:
-            raise ValueError(f"{_pre(where)}TT view needs a weight (O, I, *k), got shape {shape}")
+            raise ValueError(f"{where_prefix(where)}TT view needs a weight (O, I, *k), got shape {shape}")
         O, I = shape[0], shape[1]
         d = self._d_for(shape)
         if self.factors is None:
@@ -128,15 +124,15 @@ class AutoTTView(View):
         else:
             missing = [c for c in (O, I) if c not in self.factors]
             if missing:
-                raise ValueError(f"{_pre(where)}factors has no factorization for {missing[0]} channels "
+                raise ValueError(f"{where_prefix(where)}factors has no factorization for {missing[0]} channels "
                                  f"(weight shape {shape}); given for {sorted(self.factors)}")
             of, inf = self.factors[O], self.factors[I]
         for nm, f, n in (("out", of, O), ("in", inf, I)):
             if math.prod(f) != n:
-                raise ValueError(f"{_pre(where)}cannot factor the {n} {nm}put channels as {tuple(f)} "
+                raise ValueError(f"{where_prefix(where)}cannot factor the {n} {nm}put channels as {tuple(f)} "
                                  f"(product {math.prod(f)}; weight shape {shape})")
             if (self.d is not None or self.n_ranks is not None) and len(f) != d:
-                raise ValueError(f"{_pre(where)}{nm}put factors {tuple(f)} have {len(f)} entries but the "
+                raise ValueError(f"{where_prefix(where)}{nm}put factors {tuple(f)} have {len(f)} entries but the "
                                  f"tensorization of weight shape {shape} needs d={d}")
         view = TTView(of, inf)
         self._cache[shape] = view
