@@ -7,6 +7,8 @@ The weight is rebuilt from them on every forward pass, so the structure holds ex
 construction — masked entries stay zero, the rank cannot grow — and the module tree and the
 optimizer-visible parameters are ordinary.  :func:`release` removes the parametrizations and
 leaves a plain dense weight that satisfies the constraint.
+
+(Formerly ``admm_compress.structure``; that path still imports and is this module.)
 """
 from __future__ import annotations
 

@@ -49,6 +49,9 @@ folder ``<p>/problems`` / ``<p>/solvers`` for ``<p>`` in the ``ADMM_COMPRESS_PAT
 variable (``os.pathsep``-separated), then ``./problems`` / ``./solvers`` of the current working
 directory, then those of the source checkout this package was installed from (editable install).
 The first file that defines a name wins.
+
+(Formerly ``admm_compress.registry``; that path still imports and is this module, so entry files
+written against it keep working.)
 """
 from __future__ import annotations
 
