@@ -4,7 +4,8 @@ Declare which weights must satisfy which constraint (:class:`LowRank`, :class:`T
 :class:`Cardinality`, :class:`SchattenP`, :class:`Sum`), train with :class:`Solver` (ADMM or
 projected SGD inside ordinary PyTorch training), and :func:`export` the result to compact
 layers whose cost :func:`complexity` counts.  The published methods (LRPET, LoRITa, RASPA,
-Decomposable-Net, TRP) are configurations of that loop in :mod:`admm_compress.methods`.
+Decomposable-Net, TRP) are configurations of that loop in :mod:`admm_compress.methods`; the
+benchmark harness behind the ``admm-compress`` command is :mod:`admm_compress.bench`.
 """
 import logging as _logging
 

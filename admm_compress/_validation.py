@@ -18,10 +18,16 @@ __all__ = [
     "check_finite",
     "check_tensor",
     "check_choice",
+    "where_prefix",
 ]
 
 
-def _where(where: str | None) -> str:
+def where_prefix(where: str | None) -> str:
+    """``"<where>: "`` (the layer, parameter or call an error is about, then a colon), or ``""``.
+
+    The one helper behind every ``where=`` argument of the library's checks and constraint sets:
+    ``raise ValueError(f"{where_prefix(where)}k=0 is out of range ...")``.
+    """
     return f"{where}: " if where else ""
 
 
@@ -29,13 +35,13 @@ def check_int(name: str, value: Any, *, low: int | None = None, high: int | None
               where: str | None = None) -> int:
     """Return ``value`` as ``int`` if it is an integer in ``[low, high]``, else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{_where(where)}{name} must be an integer, got {value!r} "
+        raise TypeError(f"{where_prefix(where)}{name} must be an integer, got {value!r} "
                         f"({type(value).__name__})")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise ValueError(f"{_where(where)}{name}={value} is out of range; allowed: {lo} <= {name} <= {hi}")
+        raise ValueError(f"{where_prefix(where)}{name}={value} is out of range; allowed: {lo} <= {name} <= {hi}")
     return value
 
 
@@ -43,7 +49,7 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
                 low_open: bool = False, high_open: bool = False, where: str | None = None) -> float:
     """Return ``value`` as ``float`` if it is a finite real in the given interval, else raise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{_where(where)}{name} must be a real number, got {value!r} "
+        raise TypeError(f"{where_prefix(where)}{name} must be a real number, got {value!r} "
                         f"({type(value).__name__})")
     value = float(value)
     lb = "(" if low_open else "["
@@ -55,18 +61,18 @@ def check_float(name: str, value: Any, *, low: float | None = None, high: float 
     if high is not None:
         bad |= value >= high if high_open else value > high
     if bad:
-        raise ValueError(f"{_where(where)}{name}={value!r} is out of range; allowed: {name} in {interval}")
+        raise ValueError(f"{where_prefix(where)}{name}={value!r} is out of range; allowed: {name} in {interval}")
     return value
 
 
 def check_tensor(name: str, x: Any, *, min_dim: int = 0, where: str | None = None) -> torch.Tensor:
     """Raise unless ``x`` is a floating-point tensor with at least ``min_dim`` dimensions."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{_where(where)}{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{where_prefix(where)}{name} must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point() or x.is_complex()):
-        raise TypeError(f"{_where(where)}{name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise TypeError(f"{where_prefix(where)}{name} must be a floating-point tensor, got dtype {x.dtype}")
     if x.dim() < min_dim:
-        raise ValueError(f"{_where(where)}{name} must have at least {min_dim} dimensions, "
+        raise ValueError(f"{where_prefix(where)}{name} must have at least {min_dim} dimensions, "
                          f"got shape {tuple(x.shape)}")
     return x
 
@@ -75,7 +81,7 @@ def check_finite(name: str, x: torch.Tensor, *, where: str | None = None) -> tor
     """Raise if ``x`` holds NaN or infinite entries (one device sync)."""
     if x.device.type != "meta" and x.numel() and not bool(torch.isfinite(x).all()):
         n_bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{_where(where)}{name} has {n_bad} non-finite entries (NaN or inf) "
+        raise ValueError(f"{where_prefix(where)}{name} has {n_bad} non-finite entries (NaN or inf) "
                          f"out of {x.numel()}; only finite tensors are allowed")
     return x
 
@@ -83,6 +89,6 @@ def check_finite(name: str, x: torch.Tensor, *, where: str | None = None) -> tor
 def check_choice(name: str, value: Any, choices, *, where: str | None = None):
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{_where(where)}{name}={value!r} is not allowed; choose one of "
+        raise ValueError(f"{where_prefix(where)}{name}={value!r} is not allowed; choose one of "
                          f"{sorted(map(repr, choices))}")
     return value

@@ -15,7 +15,7 @@ writes ``results.json``, ``model_state_dict.pt`` (the exported model) and three 
 is shared) and writes ``bench.md``, ``bench.csv`` and ``tradeoff.png``.
 
 Problems and solvers are files in ``problems/`` and ``solvers/`` folders (see
-:mod:`admm_compress.registry` for the contract and the search path).  Any typo in a name or a
+:mod:`admm_compress.bench.registry` for the contract and the search path).  Any typo in a name or a
 parameter stops the command before anything runs, with the list of valid names.
 """
 from __future__ import annotations
@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _split_assignments(assign: dict, pdefaults: dict, sdefaults_by_solver: dict[str, dict],
                        problem: str) -> tuple[dict, dict[str, dict]]:
     """Route ``--set`` keys to the problem or to the solvers that have them; unknown keys raise."""
-    from .registry import RegistryError
+    from .bench.registry import RegistryError
 
     pparams: dict = {}
     sparams: dict[str, dict] = {s: {} for s in sdefaults_by_solver}
@@ -247,13 +247,13 @@ def _unknown_param(key, problem, pdefaults, sdefaults_by_solver) -> str:
 
 
 def _load(args):
-    from .registry import load_problems, load_solvers
+    from .bench.registry import load_problems, load_solvers
 
     return load_problems(args.problems_dir), load_solvers(args.solvers_dir)
 
 
 def _problem_entry(problems, name):
-    from .registry import unknown_name_error
+    from .bench.registry import unknown_name_error
 
     if name not in problems:
         raise unknown_name_error("problem", name, problems)
@@ -264,7 +264,7 @@ def _problem_entry(problems, name):
 
 
 def _solver_entry(solvers, name):
-    from .registry import RegistryError, unknown_name_error
+    from .bench.registry import RegistryError, unknown_name_error
 
     if name not in solvers:
         raise unknown_name_error("solver", name, solvers)
@@ -337,7 +337,7 @@ def _measure(model, problem, device, latency_batch, latency_repeats) -> dict:
 # ============================================================================ one run
 def _build_problem(pentry, seed: int, device: str, pparams: dict):
     """``pentry.build``; a bad parameter value (ValueError / TypeError) becomes a usage error."""
-    from .registry import RegistryError
+    from .bench.registry import RegistryError
 
     try:
         return pentry.build(seed=seed, device=device, **pparams)
@@ -354,7 +354,7 @@ def _check_solver_builds(sentry, problem, full_sparams: dict) -> None:
     fit the model then stops the command at once with exit code 2, instead of after the dense
     pretraining.  Nothing is trained or modified.
     """
-    from .registry import RegistryError
+    from .bench.registry import RegistryError
     from .solver import Solver
     from .specs import SpecError, resolve
 
@@ -431,7 +431,7 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
 
     import admm_compress as ac
     from . import plots as P
-    from .registry import cosine, train_dense
+    from .bench.registry import cosine, train_dense
     from .training import resolve_device
 
     rank, world = _world()
@@ -610,7 +610,7 @@ def _default_out(*parts) -> Path:
 
 
 def _cmd_run(args) -> int:
-    from .registry import parse_assignments
+    from .bench.registry import parse_assignments
     from .training import resolve_device
 
     problems, solvers = _load(args)
@@ -750,7 +750,7 @@ def _params_text(p: dict) -> str:
 
 
 def _cmd_bench(args) -> int:
-    from .registry import RegistryError, parse_assignments
+    from .bench.registry import RegistryError, parse_assignments
     from .training import resolve_device
 
     problems, solvers = _load(args)
@@ -885,7 +885,7 @@ def _write_csv(path: Path, results: list) -> None:
 # ============================================================================ entry
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``admm-compress`` console script; returns the exit code."""
-    from .registry import RegistryError
+    from .bench.registry import RegistryError
     from .specs import SpecError
 
     argv = list(sys.argv[1:] if argv is None else argv)

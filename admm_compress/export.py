@@ -46,7 +46,7 @@ from .layers import IndexScatter, IndexSelect, SparseConv1d, SparseConv2d, Spars
 from .sets import Cardinality, LowRank, SchattenP, Sum
 from .sets.base import Constraint
 from .specs import resolve, unwrap
-from .structure import additive_components
+from .parametrizations import additive_components
 from .views import View
 from . import tt_layers as _tt
 

@@ -41,7 +41,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._validation import check_int
+from ._validation import check_int, where_prefix
 
 __all__ = [
     "View",
@@ -57,10 +57,6 @@ __all__ = [
     "check_module",
     "VIEWS",
 ]
-
-
-def _pre(where: str | None) -> str:
-    return f"{where}: " if where else ""
 
 
 def _shape(shape: Sequence[int]) -> tuple[int, ...]:
@@ -102,7 +98,7 @@ class MatrixView(View):
     def check(self, shape, where=None):
         shape = _shape(shape)
         if len(shape) < 2:
-            raise ValueError(f"{_pre(where)}view '{self.name}' needs a weight with at least 2 "
+            raise ValueError(f"{where_prefix(where)}view '{self.name}' needs a weight with at least 2 "
                              f"dimensions, got shape {shape}")
 
     def viewed_shape(self, shape):
@@ -139,7 +135,7 @@ class SpatialView(View):
     def check(self, shape, where=None):
         shape = _shape(shape)
         if len(shape) != 4:
-            raise ValueError(f"{_pre(where)}view 'spatial' needs a Conv2d weight (O, I, kh, kw), "
+            raise ValueError(f"{where_prefix(where)}view 'spatial' needs a Conv2d weight (O, I, kh, kw), "
                              f"got shape {shape} ({len(shape)}-D)")
 
     def viewed_shape(self, shape):
@@ -291,15 +287,15 @@ class TTView(View):
     def check(self, shape, where=None):
         shape = _shape(shape)
         if len(shape) < 2:
-            raise ValueError(f"{_pre(where)}TTView needs a weight (O, I, *k) with at least 2 "
+            raise ValueError(f"{where_prefix(where)}TTView needs a weight (O, I, *k) with at least 2 "
                              f"dimensions, got shape {shape}")
         O, I = shape[0], shape[1]
         if math.prod(self.out_factors) != O:
-            raise ValueError(f"{_pre(where)}TTView: out_factors={self.out_factors} multiply to "
+            raise ValueError(f"{where_prefix(where)}TTView: out_factors={self.out_factors} multiply to "
                              f"{math.prod(self.out_factors)} but the weight has O={O} outputs "
                              f"(shape {shape})")
         if math.prod(self.in_factors) != I:
-            raise ValueError(f"{_pre(where)}TTView: in_factors={self.in_factors} multiply to "
+            raise ValueError(f"{where_prefix(where)}TTView: in_factors={self.in_factors} multiply to "
                              f"{math.prod(self.in_factors)} but the weight has I={I} inputs "
                              f"(shape {shape})")
 
@@ -375,7 +371,7 @@ class TTOKIView(View):
     def check(self, shape, where=None):
         shape = _shape(shape)
         if len(shape) < 2:
-            raise ValueError(f"{_pre(where)}TT view 'oki' needs a weight (O, I, *k) with at least 2 "
+            raise ValueError(f"{where_prefix(where)}TT view 'oki' needs a weight (O, I, *k) with at least 2 "
                              f"dimensions, got shape {shape}")
 
     def viewed_shape(self, shape):
@@ -450,24 +446,24 @@ def check_module(view: View, module: nn.Module, where: str | None = None) -> Non
     additionally needs a :class:`torch.nn.Conv2d`.
     """
     if not isinstance(view, View):
-        raise TypeError(f"{_pre(where)}view must be a View, got {type(view).__name__}")
+        raise TypeError(f"{where_prefix(where)}view must be a View, got {type(view).__name__}")
     if isinstance(view, IdentityView):
         return
     kind = type(module).__name__
     if isinstance(module, nn.modules.conv._ConvNd):
         if getattr(module, "transposed", False):
-            raise ValueError(f"{_pre(where)}{kind} is a transposed convolution (weight layout "
+            raise ValueError(f"{where_prefix(where)}{kind} is a transposed convolution (weight layout "
                              f"(in, out/groups, *k)); view '{view.name}' supports ordinary "
                              f"convolutions only (use view='identity' with Cardinality)")
         if module.groups > 1:
-            raise ValueError(f"{_pre(where)}{kind} has groups={module.groups}; a grouped "
+            raise ValueError(f"{where_prefix(where)}{kind} has groups={module.groups}; a grouped "
                              f"convolution's weight (O, I/groups, *k) cannot be seen through view "
                              f"'{view.name}' (only groups=1; use view='identity' with "
                              f"Cardinality for grouped/depthwise convolutions)")
         if isinstance(view, SpatialView) and not isinstance(module, nn.Conv2d):
-            raise ValueError(f"{_pre(where)}view 'spatial' needs an nn.Conv2d, got {kind}")
+            raise ValueError(f"{where_prefix(where)}view 'spatial' needs an nn.Conv2d, got {kind}")
     elif isinstance(view, SpatialView):
-        raise ValueError(f"{_pre(where)}view 'spatial' needs an nn.Conv2d, got {kind}")
+        raise ValueError(f"{where_prefix(where)}view 'spatial' needs an nn.Conv2d, got {kind}")
     if getattr(view, "name", None) == "tt":
         _check_tt_module(view, module, where)
 
@@ -484,17 +480,17 @@ def _check_tt_module(view: View, module: nn.Module, where: str | None) -> None:
     layout = getattr(view, "layout", "eq9")
     if layout == "oki":
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise ValueError(f"{_pre(where)}TT view 'oki' on a {kind}: its TT weight can be exported only "
+            raise ValueError(f"{where_prefix(where)}TT view 'oki' on a {kind}: its TT weight can be exported only "
                              f"for nn.Linear and nn.Conv1d/2d/3d; exclude this layer (exclude=...) or "
                              f"constrain it with another set")
         return
     if isinstance(module, nn.Linear):
         return
     if not isinstance(module, nn.Conv2d):
-        raise ValueError(f"{_pre(where)}TT view 'eq9' ({view!r}) on a {kind}: the Eq. 9 layout is "
+        raise ValueError(f"{where_prefix(where)}TT view 'eq9' ({view!r}) on a {kind}: the Eq. 9 layout is "
                          f"exported as TTConv2d / TTLinear, for nn.Conv2d and nn.Linear only; use "
                          f"TTView.oki() (layout='oki'), which exports every nn.Conv1d/2d/3d")
     if module.padding_mode != "zeros":
-        raise ValueError(f"{_pre(where)}TT view 'eq9' ({view!r}) on a {kind} with padding_mode="
+        raise ValueError(f"{where_prefix(where)}TT view 'eq9' ({view!r}) on a {kind} with padding_mode="
                          f"{module.padding_mode!r}: TTConv2d supports padding_mode='zeros' only; use "
                          f"TTView.oki() (layout='oki'), which keeps any padding mode")

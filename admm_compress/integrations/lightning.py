@@ -70,7 +70,7 @@ def _plain_backward(solver: Solver) -> bool:
     if backward is Solver.backward:
         return True
     try:  # LoRITa's backward = forward under parametrize.cached + penalty: the same gradient
-        from ..methods.lorita import LoRITaSolver
+        from ..methods._lorita import LoRITaSolver
     except ImportError:  # pragma: no cover
         return False
     return isinstance(solver, LoRITaSolver) and backward is LoRITaSolver.backward

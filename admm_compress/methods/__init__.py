@@ -12,12 +12,26 @@ function                  what it configures                                    
 ==========================  ==========================================================  ===============
 
 Each function returns a configured solver: ``methods.lrpet(0.6).fit(model, loader, epochs)``.
+
+Where the code lives: one module per method (``lrpet``, ``trp``, ``raspa`` + ``raspa_tables``),
+and one package for each method that brings modules of its own: :mod:`._lorita` (solver,
+factor-product parametrization and truncation rules) and :mod:`._decomposable_net` (solver, rank
+selection and matricization, differentiable truncated SVD).  The packages are underscored because
+``methods.lorita`` / ``methods.decomposable_net`` are the functions; the old module paths
+(``admm_compress.methods.lorita``, ``admm_compress.factorization``, ``admm_compress.rank_selection``,
+``admm_compress.lowrank_autograd``, ``admm_compress.methods.decomposable_net``) still import and are
+the moved modules.
 """
 from .lrpet import LRPETSolver, lrpet, lrpet_rank, vgg16_rank_floors
 from .trp import TRPSolver, VHView, trp
 from .raspa import AutoTTView, RaspaSolver, raspa
-from .lorita import LoRITaSolver, lorita, lorita_paper
-from .decomposable_net import DecomposableNetSolver, decomposable_net, recalibrate_bn
+# The old module paths ``methods.lorita`` / ``methods.decomposable_net`` (shims, now the modules
+# ``_lorita.solver`` / ``_decomposable_net.solver``) are imported *before* the functions of the same
+# names are bound below: a later ``import admm_compress.methods.lorita`` then finds the module in
+# sys.modules and does not rebind ``methods.lorita`` to it.
+from . import decomposable_net as _decomposable_net_module, lorita as _lorita_module  # noqa: F401
+from ._lorita import LoRITaSolver, lorita, lorita_paper
+from ._decomposable_net import DecomposableNetSolver, decomposable_net, recalibrate_bn
 
 __all__ = ["lrpet", "lrpet_rank", "LRPETSolver", "vgg16_rank_floors", "trp", "TRPSolver", "VHView",
            "raspa", "RaspaSolver", "AutoTTView", "lorita", "lorita_paper", "LoRITaSolver",

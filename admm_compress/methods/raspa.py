@@ -1,7 +1,7 @@
 """RASPA: co-exploring low TT-rankness and sparsity (papers/003), as a configuration of the Solver.
 
 Every targeted convolution weight is reparameterized as ``W = L + S``
-(:class:`~admm_compress.structure.Additive`, a :mod:`torch.nn.utils.parametrize`
+(:class:`~admm_compress.parametrizations.Additive`, a :mod:`torch.nn.utils.parametrize`
 parametrization: the module tree is the original one) and the problem (Eq. 1-2)
 
 .. math::
@@ -49,20 +49,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import tt_layers
-from .._validation import check_choice, check_float, check_int
+from .._validation import check_choice, check_float, check_int, where_prefix
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
 from ..specs import Constrain, SpecError
-from ..structure import Additive, Factored, additive_components, unflatten_factors
+from ..parametrizations import Additive, Factored, additive_components, unflatten_factors
 from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 
 __all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
 
 log = logging.getLogger(__name__)
-
-
-def _pre(where):
-    return f"{where}: " if where else ""
 
 
 class AutoTTView(View):
@@ -118,7 +114,7 @@ class AutoTTView(View):
         if shape in self._cache:
             return self._cache[shape]
         if len(shape) < 2:
-            raise ValueError(f"{_pre(where)}TT view needs a weight (O, I, *k), got shape {shape}")
+            raise ValueError(f"{where_prefix(where)}TT view needs a weight (O, I, *k), got shape {shape}")
         O, I = shape[0], shape[1]
         d = self._d_for(shape)
         if self.factors is None:
@@ -128,15 +124,15 @@ class AutoTTView(View):
         else:
             missing = [c for c in (O, I) if c not in self.factors]
             if missing:
-                raise ValueError(f"{_pre(where)}factors has no factorization for {missing[0]} channels "
+                raise ValueError(f"{where_prefix(where)}factors has no factorization for {missing[0]} channels "
                                  f"(weight shape {shape}); given for {sorted(self.factors)}")
             of, inf = self.factors[O], self.factors[I]
         for nm, f, n in (("out", of, O), ("in", inf, I)):
             if math.prod(f) != n:
-                raise ValueError(f"{_pre(where)}cannot factor the {n} {nm}put channels as {tuple(f)} "
+                raise ValueError(f"{where_prefix(where)}cannot factor the {n} {nm}put channels as {tuple(f)} "
                                  f"(product {math.prod(f)}; weight shape {shape})")
             if (self.d is not None or self.n_ranks is not None) and len(f) != d:
-                raise ValueError(f"{_pre(where)}{nm}put factors {tuple(f)} have {len(f)} entries but the "
+                raise ValueError(f"{where_prefix(where)}{nm}put factors {tuple(f)} have {len(f)} entries but the "
                                  f"tensorization of weight shape {shape} needs d={d}")
         view = TTView(of, inf)
         self._cache[shape] = view
@@ -402,7 +398,7 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
         order, matching a layer's name applies; a targeted layer matched by none raises at
         ``prepare``).  A rank above what an unfolding allows is capped
         (:meth:`TTRank.rank_for`: ``r_1 <= min(O, K I)``, ``r_2 <= min(r_1 K, I)``).
-        :func:`admm_compress.rank_selection`-style budgets: :func:`tt_ranks_for_budget`.
+        :mod:`admm_compress.methods._decomposable_net.rank_selection`-style budgets: :func:`tt_ranks_for_budget`.
     density : float in (0, 1], or {glob: float}
         Fraction of entries of ``S`` kept: ``kappa = round(density * numel)`` (RASPA's
         "sparsity 90%" is ``density=0.1``); per layer like ``tt_ranks``.

@@ -31,7 +31,7 @@ import logging
 import torch
 from torch import nn
 
-from .._validation import check_choice, check_float
+from .._validation import check_choice, check_float, where_prefix
 from .. import functional as F
 from ..export import _bias, _explicit_padding, _factory, register_exporter
 from ..sets import LowRank, SchattenP
@@ -62,7 +62,7 @@ class VHView(View):
     def check(self, shape, where=None):
         shape = tuple(int(s) for s in shape)
         if len(shape) not in (2, 4):
-            pre = f"{where}: " if where else ""
+            pre = where_prefix(where)
             raise ValueError(f"{pre}view 'vh' needs a Conv2d weight (O, I, kh, kw) or a 2-D "
                              f"weight, got shape {shape} ({len(shape)}-D)")
 

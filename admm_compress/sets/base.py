@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .._validation import check_finite, check_float, check_tensor
+from .._validation import check_finite, check_float, check_tensor, where_prefix
 
 __all__ = ["Constraint", "ConstraintSet", "Penalty"]
 
@@ -51,7 +51,7 @@ class Constraint(abc.ABC):
         ``where`` names the layer or spec in the message.  The default checks ``min_dim``.
         """
         if len(shape) < self.min_dim:
-            pre = f"{where}: " if where else ""
+            pre = where_prefix(where)
             raise ValueError(f"{pre}{type(self).__name__} acts on tensors with at least "
                              f"{self.min_dim} dimensions, got shape {tuple(shape)}")
 

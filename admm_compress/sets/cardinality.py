@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import functional as F
-from .._validation import check_float, check_int
+from .._validation import check_float, check_int, where_prefix
 from .base import ConstraintSet
 
 __all__ = ["Cardinality"]
@@ -82,7 +82,7 @@ class Cardinality(ConstraintSet):
 
     def check_shape(self, shape: Sequence[int], where: str | None = None) -> None:
         super().check_shape(shape, where)
-        pre = f"{where}: " if where else ""
+        pre = where_prefix(where)
         shape = tuple(int(s) for s in shape)
         if self.group_dim is not None:
             d = len(shape)

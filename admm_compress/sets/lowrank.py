@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import functional as F
-from .._validation import check_choice, check_finite, check_float, check_int, check_tensor
+from .._validation import check_choice, check_finite, check_float, check_int, check_tensor, where_prefix
 from .base import ConstraintSet
 
 __all__ = ["LowRank"]
@@ -113,7 +113,7 @@ class LowRank(ConstraintSet):
         super().check_shape(shape, where)
         m, n = shape[-2], shape[-1]
         if m < 1 or n < 1:
-            pre = f"{where}: " if where else ""
+            pre = where_prefix(where)
             raise ValueError(f"{pre}LowRank acts on non-empty matrices, got shape {tuple(shape)}")
 
     def rank_for(self, shape: Sequence[int]) -> int | None:

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from .. import functional as F
-from .._validation import check_float
+from .._validation import check_float, where_prefix
 from .base import Penalty
 
 __all__ = ["SchattenP"]
@@ -52,7 +52,7 @@ class SchattenP(Penalty):
     def check_shape(self, shape: Sequence[int], where: str | None = None) -> None:
         super().check_shape(shape, where)
         if shape[-2] < 1 or shape[-1] < 1:
-            pre = f"{where}: " if where else ""
+            pre = where_prefix(where)
             raise ValueError(f"{pre}SchattenP acts on non-empty matrices, got shape {tuple(shape)}")
 
     def _value(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 
 from .. import functional as F
-from .._validation import check_int
+from .._validation import check_int, where_prefix
 from .base import ConstraintSet
 
 __all__ = ["TTRank"]
@@ -65,7 +65,7 @@ class TTRank(ConstraintSet):
 
     def check_shape(self, shape: Sequence[int], where: str | None = None) -> None:
         super().check_shape(shape, where)
-        pre = f"{where}: " if where else ""
+        pre = where_prefix(where)
         d = len(shape)
         if any(int(n) < 1 for n in shape):
             raise ValueError(f"{pre}TTRank acts on non-empty tensors, got shape {tuple(shape)}")

@@ -1,0 +1,1059 @@
+r"""Decomposable-Net: one network exportable at any size (Yaguchi et al., IJCAI 2021; papers/002).
+
+Decomposable-Net is the general :class:`~admm_compress.Solver` with the projection used on the
+*loss side* instead of on the weights: no penalty, no ``Z``/``U``, no projection of ``W`` ever.
+Every optimizer step minimizes the joint objective (Eq. 1)
+
+.. math::
+
+   (1-\lambda)\,\mathcal L(\mathcal D_b, \mathcal W, \Theta)
+   + \lambda\,\mathcal L(\mathcal D_b, \widetilde{\mathcal W}, \Theta),
+   \qquad \widetilde W_\ell = P_{r_\ell}(W_\ell)
+
+where :math:`P_r` is the rank-``r`` truncated SVD of each layer's matrix view, differentiated
+with the clipped closed form of App. A, Eq. (5)-(11)
+(:func:`admm_compress.methods._decomposable_net.lowrank_autograd.truncated_svd_reconstruct`).  The weight decay
+:math:`\eta\mathcal R(\mathcal W)` is the optimizer's.
+
+One step (Algorithm 1)
+----------------------
+1. full-rank forward/backward: :math:`\nabla_f = \partial\mathcal L(\mathcal W)/\partial W`;
+2. SVD of every decomposed layer; draw :math:`Z \sim \mathcal U(\alpha_l, \alpha_u)` and drop
+   :math:`d = (1-Z)\sum_\ell R_\ell` bases with the rank criterion (Sec. 2.3): ``"global"`` --
+   all singular values pooled raw and sorted globally (the paper), ``"uniform"`` /
+   ``"energy"`` -- the "uni" / "eng" baselines of Fig. 2(c).  The floor rule ``rank_rule``:
+   ``"official"`` (default) -- the official code, the top ``round(Z N)`` bases, then every rank
+   raised to ``min(min_rank, R_l)`` (``rank_min = 5``); ``"paper"`` -- Sec. 2.3 as written, no
+   floor: a layer may keep 0 bases (see *Rank 0* below); ``"reserve"`` -- ours, the floors set
+   aside and the rest of the budget filled from the global order (keeps exactly
+   ``max(round(Z N), sum floors)``; not measured better than the others, kept as an option);
+3. low-rank forward/backward through the *same* parameters
+   (:func:`torch.func.functional_call` with the truncated weights substituted; no model copy);
+4. gradient per decomposed weight: :math:`(1-\lambda)\nabla_f + \lambda\,\frac{\|\nabla_f\|_F}
+   {\|\nabla\|_F}\nabla` (Eq. 12 as realized by the official code: the low-rank gradient is
+   rescaled per layer to the full-rank gradient's norm, ``lam`` itself stays fixed); every
+   other parameter (biases, BN :math:`\gamma, \beta`) is shared and gets the plain
+   :math:`\lambda`-weighted average.
+
+Rank 0 (``rank_rule="paper"``): the paper removes such a layer.  In training its truncated
+weight is zero (zero low-rank gradient).  At export it becomes a rank-1 factor pair with zero
+factors, i.e. stock layers whose output is the bias alone (a residual branch then passes only its
+shortcut; in a plain chain every later layer sees a constant); MACs are counted at rank 1.
+
+BatchNorm (footnote 1): :math:`\gamma, \beta` are shared.  The low-rank pass normalizes with
+its own batch statistics and does **not** touch the running statistics (it runs on clones of
+the buffers); the full-rank pass tracks them as usual, so the trained model evaluates normally
+at full size.  For every exported size the statistics are recomputed "on the whole training
+set" (footnote 1; :func:`recalibrate_bn`, as in US-Nets): :meth:`DecomposableNetSolver.export`
+uses the loader of the last :meth:`~DecomposableNetSolver.fit` (or ``bn_loader=``), every batch
+of it unless ``bn_batches=`` bounds the cost.
+
+Optimizer: without ``optimizer=``, :meth:`~DecomposableNetSolver.fit` uses the paper's and the
+official code's SGD with Nesterov momentum 0.9 and the L2 regularization ``eta = 5e-4``
+(Table 3) on the decomposed weights and every other weight tensor (``dim >= 2``) only, not on
+biases or BatchNorm ``gamma, beta``.
+
+Matrix views (Sec. 2.1; DESIGN.md, official ``tensor2mat``), selectable per layer:
+``"channel"`` ``(kh*kw*I, O)`` -> ``kh x kw`` conv ``I -> r`` then ``1 x 1`` conv ``r -> O``;
+``"spatial"`` ``(kw*I, kh*O)`` -> ``1 x kw`` conv then ``kh x 1`` conv (Tai et al. 2016).  A
+``1 x 1`` conv is always channel-wise (the paper; both views coincide), a linear layer is
+``W^T`` ``(I, O)``.  Layers decomposed by default: every ``Conv2d`` and ``Linear`` ("we apply the
+low-rank approximation to every convolutional and fully connected layer", Sec. 2.1).
+
+After training, :meth:`DecomposableNetSolver.export` returns a compact copy at any size -- a
+rank ratio :math:`Z` (fraction of :math:`\sum_\ell R_\ell` bases kept) or a MACs budget -- with
+stock ``nn.Conv2d`` / ``nn.Linear`` layers and BN statistics recomputed for that size.  It
+builds the compact model through the generic :func:`admm_compress.export` with the
+per-layer ``LowRank(rank=r_l)`` specs of :meth:`DecomposableNetSolver.export_spec` (views
+``"channel"`` / ``"spatial"`` / ``"matrix"``, whose truncations equal those of the paper's
+matricizations: the matrices are transposes and row/column permutations of each other), then
+recalibrates BN.  ``ac.export(model, solver)`` uses :meth:`export_spec` at the configured size
+(``export_ratio``) and cannot recalibrate BN (it has no data): it logs a WARNING naming
+``solver.export(model, bn_loader=...)``.
+
+Example::
+
+    solver = methods.decomposable_net(rank_ratio=(0.01, 0.25), lam=0.5)
+    solver.fit(model, train_loader, epochs=30)
+    small = solver.export(model, rank_ratio=0.1, bn_loader=train_loader)
+    tiny = solver.export(model, macs=2e6, input_size=(3, 32, 32), bn_loader=train_loader)
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import fnmatch
+import logging
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..._validation import check_choice, check_float, check_int
+from .lowrank_autograd import check_lam, combine_gradients, thin_svd, truncated_svd_reconstruct
+from .rank_selection import (check_alphas, dn_factor_convs, dn_factor_linear, dn_matrix, dn_unmatrix,
+                              global_rank_selection, ranks_for_macs_budget, sample_keep_ratio,
+                              uniform_rank_selection)
+from ...sets import LowRank
+from ...solver import Solver
+from ...views import VIEWS
+from ...specs import Constrain, SpecError, resolve, unwrap
+from ...solver import _broadcast_, _world_size
+from ...training import resolve_device, tree_detach
+
+__all__ = ["decomposable_net", "DecomposableNetSolver", "DNLayer", "recalibrate_bn"]
+
+log = logging.getLogger(__name__)
+
+CRITERIA = ("global", "uniform", "energy")
+SCHEMES = ("channel", "spatial")
+RANK_RULES = ("official", "paper", "reserve")
+_SV_CRITERION = {"global": "sv", "energy": "energy"}
+_FLOOR_MODE = {"official": "clip", "paper": "none", "reserve": "reserve"}
+
+
+class _AnyRank(LowRank):
+    """Spec placeholder: Decomposable-Net constrains no rank during training (identity projection).
+
+    The model stays full-rank; sizes are chosen at export (:meth:`DecomposableNetSolver.export_spec`
+    and :meth:`DecomposableNetSolver.export`); ``ac.export(model, solver.spec)`` would return the
+    dense model.
+    """
+
+    sized_at_export = True  # no break-even warning at prepare: the rank is chosen at export
+
+    def __init__(self, label: str):
+        super().__init__(ratio=1.0)
+        self._label = label
+
+    def __repr__(self):
+        return f"AnyRank({self._label})"
+
+
+class _RankZero(LowRank):
+    """Rank 0 (the paper's removed layer) for :func:`admm_compress.export`: the projection is
+    zero and the factors are a zero rank-1 pair, exported as stock layers whose output is the
+    bias alone (``LowRank`` itself needs ``rank >= 1``)."""
+
+    def __init__(self):
+        super().__init__(rank=1)
+
+    def _project(self, x, metric=None):
+        return torch.zeros_like(x)
+
+    def factorize(self, x, metric=None):
+        x = self._check_input(x)
+        return (x.new_zeros(*x.shape[:-1], 1), x.new_zeros(*x.shape[:-2], 1, x.shape[-1]))
+
+    def _contains(self, x, atol, rtol):
+        ok = bool((x.abs() <= atol).all())
+        return ok, "" if ok else "rank 0: the weight must be zero"
+
+    def __repr__(self):
+        return "LowRank(rank=0)"
+
+
+@dataclasses.dataclass(eq=False)
+class DNLayer:
+    r"""One decomposed layer: module, its Decomposable-Net view and rank bounds.
+
+    Attributes
+    ----------
+    name : str
+        Fully-qualified module name.
+    module : nn.Module
+        ``nn.Linear`` or ``nn.Conv2d`` (groups = 1).
+    scheme : {"channel", "spatial"}
+        Matrix view (``"channel"`` for linear layers and 1 x 1 convs).
+    matrix_shape : (m, n)
+        Shape of :func:`~admm_compress.methods._decomposable_net.rank_selection.dn_matrix` of the weight.
+    full_rank : int
+        :math:`R_\ell = \min(m, n)`.
+    floor : int
+        Smallest rank allowed, ``min(min_rank, R_l)``.
+    """
+
+    name: str
+    module: nn.Module
+    scheme: str
+    matrix_shape: tuple
+    full_rank: int
+    floor: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}.weight" if self.name else "weight"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def params_at(self, rank: int) -> int:
+        """Weight entries of the factorized layer at ``rank``: ``r (m + n)``."""
+        m, n = self.matrix_shape
+        return rank * (m + n)
+
+    def dense_params(self) -> int:
+        m, n = self.matrix_shape
+        return m * n
+
+
+# ======================================================================= BN recalibration
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20, device: Any = None) -> int:
+    r"""Recompute the running statistics of every BatchNorm of ``model`` on ``loader``.
+
+    Each BN (with ``track_running_stats``) is reset and set to a cumulative average
+    (``momentum=None``), then ``batches`` batches are forwarded with the BNs in train mode and
+    every other module in eval mode (no dropout); afterwards :math:`\mu` is the mean of the batch
+    means and :math:`\sigma^2` the mean of the (unbiased) batch variances.  Modes and momenta
+    are restored.  Decomposable-Net footnote 1 / US-Nets: statistics are computed per size after
+    training.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Modified in place (running statistics only).
+    loader : iterable of batches
+        ``(inputs, targets)`` pairs or bare input tensors (training data, no augmentation needed).
+    batches : int >= 1 or None
+        At most this many batches (``None``: the whole loader).
+    device : optional
+        Where to run (default: the model's device).
+
+    Returns
+    -------
+    int
+        Number of batches used (0 when the model has no tracked BatchNorm; nothing is run then).
+    """
+    if batches is not None:
+        batches = check_int("bn_batches", batches, low=1, where="recalibrate_bn")
+    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    if not bns:
+        log.info("recalibrate_bn: %s has no BatchNorm with running statistics; nothing to do",
+                 type(model).__name__)
+        return 0
+    dev = resolve_device(device, model)
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    n = 0
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"recalibrate_bn: batches must be tensors or (inputs, targets) pairs, "
+                                f"got {type(x).__name__}")
+            model(x.to(dev))
+            n += 1
+            if batches is not None and n >= batches:
+                break  # before fetching another batch (a loader may load or augment on fetch)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        for bn, mom in momenta.items():
+            bn.momentum = mom
+    if n == 0:
+        raise ValueError("recalibrate_bn: bn_loader yielded no batch")
+    log.info("recalibrated %d BatchNorm layer(s) on %d batch(es)", len(bns), n)
+    return n
+
+
+# ============================================================================ the solver
+class DecomposableNetSolver(Solver):
+    r"""The general :class:`~admm_compress.Solver` configured as Decomposable-Net.
+
+    :meth:`backward` implements Eq. (1) with the truncated-SVD backward of App. A and the
+    gradient balancing of Eq. (12); :meth:`penalty` is 0, there are no ``Z``/``U``,
+    :meth:`update` and :meth:`finalize` leave the weights alone (the trained model is
+    full-rank); :meth:`export` builds a compact model of any size.  Build it with
+    :func:`decomposable_net`.
+
+    Parameters
+    ----------
+    spec : Constrain or list of Constrain
+        Selects the decomposed layers (``nn.Linear`` / ``nn.Conv2d`` with ``groups=1``).
+    rank_ratio : (alpha_l, alpha_u)
+        Range of the rank ratio :math:`Z \sim \mathcal U(\alpha_l, \alpha_u)`,
+        :math:`0 < \alpha_l < \alpha_u \le 1` (Algorithm 1).
+    lam : float in [0, 1]
+        :math:`\lambda` of Eq. (1).  ``0`` is normal training (no SVD is computed).
+    criterion : {"global", "uniform", "energy"}
+        Rank selection for training and export (Sec. 2.3, Fig. 2(c)).
+    scheme : {"channel", "spatial"} or mapping glob -> scheme
+        Conv matrix view, per layer: the first glob (insertion order) matching the module name
+        wins; unmatched convs use ``"channel"`` (a ``"*"`` key sets another default).
+    min_rank : int >= 1
+        Per-layer floor ``min(min_rank, R_l)`` (not used by ``rank_rule="paper"``).
+    rank_rule : {"official", "paper", "reserve"}
+        Floor rule of the global selection (module docstring): the official code's clip, the
+        paper's no-floor rule, or ours (reserve the floors, fill the rest).
+    export_ratio : float in (0, 1], optional
+        The configured export size :math:`Z` of :meth:`export_spec` / :meth:`export` without a
+        target (default: ``alpha_u``, the largest size trained).
+    clip : float in (0, 1)
+        :math:`\delta^2`: the squared singular-value ratio is clipped at ``clip`` in the backward
+        pass (paper: :math:`\delta = \sqrt{0.99}`, i.e. ``clip = 0.99``).
+    rescale : bool
+        Eq. (12) gradient-norm balancing of the decomposed weights (default on).
+    seed : int, optional
+        Seed of the generator that draws :math:`Z` (saved in :meth:`state_dict`); default: the
+        global torch RNG.
+    """
+
+    # fine-tuning continues the joint objective (Eq. 1) at lr / 10 on the full-rank weights: the
+    # model is exported at any size afterwards, so there is no structure to freeze, and plain
+    # fine-tuning would train only the full-rank path
+    finetune_structure = False
+    finetune_solver_steps = True
+
+    def __init__(self, spec, *, rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str = "global",
+                 scheme: str | Mapping[str, str] = "channel", min_rank: int = 5, clip: float = 0.99,
+                 rescale: bool = True, seed: int | None = None, rank_rule: str = "official",
+                 export_ratio: float | None = None):
+        alpha_l, alpha_u = _check_rank_ratio(rank_ratio)
+        lam = _check_lam(lam)
+        check_choice("criterion", criterion, CRITERIA, where="decomposable_net")
+        self.rank_rule = check_choice("rank_rule", rank_rule, RANK_RULES, where="decomposable_net")
+        self.export_ratio = alpha_u if export_ratio is None else check_float(
+            "export_ratio", export_ratio, low=0.0, high=1.0, low_open=True, where="decomposable_net")
+        scheme = _check_scheme(scheme)
+        min_rank = check_int("min_rank", min_rank, low=1, where="decomposable_net")
+        clip = check_float("clip", clip, low=0.0, high=1.0, low_open=True, high_open=True,
+                           where="decomposable_net")
+        if not isinstance(rescale, bool):
+            raise TypeError(f"decomposable_net: rescale must be a bool, got {rescale!r}")
+        if seed is not None:
+            seed = check_int("seed", seed, low=0, where="decomposable_net")
+        super().__init__(spec, mode="projection", every="epoch")
+        self.alpha_l, self.alpha_u = alpha_l, alpha_u
+        self.lam = lam
+        self.criterion = criterion
+        self.scheme = scheme
+        self.min_rank = min_rank
+        self.clip = clip
+        self.rescale = rescale
+        self.seed = seed
+        self._gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.layers: list[DNLayer] = []
+        self.last: dict = {}
+        self.epoch_stats: list[dict] = []
+        self._acc: list[tuple] = []
+        self._fit_loader = None
+
+    # ------------------------------------------------------------------ set-up
+    def prepare(self, model: nn.Module) -> "DecomposableNetSolver":
+        """Resolve the spec on ``model`` and check every selected layer (raises before any work)."""
+        layers = self._layers_for(model)       # validates before the base class binds anything
+        super().prepare(model)
+        self.layers = layers
+        self.last, self._acc = {}, []
+        total = sum(L.full_rank for L in layers)
+        floors = sum(L.floor for L in layers)
+        log.info("Decomposable-Net: %d layer(s), sum R_l = %d bases, floors keep %d (%.3f); "
+                 "Z ~ U(%g, %g), lam=%g, criterion=%s", len(layers), total, floors, floors / total,
+                 self.alpha_l, self.alpha_u, self.lam, self.criterion)
+        if self.alpha_l * total < floors:
+            log.info("rank ratios below %.4f are raised to the per-layer floors (min_rank=%d)",
+                     floors / total, self.min_rank)
+        return self
+
+    def _scheme_of(self, name: str, module: nn.Module) -> str:
+        if isinstance(module, nn.Linear):
+            return "channel"
+        if isinstance(self.scheme, str):
+            s = self.scheme
+        else:
+            s = next((v for g, v in self.scheme.items() if g != "*" and fnmatch.fnmatchcase(name, g)),
+                     self.scheme.get("*", "channel"))
+        if tuple(module.weight.shape[-2:]) == (1, 1):
+            return "channel"  # 1 x 1 kernels: channel-wise (Sec. 4); both views coincide
+        return s
+
+    def _layers_for(self, model: nn.Module) -> list[DNLayer]:
+        """The decomposed layers of ``model`` (the prepared ones if it is the prepared model)."""
+        net = unwrap(model)
+        if self.layers and net is self._model_ref:
+            return self.layers
+        bindings = resolve(self.spec, net, warn=True)
+        layers = []
+        for b in bindings:
+            m, where = b.module, f"decomposable_net: layer '{b.name}'"
+            if b.param_name != "weight":
+                raise SpecError(f"{where}: only 'weight' parameters can be decomposed, got '{b.param_name}'")
+            if not isinstance(m, (nn.Linear, nn.Conv2d)):
+                raise SpecError(f"{where}: {type(m).__name__} cannot be decomposed; Decomposable-Net "
+                                f"handles nn.Linear and nn.Conv2d (use exclude= to leave it dense)")
+            if isinstance(m, nn.Conv2d) and m.groups != 1:
+                raise SpecError(f"{where}: grouped convolution (groups={m.groups}) cannot be decomposed; "
+                                f"exclude it (exclude=['{b.name}'])")
+            scheme = self._scheme_of(b.name, m)
+            mshape = tuple(dn_matrix(m.weight.detach(), scheme).shape)
+            R = min(mshape)
+            floor = 0 if self.rank_rule == "paper" else min(self.min_rank, R)
+            layers.append(DNLayer(b.name, m, scheme, mshape, R, floor))
+        if isinstance(self.scheme, Mapping):
+            convs = [L.name for L in layers if isinstance(L.module, nn.Conv2d)]
+            for g in self.scheme:
+                if g != "*" and not any(fnmatch.fnmatchcase(n, g) for n in convs):
+                    raise SpecError(f"decomposable_net: scheme glob {g!r} matches no decomposed conv "
+                                    f"layer; conv layers are: {', '.join(convs[:8])}"
+                                    + (", ..." if len(convs) > 8 else ""))
+        return layers
+
+    # ------------------------------------------------------- SVD and rank selection
+    @staticmethod
+    def _svds(layers: Sequence[DNLayer]) -> list:
+        """Thin SVD of every layer's view (detached), batched over layers of equal view shape."""
+        out: list = [None] * len(layers)
+        groups: dict = defaultdict(list)
+        for i, L in enumerate(layers):
+            mat = dn_matrix(L.weight.detach(), L.scheme)
+            groups[(tuple(mat.shape), mat.dtype, mat.device)].append((i, mat))
+        for items in groups.values():
+            U, S, Vh = thin_svd(torch.stack([m for _, m in items]))
+            for j, (i, _) in enumerate(items):
+                out[i] = (U[j], S[j], Vh[j])
+        return out
+
+    def _select(self, layers: Sequence[DNLayer], svals: Sequence[torch.Tensor], keep_ratio: float) -> list[int]:
+        """Ranks keeping the fraction ``keep_ratio`` of ``sum R_l`` by the solver's criterion."""
+        if self.criterion == "uniform":
+            return uniform_rank_selection([L.full_rank for L in layers], keep_ratio, self.min_rank)
+        return global_rank_selection(list(svals), keep_ratio=keep_ratio, min_rank=self.min_rank,
+                                     criterion=_SV_CRITERION[self.criterion],
+                                     floor_mode=_FLOOR_MODE[self.rank_rule])
+
+    def low_rank_weight(self, layer: DNLayer, weight: torch.Tensor, rank: int, svd=None) -> torch.Tensor:
+        r"""Differentiable :math:`\widetilde W = P_r(W)` in ``layer``'s view, back in weight shape."""
+        mat = dn_matrix(weight, layer.scheme)
+        wr = truncated_svd_reconstruct(mat, rank, self.clip, svd=svd)
+        return dn_unmatrix(wr, tuple(weight.shape), layer.scheme)
+
+    # ------------------------------------------------------------------- training
+    def penalty(self) -> torch.Tensor:
+        """0: Decomposable-Net has no penalty term (Eq. 1 replaces the loss, see :meth:`backward`)."""
+        self._require_prepared()
+        return self.bindings[0].param.new_zeros(())
+
+    def backward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                 loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Gradient of Eq. (1) with Eq. (12) balancing, accumulated into ``.grad``.
+
+        Returns ``(joint loss, full-rank outputs)``, detached.  Sets :attr:`last` to
+        ``{"keep_ratio", "ranks", "loss_full", "loss_low"}`` of this step.  Weights and BN
+        running statistics are only touched by the full-rank pass (the low-rank pass runs on
+        clones of the buffers).  Cost: two forward/backward passes plus one thin SVD per layer.
+        """
+        self._require_prepared()
+        net = unwrap(model)
+        if self.lam == 0.0:  # normal learning
+            with self._forward_ctx():
+                out = model(inputs)
+                loss = self._amp_loss(loss_fn(out, targets))
+            self._backprop(loss)
+            self.last = {"keep_ratio": 1.0, "ranks": None, "loss_full": loss.detach(), "loss_low": None}
+            return loss.detach(), tree_detach(out)
+        named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+        params = [p for _, p in named]
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if ddp and model.broadcast_buffers:  # what DDP's forward would do
+            _broadcast_(list(net.buffers()))
+        # full-rank network (the bare module under DDP: the gradients are averaged below, as
+        # torch.autograd.grad does not trigger DDP's reducer)
+        # float16 autocast: both losses are multiplied by the GradScaler's one scale s; Eq. (12) and
+        # the mean over ranks are homogeneous of degree 1 in the gradients, so the combined
+        # gradient is s times the unscaled one and scaler.step unscales it (and skips on inf)
+        scaler = getattr(self, "_scaler", None)
+        scaled = scaler.scale if scaler is not None else (lambda t: t)
+        with self._forward_ctx():
+            out_full = (net if ddp else model)(inputs)
+            loss_full = self._amp_loss(loss_fn(out_full, targets))
+        g_full = torch.autograd.grad(scaled(loss_full), params, allow_unused=True)
+        # sampled low-rank network (Algorithm 1, lines 3-5)
+        layers = self.layers
+        svds = self._svds(layers)
+        z = sample_keep_ratio(self.alpha_l, self.alpha_u, generator=self._gen)
+        ranks = self._select(layers, [s[1] for s in svds], z)
+        subst = {n: b.clone() for n, b in net.named_buffers()}
+        for L, r, svd in zip(layers, ranks, svds):
+            if r < L.full_rank:
+                subst[L.key] = self.low_rank_weight(L, L.weight, r, svd)
+        with self._forward_ctx():
+            out_low = functional_call(net, subst, (inputs,))
+            loss_low = self._amp_loss(loss_fn(out_low, targets))
+        g_low = torch.autograd.grad(scaled(loss_low), params, allow_unused=True)
+        # Eq. (1) with the balancing of Eq. (12) on the decomposed weights
+        decomposed = {L.key for L in layers}
+        lam = self.lam
+        world = _world_size()
+        if world > 1:
+            # the global-batch gradients of both passes first (one all-reduce of both, flattened),
+            # then Eq. (12): the same step as one process over the global batch, not the mean of
+            # per-rank balanced gradients (the balancing is not linear)
+            g_full, g_low = self._all_reduce_mean(params, g_full, g_low, world)
+        for (name, p), gf, gl in zip(named, g_full, g_low):
+            if gf is None and gl is None:
+                continue
+            gf = torch.zeros_like(p) if gf is None else gf
+            gl = torch.zeros_like(p) if gl is None else gl
+            if name in decomposed:
+                g = combine_gradients(gf, gl, lam, rescale=self.rescale)
+            else:
+                g = (1.0 - lam) * gf + lam * gl
+            p.grad = g if p.grad is None else p.grad + g
+        loss = ((1.0 - lam) * loss_full + lam * loss_low).detach()
+        self.last = {"keep_ratio": z, "ranks": {L.name: r for L, r in zip(layers, ranks)},
+                     "loss_full": loss_full.detach(), "loss_low": loss_low.detach()}
+        self._acc.append((z, loss_full.detach(), loss_low.detach()))
+        log.debug("Decomposable-Net step: Z=%.4f, kept %d of %d bases", z, sum(ranks),
+                  sum(L.full_rank for L in layers))
+        return loss, tree_detach(out_full)
+
+    @staticmethod
+    @torch.no_grad()
+    def _all_reduce_mean(params, g_full, g_low, world: int):
+        """Mean over ranks of both gradient lists (``None`` entries join as zeros, stay ``None``
+        only if they are ``None`` on this rank for both passes and zero after the reduction)."""
+        flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                          for grads in (g_full, g_low) for p, g in zip(params, grads)])
+        torch.distributed.all_reduce(flat)
+        flat.div_(world)
+        out, i = ([], []), 0
+        for k in range(2):
+            for p in params:
+                out[k].append(flat[i:i + p.numel()].view_as(p))
+                i += p.numel()
+        return out
+
+    @torch.no_grad()
+    def update(self) -> dict:
+        """No projection (the weights stay full-rank); summarizes the epoch in :attr:`epoch_stats`."""
+        self._require_prepared()
+        rec = {"step": self.steps, "epoch": self.epochs_done}
+        if self._acc:
+            rec["keep_ratio"] = sum(a[0] for a in self._acc) / len(self._acc)
+            rec["loss_full"] = float(torch.stack([a[1] for a in self._acc]).mean())
+            rec["loss_low"] = float(torch.stack([a[2] for a in self._acc]).mean())
+            log.info("Decomposable-Net epoch %d: mean Z=%.3f, loss full=%.4g, low-rank=%.4g",
+                     self.epochs_done, rec["keep_ratio"], rec["loss_full"], rec["loss_low"])
+        self._acc = []
+        self.epoch_stats.append(rec)
+        self.n_updates += 1
+        return rec
+
+    def _repr_fields(self) -> str:
+        return (f"rank_ratio=({self.alpha_l:g}, {self.alpha_u:g}), lam={self.lam:g}, "
+                f"criterion={self.criterion!r}, rank_rule={self.rank_rule!r}, specs={len(self.spec)}")
+
+    @torch.no_grad()
+    def finalize(self, model: nn.Module | None = None) -> dict[str, bool]:
+        """Nothing to enforce: the trained model is full-rank and exportable at any size."""
+        self._require_prepared()
+        if model is not None and unwrap(model) is not self._model_ref:
+            raise ValueError("finalize(model): this is not the model the solver was prepared on")
+        return {b.key: True for b in self.bindings}
+
+    def state_dict(self) -> dict:
+        """Base state plus the generator of ``Z`` and the epoch summaries."""
+        sd = super().state_dict()
+        sd["decomposable_net"] = {"generator": None if self._gen is None else self._gen.get_state(),
+                                  "epoch_stats": list(self.epoch_stats)}
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        super().load_state_dict(sd)
+        extra = sd.get("decomposable_net", {})
+        if extra.get("generator") is not None:
+            if self._gen is None:
+                self._gen = torch.Generator()
+            self._gen.set_state(extra["generator"])
+        self.epoch_stats = list(extra.get("epoch_stats", []))
+
+    # --------------------------------------------------------------------- sizes
+    def _geometry(self, model: nn.Module, layers: Sequence[DNLayer], input_size) -> dict:
+        """Input / output shapes of every decomposed layer on one ``(1, *input_size)`` input."""
+        net = unwrap(model)
+        shapes: dict = {}
+        hooks = [L.module.register_forward_hook(
+            lambda mod, inp, out, name=L.name: shapes.__setitem__(name, (tuple(inp[0].shape), tuple(out.shape))))
+            for L in layers]
+        p = next(net.parameters())
+        modes = {m: m.training for m in net.modules()}
+        net.eval()
+        try:
+            with torch.no_grad():
+                net(torch.zeros((1, *input_size), dtype=p.dtype, device=p.device))
+        finally:
+            for h in hooks:
+                h.remove()
+            for m, t in modes.items():
+                m.training = t
+        missing = [L.name for L in layers if L.name not in shapes]
+        if missing:
+            raise ValueError(f"layers {missing} were not called in a forward pass with input_size="
+                             f"{tuple(input_size)}; their MACs are unknown")
+        return shapes
+
+    @staticmethod
+    def _macs_fns(L: DNLayer, shapes) -> tuple[int, Callable[[int], int]]:
+        """``(dense MACs, rank -> factorized MACs)`` of the weight products of one layer.
+
+        Linear: ``P I O`` vs ``P r (I + O)`` (``P`` output positions); channel conv:
+        ``Ho Wo O I kh kw`` vs ``Ho Wo r (I kh kw + O)``; spatial conv: the ``1 x kw`` conv runs on
+        every input row, ``r I kw H_in Wo + O r kh Ho Wo``.  Bias MACs are the same in both forms.
+        """
+        w = L.weight
+        (in_shape, out_shape) = shapes[L.name]
+        if isinstance(L.module, nn.Linear):
+            O, I = w.shape
+            P = math.prod(out_shape) // O
+            return P * I * O, (lambda r: P * r * (I + O))
+        O, I, kh, kw = w.shape
+        Ho, Wo = out_shape[-2:]
+        dense = Ho * Wo * O * I * kh * kw
+        if L.scheme == "channel":
+            return dense, (lambda r: Ho * Wo * r * (I * kh * kw + O))
+        Hin = in_shape[-2]
+        return dense, (lambda r: r * I * kw * Hin * Wo + O * r * kh * Ho * Wo)
+
+    def _cost_fns(self, layers, shapes):
+        """Per layer ``rank -> cost`` as exported: factorized while that is cheaper, else dense.
+
+        Cost = MACs when ``shapes`` is known, else the number of weight entries.  Non-decreasing in
+        the rank (the minimum of an increasing function and a constant).
+        """
+        fns = []
+        for L in layers:
+            if shapes is None:
+                dense, fact = L.dense_params(), L.params_at
+            else:
+                dense, fact = self._macs_fns(L, shapes)
+            fact0 = (lambda r, f=fact: f(max(r, 1)))  # rank 0 is exported as a zero rank-1 pair
+            fns.append((dense, (lambda r, d=dense, f=fact0, R=L.full_rank: d if r >= R else min(f(r), d)),
+                        fact0))
+        return fns
+
+    def select_ranks(self, model: nn.Module, rank_ratio: float | None = None, *, macs: float | None = None,
+                     input_size: Sequence[int] | None = None, backend: str = "pytorch") -> dict[str, int]:
+        r"""Per-layer ranks of ``model`` for a target size, by the solver's criterion (Sec. 2.3).
+
+        Parameters
+        ----------
+        rank_ratio : float in (0, 1]
+            :math:`Z`: keep ``round(Z * sum_l R_l)`` bases (drop :math:`d = (1-Z)\sum R_\ell`).
+        macs : float
+            Budget for the whole exported model (as counted by :func:`admm_compress.complexity`
+            with ``backend``); the largest selection that fits
+            (:func:`~admm_compress.methods._decomposable_net.rank_selection.ranks_for_macs_budget`; for ``"uniform"``, the
+            largest common ratio that fits).  Needs ``input_size``.
+        input_size : tuple of int
+            Input shape without the batch dimension.
+
+        Returns
+        -------
+        dict
+            ``{layer name: rank}`` (full rank = the layer stays as it is).
+
+        Raises
+        ------
+        ValueError
+            A target below what the per-layer floors ``min(min_rank, R_l)`` allow (a MACs
+            budget; a ``rank_ratio`` with ``rank_rule="reserve"`` -- the official rule raises the
+            ranks to the floors instead, with a WARNING); the message names the layers, their
+            floors and the smallest admissible target.
+        """
+        layers = self._layers_for(model)
+        if (rank_ratio is None) == (macs is None):
+            raise ValueError(f"give exactly one of rank_ratio= and macs=; got rank_ratio={rank_ratio!r}, "
+                             f"macs={macs!r}")
+        total = sum(L.full_rank for L in layers)
+        floors = sum(L.floor for L in layers)
+        if rank_ratio is not None:
+            z = check_float("rank_ratio", rank_ratio, low=0.0, high=1.0, low_open=True, where="export")
+            n_keep = int(round(z * total))
+            if self.rank_rule == "reserve" and n_keep < floors:
+                binding = ", ".join(f"'{L.name}': floor {L.floor} of R={L.full_rank}" for L in layers[:6])
+                raise ValueError(
+                    f"export: rank_ratio={z:g} keeps {n_keep} of the {total} bases, below the per-layer "
+                    f"floors min(min_rank={self.min_rank}, R_l), which keep {floors} ({binding}"
+                    f"{', ...' if len(layers) > 6 else ''}); the smallest admissible rank_ratio is "
+                    f"{floors / total:.4f}")
+            svals = [s[1] for s in self._svds(layers)]
+            ranks = self._select(layers, svals, z)
+            if sum(ranks) > n_keep:
+                log.warning("export: rank_ratio=%g asks for %d of %d bases; the %r rule raises every layer to "
+                            "its floor min(min_rank=%d, R_l) and keeps %d (ratio %.4f)", z, n_keep, total,
+                            self.rank_rule, self.min_rank, sum(ranks), sum(ranks) / total)
+            return {L.name: int(r) for L, r in zip(layers, ranks)}
+        budget = check_float("macs", macs, low=0.0, low_open=True, where="export")
+        if input_size is None:
+            raise ValueError("export: macs= needs input_size= (the input shape without the batch "
+                             "dimension) to count MACs")
+        input_size = tuple(check_int(f"input_size[{i}]", d, low=1, where="export")
+                           for i, d in enumerate(input_size))
+        from ...complexity import complexity
+
+        shapes = self._geometry(model, layers, input_size)
+        fns = self._cost_fns(layers, shapes)
+        dense_total = complexity(unwrap(model), input_size, backend=backend).macs
+        fixed = dense_total - sum(d for d, _, _ in fns)
+        if fixed < 0:
+            log.warning("the %s backend counts fewer MACs (%d) than the decomposed layers' weight products "
+                        "(%d); treating the rest of the model as free", backend, dense_total, dense_total - fixed)
+            fixed = 0
+        floor_costs = [(cost(L.floor), L) for (_, cost, _), L in zip(fns, layers)]
+        floor_total = fixed + sum(c for c, _ in floor_costs)
+        if floor_total > budget:
+            worst = sorted(floor_costs, key=lambda t: -t[0])[:4]
+            detail = ", ".join(f"'{L.name}' at rank {L.floor}: {c:,} MACs" for c, L in worst)
+            raise ValueError(
+                f"export: macs={budget:,.0f} is below the smallest size the per-layer floors "
+                f"min(min_rank={self.min_rank}, R_l) allow: {floor_total:,} MACs ({fixed:,} in layers not "
+                f"decomposed; largest floor costs: {detail}); the dense model has {dense_total:,} MACs")
+        if self.criterion == "uniform":
+            ranks = self._uniform_for_budget(layers, fns, fixed, budget)
+        else:
+            svals = [s[1] for s in self._svds(layers)]
+            ranks = ranks_for_macs_budget(svals, lambda l, r: fns[l][1](r), budget,
+                                          0 if self.rank_rule == "paper" else self.min_rank,
+                                          criterion=_SV_CRITERION[self.criterion], fixed_macs=float(fixed))
+        return {L.name: int(r) for L, r in zip(layers, ranks)}
+
+    def _uniform_for_budget(self, layers, fns, fixed, budget) -> list[int]:
+        full = [L.full_rank for L in layers]
+
+        def cost(z):
+            rk = uniform_rank_selection(full, z, self.min_rank)
+            return fixed + sum(fns[i][1](r) for i, r in enumerate(rk)), rk
+
+        if cost(1.0)[0] <= budget:
+            return list(full)
+        lo, hi = 0.0, 1.0               # cost(lo) <= budget (floors checked by the caller)
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            if cost(mid)[0] <= budget:
+                lo = mid
+            else:
+                hi = mid
+        return cost(lo)[1]
+
+    def _check_ranks(self, layers, ranks: Mapping[str, int]) -> list[int]:
+        if not isinstance(ranks, Mapping):
+            raise TypeError(f"ranks must be a mapping {{layer name: rank}}, got {type(ranks).__name__}")
+        by_name = {L.name: L for L in layers}
+        unknown = [k for k in ranks if k not in by_name]
+        if unknown:
+            raise ValueError(f"ranks names layers that are not decomposed: {unknown}; decomposed layers: "
+                             f"{list(by_name)[:8]}{' ...' if len(by_name) > 8 else ''}")
+        out = []
+        for L in layers:
+            r = ranks.get(L.name, L.full_rank)
+            r = check_int(f"ranks['{L.name}']", r, low=0 if self.rank_rule == "paper" else 1, where="export")
+            if r < L.floor:
+                raise ValueError(f"export: layer '{L.name}': rank={r} is below its floor "
+                                 f"min(min_rank={self.min_rank}, R={L.full_rank}) = {L.floor}")
+            if r > L.full_rank:
+                raise ValueError(f"export: layer '{L.name}': rank={r} exceeds its full rank R={L.full_rank} "
+                                 f"(view {L.scheme} {L.matrix_shape})")
+            out.append(r)
+        return out
+
+    # ---------------------------------------------------------------------- export
+    @torch.no_grad()
+    def truncate(self, model: nn.Module, ranks: Mapping[str, int]) -> nn.Module:
+        """A dense copy of ``model`` whose decomposed weights are their rank-``ranks[name]``
+        truncations (the low-rank network of Eq. 1 at that size); ``model`` is unchanged."""
+        layers = self._layers_for(model)
+        rk = self._check_ranks(layers, ranks)
+        out = copy.deepcopy(unwrap(model))
+        mods = dict(out.named_modules())
+        for L, r in zip(layers, rk):
+            if r < L.full_rank:
+                w = mods[L.name].weight
+                w.copy_(self.low_rank_weight(L, w.detach(), r))
+        return out
+
+    # ------------------------------------------------------------- export specs
+    def _view_of(self, L: DNLayer) -> str:
+        """The library view whose rank-``r`` truncation equals ``L``'s (transposed, permuted)."""
+        if isinstance(L.module, nn.Linear):
+            return "matrix"
+        return L.scheme
+
+    def _specs(self, layers, ranks) -> list[Constrain]:
+        specs = []
+        for L, r in zip(layers, ranks):
+            if r >= L.full_rank:
+                continue
+            glob = "".join(f"[{c}]" if c in "*?[" else c for c in L.name)
+            specs.append(Constrain(glob, _RankZero() if r == 0 else LowRank(rank=int(r)), view=self._view_of(L),
+                                   name=f"decomposable_net:{L.name}"))
+        return specs
+
+    def export_spec(self, rank_ratio: float | None = None, macs: float | None = None, *,
+                    input_size: Sequence[int] | None = None, backend: str = "pytorch") -> list[Constrain]:
+        r"""Per-layer ``Constrain(<layer name>, LowRank(rank=r_l), view=...)`` at one size.
+
+        The ranks are :meth:`select_ranks` of the prepared model at ``rank_ratio`` or ``macs``
+        (default: the configured ``export_ratio``); layers kept at full rank get no spec; rank 0
+        (``rank_rule="paper"``) is ``LowRank(rank=0)``, a zero rank-1 pair at export.  Views:
+        ``"channel"`` / ``"spatial"`` for convs, ``"matrix"`` for linear layers.
+
+        ``ac.export(model, solver)`` builds the compact model from this (the configured size) and
+        cannot recalibrate BatchNorm statistics, which Decomposable-Net computes per size
+        (footnote 1): with BatchNorm in the model a WARNING says so; use
+        ``solver.export(model, bn_loader=...)`` (or after :meth:`fit`, ``solver.export(model)``).
+        """
+        self._require_prepared()
+        model = self._model_ref
+        if rank_ratio is None and macs is None:
+            rank_ratio = self.export_ratio
+        sel = self.select_ranks(model, rank_ratio, macs=macs, input_size=input_size, backend=backend)
+        if any(isinstance(m, _BatchNorm) and m.track_running_stats for m in model.modules()):
+            log.warning("Decomposable-Net export_spec (ac.export(model, solver)): the model is exported "
+                        "at %s without recalibrating its BatchNorm statistics for that size (paper "
+                        "footnote 1); use solver.export(model, bn_loader=train_loader) instead",
+                        f"rank_ratio={rank_ratio:g}" if rank_ratio is not None else f"macs={macs:g}")
+        return self._specs(self.layers, [sel[L.name] for L in self.layers])
+
+    def fit(self, model: nn.Module, loader: Iterable, *args, **kwargs):
+        """:meth:`Solver.fit`; the loader is kept for the BN statistics of :meth:`export`."""
+        self._fit_loader = loader
+        return super().fit(model, loader, *args, **kwargs)
+
+    @staticmethod
+    def paper_sgd(params, lr: float) -> torch.optim.SGD:
+        """SGD with Nesterov momentum 0.9 and L2 ``5e-4`` on weight tensors (``dim >= 2``) only,
+        none on biases and BatchNorm ``gamma, beta`` (Table 3; the official code)."""
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        rest = [p for p in params if p.dim() < 2]
+        return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+                               lr=lr, momentum=0.9, nesterov=True)
+
+    def _make_optimizer(self, model, optimizer, lr):
+        """Default: :meth:`paper_sgd` (Nesterov, L2 on weight tensors only)."""
+        if optimizer is not None:
+            return super()._make_optimizer(model, optimizer, lr)
+        return self.paper_sgd(model.parameters(), lr)
+
+    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs):
+        """:meth:`Solver._finetune` with :meth:`paper_sgd` at ``lr / 10`` by default."""
+        if optimizer is None:
+            optimizer = (lambda params, lr=lr: self.paper_sgd(params, lr / 10))
+        return super()._finetune(model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs)
+
+    @torch.no_grad()
+    def export(self, model: nn.Module, rank_ratio: float | None = None, *, macs: float | None = None,
+               ranks: Mapping[str, int] | None = None, input_size: Sequence[int] | None = None,
+               bn_loader: Iterable | None = None, bn_batches: int | None = None,
+               backend: str = "pytorch") -> nn.Module:
+        r"""A compact copy of ``model`` at one size, without retraining (Sec. 2.3, Fig. 1(a)).
+
+        Give at most one target: ``rank_ratio`` (fraction :math:`Z` of :math:`\sum_\ell R_\ell`
+        bases kept), ``macs`` (budget for the whole model, needs ``input_size``) or ``ranks``
+        (``{layer name: rank}``, missing layers keep full rank); none: the configured
+        ``export_ratio``.  Ranks are chosen by the solver's criterion and rule
+        (:meth:`select_ranks`).  The compact model is :func:`admm_compress.export` with the
+        specs of :meth:`export_spec` at these ranks: every decomposed layer with ``r_l < R_l``
+        becomes two stock layers (``U_r S_r^{1/2}``, ``S_r^{1/2} V_r^T``) when that is cheaper --
+        in MACs when ``input_size`` is given, else in weight entries -- and otherwise stays one
+        layer holding the truncated weight, so the output equals :meth:`truncate`'s before BN
+        recalibration.  Then the BN statistics are recomputed for this size (footnote 1).
+
+        Parameters
+        ----------
+        model : nn.Module
+            The trained model (unchanged).
+        bn_loader : iterable or False, optional
+            Training batches for the BatchNorm statistics of this size (:func:`recalibrate_bn`).
+            Default: the loader of the last :meth:`fit`; ``False`` keeps the full model's
+            statistics.  Without either (a model with BatchNorm) a WARNING says the statistics
+            were not recalibrated.
+        bn_batches : int >= 1 or None
+            ``None`` (default): the whole loader, "the whole training set" of footnote 1; an int
+            bounds the cost to that many batches.
+        backend : {"pytorch", "aten"}
+            ptflops backend for ``macs``.
+
+        Returns
+        -------
+        nn.Module
+            The compact model (same device, dtype and train/eval mode as ``model``); the chosen
+            ranks are in ``compact.decomposable_net_ranks``.
+
+        Raises
+        ------
+        ValueError
+            Bad target (also one below the per-layer floors, naming the layers), before any copy
+            or recalibration.
+        """
+        from ...export import export as generic_export
+
+        given = [k for k, v in (("rank_ratio", rank_ratio), ("macs", macs), ("ranks", ranks)) if v is not None]
+        if len(given) > 1:
+            raise ValueError(f"export: give at most one of rank_ratio=, macs=, ranks=; got {given}")
+        if not given:
+            rank_ratio = self.export_ratio
+        if bn_batches is not None:
+            bn_batches = check_int("bn_batches", bn_batches, low=1, where="export")
+        if input_size is not None:
+            input_size = tuple(check_int(f"input_size[{i}]", d, low=1, where="export")
+                               for i, d in enumerate(input_size))
+        layers = self._layers_for(model)
+        if ranks is not None:
+            rk = self._check_ranks(layers, ranks)
+        else:
+            sel = self.select_ranks(model, rank_ratio, macs=macs, input_size=input_size, backend=backend)
+            rk = [sel[L.name] for L in layers]
+        shapes = self._geometry(model, layers, input_size) if input_size is not None else None
+        costs = self._cost_fns(layers, shapes)
+        # layers whose factor pair is not cheaper by this cost stay one layer (truncated weight)
+        factored = [r < L.full_rank and fact(r) < dense for L, r, (dense, _, fact) in zip(layers, rk, costs)]
+        src = unwrap(model)
+        specs = self._specs([L for L, f in zip(layers, factored) if f], [r for r, f in zip(rk, factored) if f])
+        out = generic_export(src, specs) if specs else copy.deepcopy(src)
+        mods = dict(out.named_modules())
+        for L, r, f in zip(layers, rk, factored):
+            if r < L.full_rank and not f:
+                log.info("layer '%s' at rank %d of %d stays one layer (factorized form not cheaper)",
+                         L.name, r, L.full_rank)
+                w = mods[L.name].weight
+                w.copy_(self.low_rank_weight(L, w.detach(), r))
+        out.decomposable_net_ranks = {L.name: int(r) for L, r in zip(layers, rk)}
+        log.info("exported %d of %d decomposed layers as factor pairs; kept %d of %d bases",
+                 sum(factored), len(layers), sum(rk), sum(L.full_rank for L in layers))
+        if bn_loader is None:
+            bn_loader = self._fit_loader
+        has_bn = any(isinstance(m, _BatchNorm) and m.track_running_stats for m in out.modules())
+        if bn_loader is False:
+            pass
+        elif bn_loader is not None:
+            recalibrate_bn(out, bn_loader, bn_batches)
+        elif has_bn:
+            log.warning("Decomposable-Net export: BatchNorm statistics were not recalibrated for this size "
+                        "(no bn_loader and no fit() loader); pass bn_loader=train_loader (footnote 1)")
+        from ...attention import convert as _convert_attention  # fused attention reads weights
+
+        _convert_attention(out, only_changed=True)
+        return out
+
+    @staticmethod
+    def _factor_module(L: DNLayer, m: nn.Module, r: int) -> nn.Module:
+        if isinstance(m, nn.Linear):
+            first_w, second_w, bias = dn_factor_linear(m.weight, m.bias, r)
+            fk = {"device": m.weight.device, "dtype": m.weight.dtype}
+            first = nn.Linear(m.in_features, r, bias=False, **fk)
+            second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
+            first.weight.copy_(first_w)
+            second.weight.copy_(second_w)
+            if bias is not None:
+                second.bias.copy_(bias)
+            return nn.Sequential(first, second)
+        kwargs = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                      padding_mode=m.padding_mode)
+        return dn_factor_convs(m.weight, m.bias, r, L.scheme, kwargs).to_sequential()
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, new)
+
+
+# ============================================================================ validation
+def _check_rank_ratio(rank_ratio):
+    if isinstance(rank_ratio, (str, bytes)) or not isinstance(rank_ratio, Sequence) or len(rank_ratio) != 2:
+        raise TypeError(f"decomposable_net: rank_ratio must be a pair (alpha_l, alpha_u) with "
+                        f"0 < alpha_l < alpha_u <= 1, got {rank_ratio!r}")
+    try:
+        return check_alphas(*rank_ratio)
+    except ValueError as e:
+        raise ValueError(f"decomposable_net: rank_ratio={tuple(rank_ratio)!r}: {e}") from None
+
+
+def _check_lam(lam):
+    try:
+        return check_lam(lam)
+    except ValueError as e:
+        raise ValueError(f"decomposable_net: {e} (Eq. 1 balances the full- and low-rank losses)") from None
+
+
+def _check_scheme(scheme):
+    if isinstance(scheme, str):
+        return check_choice("scheme", scheme, SCHEMES, where="decomposable_net")
+    if not isinstance(scheme, Mapping) or not scheme:
+        raise TypeError(f"decomposable_net: scheme must be 'channel', 'spatial' or a non-empty mapping "
+                        f"{{module-name glob: scheme}}, got {scheme!r}")
+    out = {}
+    for g, s in scheme.items():
+        if not isinstance(g, str):
+            raise TypeError(f"decomposable_net: scheme keys must be module-name globs (str), got {g!r}")
+        out[g] = check_choice(f"scheme[{g!r}]", s, SCHEMES, where="decomposable_net")
+    return out
+
+
+# ============================================================================== factory
+def decomposable_net(rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str = "global",
+                     scheme: str | Mapping[str, str] = "channel", min_rank: int = 5, clip: float = 0.99,
+                     targets=(nn.Conv2d, nn.Linear), exclude=None, *, rescale: bool = True,
+                     seed: int | None = None, rank_rule: str = "official",
+                     export_ratio: float | None = None) -> DecomposableNetSolver:
+    r"""A :class:`DecomposableNetSolver`: joint full/low-rank training, any size exportable.
+
+    Parameters
+    ----------
+    rank_ratio : (alpha_l, alpha_u)
+        :math:`Z \sim \mathcal U(\alpha_l, \alpha_u)` per step, :math:`0 < \alpha_l < \alpha_u
+        \le 1` (paper: ``(0.01, 0.25)`` CIFAR-10, ``(0.01, 0.5)`` CIFAR-100, ``(0.01, 0.8)``
+        ImageNet).
+    lam : float in [0, 1]
+        :math:`\lambda` of Eq. (1) (paper: 0.5).
+    criterion : {"global", "uniform", "energy"}
+        Rank selection: pooled raw singular values (Sec. 2.3), or the "uni" / "eng" baselines of
+        Fig. 2(c) (energy scores compared globally, so sizes match).
+    scheme : {"channel", "spatial"} or mapping glob -> scheme
+        Conv decomposition, per layer (1 x 1 convs and linear layers: channel-wise).
+    min_rank : int >= 1
+        Per-layer floor ``min(min_rank, R_l)`` (official code: 5; unused by ``rank_rule="paper"``).
+    rank_rule : {"official", "paper", "reserve"}
+        ``"official"``: top ``round(Z N)`` bases, then ranks raised to the floor (official code);
+        ``"paper"``: Sec. 2.3, no floor, rank 0 possible (the layer's output is its bias);
+        ``"reserve"``: ours, floors reserved and the rest filled from the global order.
+    export_ratio : float in (0, 1], optional
+        Size of :meth:`~DecomposableNetSolver.export_spec` / ``export`` without a target
+        (default ``alpha_u``).
+    clip : float in (0, 1)
+        :math:`\delta^2` of App. A (``0.99``, i.e. :math:`\delta = \sqrt{0.99}`).
+    targets : module type(s), glob or predicate
+        Layers decomposed; every ``Conv2d`` and ``Linear`` by default (Sec. 2.1).
+    exclude : glob or list of globs
+        Layers left dense.
+    rescale : bool
+        Eq. (12) gradient balancing.
+    seed : int, optional
+        Seed of the ``Z`` generator.
+
+    Raises
+    ------
+    ValueError, TypeError
+        Bad arguments (``alpha_l >= alpha_u``, ``lam`` outside [0, 1], ...), at construction.
+    """
+    solver_kwargs = dict(rank_ratio=rank_ratio, lam=lam, criterion=criterion, scheme=scheme,
+                         min_rank=min_rank, clip=clip, rescale=rescale, seed=seed, rank_rule=rank_rule,
+                         export_ratio=export_ratio)
+    _check_rank_ratio(rank_ratio)
+    _check_lam(lam)
+    label = (f"Decomposable-Net r_l sampled by {criterion} ({rank_rule} rule), Z~U{tuple(rank_ratio)}, "
+             f"min_rank={min_rank}")
+    spec = Constrain(targets, _AnyRank(label), view="auto", exclude=exclude, name="decomposable_net",
+                     skip_unexportable=targets == (nn.Conv2d, nn.Linear))
+    return DecomposableNetSolver(spec, **solver_kwargs)

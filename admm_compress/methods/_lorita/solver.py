@@ -1,0 +1,808 @@
+r"""LoRITa: low-rank induced training through linear-layer composition (papers/004, Sec. 4).
+
+LoRITa is the general :class:`~admm_compress.Solver` with a Schatten-:math:`(2/N)` penalty that
+is *realized by a reparameterization* instead of a Z/U splitting: every targeted weight is
+trained as a product of ``N`` dense factors (:func:`~admm_compress.methods._lorita.factorization.apply_factorization`,
+a :mod:`torch.nn.utils.parametrize` parametrization on the ``(out, in)`` view of a ``Linear`` or
+attention projection and the ``(out, in*kh*kw)`` view of a convolution)
+
+.. math::  W = F_N \cdots F_2 F_1,
+
+and plain weight decay on the factors (Eq. 8).  By Prop. 4.2 (Eq. 4-6 with ``p_i = 2``)
+
+.. math::
+
+    \min_{F_N \cdots F_1 = W} \; \frac{\lambda}{2} \sum_{i=1}^N \|F_i\|_F^2
+    \;=\; \frac{\lambda N}{2} \sum_j \sigma_j(W)^{2/N},
+
+so torch's ``weight_decay=lambda`` (gradient ``lambda F_i``, i.e. the penalty
+``lambda/2 sum ||F_i||_F^2``) is the penalty :class:`~admm_compress.SchattenP` with
+``p = 2/N`` and ``weight = lambda N / 2`` on ``W`` -- with no SVD during training.  The solver's
+training spec states exactly that constraint (``solver.spec`` before :meth:`LoRITaSolver.finalize`).
+
+Life cycle (the Solver's, with the ADMM parts switched off)
+
+* :meth:`~LoRITaSolver.prepare`: resolve the spec (:func:`admm_compress.specs.resolve`) and
+  factorize the selected weights.  ``init="random"`` (default; the paper trains "from a random
+  state", Sec. 5.1): independent Gaussian factors scaled so the product has the layer's current
+  mean square (its default initialization in a fresh model), with the paper's factor shapes
+  (``inner="auto"``: square inner factors); ``init="svd"``: a *balanced* split of the current
+  weight (the product is exactly the original weight), to compress a trained model.  The module
+  tree is unchanged and the state-dict key ``"<layer>.weight"`` becomes
+  ``"<layer>.parametrizations.weight.original{0..N-1}"``;
+* training: :meth:`~LoRITaSolver.penalty` is 0 and :meth:`~LoRITaSolver.step` /
+  :meth:`~LoRITaSolver.update` do nothing; the weight decay of the optimizer is the whole
+  regularizer.  **Build the optimizer after** ``prepare`` (the old weight Parameters are no
+  longer in the model): :meth:`Solver.fit` does, and its default optimizer puts
+  ``weight_decay`` on the factors (and ``other_weight_decay`` on every other parameter);
+  a factory ``lambda params: torch.optim.Adam(params, lr, weight_decay=wd)`` works too (use
+  coupled L2 such as ``SGD``/``Adam``, not ``AdamW``: decoupled decay is not the gradient of
+  Eq. 8);
+* :meth:`~LoRITaSolver.finalize`: collapse (the product becomes the plain weight again), then
+  truncate with LSVT, GSVT or ISVT (Sec. 4, App. A; :mod:`admm_compress.methods._lorita.factorization`), and
+  switch ``solver.spec`` to one ``LowRank(rank=r_l)`` per layer so that
+  ``admm_compress.export(model, solver.spec)`` builds the two-layer split of Sec. 4.1 / Fig. 2
+  and fine-tuning (``fit(..., finetune_epochs=k)``) keeps the ranks.
+
+``n_factors=1`` is the paper's baseline (``N = 1``): nothing is factorized, the same weight decay
+and the same truncation apply, so ``N = 1`` and ``N > 1`` run through one code path.
+
+Weight-decay convention.  ``weight_decay`` is torch's: the optimizer adds ``weight_decay * F_i``
+to the gradient, the gradient of ``weight_decay / 2 * sum ||F_i||_F^2``.  The paper's Eq. 3 / 8
+writes the penalty as ``lambda * sum ||F_i||_F^2`` (gradient ``2 lambda F_i``), so
+``lambda_paper = weight_decay / 2`` (:attr:`LoRITaSolver.paper_lambda`); the paper's tuned values
+(Sec. 5) are the ones passed to its optimizer, i.e. torch's ``weight_decay`` here.
+
+The paper's pipeline is :func:`lorita_paper`: Adam (lr ``1e-2`` FCN, ``3e-4`` CNN / ViT), random
+factors, GSVT then ISVT on 120 random training examples, then one fine-tuning round; for a ViT
+only the attention projections are over-parameterized (Sec. 5.3).
+"""
+from __future__ import annotations
+
+import logging
+import numbers
+import re
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ..._validation import check_choice, check_float, check_int
+from .factorization import (FactorProduct, _matrix_shape, apply_factorization, collapse,
+                             factor_parameters, factor_sq_norm, gsvt, is_factorized, isvt,
+                             lowrank_param_count, lsvt)
+from ...sets import LowRank, SchattenP
+from ...sets.base import Penalty
+from ...solver import Solver
+from ...specs import Constrain, resolve, unwrap
+from ...training import evaluate, load_checkpoint, tree_detach
+
+__all__ = ["lorita", "lorita_paper", "LoRITaSolver", "SquaredFrobenius", "layer_group"]
+
+log = logging.getLogger(__name__)
+
+TRUNCATIONS = ("lsvt", "gsvt", "isvt")
+GROUPS = ("conv", "linear", "attention")
+
+
+# ============================================================================ the N = 1 penalty
+class SquaredFrobenius(Penalty):
+    r"""Penalty ``g(X) = weight * ||X||_F^2 = weight * sum_j sigma_j(X)^2``: plain weight decay.
+
+    The ``N = 1`` member of the family ``weight * sum_j sigma_j^{2/N}`` (Prop. 4.2), which
+    :class:`~admm_compress.SchattenP` (``0 < p <= 1``) does not cover.  ``prox(X, tau) =
+    X / (1 + 2 tau weight)``.  Used only to state the baseline's training constraint.
+    """
+
+    min_dim = 2
+    broadcasts = True
+
+    def __init__(self, weight: float = 1.0):
+        self.weight = check_float("weight", weight, low=0.0, where="SquaredFrobenius")
+
+    def _value(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x.pow(2).sum()
+
+    def _prox(self, x: torch.Tensor, tau: float) -> torch.Tensor:
+        return x / (1.0 + 2.0 * tau * self.weight)
+
+    def factorize(self, x: torch.Tensor):
+        """``(U, V)`` of the numerical rank of ``x`` (as :meth:`SchattenP.factorize`)."""
+        return SchattenP(1.0).factorize(x)
+
+    def reconstruct(self, factors, shape: Sequence[int]) -> torch.Tensor:
+        U, V = factors
+        return (U @ V).reshape(tuple(shape))
+
+    def num_params(self, shape: Sequence[int]) -> int:
+        self.check_shape(tuple(shape))
+        n = 1
+        for s in shape:
+            n *= int(s)
+        return n
+
+    def __repr__(self) -> str:
+        return f"SquaredFrobenius(weight={self.weight})"
+
+
+# ============================================================================ helpers
+def layer_group(name: str, module: nn.Module, parent: nn.Module | None) -> str:
+    """GSVT group of a layer: ``"conv"``, ``"attention"`` or ``"linear"`` (LoRITa Sec. 5.1).
+
+    Convolutions form one group; a linear layer whose parent module's class name contains
+    ``"Attention"`` (the ``q``/``k``/``v``/``out`` projections of
+    :class:`admm_compress.models.vit.Attention`, the ``out_proj`` of
+    :class:`torch.nn.MultiheadAttention`) is an attention projection; every other matrix
+    weight is ``"linear"``.
+    """
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return "conv"
+    if parent is not None and "attention" in type(parent).__name__.lower():
+        return "attention"
+    return "linear"
+
+
+def _unshare(params) -> None:
+    """Give every factor its own storage.
+
+    ``balanced_factors`` returns the *same* middle tensor for ``F_2 ... F_{N-1}`` when no dtype
+    cast happens (float64 weights, ``N >= 4``); two Parameters on one storage would receive each
+    other's optimizer updates.
+    """
+    seen = set()
+    with torch.no_grad():
+        for p in params:
+            ptr = p.data_ptr()
+            if ptr in seen:
+                p.data = p.data.clone()
+            seen.add(p.data_ptr())
+
+
+def _glob_escape(name: str) -> str:
+    """A glob that matches exactly ``name`` (``*``, ``?``, ``[`` escaped)."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _plain_layers(types: tuple):
+    """Predicate: instances of ``types`` with a matrix weight (grouped / transposed convolutions
+    are then skipped, with a WARNING, by the spec's ``skip_unexportable``)."""
+
+    def select(name: str, module: nn.Module) -> bool:
+        if not isinstance(module, types):
+            return False
+        w = getattr(module, "weight", None)
+        return isinstance(w, torch.Tensor) and w.dim() >= 2
+
+    select.__name__ = "|".join(t.__name__ for t in types)
+    return select
+
+
+def _check_keep(keep, where: str = "lorita") -> Any:
+    """``keep`` of GSVT: int >= 1, float in (0, 1], or a mapping group -> such a value."""
+    if isinstance(keep, Mapping):
+        bad = [g for g in keep if g not in GROUPS]
+        if bad:
+            raise ValueError(f"{where}: keep has unknown group(s) {bad}; groups are {list(GROUPS)}")
+        return {g: _check_keep(v, f"{where}: keep[{g!r}]") for g, v in keep.items()}
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise TypeError(f"{where}: keep must be an int (singular values kept per group), a float in "
+                        f"(0, 1] (fraction per group) or a mapping group -> value, got {keep!r}")
+    if isinstance(keep, numbers.Integral):
+        return check_int("keep", keep, low=1, where=where)
+    return check_float("keep", keep, low=0.0, high=1.0, low_open=True, where=where)
+
+
+# ============================================================================ the solver
+class LoRITaSolver(Solver):
+    """The :class:`~admm_compress.Solver` configured as LoRITa (see the module docstring).
+
+    Build it with :func:`lorita`.  Parameters are those of :func:`lorita`; ``spec`` is the
+    training spec (one :class:`~admm_compress.Constrain` with ``SchattenP(p=2/N, weight=lambda N/2)``,
+    or :class:`SquaredFrobenius` for ``N = 1``).
+
+    Attributes
+    ----------
+    spec : list of Constrain
+        Before :meth:`finalize`: the training spec.  After: one ``LowRank(rank=r_l)`` per
+        truncated layer (:meth:`export_spec`), so ``admm_compress.export(model, solver.spec)``
+        and the fine-tuning of :meth:`Solver.fit` keep the chosen ranks.
+    final_ranks : dict
+        ``{layer name: rank}`` after :meth:`finalize`.
+    factorized : list of str
+        Layers reparameterized by :meth:`prepare` (empty for ``N = 1``).
+    fit_times : list of float
+        Wall-clock seconds of every training epoch of :meth:`fit` (also in ``History``).
+    """
+
+    def __init__(self, spec, *, n_factors: int, weight_decay: float, truncation: str | None,
+                 rank: int | None = None, rank_ratio: float | None = None, keep=None,
+                 target_ratio: float | None = None, target_params: int | None = None,
+                 params_per_round: int = 500, n_samples: int = 120, isvt_loader=None,
+                 isvt_loss_fn: Callable | None = None, inner="min", optimizer: str = "sgd",
+                 momentum: float = 0.9, other_weight_decay: float | None = None,
+                 group_fn: Callable = layer_group, init: str = "svd", attention_only: bool = False,
+                 isvt_seed: int = 0, fit_defaults: Mapping[str, Any] | None = None):
+        self._final_spec = None
+        self.init = init
+        self.attention_only = attention_only
+        self.isvt_seed = isvt_seed
+        self.fit_defaults = dict(fit_defaults or {})
+        super().__init__(spec, mode="projection", every="epoch")
+        self._user_train_spec = list(self._train_spec)
+        self.n_factors = n_factors
+        self.weight_decay = weight_decay
+        self.truncation = truncation
+        self.rank, self.rank_ratio, self.keep = rank, rank_ratio, keep
+        self.target_ratio, self.target_params = target_ratio, target_params
+        self.params_per_round, self.n_samples = params_per_round, n_samples
+        self.isvt_loader, self.isvt_loss_fn = isvt_loader, isvt_loss_fn
+        self.inner = inner
+        self.optimizer_name = optimizer
+        self.momentum = momentum
+        self.other_weight_decay = weight_decay if other_weight_decay is None else other_weight_decay
+        self.group_fn = group_fn
+        self.factorized: list[str] = []
+        self.final_ranks: dict[str, int] = {}
+        self.fit_times: list[float] = []
+        self._fit_data = None
+        self._fit_loss = None
+        self._progress = False
+
+    # ------------------------------------------------------------------ spec
+    @property
+    def spec(self) -> list[Constrain]:
+        return self._final_spec if self._final_spec is not None else self._train_spec
+
+    @spec.setter
+    def spec(self, value) -> None:
+        self._train_spec = value
+        self._final_spec = None
+
+    @property
+    def training_spec(self) -> list[Constrain]:
+        """The spec the solver was built with (the Schatten-(2/N) constraint of training)."""
+        return self._train_spec
+
+    # ------------------------------------------------------------- life cycle
+    def prepare(self, model: nn.Module) -> "LoRITaSolver":
+        """Resolve the spec and factorize every selected weight into ``N`` balanced factors.
+
+        Raises (before modifying the model) when the spec selects nothing or a selected weight
+        is already parametrized.  The optimizer must be created afterwards.
+        """
+        target = unwrap(model)
+        mods = dict(target.named_modules())
+        if (self._model_ref is target and self.n_factors >= 2 and self.factorized
+                and all(n in mods and is_factorized(mods[n]) for n in self.factorized)
+                and self._final_spec is None):
+            # prepare(model) then fit(model): the factorization this solver made is still in place
+            log.info("LoRITa: model already prepared by this solver; keeping its factors")
+            return self
+        for m in target.modules():
+            if is_factorized(m):
+                raise ValueError("LoRITaSolver.prepare: the model already has factorized layers "
+                                 "(prepare was called before); collapse(model) first or use a fresh model")
+        self._final_spec = None
+        self.final_ranks = {}
+        if self.attention_only:
+            self._restrict_to_attention(target)
+        super().prepare(model)
+        names = [b.name for b in self.bindings]
+        if self.n_factors >= 2:
+            self.factorized = apply_factorization(target, names, self.n_factors, inner=self.inner, init=self.init)
+            if self.init == "svd":
+                _unshare(factor_parameters(target))
+        else:
+            self.factorized = []
+        log.info("LoRITa: N=%d on %d layer(s), %s factors, weight decay %.3g on the factors", self.n_factors,
+                 len(names), self.init, self.weight_decay)
+        if self.init == "random" and self.n_factors >= 2:
+            log.info("LoRITa: init='random' discards the current values of %d layer(s) (training from scratch); "
+                     "use init='svd' to compress a trained model", len(names))
+        return self
+
+    def _restrict_to_attention(self, target: nn.Module) -> None:
+        """Keep only the layers of group ``"attention"`` (the paper's ViT setting, Sec. 5.3)."""
+        spec = self._user_train_spec[0]
+        base = Constrain(spec.target, spec.constraint, view=spec.view, exclude=spec.exclude, name=spec.name)
+        mods = dict(target.named_modules())
+        keep = []
+        for b in resolve([base], target):
+            parent = mods.get(b.name.rpartition(".")[0]) if "." in b.name else target
+            if self.group_fn(b.name, b.module, parent) == "attention":
+                keep.append(b.name)
+        if not keep:
+            raise ValueError("lorita(attention_only=True): the model has no attention projection (a Linear "
+                             "inside a module whose class name contains 'Attention'); nn.MultiheadAttention's "
+                             "packed in_proj_weight is not a layer and cannot be factorized")
+        names = set(keep)
+        self._attention_names = keep
+        self._train_spec = [Constrain(lambda n, m, names=names: n in names, spec.constraint, view=spec.view,
+                                      exclude=spec.exclude, name=spec.name)]
+
+    @property
+    def paper_lambda(self) -> float:
+        """The paper's ``lambda`` of Eq. 3 / 8 (penalty ``lambda sum ||F||^2``): ``weight_decay / 2``."""
+        return self.weight_decay / 2.0
+
+    def penalty(self) -> torch.Tensor:
+        """0: the Schatten-(2/N) penalty is the optimizer's weight decay on the factors (Eq. 8).
+
+        Does not evaluate any factor product.
+        """
+        self._require_prepared()
+        p = next(self._model_ref.parameters())
+        return torch.zeros((), device=p.device, dtype=p.dtype)
+
+    def step(self) -> bool:
+        """Counts the step; LoRITa has no Z/U update (returns ``False``)."""
+        self._require_prepared()
+        self.steps += 1
+        return False
+
+    def epoch_end(self) -> bool:
+        """Counts the epoch; nothing to project (returns ``False``)."""
+        self._require_prepared()
+        self.epochs_done += 1
+        return False
+
+    def update(self) -> dict:
+        """No-op: LoRITa trains without SVDs, projections or duals."""
+        self._require_prepared()
+        return {}
+
+    def backward(self, model, inputs, targets, loss_fn):
+        """Forward under :func:`torch.nn.utils.parametrize.cached` (each factor product is
+        computed once per step even if a layer is called several times), then backward."""
+        with parametrize.cached(), self._forward_ctx():
+            out = model(inputs)
+            loss = self._amp_loss(loss_fn(out, targets)) + self.penalty()
+        self._backprop(loss)
+        return loss.detach(), tree_detach(out)
+
+    # ----------------------------------------------------- equivalence as code
+    def factor_penalty(self, model: nn.Module | None = None) -> torch.Tensor:
+        r"""``lambda/2 * sum_l sum_i ||F_{l,i}||_F^2``: what weight decay ``lambda`` minimizes.
+
+        For ``N = 1`` the sum runs over the (unfactorized) bound weights.  Differentiable.
+        """
+        self._require_prepared()
+        model = unwrap(model) if model is not None else self._model_ref
+        if self.n_factors >= 2:
+            return 0.5 * self.weight_decay * factor_sq_norm(model)
+        return 0.5 * self.weight_decay * sum(b.param.pow(2).sum() for b in self.bindings)
+
+    def schatten_penalty(self) -> torch.Tensor:
+        r"""``sum_l SchattenP(p=2/N, weight=lambda N/2)(W_l)`` of the current weights (Prop. 4.2).
+
+        Equals :meth:`factor_penalty` when the factors are balanced (e.g. right after
+        :meth:`prepare`) and is a lower bound otherwise.
+        """
+        self._require_prepared()
+        c = self._train_spec[0].constraint
+        with parametrize.cached():
+            return sum(c(b.to_view(b.param)) for b in self.bindings)
+
+    # ---------------------------------------------------------- optimizer
+    def _make_optimizer(self, model, optimizer, lr):
+        """Default: ``weight_decay`` on the factors, ``other_weight_decay`` on the rest (Eq. 8).
+
+        Built after :meth:`prepare`, so it holds the factors.  ``optimizer="sgd"`` (momentum
+        ``momentum``) or ``"adam"`` (coupled L2, the paper's Adam + weight decay).
+        """
+        if optimizer is not None:
+            return super()._make_optimizer(model, optimizer, lr)
+        model = unwrap(model)
+        if self.n_factors >= 2:
+            decayed = factor_parameters(model)
+        else:
+            decayed = [b.param for b in self.bindings]
+        ids = {id(p) for p in decayed}
+        rest = [p for p in model.parameters() if id(p) not in ids and p.requires_grad]
+        decayed = [p for p in decayed if p.requires_grad]
+        groups = [{"params": decayed, "weight_decay": self.weight_decay}]
+        if rest:
+            groups.append({"params": rest, "weight_decay": self.other_weight_decay})
+        if self.optimizer_name == "adam":
+            return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=self.momentum)
+
+    def _repr_fields(self) -> str:
+        return (f"n_factors={self.n_factors}, weight_decay={self.weight_decay:g}, "
+                f"truncation={self.truncation!r}, specs={len(self.spec)}")
+
+    # ---------------------------------------------------------------- fit
+    def fit(self, model, loader, epochs: int = 1, optimizer=None, loss_fn=None, **kwargs):
+        """:meth:`Solver.fit`; the training ``loader`` and ``loss_fn`` are kept for ISVT.
+
+        ISVT (``truncation="isvt"``) evaluates the loss on ``n_samples`` examples drawn at
+        random (seed ``isvt_seed``) from ``isvt_loader`` if one was given to :func:`lorita`, else
+        from this ``loader`` (App. A: 120 randomly subsampled training examples).  Keyword
+        arguments not given take the preset's values (:func:`lorita_paper`: ``lr``,
+        ``finetune_epochs``).
+        """
+        for k, v in self.fit_defaults.items():   # the preset's lr / fine-tuning (lorita_paper)
+            kwargs.setdefault(k, v)
+        self._fit_data, self._fit_loss = loader, loss_fn
+        self._progress = bool(kwargs.get("progress") or False)
+        self.fit_times = []
+        try:
+            history = super().fit(model, loader, epochs=epochs, optimizer=optimizer, loss_fn=loss_fn,
+                                  **kwargs)
+        finally:
+            self._fit_data, self._fit_loss = None, None
+        self.fit_times = [r["wall"] for r in history.epochs if r.get("phase") == "train"]
+        return history
+
+    def _run_epoch(self, model, loader, opt, loss_fn, dev, epoch, phase, val_loader, solver_steps=True):
+        rec = super()._run_epoch(model, loader, opt, loss_fn, dev, epoch, phase, None, solver_steps)
+        if val_loader is not None:
+            t0 = time.perf_counter()
+            with parametrize.cached():   # one product per layer for the whole evaluation
+                ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=getattr(self, "_accuracy_fn", None))
+            rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+            rec["wall"] += time.perf_counter() - t0
+        return rec
+
+    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
+                  checkpoint, start_epoch, progress, callbacks):
+        if start_epoch > 0 and not self.final_ranks:
+            # resuming the fine-tuning phase from a checkpoint: rebuild the truncated structure
+            ck = load_checkpoint(checkpoint, map_location=dev)
+            ranks = ck.get("solver", {}).get("final_ranks")
+            if not ranks:
+                raise RuntimeError(f"checkpoint {checkpoint!r} has no LoRITa ranks to resume fine-tuning")
+            collapse(unwrap(model))
+            self._set_final(unwrap(model), {k: int(v) for k, v in ranks.items()})
+        super()._finetune(model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
+                          checkpoint, start_epoch, progress, callbacks)
+
+    # ------------------------------------------------------------- finalize
+    def groups(self) -> dict[str, list[str]]:
+        """GSVT groups ``{"conv" | "linear" | "attention": [layer names]}`` of the bound layers."""
+        self._require_prepared()
+        mods = dict(self._model_ref.named_modules())
+        out: dict[str, list[str]] = {}
+        for b in self._train_bindings():
+            parent = mods.get(b.name.rpartition(".")[0]) if "." in b.name else self._model_ref
+            g = self.group_fn(b.name, b.module, parent)
+            if g not in GROUPS:
+                raise ValueError(f"group_fn returned {g!r} for layer {b.name!r}; allowed: {list(GROUPS)}")
+            out.setdefault(g, []).append(b.name)
+        return out
+
+    def _train_bindings(self):
+        return self._trained_bindings if self._final_spec is not None else self.bindings
+
+    @torch.no_grad()
+    def finalize(self, model: nn.Module | None = None, data=None, loss_fn: Callable | None = None) -> dict[str, bool]:
+        """Collapse the factors, then truncate with the configured rule (Sec. 4, App. A).
+
+        Parameters
+        ----------
+        model : nn.Module, optional
+            The prepared model (default: the one :meth:`prepare` saw).
+        data : batch or loader, optional
+            ISVT sample; default ``isvt_loader`` of :func:`lorita`, else the loader of :meth:`fit`.
+        loss_fn : callable, optional
+            ISVT loss; default the ``isvt_loss_fn`` of :func:`lorita`, else that of :meth:`fit`,
+            else cross entropy.
+
+        Returns
+        -------
+        dict
+            ``{weight key: feasible}``: whether each weight has rank at most its chosen rank
+            (``LowRank(rank=r).contains``).  Afterwards ``solver.spec`` is :meth:`export_spec`.
+        """
+        self._require_prepared()
+        if self._final_spec is not None:
+            raise RuntimeError("LoRITaSolver.finalize: already finalized; prepare a model again")
+        target = unwrap(model) if model is not None else self._model_ref
+        if target is not self._model_ref:
+            raise ValueError("finalize(model): this is not the model the solver was prepared on")
+        collapse(target)
+        names = [b.name for b in self.bindings]
+        shapes = {b.name: _matrix_shape(b.shape) for b in self.bindings}
+        t = self.truncation
+        if t is None:
+            ranks = {n: min(shapes[n]) for n in names}
+        elif t == "lsvt":
+            ranks = lsvt(target, names, rank=self.rank, ratio=self.rank_ratio)
+        elif t == "gsvt":
+            ranks = gsvt(target, self.groups(), self.keep)
+        else:
+            start = gsvt(target, self.groups(), self.keep) if self.keep is not None else None
+            data = data if data is not None else (self.isvt_loader if self.isvt_loader is not None
+                                                  else self._fit_data)
+            if data is None:
+                raise ValueError("LoRITa ISVT needs training data: pass isvt_loader= to lorita(), call "
+                                 "fit(model, loader, ...), or finalize(model, data=(x, y))")
+            loss_fn = loss_fn or self.isvt_loss_fn or self._fit_loss
+            ranks = isvt(target, names, loss_fn, data, params_per_round=self.params_per_round,
+                         target_params=self.target_params, target_ratio=self.target_ratio,
+                         n_samples=self.n_samples, ranks=start, progress=self._progress,
+                         generator=torch.Generator().manual_seed(self.isvt_seed))
+        dense = sum(m * n for m, n in shapes.values())
+        kept = sum(lowrank_param_count(*shapes[n], ranks[n]) for n in names)
+        log.info("LoRITa %s: ranks %s; %d -> %d parameters in the truncated layers", t, ranks, dense, kept)
+        self._set_final(target, ranks)
+        feasible = {}
+        for b in self.bindings:
+            c = b.constraint
+            feasible[b.key] = c.contains(b.to_view(b.param.detach()), atol=1e-6, rtol=1e-5)
+        return feasible
+
+    def _set_final(self, model: nn.Module, ranks: Mapping[str, int]) -> None:
+        """Record the ranks and rebind the solver to ``LowRank(rank=r_l)`` per layer."""
+        self._trained_bindings = list(self.bindings)
+        self.final_ranks = dict(ranks)
+        self._final_spec = self.export_spec()
+        self.bindings = resolve(self._final_spec, model)
+        self.slots = self._make_slots(self.bindings)
+        self.rhos = {sl.key: 0.0 for sl in self.slots}
+
+    def export_spec(self) -> list[Constrain]:
+        """One ``Constrain(layer, LowRank(rank=r_l))`` per truncated layer (after :meth:`finalize`)."""
+        if not self.final_ranks:
+            raise RuntimeError("LoRITaSolver.export_spec: call finalize(model) (or fit) first")
+        views = {b.name: b.view for b in self._train_bindings()}
+        return [Constrain(_glob_escape(n), LowRank(rank=r), view=views[n], name=f"lorita:{n}")
+                for n, r in self.final_ranks.items()]
+
+    def export(self, model: nn.Module, inplace: bool = False) -> nn.Module:
+        """:func:`admm_compress.export` with :meth:`export_spec`."""
+        from ...export import export
+
+        return export(model, self.export_spec(), inplace=inplace)
+
+    # ----------------------------------------------------------------- info
+    def describe(self) -> str:
+        """Table: layer, GSVT group, weight shape, matrix view, N, factor shapes, sizes, rank."""
+        if not self.bindings:
+            return "(not prepared)"
+        groups = {n: g for g, ns in self.groups().items() for n in ns}
+        rows = [("layer", "group", "shape", "matrix", "N", "factors", "dense", "trained", "rank")]
+        for b in self._train_bindings():
+            m, n = _matrix_shape(b.shape)
+            if b.name in self.factorized and not self.final_ranks:
+                fp = [p for p in b.module.parametrizations["weight"] if isinstance(p, FactorProduct)][0]
+                shapes = fp.factor_shapes
+            else:
+                from .factorization import factor_shapes
+                shapes = factor_shapes(m, n, self.n_factors,
+                                       None if self.inner == "min" else self._inner_dim(b, m, n))
+            trained = sum(a * c for a, c in shapes)
+            r = self.final_ranks.get(b.name)
+            rows.append((b.name, groups.get(b.name, "?"), "x".join(map(str, b.shape)), f"{m}x{n}",
+                         str(self.n_factors), " ".join(f"{a}x{c}" for a, c in shapes), str(m * n),
+                         str(trained), "-" if r is None else str(r)))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def _inner_dim(self, b, m: int, n: int) -> int:
+        if isinstance(self.inner, numbers.Integral):
+            return int(self.inner)
+        return {"in": n, "out": m, "auto": n if isinstance(b.module, nn.Linear) else m}[self.inner]
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd.update(n_factors=self.n_factors, final_ranks=dict(self.final_ranks))
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        if "n_factors" in sd and int(sd["n_factors"]) != self.n_factors:
+            raise ValueError(f"solver state is for n_factors={sd['n_factors']}, this solver has "
+                             f"n_factors={self.n_factors}")
+        super().load_state_dict(sd)
+
+
+# ============================================================================ factory
+def lorita(n_factors: int = 3, weight_decay: float = 5e-4, *, targets=(nn.Conv2d, nn.Linear),
+           exclude=None, truncation: str | None = "lsvt", rank: int | None = None,
+           rank_ratio: float | None = None, keep=None, target_ratio: float | None = None,
+           target_params: int | None = None, params_per_round: int = 500, n_samples: int = 120,
+           isvt_loader=None, isvt_loss_fn: Callable | None = None, inner=None,
+           optimizer: str = "sgd", momentum: float = 0.9, other_weight_decay: float | None = None,
+           group_fn: Callable = layer_group, init: str = "random", attention_only: bool = False,
+           isvt_seed: int = 0) -> LoRITaSolver:
+    r"""A :class:`LoRITaSolver`: train ``W = F_N ... F_1`` with weight decay, then truncate.
+
+    Parameters
+    ----------
+    n_factors : int >= 1
+        ``N`` of the paper (``N = 1``: the un-factorized baseline; the paper uses 2 or 3).
+    weight_decay : float >= 0
+        Torch's ``weight_decay`` on the factors: gradient ``weight_decay * F_i``, penalty
+        ``weight_decay/2 sum ||F_i||_F^2`` = ``SchattenP(p=2/N, weight=weight_decay N/2)`` at the
+        optimum.  The paper's Eq. 8 ``lambda`` (penalty ``lambda sum ||F_i||^2``) is
+        ``weight_decay / 2``; its tuned values are optimizer settings, i.e. this argument.
+    targets : module type(s), glob(s) or predicate
+        Layers to factorize (default every ``Conv2d`` and ``Linear``, i.e. also attention
+        projections; grouped/transposed convolutions are skipped when types are given).
+    exclude : glob or list of globs
+        Layers left alone.
+    truncation : {"lsvt", "gsvt", "isvt", None}
+        Post-training rule (Sec. 4): LSVT (fixed rank or fraction per layer), GSVT (each matrix
+        normalized by its largest singular value, one sort per group conv / linear / attention),
+        ISVT (App. A: ``params_per_round`` parameters removed per round from the layer whose
+        truncation raises the loss on ``n_samples`` training examples least, until the target).
+        ``None``: collapse only.
+    rank, rank_ratio
+        LSVT: a rank per layer, or the fraction of ``min(m, n)`` kept (default ``0.5`` when
+        neither is given).
+    keep : int, float or mapping group -> int/float
+        GSVT: singular values kept per group (``int``) or fraction of each group's values.
+        ISVT: optional GSVT run first (the paper's "GSVT followed by ISVT").
+    target_ratio, target_params
+        ISVT: the parameter budget of the truncated layers, as a fraction of their dense size or
+        as a count (exactly one).
+    params_per_round : int
+        ISVT parameters removed per round (paper: 500).
+    n_samples : int
+        ISVT sample size (paper: 120).
+    isvt_loader : batch ``(x, y)`` or loader, optional
+        ISVT sample source; default the training loader given to :meth:`LoRITaSolver.fit`.
+    isvt_loss_fn : callable, optional
+        ISVT loss; default the loss of ``fit``, else cross entropy.
+    inner : {"min", "auto", "in", "out"}, int or None
+        Inner dimension of the factors (:func:`admm_compress.methods._lorita.factorization.apply_factorization`);
+        ``"auto"`` is the paper's layout (square inner factors), ``"min"`` = ``min(m, n)``.
+        Default: ``"auto"`` with ``init="random"``, ``"min"`` with ``init="svd"`` (where the extra
+        inner directions of ``"auto"`` would start at zero and stay there).
+    init : {"random", "svd"}
+        ``"random"`` (default, training from scratch as the paper): independent Gaussian factors
+        whose product has the layer's current mean square; ``"svd"``: balanced factors of the
+        current weight (exact product), to compress a trained model.
+    attention_only : bool
+        Factorize only the attention projections (group ``"attention"`` of ``group_fn``), the
+        paper's ViT setting (Sec. 5.3: "over-parameterization across all attention modules").
+    isvt_seed : int
+        Seed of ISVT's random subsample of ``n_samples`` training examples.
+    optimizer : {"sgd", "adam"}
+        Default optimizer of :meth:`fit` when none is passed (coupled L2 weight decay).
+    momentum : float
+        SGD momentum of the default optimizer.
+    other_weight_decay : float, optional
+        Weight decay of all other parameters (biases, BatchNorm, untargeted layers);
+        default ``weight_decay``.
+    group_fn : callable
+        ``(name, module, parent) -> "conv" | "linear" | "attention"`` for GSVT
+        (default :func:`layer_group`).
+
+    Returns
+    -------
+    LoRITaSolver
+
+    Raises
+    ------
+    TypeError, ValueError
+        Invalid arguments (before any model is touched).
+    """
+    n_factors = check_int("n_factors", n_factors, low=1, where="lorita")
+    weight_decay = check_float("weight_decay", weight_decay, low=0.0, where="lorita")
+    check_choice("truncation", truncation, TRUNCATIONS + (None,), where="lorita")
+    check_choice("optimizer", optimizer, ("sgd", "adam"), where="lorita")
+    momentum = check_float("momentum", momentum, low=0.0, high=1.0, high_open=True, where="lorita")
+    if other_weight_decay is not None:
+        other_weight_decay = check_float("other_weight_decay", other_weight_decay, low=0.0, where="lorita")
+    params_per_round = check_int("params_per_round", params_per_round, low=1, where="lorita")
+    n_samples = check_int("n_samples", n_samples, low=1, where="lorita")
+    check_choice("init", init, ("random", "svd"), where="lorita")
+    if not isinstance(attention_only, bool):
+        raise TypeError(f"lorita: attention_only must be a bool, got {attention_only!r}")
+    isvt_seed = check_int("isvt_seed", isvt_seed, low=0, where="lorita")
+    if inner is None:
+        inner = "auto" if init == "random" else "min"
+    elif isinstance(inner, str):
+        check_choice("inner", inner, ("auto", "in", "out", "min"), where="lorita")
+    else:
+        check_int("inner", inner, low=1, where="lorita")
+    if not callable(group_fn):
+        raise TypeError(f"lorita: group_fn must be callable (name, module, parent) -> group, got {group_fn!r}")
+    if truncation == "lsvt":
+        if rank is not None and rank_ratio is not None:
+            raise ValueError(f"lorita: give at most one of rank or rank_ratio for LSVT, got rank={rank!r}, "
+                             f"rank_ratio={rank_ratio!r}")
+        if rank is not None:
+            rank = check_int("rank", rank, low=1, where="lorita")
+        else:
+            rank_ratio = check_float("rank_ratio", 0.5 if rank_ratio is None else rank_ratio, low=0.0,
+                                     high=1.0, low_open=True, where="lorita")
+    elif rank is not None or rank_ratio is not None:
+        raise ValueError(f"lorita: rank/rank_ratio apply to truncation='lsvt', not {truncation!r}")
+    if truncation == "gsvt":
+        if keep is None:
+            raise ValueError("lorita: truncation='gsvt' needs keep= (singular values kept per group: "
+                             "an int, a fraction in (0, 1], or a mapping group -> value)")
+    if keep is not None:
+        if truncation not in ("gsvt", "isvt"):
+            raise ValueError(f"lorita: keep applies to truncation='gsvt' or 'isvt', not {truncation!r}")
+        keep = _check_keep(keep)
+    if truncation == "isvt":
+        if (target_ratio is None) == (target_params is None):
+            raise ValueError(f"lorita: truncation='isvt' needs exactly one of target_ratio (fraction of the "
+                             f"dense parameters kept, in (0, 1)) or target_params, got target_ratio="
+                             f"{target_ratio!r}, target_params={target_params!r}")
+        if target_ratio is not None:
+            target_ratio = check_float("target_ratio", target_ratio, low=0.0, high=1.0, low_open=True,
+                                       high_open=True, where="lorita")
+        else:
+            target_params = check_int("target_params", target_params, low=0, where="lorita")
+        if isvt_loss_fn is not None and not callable(isvt_loss_fn):
+            raise TypeError(f"lorita: isvt_loss_fn must be callable, got {isvt_loss_fn!r}")
+    elif target_ratio is not None or target_params is not None:
+        raise ValueError(f"lorita: target_ratio/target_params apply to truncation='isvt', not {truncation!r}")
+
+    if isinstance(targets, type):
+        targets = (targets,)
+    skip = False
+    if isinstance(targets, tuple) and targets and all(isinstance(t, type) for t in targets):
+        targets = _plain_layers(targets)
+        skip = True  # grouped / depthwise convs and fused-kernel layers: skipped with a WARNING
+    elif isinstance(targets, (list, set)) and all(isinstance(t, str) for t in targets):
+        globs = list(targets)
+        targets = _glob_predicate(globs)
+    constraint = (SchattenP(p=2.0 / n_factors, weight=weight_decay * n_factors / 2.0) if n_factors >= 2
+                  else SquaredFrobenius(weight=weight_decay / 2.0))
+    spec = [Constrain(targets, constraint, view="auto", exclude=exclude, name=f"lorita:N={n_factors}",
+                      skip_unexportable=skip)]
+    return LoRITaSolver(spec, n_factors=n_factors, weight_decay=weight_decay, truncation=truncation,
+                        rank=rank, rank_ratio=rank_ratio, keep=keep, target_ratio=target_ratio,
+                        target_params=target_params, params_per_round=params_per_round,
+                        n_samples=n_samples, isvt_loader=isvt_loader, isvt_loss_fn=isvt_loss_fn,
+                        inner=inner, optimizer=optimizer, momentum=momentum,
+                        other_weight_decay=other_weight_decay, group_fn=group_fn, init=init,
+                        attention_only=attention_only, isvt_seed=isvt_seed)
+
+
+#: The paper's learning rates (Sec. 5.1-5.3: Adam, FCN 1e-2, CNN and ViT 3e-4).
+PAPER_LR = {"fcn": 1e-2, "cnn": 3e-4, "vit": 3e-4}
+
+
+def lorita_paper(arch: str, n_factors: int = 3, weight_decay: float = 1e-4, *, keep=0.5,
+                 target_ratio: float = 0.3, finetune_epochs: int = 1, **kwargs) -> LoRITaSolver:
+    r"""LoRITa's published pipeline as one preset (papers/004 Sec. 5, App. A, Tables 2-5).
+
+    * random factors (``init="random"``, ``inner="auto"``: square inner factors), ``N`` in
+      {2, 3, 4};
+    * Adam with coupled L2 weight decay on the factors (``optimizer="adam"``), learning rate
+      ``1e-2`` (``arch="fcn"``) or ``3e-4`` (``"cnn"``, ``"vit"``), applied by
+      :meth:`LoRITaSolver.fit` unless ``lr=`` is given;
+    * ``weight_decay`` is torch's (``lambda_paper = weight_decay / 2``, see the module
+      docstring); the paper tunes it per model (FCN / ViT grids around ``1e-5 ... 2e-3``,
+      CNN ``1e-5 ... 1e-2``): tune it;
+    * truncation: GSVT with ``keep`` (per group), then ISVT to ``target_ratio`` of the dense
+      parameters with 500 parameters per round on 120 random training examples;
+    * one fine-tuning round: ``fit(..., finetune_epochs=finetune_epochs)`` by default;
+    * ``arch="vit"``: only the attention projections are factorized (``attention_only=True``).
+
+    Other keyword arguments go to :func:`lorita` (e.g. ``targets``, ``exclude``,
+    ``other_weight_decay``).
+    """
+    check_choice("arch", arch, tuple(PAPER_LR), where="lorita_paper")
+    finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where="lorita_paper")
+    opts = dict(truncation="isvt", keep=keep, target_ratio=target_ratio, params_per_round=500,
+                n_samples=120, optimizer="adam", init="random", inner="auto",
+                attention_only=arch == "vit")
+    opts.update(kwargs)
+    solver = lorita(n_factors, weight_decay, **opts)
+    solver.fit_defaults = {"lr": PAPER_LR[arch], "finetune_epochs": finetune_epochs}
+    return solver
+
+
+def _glob_predicate(globs: list[str]):
+    """Predicate selecting modules whose name matches any of ``globs`` (with a matrix weight)."""
+    import fnmatch
+
+    def select(name: str, module: nn.Module) -> bool:
+        w = getattr(module, "weight", None)
+        return (isinstance(w, torch.Tensor) and w.dim() >= 2
+                and any(fnmatch.fnmatchcase(name, g) for g in globs))
+
+    select.__name__ = ",".join(globs)
+    return select

@@ -1,0 +1,169 @@
+"""Keep a weight's structure while training it further (fine-tuning after compression).
+
+:class:`Factored` is a :mod:`torch.nn.utils.parametrize` parametrization whose trainable
+tensors are the compact factors of a constraint (``set.factorize``): ``(U, V)`` for low rank,
+the non-zero values for cardinality (indices are a fixed buffer), TT cores, or both for a sum.
+The weight is rebuilt from them on every forward pass, so the structure holds exactly by
+construction — masked entries stay zero, the rank cannot grow — and the module tree and the
+optimizer-visible parameters are ordinary.  :func:`release` removes the parametrizations and
+leaves a plain dense weight that satisfies the constraint.
+
+(Formerly ``admm_compress.structure``; that path still imports and is this module.)
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .sets.base import Constraint
+from .views import View
+
+__all__ = ["Factored", "Additive", "additive_components", "structure", "release", "flatten_factors",
+           "unflatten_factors"]
+
+
+def flatten_factors(factors: Any) -> tuple[list[torch.Tensor], Any]:
+    """Leaves of a nested tuple/list of tensors and a spec to rebuild it."""
+    if isinstance(factors, torch.Tensor):
+        return [factors], None
+    if isinstance(factors, (list, tuple)):
+        leaves, specs = [], []
+        for f in factors:
+            lv, sp = flatten_factors(f)
+            specs.append((len(lv), sp))
+            leaves.extend(lv)
+        return leaves, (type(factors), specs)
+    raise TypeError(f"factors must be tensors or nested lists/tuples of tensors, got {type(factors).__name__}")
+
+
+def unflatten_factors(leaves: Sequence[torch.Tensor], spec: Any) -> Any:
+    """Inverse of :func:`flatten_factors`."""
+    if spec is None:
+        return leaves[0]
+    kind, parts = spec
+    out, i = [], 0
+    for n, sp in parts:
+        out.append(unflatten_factors(leaves[i:i + n], sp))
+        i += n
+    return kind(out) if kind is not tuple else tuple(out)
+
+
+class Factored(nn.Module):
+    """Parametrization ``W = view.back(set.reconstruct(factors))`` with trainable factors.
+
+    Register it with ``unsafe=True`` (``right_inverse`` returns the floating factors, a different
+    number of tensors than the weight).  Integer parts of the factors (sparse indices) are kept as
+    buffers ``aux<i>`` so that they are saved and loaded with the state dict but never trained.
+    """
+
+    def __init__(self, constraint: Constraint, view: View, shape: Sequence[int], factors: Any = None):
+        super().__init__()
+        self._given = factors  # factors computed by the caller (e.g. from the L, S of a Sum)
+        self.constraint = constraint
+        self.view = view
+        self.shape = tuple(shape)
+        self.viewed_shape = tuple(view.viewed_shape(self.shape))
+        self._spec = None
+        self._float_pos: list[int] = []
+        self._n_leaves = 0
+
+    def right_inverse(self, weight: torch.Tensor):
+        with torch.no_grad():
+            factors = self._given if self._given is not None else \
+                self.constraint.factorize(self.view.to(weight.detach()))
+        self._given = None
+        leaves, self._spec = flatten_factors(factors)
+        self._n_leaves = len(leaves)
+        self._float_pos = []
+        floats = []
+        for i, t in enumerate(leaves):
+            if t.is_floating_point():
+                self._float_pos.append(i)
+                floats.append(t.to(weight.dtype).contiguous())
+            else:
+                self.register_buffer(f"aux{i}", t.contiguous())
+        return tuple(floats)
+
+    def forward(self, *floats: torch.Tensor) -> torch.Tensor:
+        leaves: list[torch.Tensor | None] = [None] * self._n_leaves
+        for pos, t in zip(self._float_pos, floats):
+            leaves[pos] = t
+        for i in range(self._n_leaves):
+            if leaves[i] is None:
+                leaves[i] = getattr(self, f"aux{i}")
+        factors = unflatten_factors(leaves, self._spec)
+        return self.view.back(self.constraint.reconstruct(factors, self.viewed_shape), self.shape)
+
+
+def structure(bindings) -> list[str]:
+    """Register a :class:`Factored` parametrization on every hard-constrained binding.
+
+    Penalty bindings (soft constraints) are left dense.  Returns the keys parametrized.
+    """
+    done = []
+    for b in bindings:
+        if b.constraint.is_penalty:
+            continue
+        factors = None
+        comps = additive_components(b.module, b.param_name)
+        if comps is not None:  # W = L + S: keep both components' structure
+            with torch.no_grad():
+                factors = b.constraint.factorize(tuple(b.to_view(t.detach()) for t in comps))
+            parametrize.remove_parametrizations(b.module, b.param_name, leave_parametrized=True)
+        if parametrize.is_parametrized(b.module, b.param_name):
+            raise RuntimeError(f"layer '{b.name}': '{b.param_name}' is already parametrized; "
+                               f"release() it before structuring again")
+        parametrize.register_parametrization(b.module, b.param_name,
+                                             Factored(b.constraint, b.view, b.shape, factors),
+                                             unsafe=True)
+        done.append(b.key)
+    return done
+
+
+def release(bindings) -> None:
+    """Remove the :class:`Factored` parametrizations, leaving the dense structured weights."""
+    for b in bindings:
+        if parametrize.is_parametrized(b.module, b.param_name) and any(
+                isinstance(p, Factored) for p in b.module.parametrizations[b.param_name]):
+            parametrize.remove_parametrizations(b.module, b.param_name, leave_parametrized=True)
+
+
+class Additive(nn.Module):
+    """Parametrization ``W = L + S`` of a weight whose components carry their own constraints.
+
+    ``right_inverse(W)`` splits the current weight with ``Sum.decompose`` (alternating
+    projections; RASPA Algorithm 1, line 1) in the constraint's view, so registering it keeps the
+    weight's value up to the split residual: the first component absorbs that residual
+    (``L = W - S``), making the registration exact.  The components are the trainable
+    ``parametrizations.weight.original0`` (L) and ``original1`` (S), in the weight's shape.
+    """
+
+    def __init__(self, constraint, view: View, shape: Sequence[int], iters: int = 10):
+        super().__init__()
+        self.constraint = constraint
+        self.view = view
+        self.shape = tuple(shape)
+        self.iters = iters
+
+    def right_inverse(self, weight: torch.Tensor):
+        with torch.no_grad():
+            v = self.view.to(weight.detach())
+            _, S = self.constraint.decompose(v, iters=self.iters)
+            S = self.view.back(S, self.shape)
+        return (weight.detach() - S).contiguous(), S.contiguous()
+
+    def forward(self, L: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+        return L + S
+
+
+def additive_components(module: nn.Module, name: str = "weight"):
+    """``(L, S)`` parameters of a weight parametrized by :class:`Additive`, else None."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    plist = module.parametrizations[name]
+    if len(plist) == 1 and isinstance(plist[0], Additive):
+        return plist.original0, plist.original1
+    return None
