@@ -309,10 +309,7 @@ def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = Fals
                 check_module(view, module, where)
                 view.check(tuple(p.shape), where)
                 s.constraint.check_shape(tuple(view.viewed_shape(tuple(p.shape))), where)
-            except (ValueError, TypeError) as e:
-                if s.skip_unexportable and check_export:
-                    bindings.skipped.append((name, str(e)))
-                    continue
+            except (ValueError, TypeError) as e:  # a shape the set/view cannot take: a user error
                 raise SpecError(str(e) if where in str(e) else f"{where}: {e}") from None
             if check_export and warn:
                 msg = shrink_warning(module, s.constraint, view, tuple(p.shape))

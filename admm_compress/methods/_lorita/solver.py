@@ -98,6 +98,9 @@ class SquaredFrobenius(Penalty):
 
     min_dim = 2
     broadcasts = True
+    # exported like the other spectral penalties: LoRITa truncates, then exports LowRank pairs
+    export_as = LowRank(rank=1)
+    sized_at_export = True
 
     def __init__(self, weight: float = 1.0):
         self.weight = check_float("weight", weight, low=0.0, where="SquaredFrobenius")
