@@ -304,7 +304,8 @@ def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = Fals
                     if s.skip_unexportable:
                         bindings.skipped.append((name, why))
                         continue
-                    raise SpecError(f"{where} (view {view.name!r}): {why}")
+                    vname = view.name if getattr(view, "layout", None) is None else f"{view.name}:{view.layout}"
+                    raise SpecError(f"{where} (view {vname!r}): {why}")
             try:
                 check_module(view, module, where)
                 view.check(tuple(p.shape), where)
@@ -319,7 +320,7 @@ def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = Fals
         if len(bindings.skipped) - n_skipped == len(selected):
             name, why = bindings.skipped[-1]
             raise SpecError(f"{s.label} (spec[{i}]) selects {len(selected)} layer(s) of {type(model).__name__} "
-                            f"and export could compress none of them (e.g. '{name}': {why})")
+                            f"and export could compress none of them (e.g. layer '{name}': {why})")
     if bindings.skipped and warn:
         names = [n for n, _ in bindings.skipped]
         log.warning("left unconstrained, %d layer(s) export could not compress: %s (e.g. '%s': %s); "
