@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     models = args.models.split(",")
     comps = args.compressors.split(",")
-    rows = []
+    rows, notes = [], []
     for m in models:
         cells = []
         for c in comps:
@@ -150,7 +150,8 @@ def main(argv=None) -> int:
                 cells.append(f"MACs x{r['macs_ratio']:.2f}, params x{r['params_ratio']:.2f} "
                              f"(err {r['rel_err']:.0e}{', ' + str(r['skipped']) + ' skipped' if r['skipped'] else ''})")
             else:
-                cells.append(f"{r['status']}: {r['reason'][:120]}")
+                notes.append(f"{r['status']} ({m} / {c}): {r['reason']}")
+                cells.append(f"{r['status']} ({len(notes)})")
             logging.getLogger(__name__).error("%s / %s: %s", m, c, cells[-1])
         rows.append((m, cells))
     lines = ["# Compatibility matrix", "",
@@ -162,6 +163,8 @@ def main(argv=None) -> int:
              "| model | " + " | ".join(comps) + " |", "|---" * (len(comps) + 1) + "|"]
     for m, cells in rows:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if notes:
+        lines += [""] + [f"({i}) {t}" for i, t in enumerate(notes, 1)]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from _report import write_report
 
