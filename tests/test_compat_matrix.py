@@ -28,6 +28,7 @@ FAST |= {("efficientnet_b0", c) for c in ("sparse", "channels", "lrpet", "decomp
 FAST |= {("resnet18", c) for c in ("sparse", "channels")}
 FAST_MODELS = ("mobilenet_v2", "efficientnet_b0", "resnet18")
 REFUSED = {("mobilenet_v2", "trp"), ("efficientnet_b0", "trp")}
+NO_SHRINK = {("resnet18", "trp")}
 
 
 def _params():
@@ -49,6 +50,11 @@ def test_prepare_fit_finalize_export(model_name, compressor):
     # compared in float64: the same linear maps in another order agree to ~1e-15 relative; any
     # wrong rank, missing layer or re-selection differs by orders of magnitude more than 1e-9
     assert r["rel_err"] < 1e-9, r
+    if (model_name, compressor) in NO_SHRINK:
+        # TRP keeps 99 % of each spectrum's energy: a random-init weight spreads it over nearly
+        # every singular value, so every layer stays dense (export keeps it, never larger)
+        assert r["macs_ratio"] <= 1.0, r
+        return
     assert r["macs_ratio"] < 1.0, r
     assert r["n_constrained"] > 0, r
 
