@@ -71,7 +71,7 @@ from ._validation import check_choice, check_float, check_int
 from .graph import consumer_batchnorms
 from .penalty import AdaptiveRho, GeometricRho
 from .sets.base import Constraint
-from .specs import Binding, Constrain, describe, resolve, unwrap, _as_list
+from .specs import Binding, Constrain, describe, exact_glob, resolve, unwrap, _as_list
 from .training import (CheckpointError, NonFiniteError, accuracy_percent, batch_size, check_finite_loss,
                        check_writable, count_correct, evaluate, load_checkpoint, move_batch, resolve_device, rng_state,
                        save_checkpoint, set_rng_state, tree_detach)
@@ -82,15 +82,6 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------ torch.distributed
-def _exact_name(name: str):
-    """A spec target selecting exactly the module called ``name``."""
-    def select(n: str, module: nn.Module, _name=name) -> bool:
-        return n == _name
-
-    select.__name__ = name
-    return select
-
-
 def _world_size() -> int:
     """Processes of the default ``torch.distributed`` group (1 when not initialized)."""
     import torch.distributed as dist
@@ -696,7 +687,7 @@ class Solver:
             c = b.constraint
             if isinstance(c, LowRank) and c.energy is not None:
                 c = LowRank(rank=functional.numerical_rank(b.to_view(b.param.detach())))
-            out.append(Constrain(_exact_name(b.name), c, view=b.view, param=b.param_name, rho=b.spec.rho,
+            out.append(Constrain(exact_glob(b.name), c, view=b.view, param=b.param_name, rho=b.spec.rho,
                                  metric=b.spec.metric, name=f"{b.spec.name or 'spec'}:{b.name}"))
         return out
 

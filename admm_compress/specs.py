@@ -28,7 +28,7 @@ from torch import nn
 from .sets.base import Constraint
 from .views import VIEWS, View, check_module, get_view
 
-__all__ = ["Constrain", "Binding", "resolve", "unwrap", "describe", "SpecError"]
+__all__ = ["Constrain", "Binding", "resolve", "unwrap", "describe", "SpecError", "exact_glob"]
 
 log = logging.getLogger(__name__)
 
@@ -328,6 +328,12 @@ def resolve(spec, model: nn.Module, check_export: bool = True, warn: bool = Fals
                     ", ".join(names[:6]) + (", ..." if len(names) > 6 else ""), names[0],
                     bindings.skipped[0][1])
     return bindings
+
+
+def exact_glob(name: str) -> str:
+    """A glob (:class:`Constrain` target) matching exactly the module called ``name``
+    (fnmatch's special characters ``*``, ``?``, ``[`` bracketed)."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 class Bindings(list):

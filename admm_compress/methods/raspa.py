@@ -52,7 +52,7 @@ from .. import tt_layers
 from .._validation import check_choice, check_float, check_int, where_prefix
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
-from ..specs import Constrain, SpecError
+from ..specs import Constrain, SpecError, exact_glob
 from ..parametrizations import Additive, Factored, additive_components, unflatten_factors
 from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 
@@ -376,7 +376,7 @@ class _PerLayer:
         for n in names:
             r = _lookup(self.ranks, n, "tt_ranks") if isinstance(self.ranks, dict) else self.ranks
             d = _lookup(self.density, n, "density") if isinstance(self.density, dict) else self.density
-            exact = "".join(f"[{c}]" if c in "*?[]" else c for c in n)  # the name as a glob of itself
+            exact = exact_glob(n)  # the name as a glob of itself
             specs.append(Constrain(exact, Sum(TTRank(r), Cardinality(density=d)), view=self.view_for(r),
                                    name=f"raspa:{n}"))
         return specs

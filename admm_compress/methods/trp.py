@@ -36,7 +36,7 @@ from .. import functional as F
 from ..export import _bias, _explicit_padding, _factory, register_exporter
 from ..sets import LowRank, SchattenP
 from ..solver import Solver
-from ..specs import Constrain, resolve, unwrap
+from ..specs import Constrain, exact_glob, resolve, unwrap
 from ..views import View
 
 __all__ = ["trp", "TRPSolver", "VHView"]
@@ -144,11 +144,6 @@ def _nuclear_subgradient(v: torch.Tensor) -> torch.Tensor:
     return (U[..., :k] @ Vh[..., :k, :]).to(v.dtype)
 
 
-def _exact_glob(name: str) -> str:
-    """A glob matching exactly ``name`` (fnmatch's special characters bracketed)."""
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
-
-
 class TRPSolver(Solver):
     """Projected SGD with the energy rank rule plus the nuclear-norm subgradient.
 
@@ -215,7 +210,7 @@ class TRPSolver(Solver):
         self.skipped = skip
         if skip:
             log.info("trp: left dense (stem / 1x1 convolutions, as the official release): %s", ", ".join(skip))
-            globs = [_exact_glob(n) for n in skip]
+            globs = [exact_glob(n) for n in skip]
             spec = []
             for c in self.spec:
                 ex = [c.exclude] if isinstance(c.exclude, str) else list(c.exclude or [])
@@ -298,7 +293,7 @@ class TRPSolver(Solver):
         self.final_ranks = dict(ranks)
         for b in self.bindings:
             if b.key in ranks:
-                b.spec = Constrain(_exact_glob(b.name), LowRank(rank=int(ranks[b.key])), view=b.view,
+                b.spec = Constrain(exact_glob(b.name), LowRank(rank=int(ranks[b.key])), view=b.view,
                                    param=b.param_name, name=f"trp:{b.name}")
         for sl in self.slots:
             sl.constraint = sl.binding.constraint
@@ -312,7 +307,7 @@ class TRPSolver(Solver):
         """One ``LowRank(rank=k)`` spec per layer with the ranks kept by :meth:`finalize`."""
         if not self.final_ranks:
             raise RuntimeError("TRPSolver.export_spec: call finalize(model) (or fit) first")
-        return [Constrain(_exact_glob(sl.binding.name), LowRank(rank=self.final_ranks[sl.key]),
+        return [Constrain(exact_glob(sl.binding.name), LowRank(rank=self.final_ranks[sl.key]),
                           view=sl.binding.view, name=f"trp:{sl.binding.name}") for sl in self.slots]
 
     def export(self, model: nn.Module, inplace: bool = False) -> nn.Module:

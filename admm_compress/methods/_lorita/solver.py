@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
@@ -76,7 +75,7 @@ from .factorization import (FactorProduct, _matrix_shape, apply_factorization, c
 from ...sets import LowRank, SchattenP
 from ...sets.base import Penalty
 from ...solver import Solver
-from ...specs import Constrain, resolve, unwrap
+from ...specs import Constrain, exact_glob, resolve, unwrap
 from ...training import evaluate, load_checkpoint, tree_detach
 
 __all__ = ["lorita", "lorita_paper", "LoRITaSolver", "SquaredFrobenius", "layer_group"]
@@ -161,11 +160,6 @@ def _unshare(params) -> None:
             if ptr in seen:
                 p.data = p.data.clone()
             seen.add(p.data_ptr())
-
-
-def _glob_escape(name: str) -> str:
-    """A glob that matches exactly ``name`` (``*``, ``?``, ``[`` escaped)."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 def _plain_layers(types: tuple):
@@ -551,7 +545,7 @@ class LoRITaSolver(Solver):
         if not self.final_ranks:
             raise RuntimeError("LoRITaSolver.export_spec: call finalize(model) (or fit) first")
         views = {b.name: b.view for b in self._train_bindings()}
-        return [Constrain(_glob_escape(n), LowRank(rank=r), view=views[n], name=f"lorita:{n}")
+        return [Constrain(exact_glob(n), LowRank(rank=r), view=views[n], name=f"lorita:{n}")
                 for n, r in self.final_ranks.items()]
 
     def export(self, model: nn.Module, inplace: bool = False) -> nn.Module:
