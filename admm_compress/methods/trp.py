@@ -26,6 +26,8 @@ fine-tuning and export keep exactly the finalized ranks.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 
 import torch
@@ -214,9 +216,7 @@ class TRPSolver(Solver):
             spec = []
             for c in self.spec:
                 ex = [c.exclude] if isinstance(c.exclude, str) else list(c.exclude or [])
-                spec.append(Constrain(c.target, c.constraint, view=c.view, exclude=ex + globs, param=c.param,
-                                      rho=c.rho, metric=c.metric, name=c.name,
-                                      skip_unexportable=c.skip_unexportable))
+                spec.append(dataclasses.replace(c, exclude=ex + globs))  # every other field kept
             self.spec = spec
         self._subgrad, self._fresh = {}, False
         self.rank_history, self.final_ranks = [], {}
