@@ -355,14 +355,14 @@ def _check_solver_builds(sentry, problem, full_sparams: dict) -> None:
     pretraining.  Nothing is trained or modified.
     """
     from .bench.registry import RegistryError
-    from .solver import Solver
+    from .compressor import Compressor
     from .specs import SpecError, resolve
 
     from ._validation import check_float
 
     try:
         solver = sentry.build(problem, **full_sparams)
-        if isinstance(solver, Solver) and solver.spec:
+        if isinstance(solver, Compressor) and solver.spec:
             resolve(solver.spec, problem.model)
         if "lr_scale" in full_sparams:  # the solver trains with problem.lr * lr_scale
             check_float("lr_scale", full_sparams["lr_scale"], low=0.0, low_open=True, where=f"solver {sentry.name!r}")
@@ -492,7 +492,7 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
     else:
         t0 = time.perf_counter()
         dh = train_dense(train_model, train_loader, problem.pretrain_epochs, problem.optimizer, problem.loss_fn,
-                         problem.test_loader, dev, progress, problem.lr, desc="pretrain",
+                         problem.test_loader, dev, progress, problem.lr,
                          scheduler=cosine(problem.pretrain_epochs), accuracy_fn=problem.accuracy_fn)
         dense = _measure(model, problem, dev, latency_batch, latency_repeats)
         dense["epoch_time_s"] = _median([e["wall"] for e in dh.epochs])

@@ -22,7 +22,7 @@ from .sets.base import Constraint
 from .views import View
 
 __all__ = ["Factored", "Additive", "additive_components", "structure", "release", "flatten_factors",
-           "unflatten_factors"]
+           "unflatten_factors", "factored"]
 
 
 def flatten_factors(factors: Any) -> tuple[list[torch.Tensor], Any]:
@@ -87,15 +87,31 @@ class Factored(nn.Module):
                 self.register_buffer(f"aux{i}", t.contiguous())
         return tuple(floats)
 
-    def forward(self, *floats: torch.Tensor) -> torch.Tensor:
+    def factors(self, *floats: torch.Tensor) -> Any:
+        """The constraint's factors (``set.factorize``'s structure) from the trainable tensors
+        ``floats`` and the integer buffers."""
         leaves: list[torch.Tensor | None] = [None] * self._n_leaves
         for pos, t in zip(self._float_pos, floats):
             leaves[pos] = t
         for i in range(self._n_leaves):
             if leaves[i] is None:
                 leaves[i] = getattr(self, f"aux{i}")
-        factors = unflatten_factors(leaves, self._spec)
-        return self.view.back(self.constraint.reconstruct(factors, self.viewed_shape), self.shape)
+        return unflatten_factors(leaves, self._spec)
+
+    def forward(self, *floats: torch.Tensor) -> torch.Tensor:
+        return self.view.back(self.constraint.reconstruct(self.factors(*floats), self.viewed_shape), self.shape)
+
+
+def factored(module: nn.Module, name: str = "weight") -> tuple[Factored, Any] | None:
+    """``(parametrization, factors)`` of a weight structured by :func:`structure`, else ``None``."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    plist = module.parametrizations[name]
+    fac = next((p for p in plist if isinstance(p, Factored)), None)
+    if fac is None:
+        return None
+    floats = [getattr(plist, f"original{i}") for i in range(len(fac._float_pos))]  # right_inverse returns a tuple
+    return fac, fac.factors(*floats)
 
 
 def structure(bindings) -> list[str]:

@@ -21,7 +21,9 @@ assignment ``W = Pi_C(W)`` every ``every`` steps.
 
 The life cycle follows :mod:`torch.ao.pruning`: :meth:`Solver.prepare` -> (training with
 :meth:`Solver.penalty` in the loss and :meth:`Solver.step` after each optimizer step) ->
-:meth:`Solver.finalize` -> :func:`admm_compress.export`.  :meth:`Solver.fit` runs the whole loop.
+:meth:`Solver.finalize` -> :func:`admm_compress.export`.  :meth:`Solver.fit` runs the whole loop
+(:func:`admm_compress.trainer.fit`, the one trainer every method shares; the life cycle is the
+:class:`~admm_compress.compressor.Compressor` protocol).
 
 Example (your own loop)::
 
@@ -35,7 +37,7 @@ Example (your own loop)::
             solver.step()                       # Z/U update when `every` steps have passed
         solver.epoch_end()                      # Z/U update when every="epoch"
     solver.finalize(model)                      # W = Pi(W): exactly feasible
-    compact = ac.export(model, solver.spec)
+    compact = ac.export(model, solver)          # builds from solver.export_spec()
 
 Several processes (``torchrun --nproc-per-node N script.py``): initialize the process group,
 wrap the model in :class:`~torch.nn.parallel.DistributedDataParallel` and give each rank a
@@ -57,123 +59,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-import time
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from . import functional
 from ._validation import check_choice, check_float, check_int
+from .compressor import Compressor, FitContext
+from .distributed import broadcast_ as _broadcast_
 from .graph import consumer_batchnorms
 from .penalty import AdaptiveRho, GeometricRho
 from .sets.base import Constraint
-from .specs import Binding, Constrain, describe, exact_glob, resolve, unwrap, _as_list
-from .training import (CheckpointError, NonFiniteError, accuracy_percent, batch_size, check_finite_loss,
-                       check_writable, count_correct, evaluate, load_checkpoint, move_batch, resolve_device, rng_state,
-                       save_checkpoint, set_rng_state, tree_detach)
+from .specs import Binding, Constrain, describe, exact_glob, unwrap
+from .trainer import History
 
 __all__ = ["Solver", "History", "Slot"]
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------ torch.distributed
-def _world_size() -> int:
-    """Processes of the default ``torch.distributed`` group (1 when not initialized)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _broadcast_(tensors: Iterable[torch.Tensor]) -> None:
-    """Overwrite ``tensors`` on every rank with rank 0's values, in place (no-op in one process).
-
-    The Z-/U-steps and hard projections are computed on every rank and then broadcast, so all
-    ranks hold bit-identical ``Z``, ``U`` and weights even where SVDs are not deterministic
-    across processes.  Non-contiguous tensors go through a contiguous copy.
-    """
-    if _world_size() == 1:
-        return
-    import torch.distributed as dist
-
-    for t in tensors:
-        if t.is_contiguous():
-            dist.broadcast(t, src=0)
-        else:
-            buf = t.contiguous()
-            dist.broadcast(buf, src=0)
-            t.copy_(buf)
-
-
-def _barrier() -> None:
-    if _world_size() > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _bar_disabled(progress: bool | None) -> bool | None:
-    """tqdm's ``disable``: only rank 0 draws; ``None`` lets tqdm decide (on for a terminal)."""
-    if _rank() != 0:
-        return True
-    return None if progress is None else not progress
-
-
-def _rewrap(model: nn.Module) -> nn.Module:
-    """A fresh ``DistributedDataParallel`` around ``model``'s module with the same settings.
-
-    Needed after the parameters of a wrapped model were replaced (the fine-tuning structure
-    registers new factor parameters, which the old wrapper does not synchronize).
-    """
-    if not isinstance(model, nn.parallel.DistributedDataParallel):
-        return model
-    kw = {} if model.broadcast_buffers else {"broadcast_buffers": False}  # the default needs no (deprecated) kwarg
-    return nn.parallel.DistributedDataParallel(model.module, device_ids=model.device_ids,
-                                               output_device=model.output_device,
-                                               find_unused_parameters=model.find_unused_parameters, **kw)
-
-
-@dataclasses.dataclass
-class History:
-    """What :meth:`Solver.fit` measured.
-
-    Attributes
-    ----------
-    epochs : list of dict
-        One record per epoch: ``phase`` ("train" or "finetune"), ``epoch``, ``loss`` (mean training
-        loss incl. penalty), ``train_accuracy``, ``val_loss``/``val_accuracy`` (when a validation
-        loader is given), ``primal``/``dual`` (overall ADMM residuals after the epoch), ``rho``,
-        ``wall`` (seconds of the epoch).
-    updates : list of dict
-        One record per Z/U update: ``step``, ``primal``, ``dual``, ``rho`` and per-weight residuals.
-    final : dict
-        Evaluation after :meth:`Solver.finalize` (and after fine-tuning), when a val loader is given.
-    """
-
-    epochs: list = dataclasses.field(default_factory=list)
-    updates: list = dataclasses.field(default_factory=list)
-    final: dict = dataclasses.field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"epochs": list(self.epochs), "updates": list(self.updates), "final": dict(self.final)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "History":
-        return cls(list(d.get("epochs", [])), list(d.get("updates", [])), dict(d.get("final", {})))
-
-    def column(self, key: str, phase: str | None = None) -> list:
-        """The values of ``key`` over epochs (optionally of one phase)."""
-        return [e.get(key) for e in self.epochs if phase is None or e.get("phase") == phase]
 
 
 @dataclasses.dataclass(eq=False)
@@ -208,7 +112,7 @@ def _batchable(c: Constraint) -> bool:
     return bool(getattr(c, "broadcasts", False))
 
 
-class Solver:
+class Solver(Compressor):
     """ADMM (or projected SGD) for constrained training.
 
     Parameters
@@ -281,17 +185,10 @@ class Solver:
     :meth:`finalize` makes the weights exactly feasible in any case.
     """
 
-    #: Fine-tuning trains the factors of each constraint (the structure is kept by construction);
-    #: ``False`` trains the weights themselves (Decomposable-Net, whose model stays full-rank).
-    finetune_structure: bool = True
-    #: Fine-tuning epochs run the solver's own objective and steps (Decomposable-Net's joint
-    #: loss) instead of the plain task loss.
-    finetune_solver_steps: bool = False
-
     def __init__(self, spec, rho: Any = "auto", *, mode: str = "admm", every: Any = "epoch",
                  rho_growth: float = 1.0, rho_max: float | None = None, tol: float | None = None,
                  skip_below: float | None = None, warm_start: bool = True):
-        self.spec: list[Constrain] = _as_list(spec)
+        super().__init__(spec)
         self.mode = check_choice("mode", mode, ("admm", "projection"), where="Solver")
         self.rho_growth = check_float("rho_growth", rho_growth, low=1.0, where="Solver")
         self.rho_max = None if rho_max is None else check_float("rho_max", rho_max, low=0.0, low_open=True,
@@ -322,20 +219,13 @@ class Solver:
         self.skip_below = None if skip_below is None else check_float("skip_below", skip_below, low=0.0,
                                                                       where="Solver")
         self.warm_start = bool(warm_start)
-        self.projection_distance: float | None = None
         self._auto_keys: set[str] = set()
-        self.bindings: list[Binding] = []
         self.slots: list[Slot] = []
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.rhos: dict[str, float] = {}
-        self.steps = 0
-        self.epochs_done = 0
-        self.n_updates = 0
-        self.residuals: list[dict] = []
         self.unpaired: list[str] = []  # metric="bn" layers without a consumer BN
         self._bn: dict[str, nn.Module] = {}
-        self._model_ref: nn.Module | None = None
 
     # ================================================================ life cycle
     def prepare(self, model: nn.Module) -> "Solver":
@@ -343,7 +233,8 @@ class Solver:
 
         Raises before touching the model if any spec cannot be applied.
         """
-        bindings = resolve(self.spec, model, warn=True)
+        super().prepare(model)
+        bindings = self.bindings
         bn_of: dict[str, nn.Module] = {}
         unpaired = []
         if any(b.spec.metric == "bn" for b in bindings):
@@ -359,8 +250,7 @@ class Solver:
             if unpaired:
                 log.warning("BN rectification: no BatchNorm consumes the output of %s; these are "
                             "projected without the BN metric", ", ".join(unpaired))
-        self.bindings, self._bn, self.unpaired = bindings, bn_of, unpaired
-        self._model_ref = unwrap(model)
+        self._bn, self.unpaired = bn_of, unpaired
         self.slots = self._make_slots(bindings)
         self.Z, self.U, self.rhos = {}, {}, {}
         self._auto_keys = set()
@@ -415,18 +305,10 @@ class Solver:
 
     def describe(self) -> str:
         """Table of the bound weights (layer, shape, view, constraint, dense and compressed size)."""
-        text = describe(self.bindings) if self.bindings else "(not prepared)"
-        skipped = getattr(self.bindings, "skipped", None)
-        if skipped:
-            text += "\nleft unconstrained (export could not compress them):\n" + "\n".join(
-                f"  {n}: {why}" for n, why in skipped)
+        text = super().describe()
         if self.unpaired:
             text += "\nprojected without BN metric (no consumer BatchNorm): " + ", ".join(self.unpaired)
         return text
-
-    def _require_prepared(self):
-        if not self.bindings:
-            raise RuntimeError("Solver is not prepared: call solver.prepare(model) (or solver.fit) first")
 
     # -------------------------------------------------------------- operators
     def _metric(self, sl: Slot) -> torch.Tensor | None:
@@ -691,12 +573,6 @@ class Solver:
                                  metric=b.spec.metric, name=f"{b.spec.name or 'spec'}:{b.name}"))
         return out
 
-    def export(self, model: nn.Module, inplace: bool = False) -> nn.Module:
-        """:func:`admm_compress.export` of the finalized ``model`` with :meth:`export_spec`."""
-        from .export import export
-
-        return export(model, self.export_spec(), inplace=inplace)
-
     def _repr_fields(self) -> str:
         """The settings :meth:`__repr__` shows (subclasses name their own)."""
         rho = self.rho if self.rho == "auto" else f"{self.rho:g}"
@@ -704,10 +580,6 @@ class Solver:
         if self.mode == "admm" and self.rho_growth != 1.0:
             extra += f", rho_growth={self.rho_growth:g}"
         return f"mode={self.mode!r}, specs={len(self.spec)}{extra}, every={self.every!r}"
-
-    def __repr__(self) -> str:
-        state = f", prepared on {len(self.bindings)} weight(s)" if getattr(self, "bindings", None) else ""
-        return f"{type(self).__name__}({self._repr_fields()}{state})"
 
     def _feasible(self, sl, v: torch.Tensor) -> bool:
         """Whether the finalized view ``v`` of slot ``sl`` lies in its set (``contains``).
@@ -718,15 +590,22 @@ class Solver:
         return sl.constraint.contains(v, atol=1e-4, rtol=1e-4)
 
     # ------------------------------------------------------------------ state
+    def state_keys(self) -> list[str]:
+        """One key per slot (a Sum constraint's weight has ``key#L`` and ``key#S``)."""
+        return [sl.key for sl in self.slots]
+
     def state_dict(self) -> dict:
-        """Z, U, rho per weight and the counters: everything needed to resume."""
-        return {"Z": {k: v.clone() for k, v in self.Z.items()},
-                "U": {k: v.clone() for k, v in self.U.items()},
-                "rhos": dict(self.rhos), "steps": self.steps, "epochs_done": self.epochs_done,
-                "n_updates": self.n_updates, "keys": [sl.key for sl in self.slots],
-                "mode": self.mode, "residuals": [{k: v for k, v in r.items() if k != "layers"}
-                                                 for r in self.residuals],
-                "rho_schedule": self.rho_schedule.state_dict()}
+        """Z, U, rho per weight, the rho schedule and the counters: everything needed to resume."""
+        sd = super().state_dict()
+        sd.update({"Z": {k: v.clone() for k, v in self.Z.items()},
+                   "U": {k: v.clone() for k, v in self.U.items()},
+                   "rhos": dict(self.rhos), "mode": self.mode, "rho_schedule": self.rho_schedule.state_dict()})
+        return sd
+
+    def check_state(self, sd: dict) -> str | None:
+        if sd.get("mode") != self.mode:
+            return f"was written by a solver with mode={sd.get('mode')!r}; this solver has mode={self.mode!r}"
+        return None
 
     def load_state_dict(self, sd: dict) -> None:
         """Restore :meth:`state_dict` (call after :meth:`prepare` on the same architecture).
@@ -740,7 +619,7 @@ class Solver:
         missing = [k for k in ("Z", "U", "rhos", "steps", "epochs_done", "n_updates", "keys", "mode") if k not in sd]
         if missing:
             raise ValueError(f"load_state_dict: sd lacks {missing}; it is not a Solver.state_dict()")
-        keys = [sl.key for sl in self.slots]
+        keys = self.state_keys()
         if list(sd["keys"]) != keys:
             raise ValueError(f"solver state is for weights {sd['keys']}, but this solver binds {keys}")
         if sd["mode"] != self.mode:
@@ -762,438 +641,33 @@ class Solver:
                 raise ValueError("solver state lacks the adaptive rho state ('rho_schedule'); it was written by "
                                  "a solver with a numeric rho")
             self.rho_schedule.load_state_dict(sd["rho_schedule"])
+        super().load_state_dict(sd)
         self.Z, self.U = new["Z"], new["U"]
         self.rhos = {k: float(v) for k, v in sd["rhos"].items()}
-        self.steps, self.epochs_done, self.n_updates = int(sd["steps"]), int(sd["epochs_done"]), int(sd["n_updates"])
-        self.residuals = list(sd.get("residuals", []))
 
-    # ====================================================== the training loop
-    def _forward_ctx(self):
-        """``torch.autocast`` for the forward pass when ``fit(..., autocast=dtype)``, else a no-op."""
-        import contextlib
-
-        dtype = getattr(self, "_amp", None)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=getattr(self, "_amp_device", "cpu"), dtype=dtype)
-
-    def _amp_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss in float32 under autocast (a half-precision loss would lose the penalty), as is otherwise."""
-        return loss.float() if getattr(self, "_amp", None) is not None else loss
-
-    def _backprop(self, loss: torch.Tensor) -> None:
-        """``loss.backward()``, through the GradScaler under float16 autocast."""
-        scaler = getattr(self, "_scaler", None)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-
-    def _optimizer_step(self, opt) -> None:
-        scaler = getattr(self, "_scaler", None)
-        if scaler is None:
-            opt.step()
-        else:
-            scaler.step(opt)
-            scaler.update()
-
-    def backward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                 loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward and backward of one batch; returns ``(loss, outputs)`` (detached).
-
-        Default: ``loss_fn(model(x), y) + penalty()``.  Methods whose objective differs
-        (Decomposable-Net's joint loss) override this.
-        """
-        with self._forward_ctx():
-            out = model(inputs)
-            loss = loss_fn(out, targets)
-        loss = self._amp_loss(loss) + self.penalty()
-        self._backprop(loss)
-        return loss.detach(), tree_detach(out)
-
-    def fit(self, model: nn.Module, loader: Iterable, epochs: int = 1, optimizer: Any = None,
-            loss_fn: Callable | None = None, val_loader: Iterable | None = None, finetune_epochs: int = 0,
-            finetune_optimizer: Any = None, device: Any = None, callbacks: Sequence[Callable] = (),
-            checkpoint: str | os.PathLike | None = None, scheduler: Callable | None = None,
-            progress: bool | None = None, lr: float = 0.05, autocast: torch.dtype | None = None,
-            accuracy_fn: Callable | None = None) -> History:
-        """Train ``model`` under the constraints, finalize, and optionally fine-tune.
-
-        Parameters
-        ----------
-        model : nn.Module
-            Trained in place; satisfies the hard constraints on return.
-        loader : iterable of (inputs, targets)
-        epochs : int
-            Constrained training epochs (0 = direct compression: finalize only).
-        optimizer : torch.optim.Optimizer or callable, optional
-            An optimizer over ``model.parameters()`` or a factory ``params -> optimizer`` (needed
-            when ``prepare`` reparameterizes the model, e.g. LoRITa).  Default: SGD(lr, momentum
-            0.9, weight decay 5e-4).
-        loss_fn : callable, default cross entropy
-            ``loss_fn(outputs, targets) -> scalar``; ``outputs`` is whatever the model returns
-            (a tensor, a tuple with auxiliary logits, a dict such as torchvision segmentation's
-            ``{"out", "aux"}``, an HF-style output), so a model with structured outputs trains
-            with a ``loss_fn`` that reads them.
-        val_loader : iterable, optional
-            Evaluated after every epoch, after finalize and after fine-tuning.
-        finetune_epochs : int
-            Epochs of fine-tuning after finalize with the structure kept (factors of the
-            constraint are trained, see :mod:`admm_compress.structure`).
-        finetune_optimizer : optimizer factory, optional
-            Default: SGD with ``lr / 10``.
-        device : str or torch.device, optional
-        callbacks : sequence of callables
-            ``cb(solver, model, record)`` after every epoch; returning ``True`` stops training.
-        checkpoint : path, optional
-            Written atomically after every epoch (model, optimizer, solver, RNG states, history);
-            if it exists when ``fit`` starts, training resumes from it.  Its folder is created and
-            probed for writing before training (an unwritable path raises ``ValueError`` naming it).
-        scheduler : callable, optional
-            ``optimizer -> LR scheduler`` stepped once per epoch.
-        progress : bool, optional
-            Progress bar (default: on when stderr is a terminal).
-        lr : float
-            Learning rate of the default optimizer.
-        autocast : torch.bfloat16 or torch.float16, optional
-            Mixed precision: forward passes and losses run under :func:`torch.autocast` on the
-            training device (``float16`` adds a :class:`torch.amp.GradScaler`).  Weights, Z, U
-            and every projection stay in the weights' dtype; SVDs run in float32 or float64.
-        accuracy_fn : callable, optional
-            ``accuracy_fn(outputs, targets)`` -> number of correct examples of the batch, or
-            ``(correct, total)`` (see :func:`admm_compress.training.count_correct`); used for
-            ``train_accuracy`` / ``val_accuracy``.  Default: top-1 accuracy when the outputs are
-            a logits tensor ``(N, C, *S)`` and the targets class indices ``(N, *S)``; for other
-            outputs (dict, tuple, regression) the accuracies are NaN (not measured).
-        """
-        if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"fit: autocast={autocast!r}; allowed: None, torch.bfloat16, torch.float16")
-        self._amp = autocast
-        self._scaler = None
-        epochs = check_int("epochs", epochs, low=0, where="fit")
-        finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where="fit")
-        lr = check_float("lr", lr, low=0.0, low_open=True, where="fit")
-        if loader is None:
-            raise ValueError("fit: loader is None; pass an iterable of (inputs, targets) batches")
-        for cb in callbacks:
-            if not callable(cb):
-                raise TypeError(f"fit: callbacks must be callables cb(solver, model, record), got {cb!r}")
-        if optimizer is not None and not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
-            raise TypeError(f"fit: optimizer must be a torch.optim.Optimizer or a factory params -> "
-                            f"optimizer, got {type(optimizer).__name__}")
-        if not isinstance(model, nn.Module):
-            hint = " (a state_dict? build the model and load it first)" if isinstance(model, dict) else ""
-            raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
-        for name, ld in (("loader", loader), ("val_loader", val_loader)):
-            try:
-                n_batches = None if ld is None else len(ld)
-            except (TypeError, NotImplementedError):  # iterators and iterable datasets have no len
-                n_batches = None
-            if n_batches == 0:
-                raise ValueError(f"fit: {name} is empty (len({name}) == 0); it must yield at least one "
-                                 f"(inputs, targets) batch")
-        for name, fn in (("loss_fn", loss_fn), ("scheduler", scheduler), ("accuracy_fn", accuracy_fn)):
-            if fn is not None and not callable(fn):
-                raise TypeError(f"fit: {name} must be callable, got {fn!r}")
-        if finetune_optimizer is not None and not (isinstance(finetune_optimizer, torch.optim.Optimizer)
-                                                   or callable(finetune_optimizer)):
-            raise TypeError(f"fit: finetune_optimizer must be a torch.optim.Optimizer or a factory params -> "
-                            f"optimizer, got {type(finetune_optimizer).__name__}")
-        if progress is not None and not isinstance(progress, bool):
-            raise TypeError(f"fit: progress must be a bool or None, got {progress!r}")
-        if checkpoint is not None:
-            if not isinstance(checkpoint, (str, os.PathLike)):
-                raise TypeError(f"fit: checkpoint must be a file path (str or os.PathLike), got "
-                                f"{type(checkpoint).__name__}")
-            if os.path.isdir(checkpoint):
-                raise ValueError(f"fit: checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path")
-            check_writable(checkpoint, "fit: checkpoint")  # a bad folder fails now, not after epoch 1
-        dev = resolve_device(device, model)
-        self._accuracy_fn = accuracy_fn
-        self._amp_device = dev.type
-        if autocast is torch.float16:
-            self._scaler = torch.amp.GradScaler(dev.type)
-        # an existing checkpoint is read and checked (weights_only) before any work is done
-        self._pending_checkpoint = None
-        if checkpoint is not None and os.path.exists(checkpoint):
-            self._pending_checkpoint = (os.fspath(checkpoint), self._read_checkpoint(checkpoint, dev))
-        loss_fn = loss_fn or F.cross_entropy
-        model.to(dev)
-        before = [id(p) for p in unwrap(model).parameters()]
-        self.prepare(model)
-        if [id(p) for p in unwrap(model).parameters()] != before:
-            model = _rewrap(model)  # DDP: prepare reparameterized the model (LoRITa, RASPA)
-        opt = self._make_optimizer(model, optimizer, lr)
-        sched = scheduler(opt) if scheduler is not None else None
-        self._set_horizon(loader, epochs)
-        if isinstance(self.rho_schedule, AdaptiveRho):
-            self.rho_schedule.observe_optimizer(opt)
-        history = History()
-        start_epoch, phase = 0, "train"
-        if checkpoint is not None and os.path.exists(checkpoint):
-            start_epoch, phase, history = self._resume(checkpoint, model, opt, sched, loader)
-        from tqdm.auto import tqdm
-
-        if phase == "train":
-            bar = tqdm(range(start_epoch, epochs), desc="admm", disable=_bar_disabled(progress),
-                       initial=start_epoch, total=epochs, unit="epoch")
-            for epoch in bar:
-                rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "train", val_loader)
-                if sched is not None:
-                    sched.step()
-                history.epochs.append(rec)
-                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "primal", "val_accuracy") if k in rec})
-                log.info("epoch %d: %s", epoch, {k: v for k, v in rec.items() if k != "phase"})
-                stop = any(bool(cb(self, model, rec)) for cb in callbacks)
-                if checkpoint is not None:
-                    if _rank() == 0:  # one writer under DDP; every rank resumes from the file
-                        self._save(checkpoint, model, opt, sched, loader, epoch + 1, "train", history)
-                    _barrier()
-                if stop:
-                    log.info("a callback stopped training after epoch %d", epoch)
-                    break
-                if self.tol is not None and self.mode == "admm" and rec.get("primal", 1.0) < self.tol:
-                    log.info("primal residual %.3g < tol=%.3g: stopping after epoch %d", rec["primal"], self.tol, epoch)
-                    break
-            history.updates = list(self.residuals)
-            if val_loader is not None:  # the accuracy the final projection starts from
-                history.final["before_finalize"] = evaluate(model, val_loader, loss_fn, dev)
-            feasible = self.finalize(model)
-            history.final["feasible"] = all(feasible.values())
-            history.final["projection_distance"] = self.projection_distance
-            if val_loader is not None:
-                history.final["after_finalize"] = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
-            start_epoch = 0
-        if finetune_epochs > 0:
-            self._finetune(model, loader, loss_fn, dev, finetune_epochs, finetune_optimizer, lr,
-                           val_loader, history, checkpoint, start_epoch if phase == "finetune" else 0,
-                           progress, callbacks)
-        if val_loader is not None and finetune_epochs > 0:
-            history.final["after_finetune"] = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
-        return history
-
-    def _set_horizon(self, loader, epochs: int) -> None:
-        """rho='auto': the run's length in optimizer steps, so the residual target closes in time."""
+    # ----------------------------------------------------------- trainer hooks
+    def on_fit_start(self, run: FitContext) -> None:
+        """rho='auto': the run's length in optimizer steps (so the residual target closes in time)
+        and the optimizer's learning rate and momentum (the ceiling of rho)."""
         if not isinstance(self.rho_schedule, AdaptiveRho):
             return
         try:
-            self.rho_schedule.horizon = max(1, epochs * len(loader)) if epochs > 0 else None
+            self.rho_schedule.horizon = max(1, run.epochs * len(run.loader)) if run.epochs > 0 else None
         except (TypeError, NotImplementedError):  # an iterator: the target falls per update instead
             self.rho_schedule.horizon = None
+        self.rho_schedule.observe_optimizer(run.optimizer)
 
-    def _make_optimizer(self, model, optimizer, lr):
-        if optimizer is None:
-            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        if isinstance(optimizer, torch.optim.Optimizer):
-            have = {id(p) for g in optimizer.param_groups for p in g["params"]}
-            missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in have]
-            if missing:
-                raise ValueError(f"fit: the optimizer does not hold {len(missing)} trainable parameter(s) of "
-                                 f"the model (e.g. {missing[:3]}); it was probably built before the model "
-                                 f"was reparameterized — pass a factory `lambda params: SGD(params, ...)`")
-            return optimizer
-        return optimizer(model.parameters())
+    def epoch_summary(self) -> dict:
+        """The last update's overall ``primal`` / ``dual`` residuals and ``rho``."""
+        if not self.residuals:
+            return {}
+        last = self.residuals[-1]
+        return {"primal": last["primal"], "dual": last["dual"], "rho": last["rho"]}
 
-    def _run_epoch(self, model, loader, opt, loss_fn, dev, epoch, phase, val_loader, solver_steps=True):
-        model.train()
-        sampler = getattr(loader, "sampler", None)
-        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a different shuffle every epoch
-            sampler.set_epoch(epoch)
-        t0 = time.perf_counter()
-        n = 0
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
-        counted = torch.zeros((), device=dev, dtype=torch.long)
-        accuracy_fn = getattr(self, "_accuracy_fn", None)
-        nb = 0
-        for i, batch in enumerate(loader):
-            x, y = move_batch(batch, dev)
-            opt.zero_grad(set_to_none=True)
-            try:
-                if solver_steps:
-                    loss, out = self.backward(model, x, y, loss_fn)
-                else:
-                    with self._forward_ctx():
-                        out = model(x)
-                        loss = loss_fn(out, y)
-                    loss = self._amp_loss(loss)
-                    self._backprop(loss)
-                    loss, out = loss.detach(), tree_detach(out)
-            except RuntimeError as e:
-                if i == 0 and any(w in str(e) for w in ("shape", "size", "dimension", "channels")):
-                    shapes = tuple(getattr(x, "shape", ())), tuple(getattr(y, "shape", ()))
-                    raise ValueError(f"fit: the model cannot take the loader's first batch of epoch {epoch} "
-                                     f"(inputs {shapes[0]}, targets {shapes[1]}): {e}") from e
-                raise
-            except TypeError as e:
-                if i == 0 and loss_fn is F.cross_entropy and "must be Tensor" in str(e):
-                    raise TypeError(f"fit: the default loss_fn (cross entropy) needs the model to return a logits "
-                                    f"tensor ({e}); for a model returning a dict or tuple pass a loss_fn that "
-                                    f"reads it, e.g. loss_fn=lambda out, y: F.cross_entropy(out['out'], y)") from e
-                raise
-            check_finite_loss(loss, epoch, i)
-            self._optimizer_step(opt)
-            if solver_steps:
-                self.step()
-            bs = batch_size(x, y)
-            loss_sum += loss * bs
-            cc = count_correct(out, y, accuracy_fn)  # None: no accuracy for these outputs
-            if cc is not None:
-                correct += torch.as_tensor(cc[0], device=dev).long()
-                counted += torch.as_tensor(cc[1], device=dev).long()
-            n += bs
-            nb += 1
-        if nb == 0:
-            raise ValueError(f"fit: the training loader yielded no batch in epoch {epoch}")
-        if solver_steps:
-            self.epoch_end()
-        self._check_weights_finite(model, epoch)
-        rec = {"phase": phase, "epoch": epoch, "loss": float(loss_sum) / n,
-               "train_accuracy": accuracy_percent(int(correct), int(counted))}
-        if solver_steps and self.residuals:
-            last = self.residuals[-1]
-            rec.update(primal=last["primal"], dual=last["dual"], rho=last["rho"])
-        if val_loader is not None:
-            ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
-            rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
-        rec["wall"] = time.perf_counter() - t0
-        return rec
-
-    @staticmethod
-    def _check_weights_finite(model, epoch):
-        for name, p in model.named_parameters():
-            if not bool(torch.isfinite(p).all()):
-                raise NonFiniteError(f"parameter '{name}' became non-finite in epoch {epoch}; the last "
-                                     f"checkpoint (if any) is intact")
-
-    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
-                  checkpoint, start_epoch, progress, callbacks):
-        from tqdm.auto import tqdm
-
-        from .structure import release, structure
-
-        finalized = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if start_epoch > 0:  # resuming: rebuild the same factorization from the saved finalized weights
-            ck = load_checkpoint(checkpoint, map_location=dev)
-            finalized = ck["finalized"]
-            unwrap(model).load_state_dict(finalized)
-        if self.finetune_structure:
-            structure(self.bindings)
-            model = _rewrap(model)  # DDP: the factors are new parameters; a fresh wrapper syncs them
-        try:
-            if optimizer is None:
-                opt = torch.optim.SGD(model.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
-            else:
-                opt = optimizer(model.parameters()) if not isinstance(optimizer, torch.optim.Optimizer) else optimizer
-            if start_epoch > 0:
-                unwrap(model).load_state_dict(ck["model"])
-                opt.load_state_dict(ck["optimizer"])
-                set_rng_state(ck["rng"], loader)
-            bar = tqdm(range(start_epoch, epochs), desc="finetune", initial=start_epoch, total=epochs,
-                       disable=_bar_disabled(progress), unit="epoch")
-            for epoch in bar:
-                rec = self._run_epoch(model, loader, opt, loss_fn, dev, epoch, "finetune", val_loader,
-                                      solver_steps=self.finetune_solver_steps)
-                history.epochs.append(rec)
-                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "val_accuracy") if k in rec})
-                stop = any(bool(cb(self, model, rec)) for cb in callbacks)
-                if checkpoint is not None:
-                    if _rank() == 0:
-                        self._save(checkpoint, model, opt, None, loader, epoch + 1, "finetune", history,
-                                   finalized=finalized)
-                    _barrier()
-                if stop:
-                    break
-        finally:
-            if self.finetune_structure:
-                release(self.bindings)
-
-    # ------------------------------------------------------------ checkpoint
-    def _save(self, path, model, opt, sched, loader, next_epoch, phase, history, finalized=None):
-        obj = {"format": "admm_compress.fit/1", "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-               "solver": self.state_dict(), "epoch": next_epoch, "phase": phase, "rng": rng_state(loader),
-               "history": history.to_dict()}
-        if sched is not None:
-            obj["scheduler"] = sched.state_dict()
-        if finalized is not None:
-            obj["finalized"] = finalized
-        # the full residual records (with the per-layer entries that state_dict() leaves out), so
-        # a resumed run's history equals an uninterrupted one's
-        obj["residuals"] = [dict(r) for r in self.residuals]
-        save_checkpoint(obj, path)
-
-    @staticmethod
-    def _read_checkpoint(path, map_location) -> dict:
-        """Read a :meth:`fit` checkpoint (``weights_only=True``) and check its format, phase and epoch.
-
-        Raises :class:`~admm_compress.training.CheckpointError` for a truncated, unsafe or
-        foreign file.
-        """
-        ck = load_checkpoint(path, map_location=map_location,
-                             required=("format", "model", "optimizer", "solver", "epoch", "phase", "rng"))
-        where = f"checkpoint {os.fspath(path)!r}"
-        if ck["format"] != "admm_compress.fit/1":
-            raise CheckpointError(f"{where} has format {ck['format']!r}; expected 'admm_compress.fit/1'")
-        if ck["phase"] not in ("train", "finetune"):
-            raise CheckpointError(f"{where} has phase={ck['phase']!r}; expected 'train' or 'finetune'")
-        ep = ck["epoch"]
-        if isinstance(ep, bool) or not isinstance(ep, int) or ep < 0:
-            raise CheckpointError(f"{where} has epoch={ep!r}; expected an int >= 0")
-        for name in ("model", "optimizer", "solver", "rng"):
-            if not isinstance(ck[name], dict):
-                raise CheckpointError(f"{where}: entry {name!r} is a {type(ck[name]).__name__}, expected a dict")
-        if ck["phase"] == "finetune" and not isinstance(ck.get("finalized"), dict):
-            raise CheckpointError(f"{where} is a fine-tuning checkpoint without the finalized weights")
-        return ck
-
-    def _resume(self, path, model, opt, sched, loader):
-        """Restore model, optimizer, scheduler, solver state, RNG states and history from ``path``.
-
-        Everything is checked against this model, solver and optimizer before anything is
-        loaded, so a checkpoint of another model or spec raises
-        :class:`~admm_compress.training.CheckpointError` and leaves the model's weights alone.
-        """
-        pending, self._pending_checkpoint = getattr(self, "_pending_checkpoint", None), None
-        if pending is not None and pending[0] == os.fspath(path):
-            ck = pending[1]  # read (and checked) by fit before any work
-        else:
-            ck = self._read_checkpoint(path, resolve_device(None, model))
-        where = f"checkpoint {os.fspath(path)!r}"
-        sd = ck["solver"]
-        if sd.get("mode") != self.mode:
-            raise CheckpointError(f"{where} was written by a solver with mode={sd.get('mode')!r}; this "
-                                  f"solver has mode={self.mode!r}")
-        if ck["phase"] == "finetune":
-            log.info("resuming fine-tuning from %s at epoch %d", path, ck["epoch"])
-            return int(ck["epoch"]), "finetune", History.from_dict(ck.get("history", {}))
-        keys = [sl.key for sl in self.slots]
-        if list(sd.get("keys", [])) != keys:
-            raise CheckpointError(f"{where} is from another spec: its solver state constrains "
-                                  f"{list(sd.get('keys', []))}, this solver binds {keys}")
-        target = unwrap(model)
-        own = target.state_dict()
-        saved = ck["model"]
-        bad = [k for k in own if k not in saved] + [k for k in saved if k not in own]
-        bad += [f"{k}: {tuple(getattr(saved[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
-                if k in saved and (not isinstance(saved[k], torch.Tensor) or saved[k].shape != own[k].shape)]
-        if bad:
-            raise CheckpointError(f"{where} is from another model: {len(bad)} mismatching state_dict "
-                                  f"entries (e.g. {bad[:3]})")
-        saved_groups = [len(g.get("params", ())) for g in ck["optimizer"].get("param_groups", [])]
-        own_groups = [len(g["params"]) for g in opt.param_groups]
-        if saved_groups != own_groups:
-            raise CheckpointError(f"{where}: its optimizer state has parameter groups of sizes {saved_groups}, "
-                                  f"this optimizer has {own_groups} (another optimizer or model?)")
-        try:  # solver state first: it checks shapes (and subclass fields) and touches no weight
-            self.load_state_dict(sd)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{where}: the solver state does not fit this solver: {e}") from e
-        target.load_state_dict(saved)
-        opt.load_state_dict(ck["optimizer"])
-        if sched is not None:
-            if "scheduler" in ck:
-                sched.load_state_dict(ck["scheduler"])
-            else:
-                log.warning("%s holds no LR scheduler state; the scheduler restarts", where)
-        if "residuals" in ck:
-            self.residuals = [dict(r) for r in ck["residuals"]]
-        set_rng_state(ck["rng"], loader)
-        log.info("resumed from %s at epoch %d", path, ck["epoch"])
-        return int(ck["epoch"]), "train", History.from_dict(ck.get("history", {}))
+    def should_stop(self, record: dict) -> bool:
+        """ADMM with ``tol``: stop once the overall primal residual is below it."""
+        if self.tol is not None and self.mode == "admm" and record.get("primal", 1.0) < self.tol:
+            log.info("primal residual %.3g < tol=%.3g: stopping after epoch %d", record["primal"], self.tol,
+                     record.get("epoch", -1))
+            return True
+        return False

@@ -31,9 +31,62 @@ __all__ = [
     "tree_detach",
     "batch_size",
     "count_correct",
+    "Amp",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class Amp:
+    """Mixed precision of one training run: autocast context, loss dtype, loss scaling.
+
+    ``Amp(None)`` is plain float training (every method is a pass-through).  ``Amp(torch.bfloat16)``
+    runs forward passes and losses under :func:`torch.autocast` on ``device_type``;
+    ``Amp(torch.float16)`` adds a :class:`torch.amp.GradScaler` (``scaler="auto"``; pass a scaler
+of your own, or ``None`` for none).  The
+    loss is returned in float32 so a penalty added to it is not rounded to half precision.
+    Compressors receive it in ``backward(..., amp=)``; the trainer owns it.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None, device_type: str = "cpu", scaler: Any = "auto"):
+        if dtype is not None and dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"fit: autocast={dtype!r}; allowed: None, torch.bfloat16, torch.float16")
+        self.dtype = dtype
+        self.device_type = device_type
+        if isinstance(scaler, str) and scaler == "auto":  # float16 needs loss scaling; the others do not
+            scaler = torch.amp.GradScaler(device_type) if dtype is torch.float16 else None
+        self.scaler = scaler
+
+    def autocast(self):
+        """``torch.autocast`` for the forward pass, or a no-op context."""
+        import contextlib
+
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+
+    def loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss in float32 under autocast, as is otherwise."""
+        return loss.float() if self.dtype is not None else loss
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the GradScaler's scale (as is without one)."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()``, through the GradScaler under float16."""
+        self.scale(loss).backward()
+
+    def step(self, optimizer) -> None:
+        """``optimizer.step()`` (``scaler.step`` + ``scaler.update`` under float16)."""
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def __repr__(self) -> str:
+        return f"Amp({self.dtype}, {self.device_type!r}, scaler={self.scaler is not None})"
 
 
 class CheckpointError(RuntimeError):

@@ -43,7 +43,7 @@ class MagnitudePruning(Baseline):
         from admm_compress.registry import train_dense
 
         return train_dense(model, loader, epochs, None, loss_fn, val_loader, device, progress, lr / 10,
-                           phase="finetune", desc="finetune")  # the masks (forward pre-hooks) stay
+                           phase="finetune")  # the masks (forward pre-hooks) stay
 
     def fit(self, model, loader, epochs=1, **kw):
         hist = super().fit(model, loader, epochs, **kw)

@@ -32,7 +32,7 @@ class SVDTruncation(Baseline):
         structure(self._solver.bindings)  # train the rank-r factors, not the dense weight
         try:
             return train_dense(model, loader, epochs, None, loss_fn, val_loader, device, progress, lr / 10,
-                               phase="finetune", desc="finetune")
+                               phase="finetune")
         finally:
             release(self._solver.bindings)
 

@@ -11,6 +11,7 @@ from torch import nn
 
 import admm_compress as ac
 from admm_compress import methods
+from admm_compress.training import Amp
 
 HOST = ("cpu", "numpy", "tolist")
 
@@ -105,13 +106,21 @@ def test_half_precision_autocast_training_matches_float32(make, dtype):
     assert a16 > 80 and abs(a16 - a32) < 5, (a32, a16)
 
 
-def test_float16_autocast_uses_a_grad_scaler():
+def test_float16_autocast_uses_a_grad_scaler(monkeypatch):
     torch.manual_seed(0)
     data = [(torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))) for _ in range(2)]
     model = _model()
+    steps = []
+
+    class Spy(torch.amp.GradScaler):
+        def step(self, optimizer, *args, **kwargs):
+            steps.append(self.get_scale())
+            return super().step(optimizer, *args, **kwargs)
+
+    monkeypatch.setattr(torch.amp, "GradScaler", Spy)
     solver = ac.Solver([ac.Constrain(nn.Conv2d, ac.LowRank(rank=2))], rho=0.1)
     solver.fit(model, data, epochs=1, progress=False, autocast=torch.float16)
-    assert isinstance(solver._scaler, torch.amp.GradScaler)
+    assert len(steps) == len(data)  # every optimizer step went through the scaler
     with pytest.raises(ValueError, match="autocast=torch.float64"):
         solver.fit(_model(), data, autocast=torch.float64)
 
@@ -127,10 +136,8 @@ def test_decomposable_net_float16_gradient_is_the_scaled_float32_one():
     def grad(amp, init_scale):
         model = _model()
         dn = methods.decomposable_net((0.3, 0.6), min_rank=2, seed=0).prepare(model)
-        if amp is not None:
-            dn._amp, dn._amp_device = amp, "cpu"  # what fit(autocast=...) sets
-        dn._scaler = None if init_scale is None else torch.amp.GradScaler("cpu", init_scale=init_scale)
-        dn.backward(model, x, y, nn.functional.cross_entropy)
+        scaler = None if init_scale is None else torch.amp.GradScaler("cpu", init_scale=init_scale)
+        dn.backward(model, x, y, nn.functional.cross_entropy, amp=Amp(amp, "cpu", scaler=scaler))
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     g32, g16, g16s = grad(None, None), grad(torch.float16, None), grad(torch.float16, scale) / scale

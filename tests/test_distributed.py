@@ -90,7 +90,9 @@ class _GlobalBatches:
 
 def _state(model, solver):
     return {"weights": {k: v.detach().clone() for k, v in ac.specs.unwrap(model).state_dict().items()},
-            "Z": {k: v.clone() for k, v in solver.Z.items()}, "U": {k: v.clone() for k, v in solver.U.items()}}
+            # LoRITa and Decomposable-Net are Compressors without ADMM variables: empty Z/U
+            "Z": {k: v.clone() for k, v in getattr(solver, "Z", {}).items()},
+            "U": {k: v.clone() for k, v in getattr(solver, "U", {}).items()}}
 
 
 def _fit(solver, model, loader, ckpt):

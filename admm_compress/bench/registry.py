@@ -62,7 +62,6 @@ import inspect
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -272,66 +271,23 @@ class MatrixProblemModel(nn.Module):
 # =========================================================================== baselines
 def train_dense(model: nn.Module, loader: Iterable, epochs: int, optimizer=None, loss_fn=None,
                 val_loader=None, device=None, progress: bool | None = None, lr: float = 0.05,
-                phase: str = "train", desc: str = "dense", scheduler=None, accuracy_fn=None):
+                phase: str = "train", scheduler=None, accuracy_fn=None):
     """Plain training (no constraint): the dense baseline and the pretraining of the CLI.
 
-    ``scheduler`` is an optional factory ``optimizer -> LR scheduler`` stepped once per epoch
-    (as in :meth:`admm_compress.Solver.fit`; the CLI passes :func:`cosine`).  Outputs of any
-    structure train with a ``loss_fn`` that reads them; the accuracy is that of
-    :func:`admm_compress.training.count_correct` (NaN when undefined for the outputs).
+    The library's one trainer with no compressor (:func:`admm_compress.trainer.fit`), so dense
+    and constrained runs share the epoch loop, devices, validation and accuracy.  ``scheduler``
+    is an optional factory ``optimizer -> LR scheduler`` stepped once per epoch (the CLI passes
+    :func:`cosine`).  ``phase`` labels the epoch records ("train" or "finetune").
 
     Returns an :class:`admm_compress.History` with one record per epoch (``loss``,
     ``train_accuracy``, ``val_accuracy`` when ``val_loader`` is given, ``wall``).
     """
-    from tqdm.auto import tqdm
+    from ..trainer import fit
 
-    from ..solver import History, _bar_disabled
-    from ..training import (accuracy_percent, batch_size, check_finite_loss, count_correct, evaluate, move_batch,
-                           resolve_device)
-
-    epochs = check_int("epochs", epochs, low=0, where=desc)
-    lr = check_float("lr", lr, low=0.0, low_open=True, where=desc)
-    dev = resolve_device(device, model)
-    model.to(dev)
-    loss_fn = loss_fn or F.cross_entropy
-    if optimizer is None:
-        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-    elif isinstance(optimizer, torch.optim.Optimizer):
-        opt = optimizer
-    else:
-        opt = optimizer(model.parameters())
-    sched = scheduler(opt) if scheduler is not None else None
-    hist = History()
-    for epoch in tqdm(range(epochs), desc=desc, unit="epoch", disable=_bar_disabled(progress)):
-        model.train()
-        t0 = time.perf_counter()
-        n = correct = counted = 0
-        total = 0.0
-        for i, batch in enumerate(loader):
-            x, y = move_batch(batch, dev)
-            opt.zero_grad(set_to_none=True)
-            out = model(x)
-            loss = loss_fn(out, y)
-            check_finite_loss(loss.detach(), epoch, i)
-            loss.backward()
-            opt.step()
-            bs = batch_size(x, y)
-            total += float(loss.detach()) * bs
-            with torch.no_grad():
-                cc = count_correct(out, y, accuracy_fn)
-            if cc is not None:
-                correct += int(cc[0])
-                counted += int(cc[1])
-            n += bs
-        rec = {"phase": phase, "epoch": epoch, "loss": total / max(n, 1),
-               "train_accuracy": accuracy_percent(correct, counted)}
-        if val_loader is not None:
-            ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=accuracy_fn)
-            rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
-        rec["wall"] = time.perf_counter() - t0
-        hist.epochs.append(rec)
-        if sched is not None:
-            sched.step()
+    hist = fit(None, model, loader, epochs=epochs, optimizer=optimizer, loss_fn=loss_fn, val_loader=val_loader,
+               device=device, progress=progress, lr=lr, scheduler=scheduler, accuracy_fn=accuracy_fn)
+    for rec in hist.epochs:
+        rec["phase"] = phase
     return hist
 
 
@@ -396,7 +352,7 @@ class Baseline:
     def finetune(self, model, loader, epochs, loss_fn, val_loader, device, progress, lr):
         """Fine-tune keeping the structure; default: dense fine-tuning (lr / 10)."""
         return train_dense(model, loader, epochs, None, loss_fn, val_loader, device, progress, lr / 10,
-                           phase="finetune", desc="finetune")
+                           phase="finetune")
 
     def export(self, model: nn.Module) -> nn.Module:
         """The compact model (a copy): :func:`admm_compress.export` with :attr:`spec`, or a copy."""

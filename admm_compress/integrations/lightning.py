@@ -57,23 +57,16 @@ except ImportError:  # pragma: no cover - the standalone package
         raise ImportError("admm_compress.integrations.lightning needs Lightning: "
                           "pip install 'admm-compress[lightning]'") from e
 
-from ..solver import Solver
+from ..compressor import Compressor
 
 __all__ = ["CompressionCallback"]
 
 log = logging.getLogger(__name__)
 
 
-def _plain_backward(solver: Solver) -> bool:
+def _plain_backward(solver: Compressor) -> bool:
     """Whether the solver's gradient is that of ``loss + penalty()`` (what automatic optimization computes)."""
-    backward = type(solver).backward
-    if backward is Solver.backward:
-        return True
-    try:  # LoRITa's backward = forward under parametrize.cached + penalty: the same gradient
-        from ..methods._lorita import LoRITaSolver
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(solver, LoRITaSolver) and backward is LoRITaSolver.backward
+    return bool(getattr(solver, "plain_gradient", True))
 
 
 class CompressionCallback(Callback):
@@ -92,10 +85,10 @@ class CompressionCallback(Callback):
         Call ``solver.finalize(model)`` at the end of ``fit`` (hard constraints hold afterwards).
     """
 
-    def __init__(self, solver: Solver, module: str | None = None, add_penalty: bool = True,
+    def __init__(self, solver: Compressor, module: str | None = None, add_penalty: bool = True,
                  finalize: bool = True):
         super().__init__()
-        if not isinstance(solver, Solver):
+        if not isinstance(solver, Compressor):
             raise TypeError(f"CompressionCallback: solver must be an admm_compress.Solver (or a method from "
                             f"admm_compress.methods), got {type(solver).__name__}")
         if module is not None and (not isinstance(module, str) or not module):
@@ -146,7 +139,7 @@ class CompressionCallback(Callback):
                              f"(solver.backward); under automatic optimization Lightning would compute "
                              f"d(loss + penalty)/dW instead. Set automatic_optimization = False and call "
                              f"solver.backward(model, x, y, loss_fn) in training_step")
-        if self._model is not model or not getattr(self.solver, "slots", None):
+        if self._model is not model or not self.solver.prepared:
             self.solver.prepare(model)
             self._model = model
         if self.add_penalty and getattr(pl_module, "automatic_optimization", True) and self._wrapped is None:
@@ -192,7 +185,7 @@ class CompressionCallback(Callback):
 
     # -------------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict:
-        return {"solver": self.solver.state_dict()} if getattr(self.solver, "slots", None) else {}
+        return {"solver": self.solver.state_dict()} if self.solver.prepared else {}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "solver" in state_dict:

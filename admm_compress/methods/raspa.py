@@ -38,6 +38,8 @@ Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-
 """
 from __future__ import annotations
 
+import contextlib
+
 import fnmatch
 import logging
 import math
@@ -53,7 +55,7 @@ from .._validation import check_choice, check_float, check_int, where_prefix
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
 from ..specs import Constrain, SpecError, exact_glob
-from ..parametrizations import Additive, Factored, additive_components, unflatten_factors
+from ..parametrizations import Additive, additive_components, factored
 from ..views import TT_LAYOUTS, TTView, View, balanced_factors
 
 __all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
@@ -282,20 +284,10 @@ class RaspaSolver(Solver):
             if comps is not None:
                 out[b.key] = (comps[0].detach().clone(), comps[1].detach().clone())
                 continue
-            if not parametrize.is_parametrized(b.module, b.param_name):
+            found = factored(b.module, b.param_name)
+            if found is None or not isinstance(found[0].constraint, Sum):
                 continue
-            plist = b.module.parametrizations[b.param_name]
-            fac = next((p for p in plist if isinstance(p, Factored)), None)
-            if fac is None or not isinstance(fac.constraint, Sum):
-                continue
-            floats = [getattr(plist, f"original{i}") for i in range(len(fac._float_pos))]
-            leaves = [None] * fac._n_leaves
-            for pos, t in zip(fac._float_pos, floats):
-                leaves[pos] = t
-            for i in range(fac._n_leaves):
-                if leaves[i] is None:
-                    leaves[i] = getattr(fac, f"aux{i}")
-            fa, fb = unflatten_factors(leaves, fac._spec)
+            fac, (fa, fb) = found
             c = fac.constraint
             with torch.no_grad():
                 L = fac.view.back(c.a.reconstruct(fa, fac.viewed_shape), fac.shape)
@@ -303,18 +295,18 @@ class RaspaSolver(Solver):
             out[b.key] = (L.detach().clone(), S.detach().clone())
         return out
 
-    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
-                  checkpoint, start_epoch, progress, callbacks):
-        captured: dict = {}
-
-        def grab(solver, m, rec):  # runs first after every fine-tuning epoch
-            captured.clear()
-            captured.update(self.components())
-            return False
-
-        super()._finetune(model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
-                          checkpoint, start_epoch, progress, (grab,) + tuple(callbacks))
-        for b in self.bindings:  # keep the fine-tuned split (the base release leaves W = L + S dense)
+    @contextlib.contextmanager
+    def finetune_structure(self, model: nn.Module):
+        """Fine-tune the factors of both components, then keep the fine-tuned split: each weight
+        stays parametrized as ``W = L + S`` with the trained ``L`` and ``S`` (the generic release
+        would leave the dense sum), so :meth:`components` and the export see them."""
+        with super().finetune_structure(model):
+            captured: dict = {}
+            try:
+                yield
+            finally:
+                captured.update(self.components())  # read while the factors are still registered
+        for b in self.bindings:
             if b.key in captured and not parametrize.is_parametrized(b.module, b.param_name):
                 L, S = captured[b.key]
                 parametrize.register_parametrization(

@@ -1,6 +1,7 @@
 r"""Decomposable-Net: one network exportable at any size (Yaguchi et al., IJCAI 2021; papers/002).
 
-Decomposable-Net is the general :class:`~admm_compress.Solver` with the projection used on the
+Decomposable-Net is a :class:`~admm_compress.compressor.Compressor` (run by the same trainer as
+:class:`~admm_compress.Solver`) with the projection used on the
 *loss side* instead of on the weights: no penalty, no ``Z``/``U``, no projection of ``W`` ever.
 Every optimizer step minimizes the joint objective (Eq. 1)
 
@@ -80,6 +81,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import fnmatch
@@ -99,11 +101,10 @@ from .rank_selection import (check_alphas, dn_factor_convs, dn_factor_linear, dn
                               global_rank_selection, ranks_for_macs_budget, sample_keep_ratio,
                               uniform_rank_selection)
 from ...sets import LowRank
-from ...solver import Solver
-from ...views import VIEWS
+from ...compressor import Compressor, FitContext
+from ...distributed import broadcast_ as _broadcast_, world_size as _world_size
 from ...specs import Constrain, SpecError, resolve, unwrap
-from ...solver import _broadcast_, _world_size
-from ...training import resolve_device, tree_detach
+from ...training import Amp, resolve_device, tree_detach
 
 __all__ = ["decomposable_net", "DecomposableNetSolver", "DNLayer", "recalibrate_bn"]
 
@@ -268,7 +269,7 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20,
 
 
 # ============================================================================ the solver
-class DecomposableNetSolver(Solver):
+class DecomposableNetSolver(Compressor):
     r"""The general :class:`~admm_compress.Solver` configured as Decomposable-Net.
 
     :meth:`backward` implements Eq. (1) with the truncated-SVD backward of App. A and the
@@ -310,10 +311,10 @@ class DecomposableNetSolver(Solver):
     """
 
     # fine-tuning continues the joint objective (Eq. 1) at lr / 10 on the full-rank weights: the
-    # model is exported at any size afterwards, so there is no structure to freeze, and plain
-    # fine-tuning would train only the full-rank path
-    finetune_structure = False
-    finetune_solver_steps = True
+    # model is exported at any size afterwards, so there is no structure to freeze (see
+    # finetune_structure), and plain fine-tuning would train only the full-rank path
+    finetune_objective = True
+    plain_gradient = False  # Eq. 12 combines the full- and low-rank gradients by hand
 
     def __init__(self, spec, *, rank_ratio=(0.01, 0.25), lam: float = 0.5, criterion: str = "global",
                  scheme: str | Mapping[str, str] = "channel", min_rank: int = 5, clip: float = 0.99,
@@ -333,7 +334,7 @@ class DecomposableNetSolver(Solver):
             raise TypeError(f"decomposable_net: rescale must be a bool, got {rescale!r}")
         if seed is not None:
             seed = check_int("seed", seed, low=0, where="decomposable_net")
-        super().__init__(spec, mode="projection", every="epoch")
+        super().__init__(spec)
         self.alpha_l, self.alpha_u = alpha_l, alpha_u
         self.lam = lam
         self.criterion = criterion
@@ -439,13 +440,8 @@ class DecomposableNetSolver(Solver):
         return dn_unmatrix(wr, tuple(weight.shape), layer.scheme)
 
     # ------------------------------------------------------------------- training
-    def penalty(self) -> torch.Tensor:
-        """0: Decomposable-Net has no penalty term (Eq. 1 replaces the loss, see :meth:`backward`)."""
-        self._require_prepared()
-        return self.bindings[0].param.new_zeros(())
-
     def backward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                 loss_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+                 loss_fn: Callable, amp: Amp | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Gradient of Eq. (1) with Eq. (12) balancing, accumulated into ``.grad``.
 
         Returns ``(joint loss, full-rank outputs)``, detached.  Sets :attr:`last` to
@@ -454,12 +450,13 @@ class DecomposableNetSolver(Solver):
         clones of the buffers).  Cost: two forward/backward passes plus one thin SVD per layer.
         """
         self._require_prepared()
+        amp = amp if amp is not None else Amp(None)
         net = unwrap(model)
         if self.lam == 0.0:  # normal learning
-            with self._forward_ctx():
+            with amp.autocast():
                 out = model(inputs)
-                loss = self._amp_loss(loss_fn(out, targets))
-            self._backprop(loss)
+                loss = amp.loss(loss_fn(out, targets))
+            amp.backward(loss)
             self.last = {"keep_ratio": 1.0, "ranks": None, "loss_full": loss.detach(), "loss_low": None}
             return loss.detach(), tree_detach(out)
         named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
@@ -472,12 +469,10 @@ class DecomposableNetSolver(Solver):
         # float16 autocast: both losses are multiplied by the GradScaler's one scale s; Eq. (12) and
         # the mean over ranks are homogeneous of degree 1 in the gradients, so the combined
         # gradient is s times the unscaled one and scaler.step unscales it (and skips on inf)
-        scaler = getattr(self, "_scaler", None)
-        scaled = scaler.scale if scaler is not None else (lambda t: t)
-        with self._forward_ctx():
+        with amp.autocast():
             out_full = (net if ddp else model)(inputs)
-            loss_full = self._amp_loss(loss_fn(out_full, targets))
-        g_full = torch.autograd.grad(scaled(loss_full), params, allow_unused=True)
+            loss_full = amp.loss(loss_fn(out_full, targets))
+        g_full = torch.autograd.grad(amp.scale(loss_full), params, allow_unused=True)
         # sampled low-rank network (Algorithm 1, lines 3-5)
         layers = self.layers
         svds = self._svds(layers)
@@ -487,10 +482,10 @@ class DecomposableNetSolver(Solver):
         for L, r, svd in zip(layers, ranks, svds):
             if r < L.full_rank:
                 subst[L.key] = self.low_rank_weight(L, L.weight, r, svd)
-        with self._forward_ctx():
+        with amp.autocast():
             out_low = functional_call(net, subst, (inputs,))
-            loss_low = self._amp_loss(loss_fn(out_low, targets))
-        g_low = torch.autograd.grad(scaled(loss_low), params, allow_unused=True)
+            loss_low = amp.loss(loss_fn(out_low, targets))
+        g_low = torch.autograd.grad(amp.scale(loss_low), params, allow_unused=True)
         # Eq. (1) with the balancing of Eq. (12) on the decomposed weights
         decomposed = {L.key for L in layers}
         lam = self.lam
@@ -534,6 +529,12 @@ class DecomposableNetSolver(Solver):
                 i += p.numel()
         return out
 
+    def epoch_end(self) -> bool:
+        """Counts the epoch and summarizes it (:meth:`update`); nothing is projected."""
+        super().epoch_end()
+        self.update()
+        return True
+
     @torch.no_grad()
     def update(self) -> dict:
         """No projection (the weights stay full-rank); summarizes the epoch in :attr:`epoch_stats`."""
@@ -554,13 +555,9 @@ class DecomposableNetSolver(Solver):
         return (f"rank_ratio=({self.alpha_l:g}, {self.alpha_u:g}), lam={self.lam:g}, "
                 f"criterion={self.criterion!r}, rank_rule={self.rank_rule!r}, specs={len(self.spec)}")
 
-    @torch.no_grad()
     def finalize(self, model: nn.Module | None = None) -> dict[str, bool]:
         """Nothing to enforce: the trained model is full-rank and exportable at any size."""
-        self._require_prepared()
-        if model is not None and unwrap(model) is not self._model_ref:
-            raise ValueError("finalize(model): this is not the model the solver was prepared on")
-        return {b.key: True for b in self.bindings}
+        return super().finalize(model)
 
     def state_dict(self) -> dict:
         """Base state plus the generator of ``Z`` and the epoch summaries."""
@@ -825,10 +822,15 @@ class DecomposableNetSolver(Solver):
                         f"rank_ratio={rank_ratio:g}" if rank_ratio is not None else f"macs={macs:g}")
         return self._specs(self.layers, [sel[L.name] for L in self.layers])
 
-    def fit(self, model: nn.Module, loader: Iterable, *args, **kwargs):
-        """:meth:`Solver.fit`; the loader is kept for the BN statistics of :meth:`export`."""
-        self._fit_loader = loader
-        return super().fit(model, loader, *args, **kwargs)
+    # ------------------------------------------------------------ trainer hooks
+    def on_fit_start(self, run: FitContext) -> None:
+        """Keep the training loader for the BN statistics of :meth:`export`."""
+        self._fit_loader = run.loader
+
+    @contextlib.contextmanager
+    def finetune_structure(self, model: nn.Module):
+        """Nothing to freeze: fine-tuning continues Eq. 1 on the full-rank weights."""
+        yield
 
     @staticmethod
     def paper_sgd(params, lr: float) -> torch.optim.SGD:
@@ -840,17 +842,13 @@ class DecomposableNetSolver(Solver):
         return torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
                                lr=lr, momentum=0.9, nesterov=True)
 
-    def _make_optimizer(self, model, optimizer, lr):
-        """Default: :meth:`paper_sgd` (Nesterov, L2 on weight tensors only)."""
-        if optimizer is not None:
-            return super()._make_optimizer(model, optimizer, lr)
+    def default_optimizer(self, model, lr):
+        """:meth:`paper_sgd` (Nesterov, L2 on weight tensors only)."""
         return self.paper_sgd(model.parameters(), lr)
 
-    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs):
-        """:meth:`Solver._finetune` with :meth:`paper_sgd` at ``lr / 10`` by default."""
-        if optimizer is None:
-            optimizer = (lambda params, lr=lr: self.paper_sgd(params, lr / 10))
-        return super()._finetune(model, loader, loss_fn, dev, epochs, optimizer, lr, *args, **kwargs)
+    def default_finetune_optimizer(self, model, lr):
+        """:meth:`paper_sgd` at ``lr / 10``."""
+        return self.paper_sgd(model.parameters(), lr / 10)
 
     @torch.no_grad()
     def export(self, model: nn.Module, rank_ratio: float | None = None, *, macs: float | None = None,

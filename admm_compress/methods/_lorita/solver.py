@@ -1,7 +1,8 @@
 r"""LoRITa: low-rank induced training through linear-layer composition (papers/004, Sec. 4).
 
-LoRITa is the general :class:`~admm_compress.Solver` with a Schatten-:math:`(2/N)` penalty that
-is *realized by a reparameterization* instead of a Z/U splitting: every targeted weight is
+LoRITa is constrained training with a Schatten-:math:`(2/N)` penalty that is *realized by a
+reparameterization* instead of a Z/U splitting (a :class:`~admm_compress.compressor.Compressor`
+run by the same trainer as :class:`~admm_compress.Solver`): every targeted weight is
 trained as a product of ``N`` dense factors (:func:`~admm_compress.methods._lorita.factorization.apply_factorization`,
 a :mod:`torch.nn.utils.parametrize` parametrization on the ``(out, in)`` view of a ``Linear`` or
 attention projection and the ``(out, in*kh*kw)`` view of a convolution)
@@ -20,7 +21,7 @@ so torch's ``weight_decay=lambda`` (gradient ``lambda F_i``, i.e. the penalty
 ``p = 2/N`` and ``weight = lambda N / 2`` on ``W`` -- with no SVD during training.  The solver's
 training spec states exactly that constraint (``solver.spec`` before :meth:`LoRITaSolver.finalize`).
 
-Life cycle (the Solver's, with the ADMM parts switched off)
+Life cycle (the :class:`~admm_compress.compressor.Compressor` protocol)
 
 * :meth:`~LoRITaSolver.prepare`: resolve the spec (:func:`admm_compress.specs.resolve`) and
   factorize the selected weights.  ``init="random"`` (default; the paper trains "from a random
@@ -31,9 +32,9 @@ Life cycle (the Solver's, with the ADMM parts switched off)
   tree is unchanged and the state-dict key ``"<layer>.weight"`` becomes
   ``"<layer>.parametrizations.weight.original{0..N-1}"``;
 * training: :meth:`~LoRITaSolver.penalty` is 0 and :meth:`~LoRITaSolver.step` /
-  :meth:`~LoRITaSolver.update` do nothing; the weight decay of the optimizer is the whole
+  :meth:`~LoRITaSolver.epoch_end` only count; the weight decay of the optimizer is the whole
   regularizer.  **Build the optimizer after** ``prepare`` (the old weight Parameters are no
-  longer in the model): :meth:`Solver.fit` does, and its default optimizer puts
+  longer in the model): :meth:`~LoRITaSolver.fit` does, and its default optimizer puts
   ``weight_decay`` on the factors (and ``other_weight_decay`` on every other parameter);
   a factory ``lambda params: torch.optim.Adam(params, lr, weight_decay=wd)`` works too (use
   coupled L2 such as ``SGD``/``Adam``, not ``AdamW``: decoupled decay is not the gradient of
@@ -41,7 +42,7 @@ Life cycle (the Solver's, with the ADMM parts switched off)
 * :meth:`~LoRITaSolver.finalize`: collapse (the product becomes the plain weight again), then
   truncate with LSVT, GSVT or ISVT (Sec. 4, App. A; :mod:`admm_compress.methods._lorita.factorization`), and
   switch ``solver.spec`` to one ``LowRank(rank=r_l)`` per layer so that
-  ``admm_compress.export(model, solver.spec)`` builds the two-layer split of Sec. 4.1 / Fig. 2
+  ``admm_compress.export(model, solver)`` builds the two-layer split of Sec. 4.1 / Fig. 2
   and fine-tuning (``fit(..., finetune_epochs=k)``) keeps the ranks.
 
 ``n_factors=1`` is the paper's baseline (``N = 1``): nothing is factorized, the same weight decay
@@ -61,7 +62,6 @@ from __future__ import annotations
 
 import logging
 import numbers
-import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -74,9 +74,8 @@ from .factorization import (FactorProduct, _matrix_shape, apply_factorization, c
                              lowrank_param_count, lsvt)
 from ...sets import LowRank, SchattenP
 from ...sets.base import Penalty
-from ...solver import Solver
+from ...compressor import Compressor, FitContext
 from ...specs import Constrain, exact_glob, resolve, unwrap
-from ...training import evaluate, load_checkpoint, tree_detach
 
 __all__ = ["lorita", "lorita_paper", "LoRITaSolver", "SquaredFrobenius", "layer_group"]
 
@@ -192,8 +191,8 @@ def _check_keep(keep, where: str = "lorita") -> Any:
 
 
 # ============================================================================ the solver
-class LoRITaSolver(Solver):
-    """The :class:`~admm_compress.Solver` configured as LoRITa (see the module docstring).
+class LoRITaSolver(Compressor):
+    """LoRITa as a :class:`~admm_compress.compressor.Compressor` (see the module docstring).
 
     Build it with :func:`lorita`.  Parameters are those of :func:`lorita`; ``spec`` is the
     training spec (one :class:`~admm_compress.Constrain` with ``SchattenP(p=2/N, weight=lambda N/2)``,
@@ -204,7 +203,7 @@ class LoRITaSolver(Solver):
     spec : list of Constrain
         Before :meth:`finalize`: the training spec.  After: one ``LowRank(rank=r_l)`` per
         truncated layer (:meth:`export_spec`), so ``admm_compress.export(model, solver.spec)``
-        and the fine-tuning of :meth:`Solver.fit` keep the chosen ranks.
+        and the fine-tuning of :meth:`fit` keep the chosen ranks.
     final_ranks : dict
         ``{layer name: rank}`` after :meth:`finalize`.
     factorized : list of str
@@ -222,11 +221,11 @@ class LoRITaSolver(Solver):
                  group_fn: Callable = layer_group, init: str = "svd", attention_only: bool = False,
                  isvt_seed: int = 0, fit_defaults: Mapping[str, Any] | None = None):
         self._final_spec = None
+        super().__init__(spec)
         self.init = init
         self.attention_only = attention_only
         self.isvt_seed = isvt_seed
         self.fit_defaults = dict(fit_defaults or {})
-        super().__init__(spec, mode="projection", every="epoch")
         self._user_train_spec = list(self._train_spec)
         self.n_factors = n_factors
         self.weight_decay = weight_decay
@@ -329,35 +328,13 @@ class LoRITaSolver(Solver):
 
         Does not evaluate any factor product.
         """
-        self._require_prepared()
-        p = next(self._model_ref.parameters())
-        return torch.zeros((), device=p.device, dtype=p.dtype)
+        return super().penalty()
 
-    def step(self) -> bool:
-        """Counts the step; LoRITa has no Z/U update (returns ``False``)."""
-        self._require_prepared()
-        self.steps += 1
-        return False
-
-    def epoch_end(self) -> bool:
-        """Counts the epoch; nothing to project (returns ``False``)."""
-        self._require_prepared()
-        self.epochs_done += 1
-        return False
-
-    def update(self) -> dict:
-        """No-op: LoRITa trains without SVDs, projections or duals."""
-        self._require_prepared()
-        return {}
-
-    def backward(self, model, inputs, targets, loss_fn):
+    def backward(self, model, inputs, targets, loss_fn, amp=None):
         """Forward under :func:`torch.nn.utils.parametrize.cached` (each factor product is
         computed once per step even if a layer is called several times), then backward."""
-        with parametrize.cached(), self._forward_ctx():
-            out = model(inputs)
-            loss = self._amp_loss(loss_fn(out, targets)) + self.penalty()
-        self._backprop(loss)
-        return loss.detach(), tree_detach(out)
+        with parametrize.cached():
+            return super().backward(model, inputs, targets, loss_fn, amp)
 
     # ----------------------------------------------------- equivalence as code
     def factor_penalty(self, model: nn.Module | None = None) -> torch.Tensor:
@@ -383,14 +360,12 @@ class LoRITaSolver(Solver):
             return sum(c(b.to_view(b.param)) for b in self.bindings)
 
     # ---------------------------------------------------------- optimizer
-    def _make_optimizer(self, model, optimizer, lr):
-        """Default: ``weight_decay`` on the factors, ``other_weight_decay`` on the rest (Eq. 8).
+    def default_optimizer(self, model, lr):
+        """``weight_decay`` on the factors, ``other_weight_decay`` on the rest (Eq. 8).
 
         Built after :meth:`prepare`, so it holds the factors.  ``optimizer="sgd"`` (momentum
         ``momentum``) or ``"adam"`` (coupled L2, the paper's Adam + weight decay).
         """
-        if optimizer is not None:
-            return super()._make_optimizer(model, optimizer, lr)
         model = unwrap(model)
         if self.n_factors >= 2:
             decayed = factor_parameters(model)
@@ -410,51 +385,36 @@ class LoRITaSolver(Solver):
         return (f"n_factors={self.n_factors}, weight_decay={self.weight_decay:g}, "
                 f"truncation={self.truncation!r}, specs={len(self.spec)}")
 
-    # ---------------------------------------------------------------- fit
-    def fit(self, model, loader, epochs: int = 1, optimizer=None, loss_fn=None, **kwargs):
-        """:meth:`Solver.fit`; the training ``loader`` and ``loss_fn`` are kept for ISVT.
+    # ------------------------------------------------------------ trainer hooks
+    def on_fit_start(self, run: FitContext) -> None:
+        """Keep the training ``loader`` and ``loss_fn`` for ISVT.
 
         ISVT (``truncation="isvt"``) evaluates the loss on ``n_samples`` examples drawn at
         random (seed ``isvt_seed``) from ``isvt_loader`` if one was given to :func:`lorita`, else
-        from this ``loader`` (App. A: 120 randomly subsampled training examples).  Keyword
-        arguments not given take the preset's values (:func:`lorita_paper`: ``lr``,
-        ``finetune_epochs``).
+        from this ``loader`` (App. A: 120 randomly subsampled training examples).
         """
-        for k, v in self.fit_defaults.items():   # the preset's lr / fine-tuning (lorita_paper)
-            kwargs.setdefault(k, v)
-        self._fit_data, self._fit_loss = loader, loss_fn
-        self._progress = bool(kwargs.get("progress") or False)
+        self._fit_data, self._fit_loss = run.loader, run.loss_fn
+        self._progress = bool(run.progress or False)
         self.fit_times = []
-        try:
-            history = super().fit(model, loader, epochs=epochs, optimizer=optimizer, loss_fn=loss_fn,
-                                  **kwargs)
-        finally:
-            self._fit_data, self._fit_loss = None, None
+
+    def on_fit_end(self, history) -> None:
+        """Forget the loader; :attr:`fit_times` = the training epochs' wall times."""
+        self._fit_data, self._fit_loss = None, None
         self.fit_times = [r["wall"] for r in history.epochs if r.get("phase") == "train"]
-        return history
 
-    def _run_epoch(self, model, loader, opt, loss_fn, dev, epoch, phase, val_loader, solver_steps=True):
-        rec = super()._run_epoch(model, loader, opt, loss_fn, dev, epoch, phase, None, solver_steps)
-        if val_loader is not None:
-            t0 = time.perf_counter()
-            with parametrize.cached():   # one product per layer for the whole evaluation
-                ev = evaluate(model, val_loader, loss_fn, dev, accuracy_fn=getattr(self, "_accuracy_fn", None))
-            rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
-            rec["wall"] += time.perf_counter() - t0
-        return rec
+    def evaluation_context(self):
+        """One factor product per layer for a whole evaluation."""
+        return parametrize.cached()
 
-    def _finetune(self, model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
-                  checkpoint, start_epoch, progress, callbacks):
-        if start_epoch > 0 and not self.final_ranks:
-            # resuming the fine-tuning phase from a checkpoint: rebuild the truncated structure
-            ck = load_checkpoint(checkpoint, map_location=dev)
-            ranks = ck.get("solver", {}).get("final_ranks")
-            if not ranks:
-                raise RuntimeError(f"checkpoint {checkpoint!r} has no LoRITa ranks to resume fine-tuning")
-            collapse(unwrap(model))
-            self._set_final(unwrap(model), {k: int(v) for k, v in ranks.items()})
-        super()._finetune(model, loader, loss_fn, dev, epochs, optimizer, lr, val_loader, history,
-                          checkpoint, start_epoch, progress, callbacks)
+    def restore_finetune(self, model: nn.Module, state: dict) -> None:
+        """Resuming fine-tuning from a checkpoint: rebuild the truncated structure from its ranks."""
+        if self.final_ranks:
+            return
+        ranks = state.get("final_ranks")
+        if not ranks:
+            raise RuntimeError("the checkpoint has no LoRITa ranks to resume fine-tuning from")
+        collapse(unwrap(model))
+        self._set_final(unwrap(model), {k: int(v) for k, v in ranks.items()})
 
     # ------------------------------------------------------------- finalize
     def groups(self) -> dict[str, list[str]]:
@@ -537,8 +497,6 @@ class LoRITaSolver(Solver):
         self.final_ranks = dict(ranks)
         self._final_spec = self.export_spec()
         self.bindings = resolve(self._final_spec, model)
-        self.slots = self._make_slots(self.bindings)
-        self.rhos = {sl.key: 0.0 for sl in self.slots}
 
     def export_spec(self) -> list[Constrain]:
         """One ``Constrain(layer, LowRank(rank=r_l))`` per truncated layer (after :meth:`finalize`)."""
@@ -547,12 +505,6 @@ class LoRITaSolver(Solver):
         views = {b.name: b.view for b in self._train_bindings()}
         return [Constrain(exact_glob(n), LowRank(rank=r), view=views[n], name=f"lorita:{n}")
                 for n, r in self.final_ranks.items()]
-
-    def export(self, model: nn.Module, inplace: bool = False) -> nn.Module:
-        """:func:`admm_compress.export` with :meth:`export_spec`."""
-        from ...export import export
-
-        return export(model, self.export_spec(), inplace=inplace)
 
     # ----------------------------------------------------------------- info
     def describe(self) -> str:

@@ -1,0 +1,491 @@
+"""The training loop every compressor runs in: ``fit(compressor, model, loader, ...)``.
+
+One trainer for every method (and for dense training: ``compressor=None``): optimizer
+factory, epochs, mixed precision (:class:`~admm_compress.training.Amp`), DDP rewrapping,
+callbacks, atomic checkpoints with resume, fine-tuning with the structure kept.  What differs
+between methods is behind the :class:`~admm_compress.compressor.Compressor` life cycle and
+hooks; ``Solver.fit(model, loader, ...)`` (and every method's ``fit``) is this function.
+
+Checkpoint format ``admm_compress.fit/1`` (one file, written atomically after every epoch,
+read with ``weights_only=True``): ``model``, ``optimizer``, ``solver`` (the compressor's
+``state_dict``), ``epoch`` (the next one), ``phase`` ("train" / "finetune"), ``rng``,
+``history``, ``residuals``, and ``scheduler`` / ``finalized`` where they exist.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ._validation import check_float, check_int
+from .compressor import Compressor, FitContext
+from .distributed import barrier, progress_disabled, rank, rewrap
+from .specs import unwrap
+from .training import (Amp, CheckpointError, NonFiniteError, accuracy_percent, batch_size, check_finite_loss,
+                       check_writable, count_correct, evaluate, load_checkpoint, move_batch, resolve_device,
+                       rng_state, save_checkpoint, set_rng_state, tree_detach)
+
+__all__ = ["fit", "History", "CHECKPOINT_FORMAT"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "admm_compress.fit/1"
+
+
+@dataclasses.dataclass
+class History:
+    """What :func:`fit` measured.
+
+    Attributes
+    ----------
+    epochs : list of dict
+        One record per epoch: ``phase`` ("train" or "finetune"), ``epoch``, ``loss`` (mean training
+        loss incl. penalty), ``train_accuracy``, ``val_loss``/``val_accuracy`` (when a validation
+        loader is given), ``primal``/``dual`` (overall ADMM residuals after the epoch), ``rho``,
+        ``wall`` (seconds of the epoch).
+    updates : list of dict
+        One record per Z/U update: ``step``, ``primal``, ``dual``, ``rho`` and per-weight residuals.
+    final : dict
+        ``feasible``, ``projection_distance``; and with a val loader the evaluations
+        ``before_finalize``, ``after_finalize``, ``after_finetune``.
+    """
+
+    epochs: list = dataclasses.field(default_factory=list)
+    updates: list = dataclasses.field(default_factory=list)
+    final: dict = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"epochs": list(self.epochs), "updates": list(self.updates), "final": dict(self.final)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "History":
+        return cls(list(d.get("epochs", [])), list(d.get("updates", [])), dict(d.get("final", {})))
+
+    def column(self, key: str, phase: str | None = None) -> list:
+        """The values of ``key`` over epochs (optionally of one phase)."""
+        return [e.get(key) for e in self.epochs if phase is None or e.get("phase") == phase]
+
+
+# ================================================================== validation
+def _check_optimizer(name: str, optimizer: Any) -> None:
+    if optimizer is not None and not (isinstance(optimizer, torch.optim.Optimizer) or callable(optimizer)):
+        raise TypeError(f"fit: {name} must be a torch.optim.Optimizer or a factory params -> "
+                        f"optimizer, got {type(optimizer).__name__}")
+
+
+def _check_arguments(model, loader, val_loader, optimizer, finetune_optimizer, callbacks, checkpoint, progress,
+                     fns: dict) -> None:
+    """Every argument of :func:`fit` checked before any work (messages name the parameter)."""
+    if loader is None:
+        raise ValueError("fit: loader is None; pass an iterable of (inputs, targets) batches")
+    for cb in callbacks:
+        if not callable(cb):
+            raise TypeError(f"fit: callbacks must be callables cb(solver, model, record), got {cb!r}")
+    _check_optimizer("optimizer", optimizer)
+    _check_optimizer("finetune_optimizer", finetune_optimizer)
+    if not isinstance(model, nn.Module):
+        hint = " (a state_dict? build the model and load it first)" if isinstance(model, dict) else ""
+        raise TypeError(f"fit: model must be a torch.nn.Module, got {type(model).__name__}{hint}")
+    for name, ld in (("loader", loader), ("val_loader", val_loader)):
+        try:
+            n_batches = None if ld is None else len(ld)
+        except (TypeError, NotImplementedError):  # iterators and iterable datasets have no len
+            n_batches = None
+        if n_batches == 0:
+            raise ValueError(f"fit: {name} is empty (len({name}) == 0); it must yield at least one "
+                             f"(inputs, targets) batch")
+    for name, fn in fns.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"fit: {name} must be callable, got {fn!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"fit: progress must be a bool or None, got {progress!r}")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"fit: checkpoint must be a file path (str or os.PathLike), got "
+                            f"{type(checkpoint).__name__}")
+        if os.path.isdir(checkpoint):
+            raise ValueError(f"fit: checkpoint={os.fspath(checkpoint)!r} is a directory; give a file path")
+        check_writable(checkpoint, "fit: checkpoint")  # a bad folder fails now, not after epoch 1
+
+
+def _make_optimizer(compressor: Compressor | None, model: nn.Module, optimizer: Any, lr: float):
+    if optimizer is None:
+        if compressor is None:
+            return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+        return compressor.default_optimizer(model, lr)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        have = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in have]
+        if missing:
+            raise ValueError(f"fit: the optimizer does not hold {len(missing)} trainable parameter(s) of "
+                             f"the model (e.g. {missing[:3]}); it was probably built before the model "
+                             f"was reparameterized — pass a factory `lambda params: SGD(params, ...)`")
+        return optimizer
+    return optimizer(model.parameters())
+
+
+# ==================================================================== fit
+def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epochs: int = 1,
+        optimizer: Any = None, loss_fn: Callable | None = None, val_loader: Iterable | None = None,
+        finetune_epochs: int = 0, finetune_optimizer: Any = None, device: Any = None,
+        callbacks: Sequence[Callable] = (), checkpoint: str | os.PathLike | None = None,
+        scheduler: Callable | None = None, progress: bool | None = None, lr: float = 0.05,
+        autocast: torch.dtype | None = None, accuracy_fn: Callable | None = None) -> History:
+    """Train ``model`` under ``compressor``'s constraints, finalize, and optionally fine-tune.
+
+    Parameters
+    ----------
+    compressor : Compressor or None
+        The method (:class:`~admm_compress.Solver`, a :mod:`~admm_compress.methods` solver);
+        ``None`` trains densely (no prepare, no finalize: the same loop as pretraining).
+    model : nn.Module
+        Trained in place; satisfies the hard constraints on return.
+    loader : iterable of (inputs, targets)
+    epochs : int
+        Constrained training epochs (0 = direct compression: finalize only).
+    optimizer : torch.optim.Optimizer or callable, optional
+        An optimizer over ``model.parameters()`` or a factory ``params -> optimizer`` (needed
+        when ``prepare`` reparameterizes the model, e.g. LoRITa).  Default: the compressor's
+        :meth:`~admm_compress.compressor.Compressor.default_optimizer` (SGD(lr, momentum 0.9,
+        weight decay 5e-4) unless the method's paper says otherwise).
+    loss_fn : callable, default cross entropy
+        ``loss_fn(outputs, targets) -> scalar``; ``outputs`` is whatever the model returns
+        (a tensor, a tuple with auxiliary logits, a dict such as torchvision segmentation's
+        ``{"out", "aux"}``, an HF-style output), so a model with structured outputs trains
+        with a ``loss_fn`` that reads them.
+    val_loader : iterable, optional
+        Evaluated after every epoch, before and after finalize and after fine-tuning.
+    finetune_epochs : int
+        Epochs of fine-tuning after finalize with the structure kept (factors of the
+        constraint are trained, see :mod:`admm_compress.parametrizations`).
+    finetune_optimizer : optimizer factory, optional
+        Default: the compressor's ``default_finetune_optimizer`` (SGD with ``lr / 10``).
+    device : str or torch.device, optional
+    callbacks : sequence of callables
+        ``cb(compressor, model, record)`` after every epoch; returning ``True`` stops training.
+    checkpoint : path, optional
+        Written atomically after every epoch (model, optimizer, compressor, RNG states, history);
+        if it exists when ``fit`` starts, training resumes from it.  Its folder is created and
+        probed for writing before training (an unwritable path raises ``ValueError`` naming it).
+    scheduler : callable, optional
+        ``optimizer -> LR scheduler`` stepped once per epoch.
+    progress : bool, optional
+        Progress bar (default: on when stderr is a terminal).
+    lr : float
+        Learning rate of the default optimizer.
+    autocast : torch.bfloat16 or torch.float16, optional
+        Mixed precision: forward passes and losses run under :func:`torch.autocast` on the
+        training device (``float16`` adds a :class:`torch.amp.GradScaler`).  Weights, Z, U
+        and every projection stay in the weights' dtype; SVDs run in float32 or float64.
+    accuracy_fn : callable, optional
+        ``accuracy_fn(outputs, targets)`` -> number of correct examples of the batch, or
+        ``(correct, total)`` (see :func:`admm_compress.training.count_correct`); used for
+        ``train_accuracy`` / ``val_accuracy``.  Default: top-1 accuracy when the outputs are
+        a logits tensor ``(N, C, *S)`` and the targets class indices ``(N, *S)``; for other
+        outputs (dict, tuple, regression) the accuracies are NaN (not measured).
+    """
+    if compressor is not None and not isinstance(compressor, Compressor):
+        raise TypeError(f"fit: compressor must be an admm_compress Compressor (a Solver or a "
+                        f"admm_compress.methods solver) or None, got {type(compressor).__name__}")
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"fit: autocast={autocast!r}; allowed: None, torch.bfloat16, torch.float16")
+    epochs = check_int("epochs", epochs, low=0, where="fit")
+    finetune_epochs = check_int("finetune_epochs", finetune_epochs, low=0, where="fit")
+    lr = check_float("lr", lr, low=0.0, low_open=True, where="fit")
+    _check_arguments(model, loader, val_loader, optimizer, finetune_optimizer, callbacks, checkpoint, progress,
+                     {"loss_fn": loss_fn, "scheduler": scheduler, "accuracy_fn": accuracy_fn})
+    if compressor is None and finetune_epochs:
+        raise ValueError("fit: finetune_epochs needs a compressor (dense training has no structure to keep)")
+    dev = resolve_device(device, model)
+    amp = Amp(autocast, dev.type)
+    # an existing checkpoint is read and checked (weights_only) before any work is done
+    pending = _read_checkpoint(checkpoint, dev) if checkpoint is not None and os.path.exists(checkpoint) else None
+    loss_fn = loss_fn or F.cross_entropy
+    model.to(dev)
+    if compressor is not None:
+        before = [id(p) for p in unwrap(model).parameters()]
+        compressor.prepare(model)
+        if [id(p) for p in unwrap(model).parameters()] != before:
+            model = rewrap(model)  # DDP: prepare reparameterized the model (LoRITa, RASPA)
+    opt = _make_optimizer(compressor, model, optimizer, lr)
+    sched = scheduler(opt) if scheduler is not None else None
+    run = _Run(compressor, loss_fn, dev, amp, accuracy_fn, val_loader, progress, callbacks, checkpoint, loader)
+    history = History()
+    if compressor is not None:
+        compressor.on_fit_start(FitContext(model=model, loader=loader, loss_fn=loss_fn, epochs=epochs, optimizer=opt,
+                                           device=dev, progress=progress, amp=amp))
+    try:
+        start_epoch, phase = 0, "train"
+        if pending is not None:
+            start_epoch, phase, history = _resume(pending, checkpoint, compressor, model, opt, sched, loader)
+        if phase == "train":
+            run.train(model, opt, sched, history, start_epoch, epochs)
+            if compressor is None:
+                return history
+            history.updates = list(compressor.residuals)
+            if val_loader is not None:  # the accuracy the final projection starts from
+                history.final["before_finalize"] = run.evaluate(model)
+            feasible = compressor.finalize(model)
+            history.final["feasible"] = all(feasible.values())
+            history.final["projection_distance"] = compressor.projection_distance
+            if val_loader is not None:
+                history.final["after_finalize"] = run.evaluate(model)
+            start_epoch = 0
+        if finetune_epochs > 0:
+            run.finetune(model, finetune_epochs, finetune_optimizer, lr, history,
+                         start_epoch if phase == "finetune" else 0)
+            if val_loader is not None:
+                history.final["after_finetune"] = run.evaluate(model)
+        return history
+    finally:
+        if compressor is not None:
+            compressor.on_fit_end(history)
+
+
+class _Run:
+    """The settings of one :func:`fit` call and its epoch loops."""
+
+    def __init__(self, compressor, loss_fn, dev, amp, accuracy_fn, val_loader, progress, callbacks, checkpoint,
+                 loader):
+        self.c, self.loss_fn, self.dev, self.amp = compressor, loss_fn, dev, amp
+        self.accuracy_fn, self.val_loader, self.progress = accuracy_fn, val_loader, progress
+        self.callbacks, self.checkpoint, self.loader = tuple(callbacks), checkpoint, loader
+
+    def evaluate(self, model) -> dict:
+        ctx = self.c.evaluation_context() if self.c is not None else _null()
+        with ctx:
+            return evaluate(model, self.val_loader, self.loss_fn, self.dev, accuracy_fn=self.accuracy_fn)
+
+    def _after_epoch(self, model, opt, sched, history, rec, epoch, phase, finalized=None) -> bool:
+        history.epochs.append(rec)
+        log.info("epoch %d: %s", epoch, {k: v for k, v in rec.items() if k != "phase"})
+        stop = any(bool(cb(self.c, model, rec)) for cb in self.callbacks)
+        if self.checkpoint is not None:
+            if rank() == 0:  # one writer under DDP; every rank resumes from the file
+                _save(self.checkpoint, self.c, model, opt, sched, self.loader, epoch + 1, phase, history, finalized)
+            barrier()
+        return stop
+
+    def train(self, model, opt, sched, history, start_epoch, epochs) -> None:
+        from tqdm.auto import tqdm
+
+        desc = "admm" if self.c is not None else "train"
+        bar = tqdm(range(start_epoch, epochs), desc=desc, disable=progress_disabled(self.progress),
+                   initial=start_epoch, total=epochs, unit="epoch")
+        for epoch in bar:
+            rec = self.epoch(model, opt, epoch, "train", objective=self.c is not None)
+            if sched is not None:
+                sched.step()
+            bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "primal", "val_accuracy") if k in rec})
+            if self._after_epoch(model, opt, sched, history, rec, epoch, "train"):
+                log.info("a callback stopped training after epoch %d", epoch)
+                break
+            if self.c is not None and self.c.should_stop(rec):
+                break
+
+    def finetune(self, model, epochs, optimizer, lr, history, start_epoch) -> None:
+        from tqdm.auto import tqdm
+
+        c = self.c
+        finalized = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if start_epoch > 0:  # resuming: rebuild the same structure from the saved finalized weights
+            ck = load_checkpoint(self.checkpoint, map_location=self.dev)
+            c.restore_finetune(unwrap(model), ck.get("solver", {}))
+            finalized = ck["finalized"]
+            unwrap(model).load_state_dict(finalized)
+        before = [id(p) for p in unwrap(model).parameters()]
+        with c.finetune_structure(unwrap(model)):
+            if [id(p) for p in unwrap(model).parameters()] != before:
+                model = rewrap(model)  # DDP: the factors are new parameters; a fresh wrapper syncs them
+            if optimizer is None:
+                opt = c.default_finetune_optimizer(model, lr)
+            else:
+                opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(model.parameters())
+            if start_epoch > 0:
+                unwrap(model).load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+                set_rng_state(ck["rng"], self.loader)
+            bar = tqdm(range(start_epoch, epochs), desc="finetune", initial=start_epoch, total=epochs,
+                       disable=progress_disabled(self.progress), unit="epoch")
+            for epoch in bar:
+                rec = self.epoch(model, opt, epoch, "finetune", objective=c.finetune_objective)
+                bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "val_accuracy") if k in rec})
+                if self._after_epoch(model, opt, None, history, rec, epoch, "finetune", finalized):
+                    break
+
+    def _batch(self, model, x, y, objective: bool):
+        if objective:
+            return self.c.backward(model, x, y, self.loss_fn, amp=self.amp)
+        amp = self.amp
+        with amp.autocast():
+            out = model(x)
+            loss = self.loss_fn(out, y)
+        loss = amp.loss(loss)
+        amp.backward(loss)
+        return loss.detach(), tree_detach(out)
+
+    def epoch(self, model, opt, epoch: int, phase: str, objective: bool) -> dict:
+        """One pass over the loader; returns the epoch's record."""
+        model.train()
+        sampler = getattr(self.loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):  # DistributedSampler: a different shuffle every epoch
+            sampler.set_epoch(epoch)
+        dev = self.dev
+        t0 = time.perf_counter()
+        n = nb = 0
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        counted = torch.zeros((), device=dev, dtype=torch.long)
+        for i, batch in enumerate(self.loader):
+            x, y = move_batch(batch, dev)
+            opt.zero_grad(set_to_none=True)
+            try:
+                loss, out = self._batch(model, x, y, objective)
+            except RuntimeError as e:
+                if i == 0 and any(w in str(e) for w in ("shape", "size", "dimension", "channels")):
+                    shapes = tuple(getattr(x, "shape", ())), tuple(getattr(y, "shape", ()))
+                    raise ValueError(f"fit: the model cannot take the loader's first batch of epoch {epoch} "
+                                     f"(inputs {shapes[0]}, targets {shapes[1]}): {e}") from e
+                raise
+            except TypeError as e:
+                if i == 0 and self.loss_fn is F.cross_entropy and "must be Tensor" in str(e):
+                    raise TypeError(f"fit: the default loss_fn (cross entropy) needs the model to return a logits "
+                                    f"tensor ({e}); for a model returning a dict or tuple pass a loss_fn that "
+                                    f"reads it, e.g. loss_fn=lambda out, y: F.cross_entropy(out['out'], y)") from e
+                raise
+            check_finite_loss(loss, epoch, i)
+            self.amp.step(opt)
+            if objective:
+                self.c.step()
+            bs = batch_size(x, y)
+            loss_sum += loss * bs
+            cc = count_correct(out, y, self.accuracy_fn)  # None: no accuracy for these outputs
+            if cc is not None:
+                correct += torch.as_tensor(cc[0], device=dev).long()
+                counted += torch.as_tensor(cc[1], device=dev).long()
+            n += bs
+            nb += 1
+        if nb == 0:
+            raise ValueError(f"fit: the training loader yielded no batch in epoch {epoch}")
+        if objective:
+            self.c.epoch_end()
+        _check_weights_finite(model, epoch)
+        rec = {"phase": phase, "epoch": epoch, "loss": float(loss_sum) / n,
+               "train_accuracy": accuracy_percent(int(correct), int(counted))}
+        if objective:
+            rec.update(self.c.epoch_summary())
+        if self.val_loader is not None:
+            ev = self.evaluate(model)
+            rec.update(val_loss=ev["loss"], val_accuracy=ev["accuracy"])
+        rec["wall"] = time.perf_counter() - t0
+        return rec
+
+
+def _null():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _check_weights_finite(model, epoch):
+    for name, p in model.named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteError(f"parameter '{name}' became non-finite in epoch {epoch}; the last "
+                                 f"checkpoint (if any) is intact")
+
+
+# ============================================================== checkpoints
+def _save(path, compressor, model, opt, sched, loader, next_epoch, phase, history, finalized=None):
+    obj = {"format": CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
+           "solver": compressor.state_dict() if compressor is not None else {}, "epoch": next_epoch,
+           "phase": phase, "rng": rng_state(loader), "history": history.to_dict()}
+    if sched is not None:
+        obj["scheduler"] = sched.state_dict()
+    if finalized is not None:
+        obj["finalized"] = finalized
+    # the full per-update records (with the per-layer entries that state_dict() leaves out), so
+    # a resumed run's history equals an uninterrupted one's
+    obj["residuals"] = [dict(r) for r in compressor.residuals] if compressor is not None else []
+    save_checkpoint(obj, path)
+
+
+def _read_checkpoint(path, map_location) -> dict:
+    """Read a :func:`fit` checkpoint (``weights_only=True``) and check its format, phase and epoch.
+
+    Raises :class:`~admm_compress.training.CheckpointError` for a truncated, unsafe or foreign file.
+    """
+    ck = load_checkpoint(path, map_location=map_location,
+                         required=("format", "model", "optimizer", "solver", "epoch", "phase", "rng"))
+    where = f"checkpoint {os.fspath(path)!r}"
+    if ck["format"] != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{where} has format {ck['format']!r}; expected {CHECKPOINT_FORMAT!r}")
+    if ck["phase"] not in ("train", "finetune"):
+        raise CheckpointError(f"{where} has phase={ck['phase']!r}; expected 'train' or 'finetune'")
+    ep = ck["epoch"]
+    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 0:
+        raise CheckpointError(f"{where} has epoch={ep!r}; expected an int >= 0")
+    for name in ("model", "optimizer", "solver", "rng"):
+        if not isinstance(ck[name], dict):
+            raise CheckpointError(f"{where}: entry {name!r} is a {type(ck[name]).__name__}, expected a dict")
+    if ck["phase"] == "finetune" and not isinstance(ck.get("finalized"), dict):
+        raise CheckpointError(f"{where} is a fine-tuning checkpoint without the finalized weights")
+    return ck
+
+
+def _resume(ck, path, compressor, model, opt, sched, loader):
+    """Restore model, optimizer, scheduler, compressor state, RNG states and history from ``ck``.
+
+    Everything is checked against this model, compressor and optimizer before anything is
+    loaded, so a checkpoint of another model or spec raises
+    :class:`~admm_compress.training.CheckpointError` and leaves the model's weights alone.
+    """
+    where = f"checkpoint {os.fspath(path)!r}"
+    sd = ck["solver"]
+    why = compressor.check_state(sd) if compressor is not None else None
+    if why:
+        raise CheckpointError(f"{where} {why}")
+    if ck["phase"] == "finetune":
+        log.info("resuming fine-tuning from %s at epoch %d", path, ck["epoch"])
+        return int(ck["epoch"]), "finetune", History.from_dict(ck.get("history", {}))
+    if compressor is not None:
+        keys = compressor.state_keys()
+        if list(sd.get("keys", [])) != keys:
+            raise CheckpointError(f"{where} is from another spec: its solver state constrains "
+                                  f"{list(sd.get('keys', []))}, this solver binds {keys}")
+    target = unwrap(model)
+    own = target.state_dict()
+    saved = ck["model"]
+    bad = [k for k in own if k not in saved] + [k for k in saved if k not in own]
+    bad += [f"{k}: {tuple(getattr(saved[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
+            if k in saved and (not isinstance(saved[k], torch.Tensor) or saved[k].shape != own[k].shape)]
+    if bad:
+        raise CheckpointError(f"{where} is from another model: {len(bad)} mismatching state_dict "
+                              f"entries (e.g. {bad[:3]})")
+    saved_groups = [len(g.get("params", ())) for g in ck["optimizer"].get("param_groups", [])]
+    own_groups = [len(g["params"]) for g in opt.param_groups]
+    if saved_groups != own_groups:
+        raise CheckpointError(f"{where}: its optimizer state has parameter groups of sizes {saved_groups}, "
+                              f"this optimizer has {own_groups} (another optimizer or model?)")
+    if compressor is not None:
+        try:  # compressor state first: it checks shapes (and subclass fields) and touches no weight
+            compressor.load_state_dict(sd)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{where}: the solver state does not fit this solver: {e}") from e
+    target.load_state_dict(saved)
+    opt.load_state_dict(ck["optimizer"])
+    if sched is not None:
+        if "scheduler" in ck:
+            sched.load_state_dict(ck["scheduler"])
+        else:
+            log.warning("%s holds no LR scheduler state; the scheduler restarts", where)
+    if "residuals" in ck and compressor is not None:
+        compressor.residuals = [dict(r) for r in ck["residuals"]]
+    set_rng_state(ck["rng"], loader)
+    log.info("resumed from %s at epoch %d", path, ck["epoch"])
+    return int(ck["epoch"]), "train", History.from_dict(ck.get("history", {}))
