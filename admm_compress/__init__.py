@@ -2,7 +2,8 @@
 
 Declare which weights must satisfy which constraint (:class:`LowRank`, :class:`TTRank`,
 :class:`Cardinality`, :class:`SchattenP`, :class:`Sum`), train with :class:`Solver` (ADMM or
-projected SGD inside ordinary PyTorch training), and :func:`export` the result to compact
+projected SGD inside ordinary PyTorch training; every method is a :class:`Compressor`
+driven by the one trainer, :func:`admm_compress.trainer.fit`), and :func:`export` the result to compact
 layers whose cost :func:`complexity` counts.  The published methods (LRPET, LoRITa, RASPA,
 Decomposable-Net, TRP) are configurations of that loop in :mod:`admm_compress.methods`; the
 benchmark harness behind the ``admm-compress`` command is :mod:`admm_compress.bench`.
@@ -12,7 +13,9 @@ import logging as _logging
 from . import sets, views
 from .sets import Cardinality, ConstraintSet, LowRank, Penalty, SchattenP, Sum, TTRank
 from .specs import Constrain, SpecError, describe, resolve
+from .compressor import Compressor
 from .solver import History, Solver
+from . import trainer
 from .penalty import AdaptiveRho, GeometricRho
 from .export import ExportError, export, register_exporter
 from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC counter
@@ -38,7 +41,7 @@ def __getattr__(name):  # heavy sub-packages on first use: `ac.methods`, `ac.mod
 
 __all__ = [
     "LowRank", "Cardinality", "TTRank", "SchattenP", "Sum", "ConstraintSet", "Penalty",
-    "Constrain", "resolve", "describe", "Solver", "History", "export", "register_exporter",
+    "Constrain", "resolve", "describe", "Solver", "Compressor", "trainer", "History", "export", "register_exporter",
     "complexity", "latency", "evaluate", "storage_bytes", "saved_bytes", "select_kernels", "sets", "views", "methods", "models", "data", "attention",
 ]
 __all__ += ["AdaptiveRho", "GeometricRho"]

@@ -69,7 +69,6 @@ from . import functional
 from ._validation import check_choice, check_float, check_int
 from .compressor import Compressor, FitContext
 from .distributed import broadcast_ as _broadcast_
-from .graph import consumer_batchnorms
 from .penalty import AdaptiveRho, GeometricRho
 from .sets.base import Constraint
 from .specs import Binding, Constrain, describe, exact_glob, unwrap
@@ -224,8 +223,7 @@ class Solver(Compressor):
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.rhos: dict[str, float] = {}
-        self.unpaired: list[str] = []  # metric="bn" layers without a consumer BN
-        self._bn: dict[str, nn.Module] = {}
+        self.bn_metric = None  # methods.lrpet.BNMetric when a spec asks for metric="bn"
 
     # ================================================================ life cycle
     def prepare(self, model: nn.Module) -> "Solver":
@@ -235,23 +233,11 @@ class Solver(Compressor):
         """
         super().prepare(model)
         bindings = self.bindings
-        bn_of: dict[str, nn.Module] = {}
-        unpaired = []
+        self.bn_metric = None
         if any(b.spec.metric == "bn" for b in bindings):
-            pairs = consumer_batchnorms(unwrap(model))
-            mods = dict(unwrap(model).named_modules())
-            for b in bindings:
-                if b.spec.metric != "bn":
-                    continue
-                if b.name in pairs:
-                    bn_of[b.key] = mods[pairs[b.name]]
-                else:
-                    unpaired.append(b.key)
-            if unpaired:
-                log.warning("BN rectification: no BatchNorm consumes the output of %s; these are "
-                            "projected without the BN metric", ", ".join(unpaired))
-        self._bn, self.unpaired = bn_of, unpaired
-        self.slots = self._make_slots(bindings)
+            from .methods.lrpet import BNMetric  # LRPET's rectification (Eq. 7), spec field metric="bn"
+            self.bn_metric = BNMetric(model, bindings)
+        self.slots = self.make_slots(bindings)
         self.Z, self.U, self.rhos = {}, {}, {}
         self._auto_keys = set()
         for sl in self.slots:
@@ -275,7 +261,7 @@ class Solver(Compressor):
         log.info("prepared %d constrained weight(s):\n%s", len(bindings), describe(bindings))
         return self
 
-    def _make_slots(self, bindings: list[Binding]) -> list[Slot]:
+    def make_slots(self, bindings: list[Binding]) -> list[Slot]:
         """One slot per weight; a Sum constraint in ADMM mode gets one slot per component.
 
         For a Sum, the weight is reparameterized as ``W = L + S`` (:class:`Additive`) unless it
@@ -310,24 +296,27 @@ class Solver(Compressor):
             text += "\nprojected without BN metric (no consumer BatchNorm): " + ", ".join(self.unpaired)
         return text
 
-    # -------------------------------------------------------------- operators
-    def _metric(self, sl: Slot) -> torch.Tensor | None:
-        """LRPET BN rectification row scale a = gamma / sqrt(running_var + eps) (Eq. 7)."""
-        b = sl.binding
-        bn = self._bn.get(b.key) if sl.key == b.key else None
-        if bn is None:
-            return None
-        var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.weight)
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
-        a = gamma.detach() / torch.sqrt(var.detach() + bn.eps)
-        rows = b.viewed_shape[-2]
-        if a.numel() != rows:
-            raise ValueError(f"layer '{b.name}': BN {type(bn).__name__} has {a.numel()} channels but "
-                             f"the view has {rows} rows; BN rectification needs the 'channel' view")
-        return a
+    @property
+    def unpaired(self) -> list[str]:
+        """Keys of the ``metric="bn"`` weights with no consumer BatchNorm (projected without it)."""
+        return list(self.bn_metric.unpaired) if self.bn_metric is not None else []
 
-    def _apply(self, sl: Slot, v: torch.Tensor, tau: float, metric=None, warm: bool = True) -> torch.Tensor:
-        """prox of the slot's constraint on the viewed tensor."""
+    # -------------------------------------------------------------- operators
+    def slot_metric(self, sl: Slot) -> torch.Tensor | None:
+        """The row metric the slot is projected in (``metric="bn"`` specs: LRPET's BN
+        rectification, :class:`~admm_compress.methods.lrpet.BNMetric`), or ``None``."""
+        if self.bn_metric is None or sl.key != sl.binding.key:
+            return None
+        return self.bn_metric(sl.binding)
+
+    def project_slot(self, sl: Slot, v: torch.Tensor, tau: float, metric=None, warm: bool = True) -> torch.Tensor:
+        """The Z-step / hard-projection operator on one slot's viewed tensor: ``prox_{tau g}(v)``
+        (the projection for a set; in ``metric`` when given; ``v`` itself before warm start).
+
+        The hook a configuration overrides to change the operator (TRP's energy truncation with
+        its subgradient, LRPET's plain truncation at finalize).  Slots of equal shape are
+        projected as one batch only while this base operator is in use.
+        """
         c = sl.constraint
         if not warm:
             return v.clone()
@@ -339,16 +328,17 @@ class Solver(Compressor):
         """``prox(V_b)`` for every binding, in parameter shape; SVDs of equal shapes are batched."""
         out: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[Slot]] = defaultdict(list)
+        base_operator = type(self).project_slot is Solver.project_slot  # an override sees every slot
         for sl in self.slots:
-            metric = self._metric(sl)
+            metric = self.slot_metric(sl)
             k = sl.key
-            if _batchable(sl.constraint) and metric is None and warm:
+            if base_operator and _batchable(sl.constraint) and metric is None and warm:
                 # a hard set's projection ignores rho: per-weight rhos (rho="auto") still batch
                 rk = self.rhos[k] if sl.constraint.is_penalty else 0.0
                 groups[(id(sl.constraint), sl.viewed_shape, V[k].dtype, V[k].device, rk)].append(sl)
             else:
                 tau = 1.0 / self.rhos[k] if self.rhos[k] > 0 else 0.0
-                out[k] = sl.from_view(self._apply(sl, sl.to_view(V[k]), tau, metric, warm))
+                out[k] = sl.from_view(self.project_slot(sl, sl.to_view(V[k]), tau, metric, warm))
         for (_, _, _, _, rho), group in groups.items():
             tau = 1.0 / rho if rho > 0 else 0.0
             stacked = torch.stack([sl.to_view(V[sl.key]) for sl in group])
@@ -460,7 +450,7 @@ class Solver(Compressor):
                     if float(top) < self.skip_below:
                         per[sl.key] = {"primal": 0.0, "skipped": True}
                         continue
-                p = sl.from_view(self._apply(sl, v, 0.0, self._metric(sl))).contiguous()
+                p = sl.from_view(self.project_slot(sl, v, 0.0, self.slot_metric(sl))).contiguous()
                 _broadcast_([p])
                 r = float(torch.linalg.vector_norm(w.detach() - p))
                 n = float(torch.linalg.vector_norm(w.detach()))
@@ -512,11 +502,11 @@ class Solver(Compressor):
                 w.copy_(p)
                 feasible[sl.key] = True
                 continue
-            p = sl.from_view(self._apply(sl, v, 0.0, self._metric(sl))).contiguous()
+            p = sl.from_view(self.project_slot(sl, v, 0.0, self.slot_metric(sl))).contiguous()
             _broadcast_([p])
             moved[sl.key] = (float(torch.linalg.vector_norm(w.detach() - p)), float(torch.linalg.vector_norm(w.detach())))
             w.copy_(p)
-            feasible[sl.key] = self._feasible(sl, sl.to_view(w.detach()))
+            feasible[sl.key] = self.slot_feasible(sl, sl.to_view(w.detach()))
         bad = [k for k, ok in feasible.items() if not ok]
         if bad:
             log.warning("after finalize, %d weight(s) fail contains(): %s", len(bad), ", ".join(bad))
@@ -581,7 +571,7 @@ class Solver(Compressor):
             extra += f", rho_growth={self.rho_growth:g}"
         return f"mode={self.mode!r}, specs={len(self.spec)}{extra}, every={self.every!r}"
 
-    def _feasible(self, sl, v: torch.Tensor) -> bool:
+    def slot_feasible(self, sl, v: torch.Tensor) -> bool:
         """Whether the finalized view ``v`` of slot ``sl`` lies in its set (``contains``).
 
         Subclasses whose set is a selection rule rather than a projection (TRP's energy rank)

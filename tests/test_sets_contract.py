@@ -603,6 +603,31 @@ def test_sum_bad_input():
     assert s.sets == (s.a, s.b)
 
 
+# ================================================================ SquaredFrobenius (N = 1 of LoRITa)
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_squared_frobenius_prox_is_the_minimizer(data):
+    """prox_{tau g}(x) = argmin_z tau*w*||z||^2 + ||z - x||^2 / 2: a strictly convex quadratic,
+    so the minimizer is the unique zero of the gradient 2*tau*w*z + z - x, and every other point
+    (here random perturbations) has a larger objective."""
+    from admm_compress.sets import SquaredFrobenius
+
+    w = 10.0 ** data.draw(st.floats(-2, 1))
+    tau = 10.0 ** data.draw(st.floats(-2, 1))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    x = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    pen = SquaredFrobenius(weight=w)
+    z = pen.prox(x, tau)
+    torch.testing.assert_close(2 * tau * w * z + z - x, torch.zeros_like(x), rtol=0, atol=1e-12 * (1 + float(x.abs().max())))
+
+    def obj(v):
+        return tau * w * float((v ** 2).sum()) + 0.5 * float(((v - x) ** 2).sum())
+
+    for _ in range(5):
+        assert obj(z) <= obj(z + 1e-3 * torch.randn(x.shape, generator=g, dtype=torch.float64))
+    assert float(pen(x)) == pytest.approx(w * float((x ** 2).sum()), rel=1e-12)
+
+
 # ================================================================ SchattenP
 def _prox_obj(z, x, lam, p):
     return 0.5 * float(((z - x) ** 2).sum()) + lam * float(F.schatten_value(z, p))

@@ -1,4 +1,4 @@
-"""The published methods as configurations of the one :class:`~admm_compress.Solver` loop.
+"""The published methods, each a :class:`~admm_compress.Compressor` driven by the one trainer.
 
 ==========================  ==========================================================  ===============
 function                  what it configures                                           paper
@@ -11,7 +11,11 @@ function                  what it configures                                    
 :func:`decomposable_net`  joint full/low-rank loss, export at any size afterwards      Yaguchi et al.
 ==========================  ==========================================================  ===============
 
-Each function returns a configured solver: ``methods.lrpet(0.6).fit(model, loader, epochs)``.
+Each function returns a configured compressor: ``methods.lrpet(0.6).fit(model, loader, epochs)``.
+LRPET, TRP and RASPA configure :class:`~admm_compress.Solver` (projected SGD / ADMM) through its
+public hooks (``project_slot``, ``slot_feasible``, ``make_slots``); LoRITa and Decomposable-Net
+never project, so they implement :class:`~admm_compress.Compressor` directly
+(``isinstance(methods.lorita(...), ac.Solver)`` is ``False``; both are ``ac.Compressor``).
 
 Where the code lives: one module per method (``lrpet``, ``trp``, ``raspa`` + ``raspa_tables``),
 and one package for each method that brings modules of its own: :mod:`._lorita` (solver,

@@ -31,11 +31,54 @@ from torch import nn
 from .._validation import check_float, check_int
 from ..sets import LowRank
 from ..solver import Solver
-from ..specs import Constrain, resolve
+from ..graph import consumer_batchnorms
+from ..specs import Binding, Constrain, resolve, unwrap
 
-__all__ = ["lrpet", "lrpet_rank", "LRPETSolver", "vgg16_rank_floors"]
+__all__ = ["lrpet", "lrpet_rank", "LRPETSolver", "BNMetric", "vgg16_rank_floors"]
 
 log = logging.getLogger(__name__)
+
+
+class BNMetric:
+    """BN rectification (Eq. 7): the row scale ``a = gamma / sqrt(running_var + eps)`` of the
+    BatchNorm that consumes each ``metric="bn"`` weight's output.
+
+    The pairing follows the traced graph (:func:`admm_compress.graph.consumer_batchnorms`), not
+    module order; a weight whose output no BatchNorm consumes is listed in :attr:`unpaired`
+    (warned about once) and projected without the metric.  Any
+    :class:`~admm_compress.Solver` whose spec sets ``metric="bn"`` uses this; :func:`lrpet`
+    sets it by default (``bn_rectification=True``).
+    """
+
+    def __init__(self, model: nn.Module, bindings: list[Binding]):
+        pairs = consumer_batchnorms(unwrap(model))
+        mods = dict(unwrap(model).named_modules())
+        self.bn: dict[str, nn.Module] = {}
+        self.unpaired: list[str] = []
+        for b in bindings:
+            if b.spec.metric != "bn":
+                continue
+            if b.name in pairs:
+                self.bn[b.key] = mods[pairs[b.name]]
+            else:
+                self.unpaired.append(b.key)
+        if self.unpaired:
+            log.warning("BN rectification: no BatchNorm consumes the output of %s; these are "
+                        "projected without the BN metric", ", ".join(self.unpaired))
+
+    def __call__(self, b: Binding) -> torch.Tensor | None:
+        """``a`` for binding ``b`` (one entry per row of its view), or ``None`` if unpaired."""
+        bn = self.bn.get(b.key)
+        if bn is None:
+            return None
+        var = bn.running_var if bn.running_var is not None else torch.ones_like(bn.weight)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(var)
+        a = gamma.detach() / torch.sqrt(var.detach() + bn.eps)
+        rows = b.viewed_shape[-2]
+        if a.numel() != rows:
+            raise ValueError(f"layer '{b.name}': BN {type(bn).__name__} has {a.numel()} channels but "
+                             f"the view has {rows} rows; BN rectification needs the 'channel' view")
+        return a
 
 
 def lrpet_rank(n: int, pruning_ratio: float) -> int:
@@ -125,11 +168,11 @@ class LRPETSolver(Solver):
             log.info("lrpet: VGG-16 rank floors (Sec. IV-B): %s", self.floors)
         return super().prepare(model)
 
-    def _apply(self, sl, v, tau, metric=None, warm=True):
+    def project_slot(self, sl, v, tau, metric=None, warm=True):
         if self._finalizing and isinstance(sl.constraint, LowRank):
             r = sl.constraint.rank_for(v.shape)
             return LowRank(rank=r).project(v)  # plain truncation, Sec. III-E
-        return super()._apply(sl, v, tau, metric, warm)
+        return super().project_slot(sl, v, tau, metric, warm)
 
     @torch.no_grad()
     def finalize(self, model: nn.Module | None = None) -> dict[str, bool]:

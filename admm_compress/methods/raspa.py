@@ -261,7 +261,7 @@ class RaspaSolver(Solver):
         lines.insert(1, "  ".join("-" * w for w in widths))
         return "\n".join(lines)
 
-    def _make_slots(self, bindings):
+    def make_slots(self, bindings):
         for b in bindings:
             if isinstance(b.constraint, Sum) and additive_components(b.module, b.param_name) is None:
                 if parametrize.is_parametrized(b.module, b.param_name):
@@ -271,7 +271,7 @@ class RaspaSolver(Solver):
                 parametrize.register_parametrization(
                     b.module, b.param_name, cls(b.constraint, b.view, b.shape, iters=self.decompose_iters),
                     unsafe=True)
-        return super()._make_slots(bindings)
+        return super().make_slots(bindings)
 
     # ------------------------------------------------------------- fine-tuning
     def components(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -222,12 +222,12 @@ class TRPSolver(Solver):
         self.rank_history, self.final_ranks = [], {}
         return super().prepare(model)
 
-    def _apply(self, sl, v: torch.Tensor, tau: float, metric=None, warm: bool = True) -> torch.Tensor:
+    def project_slot(self, sl, v: torch.Tensor, tau: float, metric=None, warm: bool = True) -> torch.Tensor:
         """The energy truncation from one SVD, which also gives the subgradient ``U_k V_k^T``."""
         c = sl.constraint
         if (not warm or metric is not None or not isinstance(c, LowRank) or c.energy is None
                 or c.energy_transfer):
-            out = super()._apply(sl, v, tau, metric, warm)
+            out = super().project_slot(sl, v, tau, metric, warm)
             r = c.rank_for(v.shape) if isinstance(c, LowRank) else None
             self._kept[sl.key] = r if r is not None else _numerical_rank(F.svdvals(out.to(torch.float64)), out)
             return out
@@ -298,7 +298,7 @@ class TRPSolver(Solver):
         for sl in self.slots:
             sl.constraint = sl.binding.constraint
 
-    def _feasible(self, sl, v: torch.Tensor) -> bool:
+    def slot_feasible(self, sl, v: torch.Tensor) -> bool:
         # the energy criterion picks a rank from the data; applied again to the truncated
         # weight it would keep fewer values, so contains() says nothing here (see LowRank)
         return True

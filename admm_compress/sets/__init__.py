@@ -8,7 +8,7 @@ Hard constraints (:class:`ConstraintSet`): :class:`LowRank`, :class:`Cardinality
 from .base import Constraint, ConstraintSet, Penalty
 from .cardinality import Cardinality
 from .lowrank import LowRank
-from .schatten import SchattenP
+from .schatten import SchattenP, SquaredFrobenius
 from .sum import Sum, sequential_ls, sequential_sl
 from .tt import TTRank
 
@@ -20,6 +20,7 @@ __all__ = [
     "Cardinality",
     "TTRank",
     "SchattenP",
+    "SquaredFrobenius",
     "Sum",
     "sequential_sl",
     "sequential_ls",

@@ -62,7 +62,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -72,8 +72,7 @@ from ..._validation import check_choice, check_float, check_int
 from .factorization import (FactorProduct, _matrix_shape, apply_factorization, collapse,
                              factor_parameters, factor_sq_norm, gsvt, is_factorized, isvt,
                              lowrank_param_count, lsvt)
-from ...sets import LowRank, SchattenP
-from ...sets.base import Penalty
+from ...sets import LowRank, SchattenP, SquaredFrobenius
 from ...compressor import Compressor, FitContext
 from ...specs import Constrain, exact_glob, resolve, unwrap
 
@@ -83,49 +82,6 @@ log = logging.getLogger(__name__)
 
 TRUNCATIONS = ("lsvt", "gsvt", "isvt")
 GROUPS = ("conv", "linear", "attention")
-
-
-# ============================================================================ the N = 1 penalty
-class SquaredFrobenius(Penalty):
-    r"""Penalty ``g(X) = weight * ||X||_F^2 = weight * sum_j sigma_j(X)^2``: plain weight decay.
-
-    The ``N = 1`` member of the family ``weight * sum_j sigma_j^{2/N}`` (Prop. 4.2), which
-    :class:`~admm_compress.SchattenP` (``0 < p <= 1``) does not cover.  ``prox(X, tau) =
-    X / (1 + 2 tau weight)``.  Used only to state the baseline's training constraint.
-    """
-
-    min_dim = 2
-    broadcasts = True
-    # exported like the other spectral penalties: LoRITa truncates, then exports LowRank pairs
-    export_as = LowRank(rank=1)
-    sized_at_export = True
-
-    def __init__(self, weight: float = 1.0):
-        self.weight = check_float("weight", weight, low=0.0, where="SquaredFrobenius")
-
-    def _value(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * x.pow(2).sum()
-
-    def _prox(self, x: torch.Tensor, tau: float) -> torch.Tensor:
-        return x / (1.0 + 2.0 * tau * self.weight)
-
-    def factorize(self, x: torch.Tensor):
-        """``(U, V)`` of the numerical rank of ``x`` (as :meth:`SchattenP.factorize`)."""
-        return SchattenP(1.0).factorize(x)
-
-    def reconstruct(self, factors, shape: Sequence[int]) -> torch.Tensor:
-        U, V = factors
-        return (U @ V).reshape(tuple(shape))
-
-    def num_params(self, shape: Sequence[int]) -> int:
-        self.check_shape(tuple(shape))
-        n = 1
-        for s in shape:
-            n *= int(s)
-        return n
-
-    def __repr__(self) -> str:
-        return f"SquaredFrobenius(weight={self.weight})"
 
 
 # ============================================================================ helpers
