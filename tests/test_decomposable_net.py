@@ -421,6 +421,24 @@ def test_trained_model_degrades_gracefully_and_beats_normal_training_truncated()
 
 
 # ------------------------------------------------- export through the generic export (issue 17)
+def _dn_factor_module(L, m, r):
+    """Decomposable-Net's own factor layers (the solver's exporter before issue 16)."""
+    from admm_compress.methods._decomposable_net.rank_selection import dn_factor_convs, dn_factor_linear
+
+    if isinstance(m, nn.Linear):
+        first_w, second_w, bias = dn_factor_linear(m.weight, m.bias, r)
+        first = nn.Linear(m.in_features, r, bias=False)
+        second = nn.Linear(r, m.out_features, bias=bias is not None)
+        first.weight.copy_(first_w)
+        second.weight.copy_(second_w)
+        if bias is not None:
+            second.bias.copy_(bias)
+        return nn.Sequential(first, second)
+    kwargs = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups,
+                  padding_mode=m.padding_mode)
+    return dn_factor_convs(m.weight, m.bias, r, L.scheme, kwargs).to_sequential()
+
+
 def _reference_export(s, model, ranks, input_size):
     """The pre-issue-17 export path: Decomposable-Net's own factorization (dn_factor_convs /
     dn_factor_linear) where the factor pair is cheaper, the truncated weight otherwise."""
@@ -436,7 +454,7 @@ def _reference_export(s, model, ranks, input_size):
             m = mods[L.name]
             if fact(r) < dense:
                 parent, _, attr = L.name.rpartition(".")
-                setattr(out.get_submodule(parent) if parent else out, attr, s._factor_module(L, m, r))
+                setattr(out.get_submodule(parent) if parent else out, attr, _dn_factor_module(L, m, r))
             else:
                 m.weight.copy_(s.low_rank_weight(L, m.weight.detach(), r))
     return out

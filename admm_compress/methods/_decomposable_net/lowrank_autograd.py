@@ -52,6 +52,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ... import functional
 from ..._validation import check_float, check_int, check_tensor
 
 __all__ = [
@@ -92,12 +93,15 @@ def thin_svd(w: torch.Tensor) -> SVD:
     Notes
     -----
     Cost :math:`O(mnk)`.  Pass the result as ``svd=`` to :func:`truncated_svd_reconstruct` to
-    reuse one decomposition for rank selection (Sec. 2.3) and reconstruction.
+    reuse one decomposition for rank selection (Sec. 2.3) and reconstruction.  Computed by the
+    library's one SVD entry point, :func:`admm_compress.functional.svd` (float64 / jitter
+    fallbacks on a convergence failure).
     """
     check_tensor("w", w, min_dim=2)
     if w.is_complex():
         raise TypeError(f"w must be a real floating-point tensor, got dtype {w.dtype}")
-    return torch.linalg.svd(w.detach().to(compute_dtype(w.dtype)), full_matrices=False)
+    U, S, Vh = functional.svd(w.detach().to(compute_dtype(w.dtype)), full_matrices=False)
+    return U, S, Vh
 
 
 def truncated_svd_grad(grad: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
