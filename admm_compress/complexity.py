@@ -56,13 +56,10 @@ to this module's logger at DEBUG level.
 from __future__ import annotations
 
 import contextlib
-import copy
 import fnmatch
 import io
 import logging
 import numbers
-import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
@@ -71,7 +68,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._validation import check_choice, check_int
+from ._model_io import (_build_input, _call, _check_input_options, _check_input_size, _check_model,
+                        _dtype_device, _runner)
+from ._validation import check_choice
+from .latency import Latency, latency  # noqa: F401  (re-exported: admm_compress.complexity.latency)
 
 __all__ = ["Complexity", "Latency", "complexity", "latency", "register_counter",
            "unregister_counter", "registered_counters", "torch_macs", "BACKENDS"]
@@ -182,133 +182,7 @@ class Complexity:
                 f"(ptflops backend={self.backend!r}, input {tuple(self.input_size)})")
 
 
-@dataclass(frozen=True)
-class Latency:
-    """Wall-clock time of one forward pass, in milliseconds.
-
-    Attributes
-    ----------
-    median, p10, p90, mean : float
-        Statistics over ``repeats`` timed calls (ms per call of ``batch`` samples).
-    batch, repeats, warmup : int
-        Settings of the measurement.
-    device : str
-        Device the model ran on.
-    times : tuple of float
-        All timed calls (ms).
-    """
-
-    median: float
-    p10: float
-    p90: float
-    mean: float
-    batch: int
-    repeats: int
-    warmup: int
-    device: str
-    times: tuple = field(repr=False, default=())
-
-    def as_dict(self) -> dict:
-        return {"median_ms": self.median, "p10_ms": self.p10, "p90_ms": self.p90,
-                "mean_ms": self.mean, "batch": self.batch, "repeats": self.repeats,
-                "warmup": self.warmup, "device": self.device}
-
-
 # ----------------------------------------------------------------------------- helpers
-def _check_model(model: Any) -> nn.Module:
-    """The module to count (a DDP / DataParallel wrapper is unwrapped: its forward would sync)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    from .specs import unwrap
-
-    return unwrap(model)
-
-
-def _check_input_size(input_size: Any) -> tuple:
-    if isinstance(input_size, numbers.Integral) and not isinstance(input_size, bool):
-        input_size = (input_size,)
-    if not isinstance(input_size, (tuple, list, torch.Size)) or len(input_size) == 0:
-        raise ValueError(f"input_size must be a non-empty tuple of positive ints without the batch "
-                         f"dimension, e.g. (3, 32, 32), got {input_size!r}")
-    return tuple(check_int("input_size entry", d, low=1) for d in input_size)
-
-
-def _dtype_device(model: nn.Module):
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_floating_point():
-            return t.dtype, t.device
-    return torch.get_default_dtype(), torch.device("cpu")
-
-
-def _check_input_options(input_constructor, input_dtype, where: str):
-    if input_constructor is not None and not callable(input_constructor):
-        raise TypeError(f"{where}: input_constructor must be a callable shape -> tensor, tuple of "
-                        f"tensors or dict of keyword tensors, got {input_constructor!r}")
-    if input_dtype is not None and not isinstance(input_dtype, torch.dtype):
-        raise TypeError(f"{where}: input_dtype must be a torch.dtype (e.g. torch.long for token ids) "
-                        f"or None, got {input_dtype!r}")
-    if input_constructor is not None and input_dtype is not None:
-        raise ValueError(f"{where}: give input_constructor or input_dtype, not both (the constructor "
-                         f"chooses its own dtype)")
-
-
-def _build_input(shape: tuple, dtype, device, input_constructor, input_dtype, where: str, random: bool):
-    """The model input for ``shape`` = ``(batch, *input_size)``: a tensor, a tuple (positional
-    arguments) or a dict (keyword arguments).
-
-    Default: a float tensor of the model's dtype (zeros, or ``randn`` when ``random``);
-    ``input_dtype`` integer or bool: zeros of that dtype (valid token ids / masks for any
-    vocabulary); ``input_constructor(shape)``: whatever it returns, moved to ``device``.
-    """
-    if input_constructor is None:
-        dt = input_dtype if input_dtype is not None else dtype
-        if random and dt.is_floating_point:
-            return torch.randn(shape, dtype=dt, device=device)
-        return torch.zeros(shape, dtype=dt, device=device)
-    x = input_constructor(shape)
-
-    def move(t, path):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: input_constructor{tuple(shape)} must return a tensor, a tuple/list "
-                            f"of tensors or a dict of tensors; {path} is a {type(t).__name__}")
-        return t.to(device)
-
-    if isinstance(x, torch.Tensor):
-        return move(x, "the result")
-    if isinstance(x, (tuple, list)) and x:
-        return tuple(move(t, f"item {i}") for i, t in enumerate(x))
-    if isinstance(x, Mapping) and x:
-        return {k: move(t, f"key {k!r}") for k, t in x.items()}
-    return move(x, "the result")
-
-
-class _CallWith(nn.Module):
-    """``model(*args)`` for a tuple input (ptflops calls ``model(x)`` or ``model(**x)``)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, args):
-        return self.model(*args)
-
-
-def _runner(model: nn.Module, example):
-    """(module ptflops calls, its input): dicts and tensors go as they are, tuples through
-    :class:`_CallWith` as the keyword ``args`` (so ptflops sees no positional batch)."""
-    if isinstance(example, tuple):
-        return _CallWith(model), {"args": example}
-    return None, example
-
-
-def _call(model: nn.Module, example):
-    if isinstance(example, tuple):
-        return model(*example)
-    if isinstance(example, dict):
-        return model(**example)
-    return model(example)
-
-
 def _allowed(name: str, module: nn.Module, allow_zero) -> bool:
     for a in allow_zero:
         if isinstance(a, str):
@@ -837,91 +711,3 @@ def torch_macs(model: nn.Module, input_size, *, input_constructor: Callable | No
         with counter:
             _call(model, x)
     return int(counter.get_total_flops()) // 2
-
-
-# ----------------------------------------------------------------------------- latency
-def _percentile(sorted_values: list, q: float) -> float:
-    """Linear-interpolation percentile (numpy's default) of already sorted values."""
-    if len(sorted_values) == 1:
-        return float(sorted_values[0])
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
-
-
-def latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 50, warmup: int = 10,
-            device: str | torch.device | None = None, *, input_constructor: Callable | None = None,
-            input_dtype: torch.dtype | None = None) -> Latency:
-    """Median / p10 / p90 wall-clock time of ``model(x)`` for a random ``x`` of shape
-    ``(batch, *input_size)``.
-
-    Each call runs under :func:`torch.inference_mode` in eval mode and is timed with
-    :func:`time.perf_counter`; on CUDA the device is synchronized before reading the clock.
-    ``warmup`` untimed calls come first.  If ``device`` differs from the model's device, a copy
-    of the model is moved there (the model itself is never moved).
-
-    Parameters
-    ----------
-    model : torch.nn.Module
-    input_size : tuple of int
-        Input shape without the batch dimension.
-    batch : int
-        Batch size, >= 1.
-    repeats : int
-        Timed calls, >= 1.
-    warmup : int
-        Untimed calls first, >= 0.
-    device : str or torch.device, optional
-        Where to run; default: the model's device.
-    input_constructor : callable, optional
-        ``input_constructor((batch, *input_size))`` returns the input (tensor, tuple of tensors
-        or dict, see :func:`complexity`); moved to ``device``.
-    input_dtype : torch.dtype, optional
-        Input of zeros of this dtype instead of ``randn`` of the model's dtype (e.g.
-        ``torch.long`` token ids).
-    """
-    model = _check_model(model)
-    input_size = _check_input_size(input_size)
-    batch = check_int("batch", batch, low=1)
-    repeats = check_int("repeats", repeats, low=1)
-    warmup = check_int("warmup", warmup, low=0)
-    _check_input_options(input_constructor, input_dtype, "latency")
-    dtype, model_device = _dtype_device(model)
-    if device is None:
-        dev = model_device
-    else:  # an invalid device, or CUDA where none exists, raises here with a clear message
-        from .training import resolve_device
-
-        dev = resolve_device(device)
-    run_model = model
-    if dev != model_device and not (dev.type == model_device.type and dev.index is None):
-        run_model = copy.deepcopy(model).to(dev)
-    is_cuda = dev.type == "cuda"
-    x = _build_input((batch, *input_size), dtype, dev, input_constructor, input_dtype, "latency",
-                     random=True)
-    flags = [(m, m.training) for m in run_model.modules()]
-    times = []
-    try:
-        run_model.eval()
-        with torch.inference_mode():
-            for _ in range(warmup):
-                _call(run_model, x)
-            if is_cuda:
-                torch.cuda.synchronize(dev)
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                _call(run_model, x)
-                if is_cuda:
-                    torch.cuda.synchronize(dev)
-                times.append((time.perf_counter() - t0) * 1e3)
-    finally:
-        for m, flag in flags:
-            m.training = flag
-    s = sorted(times)
-    result = Latency(median=float(statistics.median(s)), p10=_percentile(s, 10),
-                     p90=_percentile(s, 90), mean=float(statistics.fmean(s)), batch=batch,
-                     repeats=repeats, warmup=warmup, device=str(dev), times=tuple(times))
-    logger.info("latency of %s on %s, batch %d: median %.3f ms (p10 %.3f, p90 %.3f)",
-                type(model).__name__, dev, batch, result.median, result.p10, result.p90)
-    return result
