@@ -16,7 +16,10 @@ uniform, energy) at export on the decomp-net model, and one row exports by a MAC
     python examples/decomposable_net_sizes.py --out docs/results
 
 writes ``decomposable_net_sizes.md`` into ``--out`` (models: ``fcn`` -- the LoRITa FCN on flat
-8x8 digits -- and ``cnn`` -- a 5-conv BN network on 3x32x32 digits32; a few CPU minutes).
+8x8 digits -- and ``cnn`` -- a 5-conv BN network on 3x32x32 digits32; ``--seeds 0,1,2`` by
+default, ~3 CPU minutes per seed; every table cell is the mean over seeds with the per-seed
+values in brackets).  BN statistics are recomputed on the whole training split for every size
+(the paper's footnote 1; ``--bn-batches N`` bounds the cost).
 """
 from __future__ import annotations
 
@@ -114,12 +117,43 @@ def run_model(name: str, a) -> dict:
     return res
 
 
+def _cell(xs, fmt="{:.2f}", sign=False):
+    """Mean over seeds, per-seed values in brackets when there are several."""
+    f = (lambda v: ("{:+.2f}" if sign else fmt).format(v))
+    m = sum(xs) / len(xs)
+    return f(m) if len(xs) == 1 else f"{f(m)} ({', '.join(f(v) for v in xs)})"
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """One result dict whose accuracy entries are lists over seeds (rows matched by Z)."""
+    r0 = per_seed[0]
+    res = {k: r0[k] for k in ("name", "input_size", "epochs", "sum_R", "floors", "dense_macs")}
+    res["t_dn"] = sum(r["t_dn"] for r in per_seed) / len(per_seed)
+    res["t_base"] = sum(r["t_base"] for r in per_seed) / len(per_seed)
+    zs = [row["z"] for row in r0["rows"] if all(any(x["z"] == row["z"] for x in r["rows"]) for r in per_seed)]
+    rows = []
+    for z in zs:
+        got = [next(x for x in r["rows"] if x["z"] == z) for r in per_seed]
+        rows.append({"z": z, "kept": got[0]["kept"], "macs": [g["macs"] for g in got],
+                     **{k: [g[k] for g in got] for k in ("dn", "base", "base_own")}})
+    res["rows"] = rows
+    res["criteria"] = []
+    for z, _ in r0["criteria"]:
+        accs = [next(a for zz, a in r["criteria"] if zz == z) for r in per_seed]
+        res["criteria"].append((z, {c: [a[c] for a in accs] for c in ("global", "uniform", "energy")}))
+    res["budget"] = (r0["budget"][0], [r["budget"][1] for r in per_seed], [r["budget"][2] for r in per_seed],
+                     [r["budget"][3] for r in per_seed])
+    return res
+
+
 def write_md(results, a, out: Path, wall: float):
     L = ["# Decomposable-Net: accuracy at many sizes from one trained model", "",
          f"Command: `python {' '.join(sys.argv)}`  ",
          f"torch {torch.__version__}, Python {platform.python_version()}, {torch.get_num_threads()} CPU "
          f"thread(s); total wall time {wall:.0f} s.", "",
-         f"Training: SGD (momentum 0.9, weight decay 5e-4), lr {a.lr} cosine, batch 64, seed {a.seed}; "
+         f"Training: the solver's default optimizer (SGD, Nesterov momentum 0.9, weight decay 5e-4 on weight "
+         f"tensors only, as paper and official code), lr {a.lr} cosine, batch 64, seeds {a.seeds} (each cell: "
+         f"mean over seeds, per-seed values in brackets; the seed sets initialization, data split and order); "
          f"decomp-net: `decomposable_net(rank_ratio=({a.alpha_l}, {a.alpha_u}), lam={a.lam}, "
          f"scheme='{a.scheme}')` (alpha_u above the paper's CIFAR-10 value 0.25: these networks are "
          f"far smaller than VGG-15 and sizes above alpha_u are never trained); base: the same solver with `lam=0` (normal learning), same "
@@ -127,7 +161,7 @@ def write_md(results, a, out: Path, wall: float):
          f"kept, ranks chosen by the global singular-value criterion on the decomp-net model; 'base "
          f"(same ranks)' is the normally trained network truncated to exactly those ranks; 'base "
          f"(own sel.)' uses the global criterion on its own singular values.  Every exported model "
-         f"gets its BN statistics recomputed on {a.bn_batches} training batches.  MACs: ptflops, "
+         f"gets its BN statistics recomputed on {'the whole training split' if a.bn_batches is None else f'{a.bn_batches} training batches'} (footnote 1).  MACs: ptflops, "
          f"backend 'pytorch', of the exported (factorized) model.  Accuracy: % on the held-out "
          f"digits split (360 images).", ""]
     for r in results:
@@ -139,17 +173,19 @@ def write_md(results, a, out: Path, wall: float):
               "decomp-net - base |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for row in r["rows"]:
-            L.append(f"| {row['z']:.2f} | {row['kept']} | {row['macs'] / 1e6:.3f} | "
-                     f"{row['macs'] / r['dense_macs']:.3f} | {row['dn']:.2f} | {row['base']:.2f} | "
-                     f"{row['base_own']:.2f} | {row['dn'] - row['base']:+.2f} |")
+            macs = sum(row["macs"]) / len(row["macs"])
+            L.append(f"| {row['z']:.2f} | {row['kept']} | {macs / 1e6:.3f} | "
+                     f"{macs / r['dense_macs']:.3f} | {_cell(row['dn'])} | {_cell(row['base'])} | "
+                     f"{_cell(row['base_own'])} | {_cell([d - b for d, b in zip(row['dn'], row['base'])], sign=True)} |")
         b, got, acc_dn, acc_base = r["budget"]
         L += ["", f"MACs budget export (`macs={b / 1e6:.3f}e6`, half the dense model): "
-              f"{got / 1e6:.3f} M MACs counted, decomp-net {acc_dn:.2f} %, base (same ranks) {acc_base:.2f} %.",
+              f"{sum(got) / len(got) / 1e6:.3f} M MACs counted, decomp-net {_cell(acc_dn)} %, base (same ranks) "
+              f"{_cell(acc_base)} %.",
               "", "Rank criterion at export on the decomp-net model (Fig. 2(c) analogue; the model was "
               "trained with the global criterion):", "",
               "| Z | global (sv) | uniform | energy |", "| --- | --- | --- | --- |"]
         for z, accs in r["criteria"]:
-            L.append(f"| {z:.2f} | {accs['global']:.2f} | {accs['uniform']:.2f} | {accs['energy']:.2f} |")
+            L.append(f"| {z:.2f} | {_cell(accs['global'])} | {_cell(accs['uniform'])} | {_cell(accs['energy'])} |")
         L.append("")
     out.mkdir(parents=True, exist_ok=True)
     (out / "decomposable_net_sizes.md").write_text("\n".join(L))
@@ -165,8 +201,9 @@ def main(argv=None) -> int:
     p.add_argument("--lam", type=float, default=0.5)
     p.add_argument("--scheme", default="channel", choices=("channel", "spatial"))
     p.add_argument("--lr", type=float, default=0.05)
-    p.add_argument("--bn-batches", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bn-batches", type=int, default=None,
+                   help="batches for the BN statistics of each size (default: the whole training split)")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="docs/results")
     a = p.parse_args(argv)
@@ -174,7 +211,14 @@ def main(argv=None) -> int:
     logging.getLogger("admm_compress").setLevel(logging.WARNING)
     torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
-    results = [run_model(m.strip(), a) for m in a.models.split(",") if m.strip()]
+    seeds = [int(x) for x in a.seeds.split(",") if x.strip()]
+    results = []
+    for m in [m.strip() for m in a.models.split(",") if m.strip()]:
+        per_seed = []
+        for seed in seeds:
+            a.seed = seed
+            per_seed.append(run_model(m, a))
+        results.append(aggregate(per_seed))
     write_md(results, a, Path(a.out), time.perf_counter() - t0)
     log.info("wrote %s", Path(a.out) / "decomposable_net_sizes.md")
     return 0
