@@ -197,12 +197,23 @@ def svdvals(x: torch.Tensor) -> torch.Tensor:
     return _robust(torch.linalg.svdvals, x, "torch.linalg.svdvals")
 
 
+def rank_tolerance(s: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """The numerical-rank threshold ``max(m, n) * eps(dtype) * s_max`` per matrix (shape
+    ``(..., 1)``) for singular values ``s`` (descending) of matrices of ``shape[-2:]`` stored in
+    ``dtype``: the rule of ``numpy.linalg.matrix_rank`` / ``torch.linalg.matrix_rank``.  The one
+    threshold of this library (:func:`numerical_rank`, ``SchattenP.factorize``, TRP's kept ranks)."""
+    return s.max(-1, keepdim=True).values * max(shape[-2:]) * torch.finfo(dtype).eps
+
+
+def numerical_rank_of(s: torch.Tensor, shape, dtype: torch.dtype) -> int:
+    """Number of singular values ``s`` above :func:`rank_tolerance` (max over a batch, at least 1)."""
+    return max(1, int((s > rank_tolerance(s, shape, dtype)).sum(-1).max()))
+
+
 def numerical_rank(x: torch.Tensor) -> int:
     """Number of singular values above ``max(m, n) * eps(dtype of x) * s_max`` (max over a batch,
     at least 1): the rank ``numpy.linalg.matrix_rank`` would report, in the input's precision."""
-    s = svdvals(x.to(torch.float64))
-    tol = s.max(-1, keepdim=True).values * max(x.shape[-2:]) * torch.finfo(x.dtype).eps
-    return max(1, int((s > tol).sum(-1).max()))
+    return numerical_rank_of(svdvals(x.to(torch.float64)), x.shape, x.dtype)
 
 
 def use_randomized(m: int, n: int, rank: int) -> bool:
@@ -408,6 +419,13 @@ def project_rank(x: torch.Tensor, rank=None, *, energy: float | None = None,
     return out.to(x.dtype)
 
 
+def sqrt_split(U: torch.Tensor, s: torch.Tensor, Vh: torch.Tensor):
+    """The balanced factor pair ``(U diag(sqrt(s)), diag(sqrt(s)) Vh)`` of ``U diag(s) Vh``
+    (batched): the one ``sqrt(S)`` split behind every factored export (LRPET Sec. III-E)."""
+    rs = torch.sqrt(s)
+    return U * rs.unsqueeze(-2), rs.unsqueeze(-1) * Vh
+
+
 def lowrank_factors(x: torch.Tensor, rank=None, **kw):
     """``(A, B)`` with ``A = [D^-1] U_r sqrt(S_r)`` (..., m, r), ``B = sqrt(S_r) V_r^T`` (..., r, n).
 
@@ -416,11 +434,9 @@ def lowrank_factors(x: torch.Tensor, rank=None, **kw):
     columns/rows are zero.
     """
     U, s, Vh, left = lowrank_parts(x, rank, **kw)
-    rs = torch.sqrt(s)
-    A = U * rs.unsqueeze(-2)
+    A, B = sqrt_split(U, s, Vh)
     if left is not None:
         A = left.unsqueeze(-1) * A
-    B = rs.unsqueeze(-1) * Vh
     return A.to(x.dtype), B.to(x.dtype)
 
 

@@ -181,3 +181,27 @@ def test_schatten_value_zero_singular_values():
     v = F.schatten_value(x, 0.5)
     v.backward()
     assert float(v.detach()) == 0.0 and bool(torch.isfinite(x.grad).all())
+
+
+# ------------------------------------------- one sqrt(S) split, one numerical-rank threshold (issue 16)
+def test_sqrt_split_is_balanced_and_exact():
+    """A = U sqrt(S), B = sqrt(S) Vh: A @ B = U S Vh and A^T A = B B^T = S (orthonormal U, V)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 5, generator=g, dtype=torch.float64)
+    U, s, Vh = torch.linalg.svd(x, full_matrices=False)
+    A, B = F.sqrt_split(U, s, Vh)
+    torch.testing.assert_close(A @ B, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(A.mT @ A, torch.diag_embed(s), rtol=0, atol=1e-12)
+    torch.testing.assert_close(B @ B.mT, torch.diag_embed(s), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numerical_rank_matches_torch_matrix_rank(dtype):
+    """The one threshold max(m, n) * eps * s_max is torch.linalg.matrix_rank's default rule."""
+    g = torch.Generator().manual_seed(1)
+    for r in (1, 3, 6):
+        x = (torch.randn(9, r, generator=g, dtype=torch.float64) @ torch.randn(r, 6, generator=g,
+                                                                                dtype=torch.float64)).to(dtype)
+        s = torch.linalg.svdvals(x)
+        assert F.numerical_rank_of(s, x.shape, dtype) == int(torch.linalg.matrix_rank(x)) == r
+        assert F.numerical_rank(x) == r

@@ -135,8 +135,7 @@ register_exporter(_is_vh_lowrank, _export_vh)
 
 def _numerical_rank(s: torch.Tensor, v: torch.Tensor) -> int:
     """Number of singular values above ``max(m, n) * eps(dtype of v) * s_max`` (max over a batch)."""
-    tol = s.max(-1, keepdim=True).values * max(v.shape[-2:]) * torch.finfo(v.dtype).eps
-    return max(1, int((s > tol).sum(-1).max()))
+    return F.numerical_rank_of(s, v.shape, v.dtype)
 
 
 def _nuclear_subgradient(v: torch.Tensor) -> torch.Tensor:

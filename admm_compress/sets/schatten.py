@@ -77,15 +77,13 @@ class SchattenP(Penalty):
             tol = check_float("tol", tol, low=0.0, where="SchattenP.factorize")
         U, s, Vh = F.truncated_svd(x)
         if tol is None:
-            thr = max(x.shape[-2:]) * torch.finfo(s.dtype).eps * s[..., :1]
+            thr = F.rank_tolerance(s, x.shape, s.dtype)
         else:
             thr = torch.full_like(s[..., :1], tol)
         keep = s > thr
         r = max(1, int(keep.sum(-1).max())) if keep.numel() else 1
         s = torch.where(keep, s, torch.zeros_like(s))[..., :r]
-        rs = torch.sqrt(s)
-        A = U[..., :r] * rs.unsqueeze(-2)
-        B = rs.unsqueeze(-1) * Vh[..., :r, :]
+        A, B = F.sqrt_split(U[..., :r], s, Vh[..., :r, :])
         return A.to(x.dtype), B.to(x.dtype)
 
     def project(self, x: torch.Tensor, tol: float | None = None) -> torch.Tensor:

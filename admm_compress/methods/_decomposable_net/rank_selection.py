@@ -51,6 +51,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from ..._validation import check_choice, check_float, check_int, check_tensor
+from ...functional import sqrt_split
 from .lowrank_autograd import check_lam, thin_svd
 
 __all__ = [
@@ -470,10 +471,8 @@ def _balanced_factors(mat: torch.Tensor, rank: int, where: str):
     m, n = mat.shape
     rank = check_int("rank", rank, low=1, high=min(m, n), where=where)
     U, S, Vh = thin_svd(mat)
-    sq = S[:rank].sqrt()
-    A = (U[:, :rank] * sq).to(mat.dtype)            # (m, r)
-    B = (sq[:, None] * Vh[:rank]).to(mat.dtype)     # (r, n)
-    return A, B, rank
+    A, B = sqrt_split(U[:, :rank], S[:rank], Vh[:rank])   # (m, r), (r, n)
+    return A.to(mat.dtype), B.to(mat.dtype), rank
 
 
 def dn_factor_convs(weight: torch.Tensor, bias: Optional[torch.Tensor], rank: int,
