@@ -47,7 +47,7 @@ from .sets import Cardinality, LowRank, SchattenP, Sum
 from .sets.base import Constraint
 from .specs import resolve, unwrap
 from .parametrizations import additive_components
-from .views import View
+from .views import MATRIX_VIEWS, IdentityView, MatrixView, SpatialView, View
 from . import tt_layers as _tt
 
 __all__ = ["export", "register_exporter", "build_compact", "ExportError"]
@@ -114,7 +114,7 @@ def _dense_numel(m: nn.Module) -> int:
 # ------------------------------------------------------------ low rank
 def _is_lowrank(c: Constraint, v: View) -> bool:
     # "identity" reaches here only for 2-D (Linear) weights: exportable.refusal rejects it on convs
-    return isinstance(c, (LowRank, SchattenP)) and v.name in ("matrix", "channel", "spatial", "identity")
+    return isinstance(c, (LowRank, SchattenP)) and isinstance(v, MATRIX_VIEWS)
 
 
 def _export_lowrank(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool):
@@ -142,12 +142,12 @@ def _export_lowrank(m: nn.Module, c: Constraint, v: View, factors, with_bias: bo
         raise ExportError(f"low-rank export supports nn.Linear and nn.Conv1d/2d/3d, got {type(m).__name__}")
     if m.groups != 1:
         raise ExportError(f"low-rank export of a grouped convolution (groups={m.groups}) is not supported")
-    if m.padding_mode != "zeros" and v.name == "spatial":
+    if m.padding_mode != "zeros" and isinstance(v, SpatialView):
         return None
     Conv = _conv_cls(m)
     out_c, in_c = m.out_channels, m.in_channels
     k = tuple(m.kernel_size)
-    if v.name in ("channel", "matrix"):
+    if isinstance(v, MatrixView):  # "matrix" / "channel": (out, in*k...)
         first = Conv(in_c, r, k, stride=m.stride, padding=m.padding, dilation=m.dilation, bias=False,
                      padding_mode=m.padding_mode, **fk)
         second = Conv(r, out_c, 1, bias=bias is not None, **fk)
@@ -205,7 +205,7 @@ def _export_sparse(m: nn.Module, c: Cardinality, v: View, factors, with_bias: bo
                 new.bias.copy_(bias)
         return new
     # structured: whole output filters (dim 0) or input channels (dim 1) of the *weight*
-    if v.name not in ("identity", "matrix", "channel") or c.group_dim not in (0, 1):
+    if not isinstance(v, (IdentityView, MatrixView)) or c.group_dim not in (0, 1):
         raise ExportError(f"structured sparse export needs group_dim 0 or 1 on the weight itself, got "
                           f"group_dim={c.group_dim} with view {v.name!r}")
     if isinstance(m, _CONV) and m.groups != 1:

@@ -37,7 +37,7 @@ from torch import nn
 
 from .sets import Cardinality, LowRank, SchattenP, Sum, TTRank
 from .sets.base import Constraint
-from .views import IdentityView, SpatialView, TTView, View
+from .views import MATRIX_VIEWS, IdentityView, MatrixView, SpatialView, TTView, View
 
 __all__ = ["refusal", "shrink_warning", "register_checker", "structured_on_weight"]
 
@@ -87,7 +87,7 @@ def _lowrank_rule(m: nn.Module, c: Constraint, v: View) -> str | None:
     if isinstance(v, IdentityView) and (not isinstance(m, nn.Linear)):
         return ("view='identity' keeps the conv weight 4-D and low rank needs a matrix: use "
                 "view='channel' (out, in*kh*kw) or view='spatial' (out*kh, in*kw)")
-    if v.name not in ("matrix", "channel", "spatial", "identity") and not _custom_exporter(c, v):
+    if not isinstance(v, MATRIX_VIEWS) and not _custom_exporter(c, v):
         return (f"low-rank export knows views 'matrix', 'channel' and 'spatial', not {v.name!r} "
                 f"(register an exporter for it with admm_compress.export.register_exporter)")
     if isinstance(m, nn.Linear):
@@ -126,7 +126,7 @@ def _sparse_rule(m: nn.Module, c: Cardinality, v: View) -> str | None:
     if isinstance(m, _CONV) and not isinstance(v, IdentityView):
         return (f"structured sparsity on a conv acts on the weight as stored; view {v.name!r} "
                 f"mixes channels with kernel taps (inside Sum: use group_dim=None)")
-    if isinstance(m, nn.Linear) and v.name not in ("matrix", "channel", "identity"):
+    if isinstance(m, nn.Linear) and not isinstance(v, (MatrixView, IdentityView)):
         return f"structured sparsity on a Linear needs the (out, in) weight, not view {v.name!r}"
     return None
 

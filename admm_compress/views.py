@@ -494,3 +494,9 @@ def _check_tt_module(view: View, module: nn.Module, where: str | None) -> None:
         raise ValueError(f"{where_prefix(where)}TT view 'eq9' ({view!r}) on a {kind} with padding_mode="
                          f"{module.padding_mode!r}: TTConv2d supports padding_mode='zeros' only; use "
                          f"TTView.oki() (layout='oki'), which keeps any padding mode")
+
+
+#: The views whose matrix the built-in low-rank / structured exporters know how to rebuild
+#: layers from (checked with ``isinstance``, never by name: a user's view that reuses a name is
+#: not mistaken for one of these).
+MATRIX_VIEWS = (MatrixView, SpatialView, IdentityView)

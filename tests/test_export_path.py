@@ -107,3 +107,27 @@ def test_export_of_a_solver_uses_export_spec():
     s = Pinned([ac.Constrain("conv2", ac.LowRank(rank=8), view="channel")], mode="projection")
     s.prepare(model)
     assert ac.export(model, s).conv2[0].out_channels == 2
+
+
+def test_exporters_recognise_views_by_type_not_by_name():
+    """A user's view that calls itself "channel" but lays the weight out differently (here the
+    transpose) must not be rebuilt by the built-in channel exporter (which would silently
+    compute the wrong layer): it is refused at prepare, naming the fix."""
+    from admm_compress.views import View
+
+    class TransposedChannel(View):
+        name = "channel"
+
+        def viewed_shape(self, shape):
+            return (int(torch.tensor(shape[1:]).prod()), shape[0])
+
+        def to(self, w):
+            return w.reshape(w.shape[0], -1).T
+
+        def back(self, t, shape):
+            return t.T.reshape(shape)
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Flatten(), nn.LazyLinear(2))
+    s = ac.Solver([ac.Constrain(nn.Conv2d, ac.LowRank(rank=2), view=TransposedChannel())])
+    with pytest.raises((ac.SpecError, ValueError), match="register an exporter"):
+        s.prepare(net)
