@@ -1,7 +1,9 @@
 """The benchmark harness, kept apart from the library core.
 
-:mod:`.registry` loads the problem and solver entry files (``problems/``, ``solvers/``; benchopt
-style), pre-trains the dense models and runs the baselines; the ``admm-compress`` CLI
+:mod:`.registry` defines what an entry file builds (``Problem``, ``Baseline``) and pre-trains the
+dense models (``train_dense`` = :func:`admm_compress.trainer.fit` with no compressor);
+:mod:`.entries` loads the problem and solver entry files (``problems/``, ``solvers/``; benchopt
+style) and checks the parameters a run assigns; the ``admm-compress`` CLI
 (:mod:`admm_compress.cli`) drives it.  Nothing in the core (constraints, solver, export) imports
 this package.  The old path ``admm_compress.registry`` still imports and is :mod:`.registry`.
 """
