@@ -46,7 +46,7 @@ def set_separated_spectra(solver, model, ratio=0.6, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for L in solver._layers_for(model):
-            m, n = L.matrix_shape
+            m, n = dn_matrix(L.weight.detach(), L.scheme).shape  # the paper's orientation
             k = min(m, n)
             U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=F64))
             V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=F64))
@@ -105,7 +105,8 @@ def test_scheme_per_layer_and_1x1_is_channel():
     assert schemes == {"0": "channel", "3": "spatial", "6": "channel", "10": "channel"}
     s2 = decomposable_net(scheme="spatial").prepare(small_cnn())
     assert {L.name: L.scheme for L in s2.layers}["6"] == "channel"      # 1 x 1 kernel
-    assert {L.name: L.matrix_shape for L in s2.layers}["3"] == (3 * 8, 3 * 12)   # (kw*I, kh*O)
+    # the library spatial view (kh*O, kw*I): the transpose of the paper's (kw*I, kh*O), same spectrum
+    assert {L.name: L.matrix_shape for L in s2.layers}["3"] == (3 * 12, 3 * 8)
 
 
 # --------------------------------------------------------------- Eq. 1 / Eq. 12 gradient

@@ -23,6 +23,7 @@ from ..._validation import check_float, check_int
 from .rank_selection import ranks_for_macs_budget, uniform_rank_selection
 from ...sets import LowRank
 from ...specs import Constrain, unwrap
+from ...views import get_view
 from ...training import resolve_device
 
 __all__ = ["AnySizeExport", "DNLayer", "recalibrate_bn"]
@@ -91,7 +92,11 @@ class DNLayer:
     scheme : {"channel", "spatial"}
         Matrix view (``"channel"`` for linear layers and 1 x 1 convs).
     matrix_shape : (m, n)
-        Shape of :func:`~admm_compress.methods._decomposable_net.rank_selection.dn_matrix` of the weight.
+        Shape of the weight's matrix in the library view :attr:`view` (``"channel"`` ``(O,
+        I*kh*kw)``, ``"spatial"`` ``(O*kh, I*kw)``, ``"matrix"`` ``(O, I)`` for a linear layer):
+        the transpose, up to row/column permutations, of the paper's matricization
+        (:func:`~admm_compress.methods._decomposable_net.rank_selection.dn_matrix`), so its
+        rank-``r`` truncations and singular values are the same.
     full_rank : int
         :math:`R_\ell = \min(m, n)`.
     floor : int
@@ -112,6 +117,11 @@ class DNLayer:
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
+
+    @property
+    def view(self):
+        """The :mod:`admm_compress.views` view the layer is truncated in (and exported from)."""
+        return get_view("matrix" if isinstance(self.module, nn.Linear) else self.scheme)
 
     def params_at(self, rank: int) -> int:
         """Weight entries of the factorized layer at ``rank``: ``r (m + n)``."""
@@ -398,10 +408,8 @@ class AnySizeExport:
 
     # ------------------------------------------------------------- export specs
     def _view_of(self, L: DNLayer) -> str:
-        """The library view whose rank-``r`` truncation equals ``L``'s (transposed, permuted)."""
-        if isinstance(L.module, nn.Linear):
-            return "matrix"
-        return L.scheme
+        """The name of ``L``'s library view (the one its training truncations use)."""
+        return L.view.name
 
     def _specs(self, layers, ranks) -> list[Constrain]:
         specs = []

@@ -55,10 +55,16 @@ official code's SGD with Nesterov momentum 0.9 and the L2 regularization ``eta =
 biases or BatchNorm ``gamma, beta``.
 
 Matrix views (Sec. 2.1; DESIGN.md, official ``tensor2mat``), selectable per layer:
-``"channel"`` ``(kh*kw*I, O)`` -> ``kh x kw`` conv ``I -> r`` then ``1 x 1`` conv ``r -> O``;
-``"spatial"`` ``(kw*I, kh*O)`` -> ``1 x kw`` conv then ``kh x 1`` conv (Tai et al. 2016).  A
-``1 x 1`` conv is always channel-wise (the paper; both views coincide), a linear layer is
-``W^T`` ``(I, O)``.  Layers decomposed by default: every ``Conv2d`` and ``Linear`` ("we apply the
+``"channel"`` -> ``kh x kw`` conv ``I -> r`` then ``1 x 1`` conv ``r -> O``; ``"spatial"`` ->
+``1 x kw`` conv then ``kh x 1`` conv (Tai et al. 2016).  The solver truncates in the library's
+views (:class:`~admm_compress.views.ChannelView` ``(O, I*kh*kw)``,
+:class:`~admm_compress.views.SpatialView` ``(O*kh, I*kw)``, ``"matrix"`` ``(O, I)`` for a linear
+layer), the same views :func:`admm_compress.export` builds from; the paper's matricizations
+(``(kh*kw*I, O)``, ``(kw*I, kh*O)``, ``W^T``;
+:func:`~admm_compress.methods._decomposable_net.rank_selection.dn_matrix`) are their transposes up
+to row/column permutations, so singular values and rank-``r`` truncations are identical (tested
+against ``dn_matrix`` as the reference).  A ``1 x 1`` conv is always channel-wise (the paper; both
+views coincide).  Layers decomposed by default: every ``Conv2d`` and ``Linear`` ("we apply the
 low-rank approximation to every convolutional and fully connected layer", Sec. 2.1).
 
 After training, :meth:`DecomposableNetSolver.export` returns a compact copy at any size -- a
@@ -93,13 +99,14 @@ from torch.func import functional_call
 
 from ..._validation import check_choice, check_float, check_int
 from .lowrank_autograd import check_lam, combine_gradients, thin_svd, truncated_svd_reconstruct
-from .rank_selection import (check_alphas, dn_matrix, dn_unmatrix, global_rank_selection, sample_keep_ratio,
+from .rank_selection import (check_alphas, global_rank_selection, sample_keep_ratio,
                              uniform_rank_selection)
 from .sizes import (CRITERIA, RANK_RULES, SCHEMES, _FLOOR_MODE, _SV_CRITERION, AnySizeExport, DNLayer,  # noqa: F401
                     _AnyRank, recalibrate_bn)
 from ...compressor import Compressor, FitContext
 from ...distributed import broadcast_ as _broadcast_, world_size as _world_size
 from ...specs import Constrain, SpecError, resolve, unwrap
+from ...views import get_view
 from ...training import Amp, tree_detach
 
 __all__ = ["decomposable_net", "DecomposableNetSolver", "DNLayer", "recalibrate_bn"]
@@ -237,7 +244,8 @@ class DecomposableNetSolver(AnySizeExport, Compressor):
                 raise SpecError(f"{where}: grouped convolution (groups={m.groups}) cannot be decomposed; "
                                 f"exclude it (exclude=['{b.name}'])")
             scheme = self._scheme_of(b.name, m)
-            mshape = tuple(dn_matrix(m.weight.detach(), scheme).shape)
+            view = get_view("matrix" if isinstance(m, nn.Linear) else scheme)
+            mshape = tuple(view.viewed_shape(tuple(m.weight.shape)))
             R = min(mshape)
             floor = 0 if self.rank_rule == "paper" else min(self.min_rank, R)
             layers.append(DNLayer(b.name, m, scheme, mshape, R, floor))
@@ -257,7 +265,7 @@ class DecomposableNetSolver(AnySizeExport, Compressor):
         out: list = [None] * len(layers)
         groups: dict = defaultdict(list)
         for i, L in enumerate(layers):
-            mat = dn_matrix(L.weight.detach(), L.scheme)
+            mat = L.view.to(L.weight.detach())
             groups[(tuple(mat.shape), mat.dtype, mat.device)].append((i, mat))
         for items in groups.values():
             U, S, Vh = thin_svd(torch.stack([m for _, m in items]))
@@ -275,9 +283,9 @@ class DecomposableNetSolver(AnySizeExport, Compressor):
 
     def low_rank_weight(self, layer: DNLayer, weight: torch.Tensor, rank: int, svd=None) -> torch.Tensor:
         r"""Differentiable :math:`\widetilde W = P_r(W)` in ``layer``'s view, back in weight shape."""
-        mat = dn_matrix(weight, layer.scheme)
-        wr = truncated_svd_reconstruct(mat, rank, self.clip, svd=svd)
-        return dn_unmatrix(wr, tuple(weight.shape), layer.scheme)
+        view = layer.view
+        wr = truncated_svd_reconstruct(view.to(weight), rank, self.clip, svd=svd)
+        return view.back(wr, tuple(weight.shape))
 
     # ------------------------------------------------------------------- training
     def backward(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
