@@ -17,6 +17,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from ._validation import check_int
+
 __all__ = [
     "resolve_device",
     "evaluate",
@@ -32,6 +34,7 @@ __all__ = [
     "batch_size",
     "count_correct",
     "Amp",
+    "recalibrate_bn",
 ]
 
 log = logging.getLogger(__name__)
@@ -382,3 +385,68 @@ def check_finite_loss(loss: torch.Tensor, epoch: int, step: int) -> None:
     if not math.isfinite(v):
         raise NonFiniteError(f"the training loss became {v} at epoch {epoch}, step {step}; "
                              f"lower the learning rate or rho. The last checkpoint (if any) is intact.")
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20, device: Any = None) -> int:
+    r"""Recompute the running statistics of every BatchNorm of ``model`` on ``loader``.
+
+    Each BN (with ``track_running_stats``) is reset and set to a cumulative average
+    (``momentum=None``), then ``batches`` batches are forwarded with the BNs in train mode and
+    every other module in eval mode (no dropout); afterwards :math:`\mu` is the mean of the batch
+    means and :math:`\sigma^2` the mean of the (unbiased) batch variances.  Modes and momenta
+    are restored.  Used after every change of the weights that the running statistics did not
+    see: Decomposable-Net's per-size export (footnote 1 / US-Nets: statistics computed per size
+    after training) and the ADMM solver's final projection.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Modified in place (running statistics only).
+    loader : iterable of batches
+        ``(inputs, targets)`` pairs or bare input tensors (training data, no augmentation needed).
+    batches : int >= 1 or None
+        At most this many batches (``None``: the whole loader).
+    device : optional
+        Where to run (default: the model's device).
+
+    Returns
+    -------
+    int
+        Number of batches used (0 when the model has no tracked BatchNorm; nothing is run then).
+    """
+    if batches is not None:
+        batches = check_int("bn_batches", batches, low=1, where="recalibrate_bn")
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        log.info("recalibrate_bn: %s has no BatchNorm with running statistics; nothing to do",
+                 type(model).__name__)
+        return 0
+    dev = resolve_device(device, model)
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    model.eval()
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    n = 0
+    try:
+        for batch in loader:
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"recalibrate_bn: batches must be tensors or (inputs, targets) pairs, "
+                                f"got {type(x).__name__}")
+            model(x.to(dev))
+            n += 1
+            if batches is not None and n >= batches:
+                break  # before fetching another batch (a loader may load or augment on fetch)
+    finally:
+        for m, t in modes.items():
+            m.training = t
+        for bn, mom in momenta.items():
+            bn.momentum = mom
+    if n == 0:
+        raise ValueError("recalibrate_bn: bn_loader yielded no batch")
+    log.info("recalibrated %d BatchNorm layer(s) on %d batch(es)", len(bns), n)
+    return n

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import logging
 import math
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .rank_selection import ranks_for_macs_budget, uniform_rank_selection
 from ...sets import LowRank
 from ...specs import Constrain, unwrap
 from ...views import get_view
-from ...training import resolve_device
+from ...training import recalibrate_bn  # noqa: F401  (re-exported: methods.recalibrate_bn)
 
 __all__ = ["AnySizeExport", "DNLayer", "recalibrate_bn"]
 
@@ -131,72 +131,6 @@ class DNLayer:
     def dense_params(self) -> int:
         m, n = self.matrix_shape
         return m * n
-
-
-# ======================================================================= BN recalibration
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20, device: Any = None) -> int:
-    r"""Recompute the running statistics of every BatchNorm of ``model`` on ``loader``.
-
-    Each BN (with ``track_running_stats``) is reset and set to a cumulative average
-    (``momentum=None``), then ``batches`` batches are forwarded with the BNs in train mode and
-    every other module in eval mode (no dropout); afterwards :math:`\mu` is the mean of the batch
-    means and :math:`\sigma^2` the mean of the (unbiased) batch variances.  Modes and momenta
-    are restored.  Decomposable-Net footnote 1 / US-Nets: statistics are computed per size after
-    training.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Modified in place (running statistics only).
-    loader : iterable of batches
-        ``(inputs, targets)`` pairs or bare input tensors (training data, no augmentation needed).
-    batches : int >= 1 or None
-        At most this many batches (``None``: the whole loader).
-    device : optional
-        Where to run (default: the model's device).
-
-    Returns
-    -------
-    int
-        Number of batches used (0 when the model has no tracked BatchNorm; nothing is run then).
-    """
-    if batches is not None:
-        batches = check_int("bn_batches", batches, low=1, where="recalibrate_bn")
-    bns = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
-    if not bns:
-        log.info("recalibrate_bn: %s has no BatchNorm with running statistics; nothing to do",
-                 type(model).__name__)
-        return 0
-    dev = resolve_device(device, model)
-    modes = {m: m.training for m in model.modules()}
-    momenta = {bn: bn.momentum for bn in bns}
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    n = 0
-    try:
-        for batch in loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if not isinstance(x, torch.Tensor):
-                raise TypeError(f"recalibrate_bn: batches must be tensors or (inputs, targets) pairs, "
-                                f"got {type(x).__name__}")
-            model(x.to(dev))
-            n += 1
-            if batches is not None and n >= batches:
-                break  # before fetching another batch (a loader may load or augment on fetch)
-    finally:
-        for m, t in modes.items():
-            m.training = t
-        for bn, mom in momenta.items():
-            bn.momentum = mom
-    if n == 0:
-        raise ValueError("recalibrate_bn: bn_loader yielded no batch")
-    log.info("recalibrated %d BatchNorm layer(s) on %d batch(es)", len(bns), n)
-    return n
-
 
 
 class AnySizeExport:
