@@ -39,20 +39,9 @@ Example (your own loop)::
     solver.finalize(model)                      # W = Pi(W): exactly feasible
     compact = ac.export(model, solver)          # builds from solver.export_spec()
 
-Several processes (``torchrun --nproc-per-node N script.py``): initialize the process group,
-wrap the model in :class:`~torch.nn.parallel.DistributedDataParallel` and give each rank a
-:class:`~torch.utils.data.DistributedSampler` loader; ``fit`` calls ``sampler.set_epoch`` every
-epoch.  Specs resolve through the wrapper; the Z-step, U-step and hard projections are computed
-on every rank and rank 0's result is broadcast, so all ranks hold bit-identical ``W``, ``Z``,
-``U`` (tests/test_distributed.py, 2 gloo processes, also against one process over the same
-global batches); a solver whose ``prepare`` reparameterizes the model (LoRITa, RASPA) and the
-structured fine-tuning get a fresh DDP wrapper around the new parameters; checkpoints are
-written by rank 0 only (then a barrier) and read by every rank on resume::
-
-    dist.init_process_group("gloo")           # "nccl" on GPUs
-    model = DistributedDataParallel(model)
-    loader = DataLoader(ds, batch_size=64, sampler=DistributedSampler(ds))
-    methods.lrpet(0.6).fit(model, loader, epochs=30, checkpoint="run.pt")
+Several processes (``torchrun``): :mod:`admm_compress.trainer` (the Z-step, U-step and hard
+projections are computed on every rank and rank 0's result is broadcast, so all ranks hold
+bit-identical ``W``, ``Z``, ``U``).
 """
 from __future__ import annotations
 

@@ -6,6 +6,21 @@ callbacks, atomic checkpoints with resume, fine-tuning with the structure kept. 
 between methods is behind the :class:`~admm_compress.compressor.Compressor` life cycle and
 hooks; ``Solver.fit(model, loader, ...)`` (and every method's ``fit``) is this function.
 
+Several processes (``torchrun --nproc-per-node N script.py``): initialize the process group,
+wrap the model in :class:`~torch.nn.parallel.DistributedDataParallel` and give each rank a
+:class:`~torch.utils.data.DistributedSampler` loader; ``fit`` calls ``sampler.set_epoch`` every
+epoch.  Specs resolve through the wrapper; the Z-step, U-step and hard projections are computed
+on every rank and rank 0's result is broadcast, so all ranks hold bit-identical ``W``, ``Z``,
+``U`` (tests/test_distributed.py, 2 gloo processes, also against one process over the same
+global batches); a solver whose ``prepare`` reparameterizes the model (LoRITa, RASPA) and the
+structured fine-tuning get a fresh DDP wrapper around the new parameters; checkpoints are
+written by rank 0 only (then a barrier) and read by every rank on resume::
+
+    dist.init_process_group("gloo")           # "nccl" on GPUs
+    model = DistributedDataParallel(model)
+    loader = DataLoader(ds, batch_size=64, sampler=DistributedSampler(ds))
+    methods.lrpet(0.6).fit(model, loader, epochs=30, checkpoint="run.pt")
+
 Checkpoint format ``admm_compress.fit/1`` (one file, written atomically after every epoch,
 read with ``weights_only=True``): ``model``, ``optimizer``, ``solver`` (the compressor's
 ``state_dict``), ``epoch`` (the next one), ``phase`` ("train" / "finetune"), ``rng``,
