@@ -277,6 +277,32 @@ def test_onnx_runtime_runs_sparse_and_lowrank_exports_with_eager_outputs(tmp_pat
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_onnx_session_and_ort_latency_on_every_export_kind(name, monkeypatch):
+    """deploy.onnx_session runs each kind of exported model in ORT with eager's outputs (dynamic
+    batch); ort_latency times it after the same check and raises when the outputs differ."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from admm_compress import deploy
+
+    torch.manual_seed(0)
+    compact = ac.export(ConvNet().eval(), EXPORTS[name]).eval()
+    run = deploy.onnx_session(compact, torch.randn(1, 3, 8, 8))
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = compact(x)
+    torch.testing.assert_close(torch.from_numpy(run(x.numpy())), ref, rtol=1e-4, atol=1e-4)
+    r = deploy.ort_latency(compact, (3, 8, 8), batch=2, repeats=2, warmup=0, rtol=1e-4, atol=1e-4)
+    assert r["median_ms"] > 0 and r["max_rel_diff"] < 1e-4 and r["batch"] == 2
+    if name == "lowrank":
+        real = deploy.onnx_session
+        monkeypatch.setattr(deploy, "onnx_session", lambda *a, **k: (lambda arr, f=real(*a, **k): f(arr) + 1e-2))
+        with pytest.raises(AssertionError):
+            deploy.ort_latency(compact, (3, 8, 8), batch=2, repeats=2, warmup=0, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="repeats"):
+            deploy.ort_latency(compact, (3, 8, 8), repeats=0)
+
 def test_csr_unavailable_for_a_dtype_falls_back_to_dense():
     layer = _sparse(SparseLinear(16, 8)).to(torch.float16)
     rep = ac.select_kernels(nn.Sequential(layer), torch.randn(2, 16, dtype=torch.float16), repeats=3, warmup=0)
