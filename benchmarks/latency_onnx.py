@@ -1,6 +1,6 @@
 """Exported-model latency in PyTorch eager and in ONNX Runtime (CPU execution provider).
 
-Four compressed models (CIFAR, 3x32x32, random initialization: latency does not depend on the
+Four compressed models and one alternative split (CIFAR, 3x32x32, random initialization: latency does not depend on the
 values), each next to its dense original, all built by ``prepare -> finalize -> export``:
 
 * ``VGG-16 low rank`` / ``ResNet-56 low rank``: every ``nn.Conv2d`` compressed directly to
@@ -14,9 +14,15 @@ values), each next to its dense original, all built by ``prepare -> finalize -> 
   from ``methods.raspa.tt_ranks_for_budget(model, 0.75, "macs")`` (the ``admm_tt`` solver's /
   RASPA's low-rank branch), exported as three stock convs (``tt_latency.build``);
 
-and, with ``--extra``, ``ResNet-56 low rank, spatial``: the spatial view (Decomposable-Net's
-``(kw*in, kh*out)`` matricization, exported as a ``1 x kw`` then a ``kh x 1`` conv) at
-``--spatial-ratio`` (default 0.15 -> ~0.28x MACs), the other split of the same low-rank idea.
+* ``ResNet-56 low rank, input-channel split``: ``LowRank(ratio=q)`` on
+  :class:`admm_compress.deploy.InputChannelView` (the ``(O*kh*kw, I)`` matricization, exported
+  as a 1x1 conv ``in -> r`` then the 3x3 conv ``r -> out``; the 3-channel stem stays on the
+  channel view): the same MACs as the channel split, with thin *inputs* instead of thin
+  *outputs* for the 3x3 convolutions;
+
+and, with ``--extra``, the input-channel split of VGG-16 and ``ResNet-56 low rank, spatial``:
+the spatial view (Decomposable-Net's ``(kw*in, kh*out)`` matricization, exported as a
+``1 x kw`` then a ``kh x 1`` conv) at ``--spatial-ratio`` (default 0.15 -> ~0.29x MACs).
 
 Every model is exported with :func:`admm_compress.deploy.onnx_session` (``torch.onnx.export``,
 TorchScript-based exporter, dynamic batch axis; ``InferenceSession`` with
@@ -52,12 +58,20 @@ from torch import nn
 import admm_compress as ac
 from _report import write_report
 from admm_compress import models
-from admm_compress.deploy import onnx_session
+from admm_compress.deploy import InputChannelView, onnx_session
 from channel_removal import _randomize_bn, _target
 from latency_speedup import INPUT, check_outputs, compress
 from tt_latency import build as build_tt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stem(name, m):
+    return isinstance(m, nn.Conv2d) and m.in_channels <= 3
+
+
+def _body(name, m):
+    return isinstance(m, nn.Conv2d) and m.in_channels > 3
 
 
 def lowrank(make, q: float, view: str = "channel"):
@@ -66,7 +80,12 @@ def lowrank(make, q: float, view: str = "channel"):
     else:
         torch.manual_seed(0)
         fin = make().eval()
-        solver = ac.Solver([ac.Constrain(nn.Conv2d, ac.LowRank(ratio=q), view=view)]).prepare(fin)
+        if view == "input_channel":  # the 3-input stem (min(O k^2, 3) = 3) stays on the channel view
+            spec = [ac.Constrain(_body, ac.LowRank(ratio=q), view=InputChannelView()),
+                    ac.Constrain(_stem, ac.LowRank(ratio=q), view="channel")]
+        else:
+            spec = [ac.Constrain(nn.Conv2d, ac.LowRank(ratio=q), view=view)]
+        solver = ac.Solver(spec).prepare(fin)
         solver.finalize(fin)
         compact = ac.export(fin, solver.spec).eval()
     torch.manual_seed(0)
@@ -96,12 +115,19 @@ def model_table(args) -> dict:
                                         f"`LowRank(ratio={q:g})`, channel view, every conv"),
         f"ResNet-56 low rank (q={q:g})": (lambda: lowrank(models.resnet56, q),
                                            f"`LowRank(ratio={q:g})`, channel view, every conv"),
+        f"ResNet-56 low rank, input-channel split (q={q:g})": (
+            lambda: lowrank(models.resnet56, q, "input_channel"),
+            f"`LowRank(ratio={q:g})` on `deploy.InputChannelView()` (1x1 conv in->r, then 3x3 r->out; stem on "
+            "the channel view): the same MACs as the channel split, another matricization"),
         "ResNet-56 channels (50 %)": (lambda: channels(models.resnet56, 0.5),
                                       "`Cardinality(density=0.5, group_dim=1)`, channels removed across layers"),
         "VGG-16 TT (-75 % MACs)": (lambda: tt(models.vgg16, 0.75),
                                    "`TTRank` oki, `tt_ranks_for_budget(0.75, 'macs')` (admm_tt / RASPA's L)"),
     }
     if args.extra:
+        table[f"VGG-16 low rank, input-channel split (q={q:g})"] = (
+            lambda: lowrank(models.vgg16, q, "input_channel"),
+            f"`LowRank(ratio={q:g})` on `deploy.InputChannelView()`, stem on the channel view")
         sq = args.spatial_ratio
         table[f"ResNet-56 low rank, spatial (q={sq:g})"] = (
             lambda: lowrank(models.resnet56, sq, "spatial"), f"`LowRank(ratio={sq:g})`, spatial view, every conv")
@@ -133,7 +159,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=0.25)
     ap.add_argument("--spatial-ratio", type=float, default=0.15)
-    ap.add_argument("--extra", action="store_true", help="also ResNet-56 low rank on the spatial view")
+    ap.add_argument("--extra", action="store_true",
+                    help="also VGG-16's input-channel split and ResNet-56 low rank on the spatial view")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)

@@ -1,12 +1,14 @@
 """Deployment: sparse layers' CSR kernel equals the dense one, ``select_kernels`` picks by its own
 measurements, and every kind of exported model goes through ``torch.export`` and TorchScript."""
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import admm_compress as ac
+from admm_compress.deploy import InputChannelView
 from admm_compress.layers import SparseConv1d, SparseConv2d, SparseLinear
 from admm_compress.views import TTView
 
@@ -163,6 +165,7 @@ EXPORTS = {
     "in-channels": [ac.Constrain("conv2", ac.Cardinality(density=0.5, group_dim=1), view="identity")],
     "sum": [ac.Constrain("conv2", ac.Sum(ac.LowRank(rank=2), ac.Cardinality(density=0.05)))],
     "tt": [ac.Constrain("conv2", ac.TTRank((2, 2)), view=TTView((4, 4), (4, 4)))],
+    "input_channel": [ac.Constrain("conv2", ac.LowRank(rank=4), view=InputChannelView())],
 }
 
 
@@ -309,3 +312,60 @@ def test_csr_unavailable_for_a_dtype_falls_back_to_dense():
     assert rep[0]["kernel"] in ("dense", "csr")
     if rep[0]["csr_ms"] is None:  # this build has no half CSR matmul on CPU
         assert "CSR kernel unavailable" in rep[0]["reason"] and layer.kernel == "dense"
+
+
+
+# ------------------------------------------------------------------ input-channel low-rank split
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 3), (6, 4, 3, 2), (5, 4, 3, 2, 2)])
+def test_input_channel_view_round_trip(shape):
+    v = InputChannelView()
+    w = torch.randn(*shape)
+    t = v.to(w)
+    assert tuple(t.shape) == v.viewed_shape(shape) == (shape[0] * math.prod(shape[2:]), shape[1])
+    assert torch.equal(v.back(t, shape), w)
+    # row (o, *k), column i: the entry W[o, i, *k]
+    idx = (shape[0] - 1, shape[1] - 2, *[d - 1 for d in shape[2:]])
+    assert t[-1, shape[1] - 2] == w[idx]
+    with pytest.raises(ValueError, match="input_channel"):
+        v.check((7,))
+
+
+class _Net(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("conv, size", [
+    (nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=True), (8, 9, 9)),
+    (nn.Conv2d(8, 8, 3, padding=2, dilation=2, padding_mode="circular", bias=False), (8, 7, 7)),
+    (nn.Conv2d(8, 8, (3, 5), padding="same", padding_mode="reflect"), (8, 7, 9)),
+    (nn.Conv1d(6, 10, 5, padding=2, padding_mode="replicate"), (6, 11)),
+    (nn.Linear(12, 10), (12,)),
+])
+def test_input_channel_export_is_1x1_then_k_conv_with_the_projected_outputs(conv, size):
+    torch.manual_seed(0)
+    model = _Net(conv).eval()
+    r = 3
+    spec = [ac.Constrain("conv", ac.LowRank(rank=r), view=InputChannelView())]
+    ac.Solver(spec).prepare(model).finalize(model)
+    compact = ac.export(model, spec).eval()
+    first, second = compact.conv
+    W = conv.weight
+    if isinstance(conv, nn.Linear):
+        assert (first.in_features, first.out_features, second.out_features) == (12, r, 10)
+    else:
+        assert first.kernel_size == (1,) * (W.dim() - 2) and first.out_channels == r and first.bias is None
+        assert second.kernel_size == conv.kernel_size and second.in_channels == r
+        assert (second.stride, second.padding, second.dilation, second.padding_mode) == (
+            conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+        assert (second.bias is None) == (conv.bias is None)
+    # r (I + O prod(k)) weights: the same count as the channel split for a square layer
+    assert sum(p.numel() for p in first.parameters()) + second.weight.numel() == r * (W.shape[1] + W.numel() // W.shape[1])
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-4, atol=1e-5)  # model = the projected weight
+    assert torch.linalg.matrix_rank(InputChannelView().to(model.conv.weight.detach())) == r
