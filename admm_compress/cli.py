@@ -282,6 +282,11 @@ def _fmt(v, spec=".2f", none="-"):
     return str(v)
 
 
+def _ratio(after, before) -> str:
+    """``"x0.41"`` (after / before), ``"-"`` when either is missing or before is 0."""
+    return f"x{after / before:.2f}" if after is not None and before else "-"
+
+
 def _markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = io.StringIO()
     out.write("| " + " | ".join(headers) + " |\n")
@@ -331,7 +336,34 @@ def _measure(model, problem, device, latency_batch, latency_repeats) -> dict:
                      warmup=max(2, latency_repeats // 5))
     out["latency_ms"] = lat.median
     out["latency"] = lat.as_dict()
+    out["ort_latency_ms"], out["ort_note"] = _ort_latency(model, problem, latency_batch, latency_repeats)
+    out["state_dict_bytes"] = ac.saved_bytes(model)  # torch.save of the state dict, in memory
     return out
+
+
+def _ort_latency(model, problem, batch: int, repeats: int) -> tuple[float | None, str]:
+    """Median ONNX Runtime (CPU) latency of ``model`` in ms and a note, or ``(None, "n/a: why")``.
+
+    Needs the optional ``onnx`` / ``onnxruntime`` (``pip install "admm-compress[onnx]"``); the
+    ORT output is checked against eager before timing (:func:`admm_compress.deploy.ort_latency`).
+    """
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return None, "n/a: onnxruntime not installed (pip install 'admm-compress[onnx]')"
+    import torch
+
+    from .deploy import ort_latency
+
+    try:
+        r = ort_latency(model, problem.input_size, batch=batch, repeats=repeats, warmup=max(2, repeats // 5),
+                        threads=torch.get_num_threads())
+    except Exception as e:  # an op the exporter / ORT lacks, or outputs that differ: report, don't abort
+        msg = (str(e).strip().splitlines() or [""])[0][:120]
+        log.warning("ONNX Runtime latency not measured: %s: %s", type(e).__name__, msg)
+        return None, f"n/a: ONNX export or run failed ({type(e).__name__}: {msg})"
+    return r["median_ms"], (f"ONNX Runtime CPU, {r['threads']} thread(s), median of {repeats} calls, batch {batch}; "
+                            f"outputs equal eager (max rel. diff {r['max_rel_diff']:.1e})")
 
 
 # ============================================================================ one run
@@ -540,10 +572,16 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
                            f"torch threads {torch.get_num_threads()}")
     state = compact.state_dict()
     res["files"] = {"state_dict": str(writer(out / "model_state_dict.pt", lambda p: torch.save(state, p)))}
-    try:  # sparse layers store values + index only: the file size, next to the counted params
+    res["state_dict_bytes"] = None  # sparse layers store values + index only: the file size, next to the params
+    try:
         res["state_dict_bytes"] = Path(res["files"]["state_dict"]).stat().st_size
     except OSError:
         pass
+    res["state_dict_bytes_before"] = b.get("state_dict_bytes")
+    res["ort_latency_before_ms"], res["ort_latency_after_ms"] = b.get("ort_latency_ms"), a.get("ort_latency_ms")
+    res["ort_latency_ratio"] = (a["ort_latency_ms"] / b["ort_latency_ms"]
+                                if a.get("ort_latency_ms") and b.get("ort_latency_ms") else None)
+    res["ort_note"] = a.get("ort_note") if a.get("ort_latency_ms") is None else (b.get("ort_note") or a.get("ort_note"))
     if plots:
         pts = [{"label": "dense", "macs": b.get("macs"), "accuracy": b["accuracy"], "marker": "s"},
                {"label": sentry.name, "macs": a.get("macs"), "accuracy": a["accuracy"]}]
@@ -574,8 +612,14 @@ def _run_table(res: dict) -> str:
              (f"-{res['macs_drop']:.1f} %" if res["macs_drop"] is not None else "-")],
             ["params (M)", _fmt(mega(res["params_before"]), ".4f"), _fmt(mega(res["params_after"]), ".4f"),
              (f"-{res['params_drop']:.1f} %" if res["params_drop"] is not None else "-")],
+            ["saved state dict (bytes)", _fmt(res.get("state_dict_bytes_before"), "d"),
+             _fmt(res.get("state_dict_bytes"), "d"), _ratio(res.get("state_dict_bytes"), res.get("state_dict_bytes_before"))],
             ["latency (ms)", _fmt(res["latency_before_ms"], ".3f"), _fmt(res["latency_after_ms"], ".3f"),
              (f"x{res['latency_ratio']:.2f}" if res["latency_ratio"] else "-")],
+            (["latency ONNX Runtime (ms)", _fmt(res.get("ort_latency_before_ms"), ".3f"),
+              _fmt(res.get("ort_latency_after_ms"), ".3f"), f"x{res['ort_latency_ratio']:.2f}"]
+             if res.get("ort_latency_ratio") else
+             ["latency ONNX Runtime (ms)", "n/a", "n/a", res.get("ort_note") or "n/a"]),
             ["epoch time (s)", _fmt(res["before"].get("epoch_time_s"), ".3f"), _fmt(res["after"].get("epoch_time_s"), ".3f"),
              (f"x{res['time_ratio']:.2f}" if res["time_ratio"] else "-")],
             ["wall time (s)", _fmt(res["before"].get("pretrain_wall_s"), ".1f"), _fmt(res["fit_wall_s"], ".1f"), ""]]
@@ -720,18 +764,19 @@ def _check_run_numbers(args):
 
 
 BENCH_HEADERS = ["solver", "params", "seed", "acc before (%)", "acc after (%)", "acc drop", "MACs (M)",
-                 "MACs drop (%)", "params (M)", "params drop (%)", "latency ratio", "train-time ratio",
-                 "wall (s)"]
+                 "MACs drop (%)", "params (M)", "params drop (%)", "saved (bytes)", "latency ratio",
+                 "ORT latency ratio", "train-time ratio", "wall (s)"]
 
 
 def _bench_row(res: dict, shown: dict) -> list:
     if "answer" in res:
-        return [res["solver"], _params_text(shown), res["seed"], "-", "-", "-", "-", "-", "-", "-", "-", "-",
+        return [res["solver"], _params_text(shown), res["seed"], "-", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-",
                 _fmt(res["wall_s"], ".1f")]
     m = lambda v: None if v is None else v / 1e6  # noqa: E731
     return [res["solver"], _params_text(shown), res["seed"], _fmt(res["acc_before"]), _fmt(res["acc_after"]),
             _fmt(res["acc_drop"], "+.2f"), _fmt(m(res["macs_after"]), ".3f"), _fmt(res["macs_drop"], ".1f"),
-            _fmt(m(res["params_after"]), ".4f"), _fmt(res["params_drop"], ".1f"), _fmt(res["latency_ratio"], ".2f"),
+            _fmt(m(res["params_after"]), ".4f"), _fmt(res["params_drop"], ".1f"), _fmt(res.get("state_dict_bytes")),
+            _fmt(res["latency_ratio"], ".2f"), _fmt(res.get("ort_latency_ratio"), ".2f", none="n/a"),
             _fmt(res["time_ratio"], ".2f"), _fmt(res["fit_wall_s"], ".1f")]
 
 
@@ -827,8 +872,10 @@ def _cmd_bench(args) -> int:
                f"(ptflops, pytorch backend).",
                "Every row starts from that dense model and trains `epochs` more epochs (plus `finetune_epochs`); "
                "the `dense` row is the unconstrained run at the same budget. "
-               "Drops are relative to the dense model; latency ratio = compressed / dense median latency "
-               f"({r0.get('latency_note', '')}); train-time ratio = median solver epoch time / median dense epoch time.",
+               "Drops are relative to the dense model; saved = bytes of the exported model's state-dict file "
+               f"(dense: {r0.get('state_dict_bytes_before')} bytes); latency ratio = compressed / dense median latency "
+               f"({r0.get('latency_note', '')}); ORT latency ratio = the same in ONNX Runtime "
+               f"({r0.get('ort_note') or 'n/a'}); train-time ratio = median solver epoch time / median dense epoch time.",
                ""]
         md.append(_markdown(BENCH_HEADERS, rows))
     elif results:
@@ -872,14 +919,17 @@ def _write_csv(path: Path, results: list) -> None:
         w.writerow(["problem", "solver", "seed", "solver_params", "acc_before", "acc_after", "acc_drop",
                     "macs_before", "macs_after", "macs_drop", "params_before", "params_after", "params_drop",
                     "latency_before_ms", "latency_after_ms", "latency_ratio", "time_ratio", "fit_wall_s",
-                    "max_error", "ok"])
+                    "max_error", "ok", "state_dict_bytes_before", "state_dict_bytes", "ort_latency_before_ms",
+                    "ort_latency_after_ms", "ort_latency_ratio"])
         for r in results:
             w.writerow([r["problem"], r["solver"], r["seed"], json.dumps(_jsonable(r["solver_params"])),
                         r.get("acc_before"), r.get("acc_after"), r.get("acc_drop"), r.get("macs_before"),
                         r.get("macs_after"), r.get("macs_drop"), r.get("params_before"), r.get("params_after"),
                         r.get("params_drop"), r.get("latency_before_ms"), r.get("latency_after_ms"),
                         r.get("latency_ratio"), r.get("time_ratio"), r.get("fit_wall_s", r.get("wall_s")),
-                        r.get("answer", {}).get("max_error"), r.get("answer", {}).get("ok")])
+                        r.get("answer", {}).get("max_error"), r.get("answer", {}).get("ok"),
+                        r.get("state_dict_bytes_before"), r.get("state_dict_bytes"), r.get("ort_latency_before_ms"),
+                        r.get("ort_latency_after_ms"), r.get("ort_latency_ratio")])
 
 
 # ============================================================================ entry

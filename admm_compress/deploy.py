@@ -12,20 +12,29 @@ faster in CSR, a 64-channel 56 x 56 conv at density 0.1 runs 2.8x *slower*), so
 The CSR kernel is used only for inference (no autograd), on CPU, in eager mode: traced,
 scripted, compiled and ONNX-exported graphs always contain the dense op (see
 :class:`~admm_compress.layers._SparseMixin`).
+
+:class:`InputChannelView` is the low-rank split that runs fastest on thin convolutions
+(a 1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O``), :func:`onnx_session` /
+:func:`ort_latency` run and time an exported model in ONNX Runtime.
 """
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import time
 
 import torch
 from torch import nn
 
+from .export import register_exporter
 from .layers import _SparseConvMixin, _SparseMixin
+from .sets import LowRank, SchattenP
+from .views import View
 from .storage import saved_bytes, storage_bytes, storage_report
 
-__all__ = ["select_kernels", "keep_faster", "storage_bytes", "saved_bytes", "storage_report", "clear_kernel_cache"]
+__all__ = ["select_kernels", "keep_faster", "storage_bytes", "saved_bytes", "storage_report", "clear_kernel_cache",
+           "onnx_session", "ort_latency", "InputChannelView"]
 
 log = logging.getLogger(__name__)
 
@@ -347,3 +356,209 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
         log.info("layer '%s': keeps %s (%s)", n, row["kept"], row["reason"])
         report.append(row)
     return report
+
+
+# ------------------------------------------------------------------ ONNX Runtime
+def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = None, threads: int = 1):
+    """Export ``model`` with :func:`torch.onnx.export` and open it in ONNX Runtime (CPU provider).
+
+    The TorchScript-based exporter (``dynamo=False``: here 5-10x faster to export than the
+    dynamo exporter, the same Conv / BatchNorm / Relu / Add graph) with a dynamic batch axis;
+    ``onnxruntime.InferenceSession`` with ``CPUExecutionProvider``, ``intra_op_num_threads =
+    threads``, one inter-op thread and ORT's default graph optimizations (``ORT_ENABLE_ALL``:
+    BatchNorm and activations fused into the convolutions).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Exported in eval mode (its mode is restored).
+    example : Tensor
+        An input of the model (one tensor; its batch size is made dynamic).
+    path : str, optional
+        Where to write the ``.onnx`` file; default: kept in memory only.
+    threads : int
+        ORT intra-op threads, >= 1.
+
+    Returns
+    -------
+    callable
+        ``run(x: numpy.ndarray) -> numpy.ndarray`` (the model's first output).
+
+    Raises
+    ------
+    ImportError
+        ``onnx`` / ``onnxruntime`` not installed (``pip install "admm-compress[onnx]"``).
+    """
+    import io
+    import warnings
+
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError("onnx_session needs onnx and onnxruntime: pip install 'admm-compress[onnx]'") from e
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"onnx_session: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example, torch.Tensor):
+        raise TypeError(f"onnx_session: example must be a tensor, got {type(example).__name__}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"onnx_session: threads must be an int >= 1, got {threads!r}")
+    target = io.BytesIO() if path is None else path
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), target, dynamo=False, input_names=["x"], output_names=["y"],
+                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    finally:
+        model.train(was_training)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(target.getvalue() if path is None else path, so, providers=["CPUExecutionProvider"])
+    return lambda a: sess.run(None, {"x": a})[0]
+
+
+def ort_latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 30, warmup: int = 5,
+                threads: int = 1, rtol: float = 1e-3, atol: float = 1e-4) -> dict:
+    """Median latency of ``model`` exported to ONNX Runtime (CPU), outputs checked against eager.
+
+    The model is exported and opened by :func:`onnx_session`; on a random input of shape
+    ``(batch, *input_size)`` the ORT output must equal the eager output
+    (:func:`torch.testing.assert_close` with ``rtol`` and ``atol x max(1, max |output|)``:
+    another kernel library and fused BatchNorm change float32 rounding), then ``warmup`` untimed
+    and ``repeats`` timed calls (wall clock, :func:`time.perf_counter`).
+
+    Returns
+    -------
+    dict
+        ``median_ms, repeats, batch, threads, max_rel_diff`` (max |ORT - eager| / max |eager|).
+
+    Raises
+    ------
+    ImportError
+        ``onnxruntime`` missing.  AssertionError: ORT's output differs from eager's.
+    """
+    for name, val, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ValueError(f"ort_latency: {name} must be an int >= {low}, got {val!r}")
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    cpu_model = model if dev.type == "cpu" else __import__("copy").deepcopy(model).cpu()
+    dtype = next((p.dtype for p in cpu_model.parameters() if p.is_floating_point()), torch.float32)
+    x = torch.randn(batch, *tuple(input_size), generator=torch.Generator().manual_seed(0)).to(dtype)
+    run = onnx_session(cpu_model, x, threads=threads)
+    was_training = cpu_model.training
+    cpu_model.eval()
+    try:
+        with torch.inference_mode():
+            ref = cpu_model(x)
+    finally:
+        cpu_model.train(was_training)
+    out = torch.from_numpy(run(x.numpy()))
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol * max(scale, 1.0))
+    xn = x.numpy()
+    ms = _median_ms(lambda: run(xn), repeats, warmup, time.perf_counter)
+    return {"median_ms": ms, "repeats": repeats, "batch": batch, "threads": threads,
+            "max_rel_diff": float((out - ref).abs().max()) / max(scale, 1e-12)}
+
+
+# ------------------------------------------------------------------ the input-channel low-rank split
+class InputChannelView(View):
+    """Convolution ``(O, I, *k)`` -> permute ``(O, *k, I)`` -> ``(O * prod(k), I)`` (Linear: as is).
+
+    The low-rank split on the *input* side: a rank-``r`` factorization ``A B`` of this matrix
+    (``A``: ``O prod(k) x r``, ``B``: ``r x I``) is exported as a 1x1 conv ``I -> r`` (``B``)
+    followed by the ``k``-sized conv ``r -> O`` (``A`` permuted to ``(O, r, *k)``; the
+    original stride, padding, padding mode, dilation and bias).  Exact for every padding mode: a
+    bias-free 1x1 conv commutes with zero, reflect, replicate and circular padding.
+
+    For a square ``c -> c`` layer at rank ``r`` it has the MACs of the ``"channel"`` split
+    (``k``-sized conv ``I -> r`` then 1x1 ``r -> O``), ``r (I + prod(k) O)`` per output pixel,
+    but the ``k``-sized conv keeps its ``O`` output channels: ONNX Runtime's blocked (NCHWc)
+    convolutions and PyTorch's CPU kernels run a conv with few *input* channels far closer to
+    their peak than one with few *output* channels.  Measured on ResNet-56 at ``LowRank(0.25)``
+    (0.279x MACs both, 1 thread, ``benchmarks/latency_onnx.py``): see
+    ``docs/results/latency_onnx.md``.  A different matricization than ``"channel"``: a different
+    constraint set (the rank of ``(O k^2, I)`` instead of ``(O, I k^2)``), so the projected weight
+    and the accuracy after training differ; ``LowRank(ratio=q)`` keeps ``q min(O prod(k), I)``.
+
+    Use ``ac.Constrain(..., ac.LowRank(ratio=q), view=InputChannelView())``; a 3-input stem
+    (``min = 3``) is better left on ``"channel"``.
+    """
+
+    name = "input_channel"
+
+    def check(self, shape, where=None):
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2:
+            pre = f"{where}: " if where else ""
+            raise ValueError(f"{pre}view 'input_channel' needs a Linear or conv weight (O, I, *k), got shape {shape}")
+
+    def viewed_shape(self, shape):
+        shape = tuple(int(d) for d in shape)
+        self.check(shape)
+        O, I, *k = shape
+        return (O * math.prod(k), I)
+
+    def to(self, w):
+        self.check(w.shape)
+        nd = w.dim()
+        return w.permute(0, *range(2, nd), 1).reshape(-1, w.shape[1])
+
+    def back(self, t, shape):
+        shape = tuple(int(d) for d in shape)
+        self.check(shape)
+        O, I, *k = shape
+        nd = len(shape)
+        return t.reshape(O, *k, I).permute(0, nd - 1, *range(1, nd - 1)).contiguous()
+
+
+def _is_input_channel_lowrank(c, v) -> bool:
+    return isinstance(c, (LowRank, SchattenP)) and isinstance(v, InputChannelView)
+
+
+def _export_input_channel(m: nn.Module, c, v, factors, with_bias: bool):
+    """1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O`` (Linear: two Linears)."""
+    from .export import ExportError
+
+    U, V = factors  # (O prod(k), r), (r, I)
+    r = U.shape[-1]
+    rows, cols = U.shape[-2], V.shape[-1]
+    if r == 0:
+        r, U, V = 1, U.new_zeros(rows, 1), V.new_zeros(1, cols)
+    if r * (rows + cols) >= rows * cols:
+        return None
+    bias = getattr(m, "bias", None) if with_bias else None
+    fk = {"device": m.weight.device, "dtype": m.weight.dtype}
+    if isinstance(m, nn.Linear):
+        first = nn.Linear(m.in_features, r, bias=False, **fk)
+        second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
+        with torch.no_grad():
+            first.weight.copy_(V)
+            second.weight.copy_(U)
+            if bias is not None:
+                second.bias.copy_(bias)
+        return nn.Sequential(first, second)
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if type(m) not in convs:
+        raise ExportError(f"input_channel low-rank export supports nn.Linear and nn.Conv1d/2d/3d, got "
+                          f"{type(m).__name__}")
+    if m.groups != 1:
+        raise ExportError(f"input_channel low-rank export of a grouped convolution (groups={m.groups}) "
+                          f"is not supported")
+    Conv = type(m)
+    O, I, *k = m.weight.shape
+    first = Conv(I, r, 1, bias=False, **fk)
+    second = Conv(r, O, tuple(k), stride=m.stride, padding=m.padding, dilation=m.dilation,
+                  bias=bias is not None, padding_mode=m.padding_mode, **fk)
+    nd = m.weight.dim()
+    with torch.no_grad():
+        first.weight.copy_(V.reshape(r, I, *([1] * len(k))))
+        second.weight.copy_(U.reshape(O, *k, r).permute(0, nd - 1, *range(1, nd - 1)))
+        if bias is not None:
+            second.bias.copy_(bias)
+    return nn.Sequential(first, second)
+
+
+register_exporter(_is_input_channel_lowrank, _export_input_channel)

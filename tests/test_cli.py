@@ -352,3 +352,61 @@ def test_a_late_write_error_keeps_the_results_in_a_rescue_folder(tmp_path, monke
     state = torch.load(rescue[0] / "model_state_dict.pt", weights_only=True)
     assert set(state) and all(isinstance(v, torch.Tensor) for v in state.values())
     assert math.isfinite(res["acc_after"])
+
+
+# ------------------------------------------------------------------ saved bytes and ONNX Runtime latency
+def _table_row(stdout: str, label: str) -> list[str]:
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in stdout.splitlines()
+            if line.startswith(f"| {label} |")]
+    assert len(rows) == 1, f"no single '{label}' row in:\n{stdout}"
+    return rows[0]
+
+
+def test_run_table_reports_saved_file_bytes_and_ort_latency(tmp_path, capsys):
+    """The run table has the exported state-dict file's size (= the file written) next to the
+    params, and ONNX Runtime latency when onnxruntime is importable (n/a otherwise)."""
+    out = tmp_path / "run"
+    assert main(["run", "digits_fcn", "magnitude_pruning", "--set", "density=0.2", "--out", str(out),
+                 *TINY]) == 0, capsys.readouterr().err
+    stdout = capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    file_bytes = os.path.getsize(out / "model_state_dict.pt")
+    row = _table_row(stdout, "saved state dict (bytes)")
+    assert int(row[2]) == file_bytes == res["state_dict_bytes"]
+    # the dense model's bytes: torch.save of a state dict with the dense FCN's tensors (float32)
+    dense_tensor_bytes = 4 * res["params_before"]
+    assert dense_tensor_bytes < int(row[1]) == res["state_dict_bytes_before"] < dense_tensor_bytes + 20_000
+    # compact sparse storage: density 0.2 of the 7 pruned layers (values + bitmask/CSR), well under dense
+    assert file_bytes < 0.5 * res["state_dict_bytes_before"]
+    assert row[3] == f"x{file_bytes / res['state_dict_bytes_before']:.2f}"
+    sd = torch.load(out / "model_state_dict.pt", weights_only=True)  # the library's compact sparse form
+    assert sum(k.endswith("weight_values") for k in sd) == 7 and not any(k.endswith(".mask") for k in sd)
+    ort = _table_row(stdout, "latency ONNX Runtime (ms)")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        assert ort[1:3] == ["n/a", "n/a"] and "onnxruntime not installed" in ort[3]
+        return
+    before, after = float(ort[1]), float(ort[2])
+    assert before == pytest.approx(res["ort_latency_before_ms"], rel=1e-3, abs=1e-3) and before > 0
+    assert after == pytest.approx(res["ort_latency_after_ms"], rel=1e-3, abs=1e-3) and after > 0
+    assert ort[3] == f"x{res['ort_latency_after_ms'] / res['ort_latency_before_ms']:.2f}"
+    assert "outputs equal eager" in res["ort_note"]
+
+
+def test_ort_latency_is_marked_na_without_onnxruntime(monkeypatch):
+    from admm_compress import cli
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    prob = type("P", (), {"input_size": (8,)})()
+    ms, note = cli._ort_latency(torch.nn.Linear(8, 2), prob, batch=2, repeats=2)
+    assert ms is None and note.startswith("n/a") and "onnxruntime not installed" in note
+    res = {"acc_before": 90.0, "acc_after": 89.0, "acc_drop": 1.0, "macs_before": 16, "macs_after": 16,
+           "macs_drop": 0.0, "params_before": 18, "params_after": 18, "params_drop": 0.0, "state_dict_bytes": 1000,
+           "state_dict_bytes_before": 2000, "latency_before_ms": 1.0, "latency_after_ms": 0.5, "latency_ratio": 0.5,
+           "ort_latency_before_ms": None, "ort_latency_after_ms": None, "ort_latency_ratio": None, "ort_note": note,
+           "time_ratio": None, "fit_wall_s": 1.0, "before": {}, "after": {}, "solver": "s"}
+    table = cli._run_table(res)
+    assert _table_row(table, "latency ONNX Runtime (ms)") == ["latency ONNX Runtime (ms)", "n/a", "n/a", note]
+    assert _table_row(table, "saved state dict (bytes)") == ["saved state dict (bytes)", "2000", "1000", "x0.50"]
+

@@ -1,12 +1,14 @@
 """Deployment: sparse layers' CSR kernel equals the dense one, ``select_kernels`` picks by its own
 measurements, and every kind of exported model goes through ``torch.export`` and TorchScript."""
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
 import admm_compress as ac
+from admm_compress.deploy import InputChannelView
 from admm_compress.layers import SparseConv1d, SparseConv2d, SparseLinear
 from admm_compress.views import TTView
 
@@ -163,6 +165,7 @@ EXPORTS = {
     "in-channels": [ac.Constrain("conv2", ac.Cardinality(density=0.5, group_dim=1), view="identity")],
     "sum": [ac.Constrain("conv2", ac.Sum(ac.LowRank(rank=2), ac.Cardinality(density=0.05)))],
     "tt": [ac.Constrain("conv2", ac.TTRank((2, 2)), view=TTView((4, 4), (4, 4)))],
+    "input_channel": [ac.Constrain("conv2", ac.LowRank(rank=4), view=InputChannelView())],
 }
 
 
@@ -277,9 +280,92 @@ def test_onnx_runtime_runs_sparse_and_lowrank_exports_with_eager_outputs(tmp_pat
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_onnx_session_and_ort_latency_on_every_export_kind(name, monkeypatch):
+    """deploy.onnx_session runs each kind of exported model in ORT with eager's outputs (dynamic
+    batch); ort_latency times it after the same check and raises when the outputs differ."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from admm_compress import deploy
+
+    torch.manual_seed(0)
+    compact = ac.export(ConvNet().eval(), EXPORTS[name]).eval()
+    run = deploy.onnx_session(compact, torch.randn(1, 3, 8, 8))
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        ref = compact(x)
+    torch.testing.assert_close(torch.from_numpy(run(x.numpy())), ref, rtol=1e-4, atol=1e-4)
+    r = deploy.ort_latency(compact, (3, 8, 8), batch=2, repeats=2, warmup=0, rtol=1e-4, atol=1e-4)
+    assert r["median_ms"] > 0 and r["max_rel_diff"] < 1e-4 and r["batch"] == 2
+    if name == "lowrank":
+        real = deploy.onnx_session
+        monkeypatch.setattr(deploy, "onnx_session", lambda *a, **k: (lambda arr, f=real(*a, **k): f(arr) + 1e-2))
+        with pytest.raises(AssertionError):
+            deploy.ort_latency(compact, (3, 8, 8), batch=2, repeats=2, warmup=0, rtol=1e-4, atol=1e-4)
+        with pytest.raises(ValueError, match="repeats"):
+            deploy.ort_latency(compact, (3, 8, 8), repeats=0)
+
 def test_csr_unavailable_for_a_dtype_falls_back_to_dense():
     layer = _sparse(SparseLinear(16, 8)).to(torch.float16)
     rep = ac.select_kernels(nn.Sequential(layer), torch.randn(2, 16, dtype=torch.float16), repeats=3, warmup=0)
     assert rep[0]["kernel"] in ("dense", "csr")
     if rep[0]["csr_ms"] is None:  # this build has no half CSR matmul on CPU
         assert "CSR kernel unavailable" in rep[0]["reason"] and layer.kernel == "dense"
+
+
+
+# ------------------------------------------------------------------ input-channel low-rank split
+@pytest.mark.parametrize("shape", [(6, 4), (6, 4, 3), (6, 4, 3, 2), (5, 4, 3, 2, 2)])
+def test_input_channel_view_round_trip(shape):
+    v = InputChannelView()
+    w = torch.randn(*shape)
+    t = v.to(w)
+    assert tuple(t.shape) == v.viewed_shape(shape) == (shape[0] * math.prod(shape[2:]), shape[1])
+    assert torch.equal(v.back(t, shape), w)
+    # row (o, *k), column i: the entry W[o, i, *k]
+    idx = (shape[0] - 1, shape[1] - 2, *[d - 1 for d in shape[2:]])
+    assert t[-1, shape[1] - 2] == w[idx]
+    with pytest.raises(ValueError, match="input_channel"):
+        v.check((7,))
+
+
+class _Net(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("conv, size", [
+    (nn.Conv2d(8, 12, 3, stride=2, padding=1, bias=True), (8, 9, 9)),
+    (nn.Conv2d(8, 8, 3, padding=2, dilation=2, padding_mode="circular", bias=False), (8, 7, 7)),
+    (nn.Conv2d(8, 8, (3, 5), padding="same", padding_mode="reflect"), (8, 7, 9)),
+    (nn.Conv1d(6, 10, 5, padding=2, padding_mode="replicate"), (6, 11)),
+    (nn.Linear(12, 10), (12,)),
+])
+def test_input_channel_export_is_1x1_then_k_conv_with_the_projected_outputs(conv, size):
+    torch.manual_seed(0)
+    model = _Net(conv).eval()
+    r = 3
+    spec = [ac.Constrain("conv", ac.LowRank(rank=r), view=InputChannelView())]
+    ac.Solver(spec).prepare(model).finalize(model)
+    compact = ac.export(model, spec).eval()
+    first, second = compact.conv
+    W = conv.weight
+    if isinstance(conv, nn.Linear):
+        assert (first.in_features, first.out_features, second.out_features) == (12, r, 10)
+    else:
+        assert first.kernel_size == (1,) * (W.dim() - 2) and first.out_channels == r and first.bias is None
+        assert second.kernel_size == conv.kernel_size and second.in_channels == r
+        assert (second.stride, second.padding, second.dilation, second.padding_mode) == (
+            conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+        assert (second.bias is None) == (conv.bias is None)
+    # r (I + O prod(k)) weights: the same count as the channel split for a square layer
+    assert sum(p.numel() for p in first.parameters()) + second.weight.numel() == r * (W.shape[1] + W.numel() // W.shape[1])
+    x = torch.randn(2, *size)
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-4, atol=1e-5)  # model = the projected weight
+    assert torch.linalg.matrix_rank(InputChannelView().to(model.conv.weight.detach())) == r
