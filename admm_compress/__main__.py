@@ -1,6 +1,6 @@
-"""``python -m admm_compress`` = the ``admm-compress`` command (see :mod:`admm_compress.cli`)."""
+"""``python -m admm_compress`` = the ``admm-compress`` command (see :mod:`admm_compress.bench.cli`)."""
 import sys
 
-from .cli import main
+from .bench.cli import main
 
 sys.exit(main())

@@ -323,20 +323,20 @@ def test_a_late_write_error_keeps_the_results_in_a_rescue_folder(tmp_path, monke
     where its content is, and exits 1."""
     import tempfile
 
-    from admm_compress import cli
+    from admm_compress.bench import _io
 
     out = tmp_path / "run"
     rescue_root = tmp_path / "tmp"
     rescue_root.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(rescue_root))
-    real = cli._commit
+    real = _io._commit
 
     def commit(tmp, path):
         if Path(path).parent == out:
             raise OSError(28, "No space left on device (simulated)")
         real(tmp, path)
 
-    monkeypatch.setattr(cli, "_commit", commit)
+    monkeypatch.setattr(_io, "_commit", commit)
     code = main(["run", "digits_fcn", "lrpet", "--out", str(out), *TINY])
     err = capsys.readouterr().err
     assert code == 1, err
