@@ -14,7 +14,7 @@ def build(problem, energy, nuclear_weight, every, view):
     from admm_compress import methods
     from admm_compress._validation import check_choice
 
-    check_choice("view", view, ("channel", "spatial"), where="trp")  # checked even where unused (no conv)
+    check_choice("view", view, ("vh", "channel", "spatial"), where="trp")  # checked even where unused (no conv)
     keep = list(problem.keep_dense) if problem is not None else []
     has_conv = problem is None or any(isinstance(m, nn.Conv2d) for m in problem.model.modules())
     return methods.trp(energy, nuclear_weight, every, targets=nn.Conv2d if has_conv else nn.Linear,

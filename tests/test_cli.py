@@ -247,6 +247,20 @@ def test_every_solver_file_declares_a_consistent_grid():
         assert e.module is not None and "epochs" in e.defaults, name
 
 
+def test_every_solver_builds_with_its_defaults_and_every_grid_value():
+    """`bench` builds every solver with its DEFAULTS before anything runs (and `--grid` every
+    PARAMS value): a default its own build refuses (trp's view='vh' once) stops the whole bench.
+    Built on the digits FCN problem (tiny; admm_tt needs a model to choose its TT views)."""
+    prob = load_problems()["digits_fcn"].build(seed=0, device="cpu", epochs=1, pretrain_epochs=0)
+    for name, e in load_solvers().items():
+        if not e.available:
+            continue
+        e.build(prob)
+        for k, values in e.params.items():
+            for v in values:
+                e.build(prob, **{k: v})
+
+
 # ------------------------------------------------------------------ exact problems, known answers
 def _solve(problem_name, solver_name, **pparams):
     torch.manual_seed(0)
