@@ -13,24 +13,20 @@ The CSR kernel is used only for inference (no autograd), on CPU, in eager mode: 
 scripted, compiled and ONNX-exported graphs always contain the dense op (see
 :class:`~admm_compress.layers._SparseMixin`).
 
-:class:`InputChannelView` is the low-rank split that runs fastest on thin convolutions
+:class:`~admm_compress.views.InputChannelView` (view ``"input_channel"``) is the low-rank split that runs fastest on thin convolutions
 (a 1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O``), :func:`onnx_session` /
 :func:`ort_latency` run and time an exported model in ONNX Runtime.
 """
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import time
 
 import torch
 from torch import nn
 
-from .export import register_exporter
 from .layers import _SparseConvMixin, _SparseMixin
-from .sets import LowRank, SchattenP
-from .views import View
 from .storage import saved_bytes, storage_bytes, storage_report
 
 __all__ = ["select_kernels", "keep_faster", "storage_bytes", "saved_bytes", "storage_report", "clear_kernel_cache",
@@ -463,102 +459,5 @@ def ort_latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 30,
             "max_rel_diff": float((out - ref).abs().max()) / max(scale, 1e-12)}
 
 
-# ------------------------------------------------------------------ the input-channel low-rank split
-class InputChannelView(View):
-    """Convolution ``(O, I, *k)`` -> permute ``(O, *k, I)`` -> ``(O * prod(k), I)`` (Linear: as is).
-
-    The low-rank split on the *input* side: a rank-``r`` factorization ``A B`` of this matrix
-    (``A``: ``O prod(k) x r``, ``B``: ``r x I``) is exported as a 1x1 conv ``I -> r`` (``B``)
-    followed by the ``k``-sized conv ``r -> O`` (``A`` permuted to ``(O, r, *k)``; the
-    original stride, padding, padding mode, dilation and bias).  Exact for every padding mode: a
-    bias-free 1x1 conv commutes with zero, reflect, replicate and circular padding.
-
-    For a square ``c -> c`` layer at rank ``r`` it has the MACs of the ``"channel"`` split
-    (``k``-sized conv ``I -> r`` then 1x1 ``r -> O``), ``r (I + prod(k) O)`` per output pixel,
-    but the ``k``-sized conv keeps its ``O`` output channels: ONNX Runtime's blocked (NCHWc)
-    convolutions and PyTorch's CPU kernels run a conv with few *input* channels far closer to
-    their peak than one with few *output* channels.  Measured on ResNet-56 at ``LowRank(0.25)``
-    (0.279x MACs both, 1 thread, ``benchmarks/latency_onnx.py``): see
-    ``docs/results/latency_onnx.md``.  A different matricization than ``"channel"``: a different
-    constraint set (the rank of ``(O k^2, I)`` instead of ``(O, I k^2)``), so the projected weight
-    and the accuracy after training differ; ``LowRank(ratio=q)`` keeps ``q min(O prod(k), I)``.
-
-    Use ``ac.Constrain(..., ac.LowRank(ratio=q), view=InputChannelView())``; a 3-input stem
-    (``min = 3``) is better left on ``"channel"``.
-    """
-
-    name = "input_channel"
-
-    def check(self, shape, where=None):
-        shape = tuple(int(d) for d in shape)
-        if len(shape) < 2:
-            pre = f"{where}: " if where else ""
-            raise ValueError(f"{pre}view 'input_channel' needs a Linear or conv weight (O, I, *k), got shape {shape}")
-
-    def viewed_shape(self, shape):
-        shape = tuple(int(d) for d in shape)
-        self.check(shape)
-        O, I, *k = shape
-        return (O * math.prod(k), I)
-
-    def to(self, w):
-        self.check(w.shape)
-        nd = w.dim()
-        return w.permute(0, *range(2, nd), 1).reshape(-1, w.shape[1])
-
-    def back(self, t, shape):
-        shape = tuple(int(d) for d in shape)
-        self.check(shape)
-        O, I, *k = shape
-        nd = len(shape)
-        return t.reshape(O, *k, I).permute(0, nd - 1, *range(1, nd - 1)).contiguous()
-
-
-def _is_input_channel_lowrank(c, v) -> bool:
-    return isinstance(c, (LowRank, SchattenP)) and isinstance(v, InputChannelView)
-
-
-def _export_input_channel(m: nn.Module, c, v, factors, with_bias: bool):
-    """1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O`` (Linear: two Linears)."""
-    from .export import ExportError
-
-    U, V = factors  # (O prod(k), r), (r, I)
-    r = U.shape[-1]
-    rows, cols = U.shape[-2], V.shape[-1]
-    if r == 0:
-        r, U, V = 1, U.new_zeros(rows, 1), V.new_zeros(1, cols)
-    if r * (rows + cols) >= rows * cols:
-        return None
-    bias = getattr(m, "bias", None) if with_bias else None
-    fk = {"device": m.weight.device, "dtype": m.weight.dtype}
-    if isinstance(m, nn.Linear):
-        first = nn.Linear(m.in_features, r, bias=False, **fk)
-        second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
-        with torch.no_grad():
-            first.weight.copy_(V)
-            second.weight.copy_(U)
-            if bias is not None:
-                second.bias.copy_(bias)
-        return nn.Sequential(first, second)
-    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-    if type(m) not in convs:
-        raise ExportError(f"input_channel low-rank export supports nn.Linear and nn.Conv1d/2d/3d, got "
-                          f"{type(m).__name__}")
-    if m.groups != 1:
-        raise ExportError(f"input_channel low-rank export of a grouped convolution (groups={m.groups}) "
-                          f"is not supported")
-    Conv = type(m)
-    O, I, *k = m.weight.shape
-    first = Conv(I, r, 1, bias=False, **fk)
-    second = Conv(r, O, tuple(k), stride=m.stride, padding=m.padding, dilation=m.dilation,
-                  bias=bias is not None, padding_mode=m.padding_mode, **fk)
-    nd = m.weight.dim()
-    with torch.no_grad():
-        first.weight.copy_(V.reshape(r, I, *([1] * len(k))))
-        second.weight.copy_(U.reshape(O, *k, r).permute(0, nd - 1, *range(1, nd - 1)))
-        if bias is not None:
-            second.bias.copy_(bias)
-    return nn.Sequential(first, second)
-
-
-register_exporter(_is_input_channel_lowrank, _export_input_channel)
+# The input-channel low-rank split lives with the other views and exporters; importable from here.
+from .views import InputChannelView  # noqa: E402,F401

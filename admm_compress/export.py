@@ -47,7 +47,7 @@ from .sets import Cardinality, LowRank, SchattenP, Sum
 from .sets.base import Constraint
 from .specs import resolve, unwrap
 from .parametrizations import additive_components
-from .views import MATRIX_VIEWS, IdentityView, MatrixView, SpatialView, View
+from .views import MATRIX_VIEWS, IdentityView, InputChannelView, MatrixView, SpatialView, View
 from . import tt_layers as _tt
 
 __all__ = ["export", "register_exporter", "build_compact", "ExportError"]
@@ -265,11 +265,58 @@ def _dense_from(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool) 
     return new
 
 
+# ------------------------------------------------------------ low rank, input-channel split
+def _is_input_channel_lowrank(c, v) -> bool:
+    return isinstance(c, (LowRank, SchattenP)) and isinstance(v, InputChannelView)
+
+
+def _export_input_channel(m: nn.Module, c, v, factors, with_bias: bool):
+    """1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O`` (Linear: two Linears)."""
+    U, V = factors  # (O prod(k), r), (r, I)
+    r = U.shape[-1]
+    rows, cols = U.shape[-2], V.shape[-1]
+    if r == 0:
+        r, U, V = 1, U.new_zeros(rows, 1), V.new_zeros(1, cols)
+    if r * (rows + cols) >= rows * cols:
+        return None
+    bias = getattr(m, "bias", None) if with_bias else None
+    fk = {"device": m.weight.device, "dtype": m.weight.dtype}
+    if isinstance(m, nn.Linear):
+        first = nn.Linear(m.in_features, r, bias=False, **fk)
+        second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
+        with torch.no_grad():
+            first.weight.copy_(V)
+            second.weight.copy_(U)
+            if bias is not None:
+                second.bias.copy_(bias)
+        return nn.Sequential(first, second)
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    if type(m) not in convs:
+        raise ExportError(f"input_channel low-rank export supports nn.Linear and nn.Conv1d/2d/3d, got "
+                          f"{type(m).__name__}")
+    if m.groups != 1:
+        raise ExportError(f"input_channel low-rank export of a grouped convolution (groups={m.groups}) "
+                          f"is not supported")
+    Conv = type(m)
+    O, I, *k = m.weight.shape
+    first = Conv(I, r, 1, bias=False, **fk)
+    second = Conv(r, O, tuple(k), stride=m.stride, padding=m.padding, dilation=m.dilation,
+                  bias=bias is not None, padding_mode=m.padding_mode, **fk)
+    nd = m.weight.dim()
+    with torch.no_grad():
+        first.weight.copy_(V.reshape(r, I, *([1] * len(k))))
+        second.weight.copy_(U.reshape(O, *k, r).permute(0, nd - 1, *range(1, nd - 1)))
+        if bias is not None:
+            second.bias.copy_(bias)
+    return nn.Sequential(first, second)
+
+
 _BUILTIN = (_export_lowrank, _export_sparse, _export_sum)
 register_exporter(_is_lowrank, _export_lowrank, first=False)
 register_exporter(_is_sparse, _export_sparse, first=False)
 register_exporter(_is_sum, _export_sum, first=False)
 register_exporter(_tt.is_tt, _tt.export_tt, first=False)
+register_exporter(_is_input_channel_lowrank, _export_input_channel, first=False)
 
 
 def build_compact(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool = True) -> nn.Module | None:

@@ -403,11 +403,62 @@ class TTOKIView(View):
 TT_LAYOUTS = ("oki", "eq9")
 
 
+class InputChannelView(View):
+    """Convolution ``(O, I, *k)`` -> permute ``(O, *k, I)`` -> ``(O * prod(k), I)`` (Linear: as is).
+
+    The low-rank split on the *input* side: a rank-``r`` factorization ``A B`` of this matrix
+    (``A``: ``O prod(k) x r``, ``B``: ``r x I``) is exported as a 1x1 conv ``I -> r`` (``B``)
+    followed by the ``k``-sized conv ``r -> O`` (``A`` permuted to ``(O, r, *k)``; the
+    original stride, padding, padding mode, dilation and bias).  Exact for every padding mode: a
+    bias-free 1x1 conv commutes with zero, reflect, replicate and circular padding.
+
+    For a square ``c -> c`` layer at rank ``r`` it has the MACs of the ``"channel"`` split
+    (``k``-sized conv ``I -> r`` then 1x1 ``r -> O``), ``r (I + prod(k) O)`` per output pixel,
+    but the ``k``-sized conv keeps its ``O`` output channels: ONNX Runtime's blocked (NCHWc)
+    convolutions and PyTorch's CPU kernels run a conv with few *input* channels far closer to
+    their peak than one with few *output* channels.  Measured on ResNet-56 at ``LowRank(0.25)``
+    (0.279x MACs both, 1 thread, ``benchmarks/latency_onnx.py``): see
+    ``docs/results/latency_onnx.md``.  A different matricization than ``"channel"``: a different
+    constraint set (the rank of ``(O k^2, I)`` instead of ``(O, I k^2)``), so the projected weight
+    and the accuracy after training differ; ``LowRank(ratio=q)`` keeps ``q min(O prod(k), I)``.
+
+    Use ``ac.Constrain(..., ac.LowRank(ratio=q), view=InputChannelView())``; a 3-input stem
+    (``min = 3``) is better left on ``"channel"``.
+    """
+
+    name = "input_channel"
+
+    def check(self, shape, where=None):
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2:
+            pre = f"{where}: " if where else ""
+            raise ValueError(f"{pre}view 'input_channel' needs a Linear or conv weight (O, I, *k), got shape {shape}")
+
+    def viewed_shape(self, shape):
+        shape = tuple(int(d) for d in shape)
+        self.check(shape)
+        O, I, *k = shape
+        return (O * math.prod(k), I)
+
+    def to(self, w):
+        self.check(w.shape)
+        nd = w.dim()
+        return w.permute(0, *range(2, nd), 1).reshape(-1, w.shape[1])
+
+    def back(self, t, shape):
+        shape = tuple(int(d) for d in shape)
+        self.check(shape)
+        O, I, *k = shape
+        nd = len(shape)
+        return t.reshape(O, *k, I).permute(0, nd - 1, *range(1, nd - 1)).contiguous()
+
+
 VIEWS: dict[str, View] = {
     "matrix": MatrixView(),
     "channel": ChannelView(),
     "spatial": SpatialView(),
     "identity": IdentityView(),
+    "input_channel": InputChannelView(),
 }
 
 

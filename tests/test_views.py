@@ -186,7 +186,7 @@ def test_check_module():
 
 
 def test_view_base_and_registry():
-    assert set(VIEWS) == {"matrix", "channel", "spatial", "identity"}
+    assert set(VIEWS) == {"matrix", "channel", "spatial", "identity", "input_channel"}
     for name, v in VIEWS.items():
         assert isinstance(v, View) and v.name == name
     assert isinstance(VIEWS["channel"], ChannelView) and isinstance(VIEWS["matrix"], MatrixView)
