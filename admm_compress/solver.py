@@ -59,6 +59,7 @@ from ._validation import check_choice, check_float, check_int
 from .compressor import Compressor, FitContext
 from .distributed import broadcast_ as _broadcast_
 from .penalty import AdaptiveRho, GeometricRho
+from .splitting import SPLITTINGS
 from .sets.base import Constraint
 from .specs import Binding, Constrain, describe, exact_glob, unwrap
 from .trainer import History
@@ -177,7 +178,8 @@ class Solver(Compressor):
                  rho_growth: float = 1.0, rho_max: float | None = None, tol: float | None = None,
                  skip_below: float | None = None, warm_start: bool = True):
         super().__init__(spec)
-        self.mode = check_choice("mode", mode, ("admm", "projection"), where="Solver")
+        self.mode = check_choice("mode", mode, tuple(SPLITTINGS), where="Solver")
+        self.splitting = SPLITTINGS[self.mode]()
         self.rho_growth = check_float("rho_growth", rho_growth, low=1.0, where="Solver")
         self.rho_max = None if rho_max is None else check_float("rho_max", rho_max, low=0.0, low_open=True,
                                                                  where="Solver")
@@ -193,7 +195,7 @@ class Solver(Compressor):
                                 f"the adaptive penalty)")
             self.rho = check_float("rho", rho, low=0.0, where="Solver")
             self.rho_schedule = GeometricRho(self.rho_growth, self.rho_max)
-        self._fixed_schedule = GeometricRho(self.rho_growth, self.rho_max)  # per-spec numeric rho overrides
+        self.fixed_schedule = GeometricRho(self.rho_growth, self.rho_max)  # per-spec numeric rho overrides
         if self.mode == "admm":
             for s in self.spec:
                 r = self.rho if s.rho is None else s.rho
@@ -207,7 +209,7 @@ class Solver(Compressor):
         self.skip_below = None if skip_below is None else check_float("skip_below", skip_below, low=0.0,
                                                                       where="Solver")
         self.warm_start = bool(warm_start)
-        self._auto_keys: set[str] = set()
+        self.auto_keys: set[str] = set()
         self.slots: list[Slot] = []
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
@@ -228,25 +230,19 @@ class Solver(Compressor):
             self.bn_metric = BNMetric(model, bindings)
         self.slots = self.make_slots(bindings)
         self.Z, self.U, self.rhos = {}, {}, {}
-        self._auto_keys = set()
+        self.auto_keys = set()
         for sl in self.slots:
             b = sl.binding
             if b.spec.rho is None and self.rho == "auto":
-                self._auto_keys.add(sl.key)
+                self.auto_keys.add(sl.key)
                 self.rhos[sl.key] = 0.0  # penalty off until the first step has measured the scales
             else:
                 self.rhos[sl.key] = float(self.rho if b.spec.rho is None else b.spec.rho)
         if self.rho == "auto":
             self.rho_schedule.reset()
-            if self.mode == "admm" and self._auto_keys:
-                self.rho_schedule.snapshot({sl.key: sl.tensor() for sl in self.slots if sl.key in self._auto_keys})
-        if self.mode == "admm":
-            with torch.no_grad():
-                Z0 = self._zstep_all({sl.key: sl.tensor().detach() for sl in self.slots}, warm=self.warm_start)
-                for sl in self.slots:
-                    self.Z[sl.key] = Z0[sl.key].contiguous()
-                    self.U[sl.key] = torch.zeros_like(Z0[sl.key], memory_format=torch.contiguous_format)
-                _broadcast_(self.Z.values())
+            if self.mode == "admm" and self.auto_keys:
+                self.rho_schedule.snapshot({sl.key: sl.tensor() for sl in self.slots if sl.key in self.auto_keys})
+        self.splitting.start(self)
         log.info("prepared %d constrained weight(s):\n%s", len(bindings), describe(bindings))
         return self
 
@@ -313,7 +309,7 @@ class Solver(Compressor):
             return c.project(v, metric=metric)
         return c.prox(v, tau)
 
-    def _zstep_all(self, V: dict[str, torch.Tensor], warm: bool = True) -> dict[str, torch.Tensor]:
+    def zstep(self, V: dict[str, torch.Tensor], warm: bool = True) -> dict[str, torch.Tensor]:
         """``prox(V_b)`` for every binding, in parameter shape; SVDs of equal shapes are batched."""
         out: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[Slot]] = defaultdict(list)
@@ -339,14 +335,7 @@ class Solver(Compressor):
     def penalty(self) -> torch.Tensor:
         """``sum_b rho_b / 2 * ||W_b - Z_b + U_b||_F^2`` (0 in projection mode); differentiable in W."""
         self._require_prepared()
-        if self.mode != "admm":
-            return self.bindings[0].param.new_zeros(())
-        total = None
-        for sl in self.slots:
-            d = sl.tensor() - self.Z[sl.key] + self.U[sl.key]
-            term = 0.5 * self.rhos[sl.key] * d.pow(2).sum()
-            total = term if total is None else total + term
-        return total
+        return self.splitting.penalty(self)
 
     def step(self) -> bool:
         """Call after every optimizer step; runs :meth:`update` every ``every`` steps.
@@ -355,7 +344,7 @@ class Solver(Compressor):
         """
         self._require_prepared()
         self.steps += 1
-        if self._auto_keys and self.mode == "admm" and self.rho_schedule.needs_calibration():
+        if self.auto_keys and self.mode == "admm" and self.rho_schedule.needs_calibration():
             self._calibrate_rho()
         if self.every != "epoch" and self.steps % self.every == 0:
             self.update()
@@ -366,15 +355,15 @@ class Solver(Compressor):
     def _calibrate_rho(self) -> None:
         """rho='auto': starting rho per weight from the step just taken (penalty off, so the
         gradients are the loss's own; see :class:`~admm_compress.penalty.AdaptiveRho`)."""
-        slots = [sl for sl in self.slots if sl.key in self._auto_keys]
+        slots = [sl for sl in self.slots if sl.key in self.auto_keys]
         W = {sl.key: sl.tensor() for sl in slots}
         grads = {sl.key: (None if getattr(W[sl.key], "grad", None) is None else W[sl.key].grad) for sl in slots}
         new = self.rho_schedule.calibrate(W, grads, self.Z)
         if new is not None:
             for k, v in new.items():
-                self._set_rho(k, v)
+                self.set_rho(k, v)
 
-    def _set_rho(self, key: str, new: float) -> None:
+    def set_rho(self, key: str, new: float) -> None:
         """``rho_key <- new`` with the scaled dual rescaled, ``U <- U * rho_old / rho_new``, so the
         unscaled dual ``rho * U`` is unchanged (Boyd et al. 2011, Sec. 3.4.1)."""
         old = self.rhos[key]
@@ -400,55 +389,7 @@ class Solver(Compressor):
         Returns the residual record (also appended to ``self.residuals``).
         """
         self._require_prepared()
-        per: dict[str, dict] = {}
-        if self.mode == "admm":
-            W = {sl.key: sl.tensor().detach() for sl in self.slots}
-            V = {k: W[k] + self.U[k] for k in W}
-            Znew = {k: z.contiguous() for k, z in self._zstep_all(V).items()}
-            _broadcast_(Znew.values())  # computed on every rank, rank 0's copy wins (DDP)
-            num_p = den_p = num_d = 0.0
-            for sl in self.slots:
-                k = sl.key
-                rho = self.rhos[k]
-                r_p = float(torch.linalg.vector_norm(W[k] - Znew[k]))
-                r_d = rho * float(torch.linalg.vector_norm(Znew[k] - self.Z[k]))
-                w_n = float(torch.linalg.vector_norm(W[k]))
-                self.U[k].add_(W[k] - Znew[k])
-                self.Z[k] = Znew[k]
-                per[k] = {"primal": r_p / max(w_n, 1e-12), "dual": r_d, "rho": rho}
-                num_p += r_p ** 2
-                den_p += w_n ** 2
-                num_d += r_d ** 2
-            auto = self._auto_keys
-            for sched, keys in ((self.rho_schedule, [k for k in per if k in auto or self.rho != "auto"]),
-                                (self._fixed_schedule, [k for k in per if k not in auto and self.rho == "auto"])):
-                if keys:
-                    changes = sched.after_update({k: self.rhos[k] for k in keys},
-                                                 {k: per[k]["primal"] for k in keys}, self.steps)
-                    for k, v in changes.items():
-                        self._set_rho(k, v)
-            rec = {"step": self.steps, "epoch": self.epochs_done, "primal": math.sqrt(num_p / max(den_p, 1e-24)),
-                   "dual": math.sqrt(num_d), "rho": max(self.rhos.values()), "layers": per}
-        else:
-            num = den = 0.0
-            for sl in self.slots:
-                w = sl.tensor()
-                v = sl.to_view(w.detach())
-                if self.skip_below is not None and v.dim() >= 2:
-                    top = torch.linalg.matrix_norm(v.reshape(-1, *v.shape[-2:]).float(), ord=2).max()
-                    if float(top) < self.skip_below:
-                        per[sl.key] = {"primal": 0.0, "skipped": True}
-                        continue
-                p = sl.from_view(self.project_slot(sl, v, 0.0, self.slot_metric(sl))).contiguous()
-                _broadcast_([p])
-                r = float(torch.linalg.vector_norm(w.detach() - p))
-                n = float(torch.linalg.vector_norm(w.detach()))
-                w.copy_(p)
-                per[sl.key] = {"primal": r / max(n, 1e-12)}
-                num += r ** 2
-                den += n ** 2
-            rec = {"step": self.steps, "epoch": self.epochs_done, "primal": math.sqrt(num / max(den, 1e-24)),
-                   "dual": 0.0, "rho": 0.0, "layers": per}
+        rec = self.splitting.update(self)
         self.n_updates += 1
         self.residuals.append(rec)
         self._warn_if_stalled()
@@ -615,7 +556,7 @@ class Solver(Compressor):
                     new[name][sl.key] = t.to(device=ref.device, dtype=ref.dtype).clone()
         if set(sd["rhos"]) != set(keys):
             raise ValueError(f"solver state has rho for {sorted(sd['rhos'])}, this solver binds {keys}")
-        if self.rho == "auto" and self.mode == "admm" and self._auto_keys:
+        if self.rho == "auto" and self.mode == "admm" and self.auto_keys:
             if not isinstance(sd.get("rho_schedule"), dict) or "calibrated" not in sd["rho_schedule"]:
                 raise ValueError("solver state lacks the adaptive rho state ('rho_schedule'); it was written by "
                                  "a solver with a numeric rho")
