@@ -52,6 +52,10 @@ afterwards.
 The ptflops ``pytorch`` backend patches ``torch.nn.functional`` globally while it runs, so do
 not count in several threads at once.  Nothing is printed: ptflops output is captured and sent
 to this module's logger at DEBUG level.
+
+Size (~710 lines, half of it this docstring and the per-backend notes): one public function over
+two ptflops backends whose helpers share the counter registry and the dispatch-mode probe that
+refuses silent zero counts; latency and input building live in :mod:`.latency` / :mod:`._model_io`.
 """
 from __future__ import annotations
 

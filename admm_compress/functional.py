@@ -22,6 +22,10 @@ Schatten-p quasi-norm
     :func:`soft_threshold`, :func:`gst_threshold`, :func:`prox_power_half`,
     :func:`prox_power_newton`, :func:`prox_power`, :func:`schatten_value`,
     :func:`prox_schatten`.
+
+Size (~690 lines): the flat namespace of tensor functions behind every set (the role of
+``torch.nn.functional``), in sections -- robust SVD, low rank, cardinality, tensor train,
+Schatten-p -- each a few small functions; splitting it would only add import hops.
 """
 from __future__ import annotations
 

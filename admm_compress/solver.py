@@ -42,6 +42,11 @@ Example (your own loop)::
 Several processes (``torchrun``): :mod:`admm_compress.trainer` (the Z-step, U-step and hard
 projections are computed on every rank and rank 0's result is broadcast, so all ranks hold
 bit-identical ``W``, ``Z``, ``U``).
+
+Size (~600 lines; the class ~490, a quarter of it the parameter docstring): the life-cycle hooks,
+the Z/U/rho state and its checkpoint must agree, so they stay in one class; the splitting
+strategies are in :mod:`.splitting`, the rho schedules in :mod:`.penalty`, the training loop in
+:mod:`.trainer`, LRPET's BN metric in :mod:`.methods.lrpet`.
 """
 from __future__ import annotations
 

@@ -30,6 +30,10 @@ name           viewed shape of a weight ``(O, I, *k)`` (conv) or ``(O, I)`` (lin
 
 :func:`get_view` resolves a name (or ``"auto"``) to a view; :func:`check_module` refuses
 layers a view cannot represent faithfully (grouped or transposed convolutions).
+
+Size (~550 lines): every view a set acts through -- matrix, channel, spatial, input-channel and
+the tensor-train layouts -- with the one registry (:data:`VIEWS`, :func:`get_view`) and the
+module checks that refuse a view before training.
 """
 from __future__ import annotations
 

@@ -38,6 +38,10 @@ holds for linear layers and for the channel-wise view, where every output pixel 
 :math:`M^\top` applied to one input patch.  It does **not** carry over to the conv output under
 the spatial-wise view: an output pixel there sums blocks of :math:`M^\top` applied to different
 row patches, and the error can grow with the rank (tested).
+
+Size (~590 lines): the paper's rank-selection criteria (Sec. 2.3, the official code's floor rule)
+and its matricizations with the reference factor layers the export is tested against, all of
+Sec. 2.1-2.3 in one place.
 """
 from __future__ import annotations
 

@@ -84,6 +84,9 @@ Example::
     solver.fit(model, train_loader, epochs=30)
     small = solver.export(model, rank_ratio=0.1, bn_loader=train_loader)
     tiny = solver.export(model, macs=2e6, input_size=(3, 32, 32), bn_loader=train_loader)
+
+Size (~540 lines, a third docstring): Eq. 1's training (Algorithm 1) with its validation and the
+factory; the after-training half (sizes, export, BN) is :mod:`.sizes`.
 """
 from __future__ import annotations
 
