@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
@@ -150,6 +150,7 @@ class TTConv2d(nn.Module):
         self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
         K = self.kernel_size[0] * self.kernel_size[1]
         self.has_spatial_core = K > 1
+        self._first_channel_core = 1 if K > 1 else 0
         cores = [c.detach() for c in cores]
         expected = ([K] if K > 1 else []) + [o * i for o, i in zip(self.out_factors, self.in_factors)]
         if len(cores) != len(expected):
@@ -170,6 +171,9 @@ class TTConv2d(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
+
+    # torch.jit.script compiles properties unless listed here (``ranks`` is for inspection only)
+    __jit_unused_properties__ = ["ranks"]
 
     # ------------------------------------------------------------------ info
     @property
@@ -198,47 +202,55 @@ class TTConv2d(nn.Module):
                 f"in_factors={self.in_factors}, ranks={self.ranks}, bias={self.bias is not None}")
 
     # --------------------------------------------------------------- forward
-    def _spatial(self, x: torch.Tensor):
+    # Written for torch.jit.script as well as eager / torch.export: no augmented integer
+    # assignment, no starred arguments, no super() call, no slicing of the ParameterList.
+    def _spatial(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
         """Step 1: ``(N, I, H, W)`` -> ``(N, r_1, I, P)`` and the output size."""
         N, I = x.shape[0], x.shape[1]
         if self.has_spatial_core:
             c0 = self.cores[0]  # (1, K, r1)
             r1 = c0.shape[2]
-            w0 = c0.reshape(-1, r1).t().reshape(r1, 1, *self.kernel_size)
+            w0 = c0.reshape(-1, r1).t().reshape(r1, 1, self.kernel_size[0], self.kernel_size[1])
             z = F.conv2d(x.reshape(N * I, 1, x.shape[2], x.shape[3]), w0, None, self.stride,
                          self.padding, self.dilation)
             Ho, Wo = z.shape[-2], z.shape[-1]
             return z.reshape(N, I, r1, Ho * Wo).transpose(1, 2), r1, Ho, Wo
-        # 1x1 kernel: padding + stride only (dilation is irrelevant)
-        if isinstance(self.padding, str):
-            pad = (0, 0)
-        else:
-            pad = self.padding
-        if pad != (0, 0):
-            x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-        if self.stride != (1, 1):
+        # 1x1 kernel: padding + stride only (dilation is irrelevant; "valid"/"same" pad nothing)
+        if not isinstance(self.padding, str):
+            ph, pw = self.padding[0], self.padding[1]
+            if ph != 0 or pw != 0:
+                x = F.pad(x, [pw, pw, ph, ph])
+        if self.stride[0] != 1 or self.stride[1] != 1:
             x = x[:, :, ::self.stride[0], ::self.stride[1]]
         Ho, Wo = x.shape[-2], x.shape[-1]
         return x.reshape(N, 1, I, Ho * Wo), 1, Ho, Wo
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
         z, r, Ho, Wo = self._spatial(x)
         P = Ho * Wo
-        B, rest = N, self.in_channels
-        channel_cores = list(self.cores)[1:] if self.has_spatial_core else list(self.cores)
-        for j, core in enumerate(channel_cores):
-            o, i = self.out_factors[j], self.in_factors[j]
-            r_next = core.shape[2]
-            rest //= i
-            z = z.reshape(B, r * i, rest, P)
-            w = core.reshape(r, o, i, r_next).permute(1, 3, 0, 2).reshape(o * r_next, r * i, 1, 1)
-            z = F.conv2d(z, w)  # (B, o * r_next, rest, P): memory order (B, o, r_next, i_{j+1}, ...)
-            B, r = B * o, r_next
+        B = N
+        rest = self.in_channels
+        j = 0
+        for k, core in enumerate(self.cores):  # unrolled by TorchScript: no continue
+            if k >= self._first_channel_core:
+                o, i = self.out_factors[j], self.in_factors[j]
+                r_next = core.shape[2]
+                rest = rest // i
+                z = z.reshape(B, r * i, rest, P)
+                w = core.reshape(r, o, i, r_next).permute(1, 3, 0, 2).reshape(o * r_next, r * i, 1, 1)
+                z = F.conv2d(z, w)  # (B, o * r_next, rest, P): memory order (B, o, r_next, i_{j+1}, ...)
+                B = B * o
+                r = r_next
+                j = j + 1
         y = z.reshape(N, self.out_channels, Ho, Wo)
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias.reshape(1, -1, 1, 1)
         return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_conv(x)
 
 
 class TTLinear(TTConv2d):
@@ -264,9 +276,10 @@ class TTLinear(TTConv2d):
                 f"bias={self.bias is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = super().forward(x.reshape(-1, self.in_features, 1, 1))
-        return y.reshape(*lead, self.out_features)
+        shape = list(x.shape)
+        shape[-1] = self.out_features
+        y = self._forward_conv(x.reshape(-1, self.in_features, 1, 1))
+        return y.reshape(shape)
 
 
 # ----------------------------------------------------------------- complexity counter
