@@ -58,7 +58,7 @@ from .sets.base import Constraint
 from .views import TTOKIView, TTView, View
 
 __all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "tt_oki_modules", "tt_oki_cost",
-           "resolve_tt_view", "is_tt", "export_tt"]
+           "resolve_tt_view", "is_tt", "export_tt", "tt_macs_warning"]
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,63 @@ def tt_oki_cost(shape: Sequence[int], ranks: Sequence[int], in_positions: int = 
         params = r2 * I + r1 * K * r2 + O * r1
         macs = r2 * I * in_positions + (r1 * K * r2 + O * r1) * out_positions
     return params + b, macs + b * out_positions
+
+
+# ----------------------------------------------------------------- prepare-time MACs check
+def _pads(m: nn.Module) -> bool:
+    pad = getattr(m, "padding", 0)
+    if isinstance(pad, str):
+        return False
+    return any(int(p) != 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,)))
+
+
+def tt_layer_macs_per_position(module: nn.Module, constraint: TTRank, view: View,
+                               shape: Sequence[int]) -> tuple[int, int]:
+    """``(TT MACs, dense MACs)`` per output position of the layer ``export`` builds (no bias).
+
+    ``"oki"``: :func:`tt_oki_cost` (the first 1x1 map of a convolution runs at the input
+    resolution, ``prod(stride)`` input positions per output position); ``"eq9"``:
+    :func:`tt_conv_macs_per_position`.  Dense: ``O I K``.
+    """
+    shape = tuple(int(s) for s in shape)
+    O, I, K = shape[0], shape[1], math.prod(shape[2:])
+    tv = resolve_tt_view(view, shape)
+    ranks = constraint.rank_for(tuple(tv.viewed_shape(shape)))
+    if isinstance(tv, TTOKIView):
+        stride = math.prod(getattr(module, "stride", (1,)))
+        macs = tt_oki_cost(shape, ranks, in_positions=stride, padded=_pads(module))[1]
+    else:
+        macs = tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
+    return int(macs), O * I * K
+
+
+def tt_macs_warning(module: nn.Module, constraint: Constraint, view: View, shape: Sequence[int]) -> str | None:
+    """A prepare-time message when a plain :class:`TTRank` spec's TT layer costs more MACs per
+    output position than the dense layer (None: it does not, or this is not a TT weight).
+
+    Called by :func:`admm_compress.exportable.shrink_warning` (logged as a WARNING by
+    ``Solver.prepare`` before any training, prefixed with the spec and the layer name).  RASPA's
+    ``L + S`` constraint is checked by :meth:`RaspaSolver.prepare` itself (with ``S``'s cost).
+    """
+    if not isinstance(constraint, TTRank) or getattr(view, "name", None) != "tt":
+        return None
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return None
+    try:
+        tt, dense = tt_layer_macs_per_position(module, constraint, view, shape)
+    except (ValueError, TypeError):  # a shape the view refuses is reported by its own check
+        return None
+    if tt <= dense:
+        return None
+    tv = resolve_tt_view(view, tuple(shape))
+    layout = getattr(tv, "layout", "eq9")
+    ranks = constraint.rank_for(tuple(tv.viewed_shape(tuple(shape))))
+    alt = ("" if layout == "oki" else
+           ", or the 'oki' layout (view=TTView.oki(); 3 stock convs, usually far fewer MACs)")
+    return (f"its TT form ({layout} layout, ranks {tuple(ranks)}) costs {tt} MACs per output position, "
+            f"more than the dense layer's {dense} (weight {'x'.join(map(str, shape))}); use smaller TT "
+            f"ranks{alt}, or ranks from a MACs budget (methods.raspa.tt_ranks_for_budget(model, "
+            f"reduction, 'macs'))")
 
 
 # ----------------------------------------------------------------- exporter
