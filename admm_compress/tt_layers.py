@@ -6,6 +6,11 @@
 * ``"eq9"`` (:class:`TTView`, the literal reading of RASPA Eq. 9): :class:`TTConv2d` /
   :class:`TTLinear` below, evaluated core by core (a registered MAC counter).
 
+Every exported TT layer (:class:`TTConv2d`, :class:`TTLinear`, the stock chains) runs under
+``torch.jit.script`` and ``torch.export.export`` with the eager outputs.  A plain
+:class:`TTRank` spec whose TT layer would cost more MACs than the dense one is reported at
+``prepare`` (:func:`tt_macs_warning`).
+
 The exporter (:func:`export_tt`) is registered explicitly by :mod:`admm_compress.export` next to
 the built-in ones.
 
@@ -58,7 +63,8 @@ from .sets.base import Constraint
 from .views import TTOKIView, TTView, View
 
 __all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "tt_oki_modules", "tt_oki_cost",
-           "resolve_tt_view", "is_tt", "export_tt", "tt_macs_warning"]
+           "resolve_tt_view", "is_tt", "export_tt", "tt_macs_warning",
+           "tt_layer_macs_per_position"]
 
 log = logging.getLogger(__name__)
 
