@@ -202,6 +202,10 @@ def shrink_warning(module: nn.Module, constraint: Constraint, view: View, shape)
     c = getattr(constraint, "export_as", constraint)
     if getattr(c, "sized_at_export", False):
         return None
+    if isinstance(c, TTRank):
+        from .tt_layers import tt_macs_warning  # local: tt_layers registers a complexity counter on import
+
+        return tt_macs_warning(module, c, view, shape)
     if isinstance(c, LowRank) and not isinstance(view, TTView):
         vs = tuple(view.viewed_shape(tuple(shape)))
         if len(vs) != 2:

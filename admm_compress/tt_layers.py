@@ -6,6 +6,11 @@
 * ``"eq9"`` (:class:`TTView`, the literal reading of RASPA Eq. 9): :class:`TTConv2d` /
   :class:`TTLinear` below, evaluated core by core (a registered MAC counter).
 
+Every exported TT layer (:class:`TTConv2d`, :class:`TTLinear`, the stock chains) runs under
+``torch.jit.script`` and ``torch.export.export`` with the eager outputs.  A plain
+:class:`TTRank` spec whose TT layer would cost more MACs than the dense one is reported at
+``prepare`` (:func:`tt_macs_warning`).
+
 The exporter (:func:`export_tt`) is registered explicitly by :mod:`admm_compress.export` next to
 the built-in ones.
 
@@ -46,7 +51,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
@@ -58,7 +63,8 @@ from .sets.base import Constraint
 from .views import TTOKIView, TTView, View
 
 __all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "tt_oki_modules", "tt_oki_cost",
-           "resolve_tt_view", "is_tt", "export_tt"]
+           "resolve_tt_view", "is_tt", "export_tt", "tt_macs_warning",
+           "tt_layer_macs_per_position"]
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +156,7 @@ class TTConv2d(nn.Module):
         self.padding = padding if isinstance(padding, str) else _pair(padding, "padding")
         K = self.kernel_size[0] * self.kernel_size[1]
         self.has_spatial_core = K > 1
+        self._first_channel_core = 1 if K > 1 else 0
         cores = [c.detach() for c in cores]
         expected = ([K] if K > 1 else []) + [o * i for o, i in zip(self.out_factors, self.in_factors)]
         if len(cores) != len(expected):
@@ -170,6 +177,9 @@ class TTConv2d(nn.Module):
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
+
+    # torch.jit.script compiles properties unless listed here (``ranks`` is for inspection only)
+    __jit_unused_properties__ = ["ranks"]
 
     # ------------------------------------------------------------------ info
     @property
@@ -198,47 +208,55 @@ class TTConv2d(nn.Module):
                 f"in_factors={self.in_factors}, ranks={self.ranks}, bias={self.bias is not None}")
 
     # --------------------------------------------------------------- forward
-    def _spatial(self, x: torch.Tensor):
+    # Written for torch.jit.script as well as eager / torch.export: no augmented integer
+    # assignment, no starred arguments, no super() call, no slicing of the ParameterList.
+    def _spatial(self, x: torch.Tensor) -> Tuple[torch.Tensor, int, int, int]:
         """Step 1: ``(N, I, H, W)`` -> ``(N, r_1, I, P)`` and the output size."""
         N, I = x.shape[0], x.shape[1]
         if self.has_spatial_core:
             c0 = self.cores[0]  # (1, K, r1)
             r1 = c0.shape[2]
-            w0 = c0.reshape(-1, r1).t().reshape(r1, 1, *self.kernel_size)
+            w0 = c0.reshape(-1, r1).t().reshape(r1, 1, self.kernel_size[0], self.kernel_size[1])
             z = F.conv2d(x.reshape(N * I, 1, x.shape[2], x.shape[3]), w0, None, self.stride,
                          self.padding, self.dilation)
             Ho, Wo = z.shape[-2], z.shape[-1]
             return z.reshape(N, I, r1, Ho * Wo).transpose(1, 2), r1, Ho, Wo
-        # 1x1 kernel: padding + stride only (dilation is irrelevant)
-        if isinstance(self.padding, str):
-            pad = (0, 0)
-        else:
-            pad = self.padding
-        if pad != (0, 0):
-            x = F.pad(x, (pad[1], pad[1], pad[0], pad[0]))
-        if self.stride != (1, 1):
+        # 1x1 kernel: padding + stride only (dilation is irrelevant; "valid"/"same" pad nothing)
+        if not isinstance(self.padding, str):
+            ph, pw = self.padding[0], self.padding[1]
+            if ph != 0 or pw != 0:
+                x = F.pad(x, [pw, pw, ph, ph])
+        if self.stride[0] != 1 or self.stride[1] != 1:
             x = x[:, :, ::self.stride[0], ::self.stride[1]]
         Ho, Wo = x.shape[-2], x.shape[-1]
         return x.reshape(N, 1, I, Ho * Wo), 1, Ho, Wo
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_conv(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
         z, r, Ho, Wo = self._spatial(x)
         P = Ho * Wo
-        B, rest = N, self.in_channels
-        channel_cores = list(self.cores)[1:] if self.has_spatial_core else list(self.cores)
-        for j, core in enumerate(channel_cores):
-            o, i = self.out_factors[j], self.in_factors[j]
-            r_next = core.shape[2]
-            rest //= i
-            z = z.reshape(B, r * i, rest, P)
-            w = core.reshape(r, o, i, r_next).permute(1, 3, 0, 2).reshape(o * r_next, r * i, 1, 1)
-            z = F.conv2d(z, w)  # (B, o * r_next, rest, P): memory order (B, o, r_next, i_{j+1}, ...)
-            B, r = B * o, r_next
+        B = N
+        rest = self.in_channels
+        j = 0
+        for k, core in enumerate(self.cores):  # unrolled by TorchScript: no continue
+            if k >= self._first_channel_core:
+                o, i = self.out_factors[j], self.in_factors[j]
+                r_next = core.shape[2]
+                rest = rest // i
+                z = z.reshape(B, r * i, rest, P)
+                w = core.reshape(r, o, i, r_next).permute(1, 3, 0, 2).reshape(o * r_next, r * i, 1, 1)
+                z = F.conv2d(z, w)  # (B, o * r_next, rest, P): memory order (B, o, r_next, i_{j+1}, ...)
+                B = B * o
+                r = r_next
+                j = j + 1
         y = z.reshape(N, self.out_channels, Ho, Wo)
-        if self.bias is not None:
-            y = y + self.bias.reshape(1, -1, 1, 1)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias.reshape(1, -1, 1, 1)
         return y
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward_conv(x)
 
 
 class TTLinear(TTConv2d):
@@ -264,9 +282,10 @@ class TTLinear(TTConv2d):
                 f"bias={self.bias is not None}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = super().forward(x.reshape(-1, self.in_features, 1, 1))
-        return y.reshape(*lead, self.out_features)
+        shape = list(x.shape)
+        shape[-1] = self.out_features
+        y = self._forward_conv(x.reshape(-1, self.in_features, 1, 1))
+        return y.reshape(shape)
 
 
 # ----------------------------------------------------------------- complexity counter
@@ -412,6 +431,63 @@ def tt_oki_cost(shape: Sequence[int], ranks: Sequence[int], in_positions: int = 
         params = r2 * I + r1 * K * r2 + O * r1
         macs = r2 * I * in_positions + (r1 * K * r2 + O * r1) * out_positions
     return params + b, macs + b * out_positions
+
+
+# ----------------------------------------------------------------- prepare-time MACs check
+def _pads(m: nn.Module) -> bool:
+    pad = getattr(m, "padding", 0)
+    if isinstance(pad, str):
+        return False
+    return any(int(p) != 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,)))
+
+
+def tt_layer_macs_per_position(module: nn.Module, constraint: TTRank, view: View,
+                               shape: Sequence[int]) -> tuple[int, int]:
+    """``(TT MACs, dense MACs)`` per output position of the layer ``export`` builds (no bias).
+
+    ``"oki"``: :func:`tt_oki_cost` (the first 1x1 map of a convolution runs at the input
+    resolution, ``prod(stride)`` input positions per output position); ``"eq9"``:
+    :func:`tt_conv_macs_per_position`.  Dense: ``O I K``.
+    """
+    shape = tuple(int(s) for s in shape)
+    O, I, K = shape[0], shape[1], math.prod(shape[2:])
+    tv = resolve_tt_view(view, shape)
+    ranks = constraint.rank_for(tuple(tv.viewed_shape(shape)))
+    if isinstance(tv, TTOKIView):
+        stride = math.prod(getattr(module, "stride", (1,)))
+        macs = tt_oki_cost(shape, ranks, in_positions=stride, padded=_pads(module))[1]
+    else:
+        macs = tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
+    return int(macs), O * I * K
+
+
+def tt_macs_warning(module: nn.Module, constraint: Constraint, view: View, shape: Sequence[int]) -> str | None:
+    """A prepare-time message when a plain :class:`TTRank` spec's TT layer costs more MACs per
+    output position than the dense layer (None: it does not, or this is not a TT weight).
+
+    Called by :func:`admm_compress.exportable.shrink_warning` (logged as a WARNING by
+    ``Solver.prepare`` before any training, prefixed with the spec and the layer name).  RASPA's
+    ``L + S`` constraint is checked by :meth:`RaspaSolver.prepare` itself (with ``S``'s cost).
+    """
+    if not isinstance(constraint, TTRank) or getattr(view, "name", None) != "tt":
+        return None
+    if not isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+        return None
+    try:
+        tt, dense = tt_layer_macs_per_position(module, constraint, view, shape)
+    except (ValueError, TypeError):  # a shape the view refuses is reported by its own check
+        return None
+    if tt <= dense:
+        return None
+    tv = resolve_tt_view(view, tuple(shape))
+    layout = getattr(tv, "layout", "eq9")
+    ranks = constraint.rank_for(tuple(tv.viewed_shape(tuple(shape))))
+    alt = ("" if layout == "oki" else
+           ", or the 'oki' layout (view=TTView.oki(); 3 stock convs, usually far fewer MACs)")
+    return (f"its TT form ({layout} layout, ranks {tuple(ranks)}) costs {tt} MACs per output position, "
+            f"more than the dense layer's {dense} (weight {'x'.join(map(str, shape))}); use smaller TT "
+            f"ranks{alt}, or ranks from a MACs budget (methods.raspa.tt_ranks_for_budget(model, "
+            f"reduction, 'macs'))")
 
 
 # ----------------------------------------------------------------- exporter

@@ -222,6 +222,34 @@ def test_prepare_warns_with_numbers_when_tt_costs_more_macs_than_dense(caplog):
     assert len(msgs) == 1 and "layer '0'" in msgs[0] and "3046" in msgs[0] and "2304" in msgs[0]
 
 
+@pytest.mark.parametrize("layout", TT_LAYOUTS)
+def test_plain_ttrank_spec_warns_at_prepare_when_tt_costs_more_macs_than_dense(layout, caplog):
+    from admm_compress.tt_layers import tt_layer_macs_per_position
+
+    net = nn.Sequential(nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3), nn.Linear(16, 16))
+    view = TTView.oki() if layout == "oki" else TTView((4, 4), (4, 4))
+    big = (16, 16) if layout == "oki" else 8   # oki: 16*16 + 16*9*16 + 16*16 = 2816 > 2304 per position
+    spec = [ac.Constrain("0", ac.TTRank(big), view=view), ac.Constrain("1", ac.TTRank(2), view=view),
+            ac.Constrain("2", ac.TTRank(2), view=view)]
+    # the counts the message must carry, computed independently of the warning
+    tt_big, dense = tt_layer_macs_per_position(net[0], ac.TTRank(big), view, (16, 16, 3, 3))
+    assert dense == 16 * 16 * 9 and tt_big > dense
+    if layout == "oki":
+        assert tt_big == 16 * 16 + 16 * 9 * 16 + 16 * 16
+    for name in ("1", "2"):
+        m = net.get_submodule(name)
+        assert tt_layer_macs_per_position(m, ac.TTRank(2), view, tuple(m.weight.shape))[0] <= m.weight.numel()
+    solver = ac.Solver(spec)
+    with caplog.at_level(logging.WARNING):
+        solver.prepare(net)  # before any training step
+    msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(msgs) == 1, msgs
+    m = msgs[0]
+    assert "layer '0'" in m and f"{tt_big} MACs" in m and f"{dense}" in m
+    assert "smaller TT ranks" in m and "tt_ranks_for_budget" in m
+    assert ("TTView.oki()" in m) == (layout == "eq9")
+
+
 # ----------------------------------------------------------- per-layer ranks and densities
 def test_per_layer_ranks_and_densities_by_glob():
     net = ac.models.resnet20()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import admm_compress as ac
-from admm_compress.methods.raspa_tables import TABLE1, paper_setting
+from admm_compress.methods.raspa_tables import TABLE1, paper_setting, table1_flops_reduction
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "raspa_table1.py")
 
@@ -34,6 +34,14 @@ def test_resnet20_parameter_reduction_matches_table1(which):
         r1, r2 = min(r1, O), min(r2, I, 9 * r1)
         by_hand += O * r1 + 9 * r1 * r2 + r2 * I + round(dens[name] * 9 * O * I) - 9 * O * I
     assert res["counted_red"] == pytest.approx(100 * (1 - by_hand / dense_total), abs=1e-9)
+    # Table 1's FLOPs column: the parameter reduction of the compressed layers alone
+    # (table1_flops_reduction), within Table 1's rounding (0.5 points)
+    assert abs(res["paper_flops_red"] - TABLE1[("resnet20", which)][1]) <= 0.5
+    assert res["paper_flops_red"] == pytest.approx(100 * (dense_total - by_hand) / sum(
+        net.get_submodule(n).weight.numel() for n in tt), abs=1e-9)
+    # the real count (each layer at its output positions) is far below it: the early,
+    # high-resolution stage is compressed least
+    assert res["layers_macs_red"] < res["paper_flops_red"] - 5
     # the exported model is never larger than the count (an L branch larger than its dense kernel
     # stays dense: Model II's first layer, ranks (16, 16)); equal for Model I
     assert res["params_red"] >= res["counted_red"] - 1e-9
@@ -44,3 +52,19 @@ def test_resnet20_parameter_reduction_matches_table1(which):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(res["exported"](x), res["net"](x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("which", ["I", "II"])
+def test_resnet56_flops_column_by_table1_convention(which):
+    """Table 9's settings, counted by hand into layer_costs-like rows: Table 1's FLOPs column."""
+    tt, dens = paper_setting("resnet56", which)
+    net = ac.models.resnet56()
+    rows = []
+    for name, (r1, r2) in tt.items():
+        O, I = net.get_submodule(name).weight.shape[:2]
+        r1, r2 = min(r1, O), min(r2, I, 9 * r1)
+        rows.append({"params": O * r1 + 9 * r1 * r2 + r2 * I + round(dens[name] * 9 * O * I),
+                     "dense_params": 9 * O * I})
+    assert abs(table1_flops_reduction(rows) - TABLE1[("resnet56", which)][1]) <= 0.5
+    with pytest.raises(ValueError, match="no compressed layer"):
+        table1_flops_reduction([])

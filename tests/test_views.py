@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from admm_compress.views import (VIEWS, ChannelView, IdentityView, MatrixView, SpatialView, TTView,
+from admm_compress.sets import TTRank
+from admm_compress.views import (TT_LAYOUTS, VIEWS, ChannelView, IdentityView, MatrixView, SpatialView, TTView,
                                  View, balanced_factors, check_module, get_view)
 
 SHAPES = [(6, 4), (6, 4, 3), (6, 4, 3, 3), (6, 4, 3, 2), (6, 4, 2, 3, 2)]
@@ -18,7 +19,7 @@ SHAPES = [(6, 4), (6, 4, 3), (6, 4, 3, 3), (6, 4, 3, 2), (6, 4, 2, 3, 2)]
 
 def _views_for(shape):
     out = [VIEWS["matrix"], VIEWS["channel"], VIEWS["identity"],
-           TTView.auto(shape, 2), TTView((6,), (4,)), TTView((3, 2), (2, 2))]
+           TTView.auto(shape, 2), TTView((6,), (4,)), TTView((3, 2), (2, 2)), TTView.oki()]
     if len(shape) == 4:
         out.append(VIEWS["spatial"])
     return out
@@ -41,6 +42,38 @@ def test_round_trip_every_view(shape):
         u = torch.randn(v.viewed_shape(shape))
         assert torch.equal(v.to(v.back(u, shape)), u)
     assert torch.equal(w, w0)
+
+
+def _tt_views_for(shape):
+    return [v for v in _views_for(shape) if v.name == "tt"]
+
+
+def test_tt_views_cover_every_layout():
+    for shape in SHAPES:
+        assert {getattr(v, "layout", "eq9") for v in _tt_views_for(shape)} == set(TT_LAYOUTS)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("rank", [1, 2])
+def test_ttrank_contract_through_every_tt_view(shape, rank):
+    """TTRank seen through every TT view (every layout): Oseledets' quasi-optimality bound
+    ``||W - P(W)||^2 <= sum_k eps_k^2`` (``eps_k``: best rank-``r_k`` error of unfolding ``k``,
+    Eckart-Young) and idempotence ``P(P(W)) = P(W)`` up to the rounding of a second TT-SVD."""
+    torch.manual_seed(0)
+    w = torch.randn(shape, dtype=torch.float64)
+    s = TTRank(rank)
+    for v in _tt_views_for(shape):
+        x = v.to(w)
+        if x.dim() < 2:
+            continue
+        eff = s.rank_for(x.shape)
+        p = v.back(s.project(x), shape)
+        eps2 = 0.0
+        for k, r in enumerate(eff, start=1):
+            sv = torch.linalg.svdvals(x.reshape(math.prod(x.shape[:k]), -1))
+            eps2 += float(sv[r:].pow(2).sum())
+        assert float((p - w).norm()) ** 2 <= eps2 * (1 + 1e-9) + 1e-20, v
+        torch.testing.assert_close(v.back(s.project(v.to(p)), shape), p, rtol=1e-9, atol=1e-9, msg=repr(v))
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)

@@ -31,6 +31,14 @@ End (Algorithm 1, lines 11-12): :meth:`Solver.finalize` projects ``L`` onto the 
 ``S`` onto the cardinality set; :func:`admm_compress.export` builds, per layer,
 ``SumBranches(L chain, SparseConv2d(S))``, the L chain being three stock convolutions for the
 ``"oki"`` layout (:func:`~admm_compress.tt_layers.tt_oki_modules`) or a ``TTConv2d`` for ``"eq9"``.
+How the ``S`` branch runs: ``SparseConv2d`` keeps its weight dense with a 0/1 mask; by default
+(``kernel="dense"``) it runs a dense convolution, costing the dense layer's ``O I K`` MACs per
+position whatever the density (ptflops counts it at its non-zeros, ``complexity(...,
+backend="aten")`` at what runs), so ``L + S`` is then *slower* than the dense layer.
+:func:`admm_compress.select_kernels` times each sparse branch with a ``torch.sparse_csr`` kernel
+(im2col + CSR product, ``nnz`` MACs per position plus the unfold) and keeps the faster one
+(eager CPU inference only; scripted/exported graphs run the dense kernel).  Measured on
+ResNet-56 / VGG-16 at density 0.05: ``docs/results/tt_latency.md``.
 Per-layer ranks/densities (Tables 8-10: :mod:`admm_compress.methods.raspa_tables`) and ranks from
 a budget (:func:`tt_ranks_for_budget`) are supported.
 Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-zero entries of
