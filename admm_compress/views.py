@@ -40,7 +40,7 @@ from __future__ import annotations
 import abc
 
 import math
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -401,6 +401,100 @@ class TTOKIView(View):
 
     def __repr__(self) -> str:
         return "TTView.oki()"
+
+
+class AutoTTView(View):
+    """RASPA Eq. 9 tensorization whose channel factorizations are chosen per weight shape
+    (the default view of :func:`admm_compress.methods.raspa` and ``admm_tt``).
+
+    One spec covers layers of different widths, so the fixed :class:`~admm_compress.views.TTView`
+    is picked per shape ``(O, I, *k)`` by :meth:`for_shape`:
+
+    * ``d`` (number of channel modes): as given; otherwise from the length ``m`` of a tuple of
+      target ranks (the viewed tensor has ``m + 1`` modes: ``d = m`` for a ``kh x kw > 1``
+      kernel, whose kernel mode comes first, ``d = m + 1`` for a 1x1 kernel); otherwise 2
+      (RASPA Tables 8-11 use three-way tensors ``(1, r_1, r_2, 1)``).
+    * factors: ``None`` -> :func:`~admm_compress.views.balanced_factors` of ``O`` and ``I``
+      into ``d`` factors; a pair ``(out_factors, in_factors)`` for every layer; or a mapping
+      ``{channels: factors}`` giving the factorization of each channel count.
+
+    Parameters
+    ----------
+    d : int, optional
+    factors : None, pair of tuples, or mapping int -> tuple
+    n_ranks : int, optional
+        Length of the target rank tuple (used when ``d`` is None).
+    """
+
+    name = "tt"
+
+    def __init__(self, d: int | None = None, factors: Any = None, n_ranks: int | None = None):
+        self.d = None if d is None else check_int("d", d, low=1, where="AutoTTView")
+        self.n_ranks = None if n_ranks is None else check_int("n_ranks", n_ranks, low=1, where="AutoTTView")
+        if factors is not None and not isinstance(factors, Mapping):
+            if not (isinstance(factors, (tuple, list)) and len(factors) == 2
+                    and all(isinstance(f, (tuple, list)) for f in factors)):
+                raise TypeError(f"AutoTTView: factors must be None, a pair (out_factors, in_factors) "
+                                f"of int tuples, or a mapping {{channels: factors}}, got {factors!r}")
+            factors = (tuple(factors[0]), tuple(factors[1]))
+        elif isinstance(factors, Mapping):
+            factors = {check_int("factors key", k, low=1, where="AutoTTView"): tuple(v)
+                       for k, v in factors.items()}
+        self.factors = factors
+        self._cache: dict[tuple, TTView] = {}
+
+    def _d_for(self, shape) -> int:
+        if self.d is not None:
+            return self.d
+        if self.n_ranks is not None:
+            K = math.prod(shape[2:])
+            return self.n_ranks if K > 1 else self.n_ranks + 1
+        return 2
+
+    def for_shape(self, shape: Sequence[int], where: str | None = None) -> TTView:
+        """The :class:`TTView` for a weight of ``shape`` (raises naming ``where`` if impossible)."""
+        shape = tuple(int(s) for s in shape)
+        if shape in self._cache:
+            return self._cache[shape]
+        if len(shape) < 2:
+            raise ValueError(f"{where_prefix(where)}TT view needs a weight (O, I, *k), got shape {shape}")
+        O, I = shape[0], shape[1]
+        d = self._d_for(shape)
+        if self.factors is None:
+            of, inf = balanced_factors(O, d), balanced_factors(I, d)
+        elif isinstance(self.factors, tuple):
+            of, inf = self.factors
+        else:
+            missing = [c for c in (O, I) if c not in self.factors]
+            if missing:
+                raise ValueError(f"{where_prefix(where)}factors has no factorization for {missing[0]} channels "
+                                 f"(weight shape {shape}); given for {sorted(self.factors)}")
+            of, inf = self.factors[O], self.factors[I]
+        for nm, f, n in (("out", of, O), ("in", inf, I)):
+            if math.prod(f) != n:
+                raise ValueError(f"{where_prefix(where)}cannot factor the {n} {nm}put channels as {tuple(f)} "
+                                 f"(product {math.prod(f)}; weight shape {shape})")
+            if (self.d is not None or self.n_ranks is not None) and len(f) != d:
+                raise ValueError(f"{where_prefix(where)}{nm}put factors {tuple(f)} have {len(f)} entries but the "
+                                 f"tensorization of weight shape {shape} needs d={d}")
+        view = TTView(of, inf)
+        self._cache[shape] = view
+        return view
+
+    def check(self, shape, where=None):
+        self.for_shape(shape, where).check(shape, where)
+
+    def viewed_shape(self, shape):
+        return self.for_shape(shape).viewed_shape(shape)
+
+    def to(self, w):
+        return self.for_shape(w.shape).to(w)
+
+    def back(self, t, shape):
+        return self.for_shape(shape).back(t, shape)
+
+    def __repr__(self):
+        return f"AutoTTView(d={self.d}, factors={self.factors})"
 
 
 #: The named tensor-train layouts (``methods.raspa(layout=...)``, ``solvers/admm_tt``).
