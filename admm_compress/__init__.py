@@ -18,7 +18,7 @@ from .solver import History, Solver
 from . import trainer
 from .penalty import AdaptiveRho, GeometricRho
 from .export import ExportError, export, register_exporter
-from . import tt_layers as _tt_layers  # registers the TT exporter and its MAC counter
+from . import layers  # the compact layers; registers their MAC counters
 from . import attention  # attention modules that call their (compressed) projections
 from .complexity import complexity, latency
 from .training import evaluate
@@ -42,6 +42,6 @@ def __getattr__(name):  # heavy sub-packages on first use: `ac.methods`, `ac.mod
 __all__ = [
     "LowRank", "Cardinality", "TTRank", "SchattenP", "Sum", "ConstraintSet", "Penalty",
     "Constrain", "resolve", "describe", "Solver", "Compressor", "trainer", "History", "export", "register_exporter",
-    "complexity", "latency", "evaluate", "storage_bytes", "saved_bytes", "select_kernels", "sets", "views", "methods", "models", "data", "attention",
+    "complexity", "latency", "evaluate", "layers", "storage_bytes", "saved_bytes", "select_kernels", "sets", "views", "methods", "models", "data", "attention",
 ]
 __all__ += ["AdaptiveRho", "GeometricRho"]

@@ -19,8 +19,8 @@ Cardinality         any                    ``SparseLinear`` / ``SparseConv*d`` (
                                            output filters + ``IndexScatter``; ``group_dim=1``:
                                            ``IndexSelect`` + fewer input channels
 Sum(a, b)           any                    ``SumBranches(export_a, export_b)`` (bias in one branch)
-TTRank              ``TTView.oki()``       3 stock convs / 2 Linears (:func:`admm_compress.tt_layers.tt_oki_modules`)
-TTRank              ``TTView`` (eq9)       :class:`admm_compress.tt_layers.TTConv2d` / ``TTLinear``
+TTRank              ``TTView.oki()``       3 stock convs / 2 Linears (:func:`admm_compress.layers.tt.tt_oki_modules`)
+TTRank              ``TTView`` (eq9)       :class:`admm_compress.layers.tt.TTConv2d` / ``TTLinear``
 ==================  =====================  ==============================================
 
 After the swap, :func:`admm_compress.channels.remove_channels` deletes what structured sparsity
@@ -48,7 +48,7 @@ from .sets.base import Constraint
 from .specs import resolve, unwrap
 from .parametrizations import additive_components
 from .views import MATRIX_VIEWS, IdentityView, InputChannelView, MatrixView, SpatialView, View
-from . import tt_layers as _tt
+from .layers import tt as _tt
 
 __all__ = ["export", "register_exporter", "build_compact", "ExportError"]
 

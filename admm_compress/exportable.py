@@ -203,7 +203,7 @@ def shrink_warning(module: nn.Module, constraint: Constraint, view: View, shape)
     if getattr(c, "sized_at_export", False):
         return None
     if isinstance(c, TTRank):
-        from .tt_layers import tt_macs_warning  # local: tt_layers registers a complexity counter on import
+        from .layers.tt import tt_macs_warning  # local: layers imports export's modules
 
         return tt_macs_warning(module, c, view, shape)
     if isinstance(c, LowRank) and not isinstance(view, TTView):

@@ -22,7 +22,7 @@ name           viewed shape of a weight ``(O, I, *k)`` (conv) or ``(O, I)`` (lin
                  the 3-way tensor whose TT ranks ``(r_1, r_2)`` are RASPA Tables 8-10's
                  ``(1, r_1, r_2, 1)`` and reproduce Table 1's compression; a TT of it is
                  three stock convolutions ``1x1 I -> r_2``, ``kh x kw r_2 -> r_1``,
-                 ``1x1 r_1 -> O`` (:mod:`admm_compress.tt_layers`).  RASPA's default.
+                 ``1x1 r_1 -> O`` (:mod:`admm_compress.layers.tt`).  RASPA's default.
                * ``TTView(out_factors, in_factors)`` / ``TTView.eq9(...)`` (layout
                  ``"eq9"``): the literal reading of RASPA Eq. 9,
                  ``(prod(k), o_1 i_1, ..., o_d i_d)``.
@@ -231,7 +231,7 @@ class TTView(View):
 
     (The paper's tables are reproduced by the other named layout, :meth:`TTView.oki`; this one
     with Table 8's ranks stores 81.7 / 50.7 % fewer parameters on ResNet-20 instead of Table 1's
-    85.3 / 70.4 %, and its layer is a core-by-core contraction, :class:`~admm_compress.tt_layers.TTConv2d`.)
+    85.3 / 70.4 %, and its layer is a core-by-core contraction, :class:`~admm_compress.layers.tt.TTConv2d`.)
 
     With ``O = o_1 ... o_d`` (``out_factors``) and ``I = i_1 ... i_d`` (``in_factors``), the
     viewed tensor is
@@ -360,7 +360,7 @@ class TTOKIView(View):
     is, applied to an input, a 1x1 convolution ``I -> r_2`` (``G_3``), a ``kh x kw``
     convolution ``r_2 -> r_1`` (``G_2``; the layer's stride, padding and dilation) and a 1x1
     convolution ``r_1 -> O`` (``G_1``): three stock layers (see
-    :func:`admm_compress.tt_layers.tt_oki_modules`).  It stores ``O r_1 + r_1 K r_2 + r_2 I``
+    :func:`admm_compress.layers.tt.tt_oki_modules`).  It stores ``O r_1 + r_1 K r_2 + r_2 I``
     numbers and costs as many MACs per output position (``r_2 I`` of them at the input
     resolution).  Counting this way with the tables' ranks reproduces RASPA Table 1's
     parameter reductions (ResNet-20: 85.3 / 70.4 %, see ``examples/raspa_table1.py``).
@@ -623,7 +623,7 @@ def _check_tt_module(view: View, module: nn.Module, where: str | None) -> None:
     ``"oki"`` (:class:`TTOKIView`): ``nn.Linear`` and ``nn.Conv1d/2d/3d`` with any padding mode
     (groups/transposed are refused above).  ``"eq9"`` (:class:`TTView` and shape-dependent
     views with ``for_shape``): ``nn.Linear`` and ``nn.Conv2d`` with ``padding_mode='zeros'``
-    (:class:`~admm_compress.tt_layers.TTConv2d`).
+    (:class:`~admm_compress.layers.tt.TTConv2d`).
     """
     kind = type(module).__name__
     layout = getattr(view, "layout", "eq9")

@@ -191,11 +191,7 @@ def test_exported_model_torch_export_and_script(name):
     buf = copy.deepcopy(compact)  # the derived CSR cache does not break deepcopy
     with torch.no_grad():
         torch.testing.assert_close(buf(x), ref, rtol=0, atol=0)
-    if name == "tt":  # TTConv2d.forward uses `rest //= i`, which TorchScript does not compile
-        with pytest.raises(Exception, match="augmented assignment"):
-            torch.jit.script(compact)
-        return
-    scripted = torch.jit.script(compact)
+    scripted = torch.jit.script(compact)  # every kind, TTConv2d included (scriptable since issue 15)
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), ref, rtol=1e-5, atol=1e-5)
 

@@ -30,7 +30,7 @@ network function is unchanged; ``Z_L = trunc(L)``, ``Z_S = S``, ``U = V = 0``.
 End (Algorithm 1, lines 11-12): :meth:`Solver.finalize` projects ``L`` onto the TT-rank set and
 ``S`` onto the cardinality set; :func:`admm_compress.export` builds, per layer,
 ``SumBranches(L chain, SparseConv2d(S))``, the L chain being three stock convolutions for the
-``"oki"`` layout (:func:`~admm_compress.tt_layers.tt_oki_modules`) or a ``TTConv2d`` for ``"eq9"``.
+``"oki"`` layout (:func:`~admm_compress.layers.tt.tt_oki_modules`) or a ``TTConv2d`` for ``"eq9"``.
 How the ``S`` branch runs: ``SparseConv2d`` keeps its weight dense with a 0/1 mask; by default
 (``kernel="dense"``) it runs a dense convolution, costing the dense layer's ``O I K`` MACs per
 position whatever the density (ptflops counts it at its non-zeros, ``complexity(...,
@@ -58,7 +58,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .. import tt_layers
+from ..layers import tt as tt_layers
 from .._validation import check_choice, check_float, check_int
 from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
@@ -319,7 +319,7 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
         (:meth:`TTView.oki`), which reproduces RASPA Table 1's compression with Tables 8-10's
         ranks and exports to three stock convolutions.  ``"eq9"``: the literal reading of Eq. 9,
         ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`, exported as
-        :class:`~admm_compress.tt_layers.TTConv2d`).
+        :class:`~admm_compress.layers.tt.TTConv2d`).
     d : int, optional
         ``layout="eq9"`` only: number of channel factors (cores besides the kernel core).
         Default: from the length of ``tt_ranks`` (see :class:`AutoTTView`), else 2.

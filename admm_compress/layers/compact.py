@@ -68,7 +68,7 @@ class _SparseMixin:
         # graph inputs to them): only the default, saved form is compact
         if keep_vars or prefix + "weight" not in destination or prefix + "mask" not in destination:
             return
-        from .storage import encode_support
+        from ..storage import encode_support
 
         w = destination.pop(prefix + "weight").detach()
         mask = destination.pop(prefix + "mask").detach()
@@ -79,7 +79,7 @@ class _SparseMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        from .storage import SUPPORT_KEYS, decode_support
+        from ..storage import SUPPORT_KEYS, decode_support
 
         vkey = prefix + "weight_values"
         fmts = [f for f, keys in SUPPORT_KEYS.items() if all(prefix + "weight_" + k in state_dict for k in keys)]
@@ -330,8 +330,10 @@ def _scatter_macs(module, inputs, output) -> int:
     return output.numel() if module.fill is not None else 0
 
 
-def _register_counters():
-    from .complexity import register_counter
+def register_counters() -> None:
+    """Teach :func:`admm_compress.complexity` these layers' MACs and parameters (called once by
+    :mod:`admm_compress.layers`)."""
+    from ..complexity import register_counter
 
     for cls in (SparseLinear, SparseConv1d, SparseConv2d):
         register_counter(cls, _sparse_macs, _sparse_params)
@@ -340,5 +342,3 @@ def _register_counters():
     # costs one MAC per output element (ptflops' convention for a dense layer's bias)
     register_counter(IndexScatter, _scatter_macs, lambda m: m.fill.numel() if m.fill is not None else 0)
 
-
-_register_counters()
