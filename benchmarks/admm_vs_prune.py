@@ -155,15 +155,47 @@ def spec_for(problem, kind, amount):
     return specs
 
 
+def _in_order(loader):
+    """The loader's data in order, without touching its shuffling state (so the run's batch order
+    is the same with or without this measurement)."""
+    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
+
+
+def bn_recalibrated_accuracy(model, train, test):
+    """Test accuracy of a copy of ``model`` with its BatchNorm statistics re-estimated by one
+    train-mode pass over ``train`` (what the eval-mode number would be without stale statistics);
+    ``None`` without BatchNorm.  Uses a private generator state: the caller's RNG is untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return None
+    m2 = copy.deepcopy(model)
+    for m in m2.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None
+    m2.train()
+    with torch.random.fork_rng(), torch.no_grad():
+        for x, _ in train:
+            m2(x)
+    return evaluate(m2, test)["accuracy"]
+
+
 def run_admm(problem, seed, lr, kind, amount, **solver_kw):
     P = PROBLEMS[problem]
     model, train, test, dense = pretrained(problem, seed)
     solver = ac.Solver(spec_for(problem, kind, amount), **solver_kw)
     t0 = time.perf_counter()
+    before_recal = {}
+
+    def last_epoch(_solver, m, rec):  # the accuracy just before the projection, BN statistics refreshed
+        if rec["phase"] == "train" and rec["epoch"] == P["E"] - P["F"] - 1:
+            before_recal["acc"] = bn_recalibrated_accuracy(m, _in_order(train), test)
+
     h = solver.fit(model, train, epochs=P["E"] - P["F"], finetune_epochs=P["F"], lr=lr, val_loader=test,
-                   progress=False)
+                   progress=False, callbacks=[last_epoch])
     rhos = [u["rho"] for u in h.updates]
     return {"acc": h.final["after_finetune"]["accuracy"], "before_finalize": h.final["before_finalize"]["accuracy"],
+            "before_finalize_bn_recal": before_recal.get("acc"),
             "after_finalize": h.final["after_finalize"]["accuracy"], "projection_distance": h.final["projection_distance"],
             "final_primal": h.updates[-1]["primal"] if h.updates else None,
             "rho_first": rhos[0] if rhos else None, "rho_last": rhos[-1] if rhos else None,
