@@ -304,6 +304,16 @@ def _fmt(xs):
     return f"{m:.2f} ({', '.join(f'{x:.1f}' for x in xs)})"
 
 
+def _before(rs):
+    """Mean eval-mode accuracy just before the final projection, and in brackets with the
+    BatchNorm statistics re-estimated (where the model has BatchNorm and it was measured)."""
+    text = f"{_mean([r['before_finalize'] for r in rs]):.1f}"
+    rec = [r["before_finalize_bn_recal"] for r in rs if r.get("before_finalize_bn_recal") is not None]
+    if rec and len(rec) == len(rs):
+        text += f" ({_mean(rec):.1f} BN recal.)"
+    return text
+
+
 def report(cache, out, note):
     rows = list(cache.values())
 
@@ -320,7 +330,8 @@ def report(cache, out, note):
              "finetune_epochs=F, lr=lr)` with nothing else set.", ""]
     problems = sorted({(r["problem"], r["kind"], r["amount"]) for r in rows if r["lr"] == 0.05})
     lines += ["## Main comparison (lr 0.05, Z/U once per epoch)", "",
-              "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection | "
+              "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection (BN "
+              "recalibrated after it in fit) | "
               "dense | default >= peer? |", "|---|---|---|---|---|---|---|---|"]
     for prob, kind, amount in problems:
         ours = sel(problem=prob, kind=kind, amount=amount, lr=0.05, method="admm_auto")
@@ -333,10 +344,10 @@ def report(cache, out, note):
             if not pr:
                 continue
             oa, pa = [r["acc"] for r in ours], [r["acc"] for r in pr]
-            ba = _mean([r["before_finalize"] for r in ours])
+            ba = _before(ours)
             aa = _mean([r["after_finalize"] for r in ours])
             ok = "yes" if _mean(oa) >= _mean(pa) else "**no**"
-            lines.append(f"| {prob} | {what} | {p} | {_fmt(pa)} | {_fmt(oa)} | {ba:.1f} / {aa:.1f} | "
+            lines.append(f"| {prob} | {what} | {p} | {_fmt(pa)} | {_fmt(oa)} | {ba} / {aa:.1f} | "
                          f"{_mean([r['dense'] for r in ours]):.1f} | {ok} |")
     # robustness
     rob = [r for r in rows if r["method"] in ("admm_auto", "admm_auto_every10", "prune_layer", "prune_global")
@@ -392,7 +403,7 @@ def report(cache, out, note):
             lines.append(f"| {prob} | {kind} {amount:g} | {lr:g} | {m} | {_mean([r['rho_first'] for r in rs]):.3g} | "
                          f"{_mean([r['rho_last'] for r in rs]):.3g} | {_mean([r['final_primal'] for r in rs]):.2e} | "
                          f"{_mean([r['projection_distance'] for r in rs]):.2e} | "
-                         f"{_mean([r['before_finalize'] for r in rs]):.1f} / {_mean([r['after_finalize'] for r in rs]):.1f} |")
+                         f"{_before(rs)} / {_mean([r['after_finalize'] for r in rs]):.1f} |")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
