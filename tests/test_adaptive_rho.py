@@ -285,3 +285,68 @@ def test_auto_rho_per_component_of_a_sum_raspa_default():
     assert set(s.rhos) == {"0.weight#L", "0.weight#S"}
     assert all(r > 0 for r in s.rhos.values()) and s.rho_schedule.calibrated
     assert h.final["feasible"]
+
+
+def _three_per_epoch_updates(sched, lr=0.05, beta=0.9, horizon=69, residual=0.7):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr, momentum=beta)
+    sched.observe_optimizer(opt)
+    sched.horizon = horizon
+    sched.snapshot({"w": torch.ones(8, 8)})
+    g = torch.full((8, 8), 0.01)
+    rho = sched.calibrate({"w": torch.ones(8, 8) - lr * g}, {"w": g}, {"w": torch.zeros(8, 8)})["w"]
+    rhos = []
+    for step in (horizon // 3, 2 * horizon // 3, horizon):  # the gap stays open
+        rho = sched.after_update({"w": rho}, {"w": residual}, step).get("w", rho)
+        rhos.append(rho)
+    return rhos
+
+
+@pytest.mark.parametrize("close_hard", [False, True])
+def test_horizon_floor_reaches_the_ceiling_with_few_updates(close_hard):
+    """With a known horizon and an open gap, rho follows at least the geometric path from its
+    calibrated start to the ceiling by ``close_at`` of the run, however few Z/U updates there are:
+    three per-epoch updates of a 3-epoch run (the factor-2 feedback alone ends at 8 rho0, below
+    the ceiling).  The ceiling is the damping one (``2 (1 - sqrt(beta))^2 / eta``) by default,
+    ``(1 - beta) / eta`` with ``close_hard``."""
+    lr, beta, horizon = 0.05, 0.9, 69
+    sched = ac.AdaptiveRho(close_hard=close_hard)
+    rhos = _three_per_epoch_updates(sched, lr, beta, horizon)
+    top = (1 - beta) / lr if close_hard else 2 * (1 - math.sqrt(beta)) ** 2 / lr
+    assert sched.hard_cap("w") == pytest.approx(top, rel=1e-12)
+    r0 = sched.rho0["w"]
+    assert top > 8 * r0  # the feedback alone could not get there
+    p = (horizon // 3) / (sched.close_at * horizon)
+    assert rhos[0] >= r0 * (top / r0) ** p * (1 - 1e-12)
+    assert rhos[-1] == pytest.approx(top, rel=1e-12)
+    assert rhos == sorted(rhos)
+
+
+def test_fit_recalibrates_batchnorm_after_the_final_projection():
+    """ADMM in fit: after finalize the BatchNorm running statistics are those of one train-mode
+    pass of the projected network over the training loader (cumulative average), not the
+    exponential average left from before the projection; momentum is restored."""
+    torch.manual_seed(0)
+    x = torch.randn(64, 3, 6, 6)
+    y = torch.randint(0, 3, (64,))
+    batches = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 3))
+    s = ac.Solver([ac.Constrain(nn.Conv2d, ac.Cardinality(density=0.2))])
+    s.fit(net, batches, epochs=2, progress=False)
+    bn = net[1]
+    assert bn.momentum == 0.1
+    ref = copy.deepcopy(net)
+    ref[1].reset_running_stats()
+    ref[1].momentum = None
+    ref.train()
+    with torch.no_grad():
+        for xb, _ in batches:
+            ref(xb)
+    torch.testing.assert_close(bn.running_mean, ref[1].running_mean)
+    torch.testing.assert_close(bn.running_var, ref[1].running_var)
+    # opting out keeps the training-time statistics (which differ from the recalibrated ones)
+    torch.manual_seed(0)
+    net2 = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16, 3))
+    s2 = ac.Solver([ac.Constrain(nn.Conv2d, ac.Cardinality(density=0.2))])
+    s2.recalibrate_bn = False
+    s2.fit(net2, batches, epochs=2, progress=False)
+    assert not torch.allclose(net2[1].running_var, ref[1].running_var)
