@@ -68,6 +68,7 @@ from .splitting import SPLITTINGS
 from .sets.base import Constraint
 from .specs import Binding, Constrain, describe, exact_glob, unwrap
 from .trainer import History
+from .training import recalibrate_bn
 
 __all__ = ["Solver", "History", "Slot"]
 
@@ -487,31 +488,11 @@ class Solver(Compressor):
         if (not self.recalibrate_bn or self.mode != "admm" or model is None or run is None
                 or getattr(run, "loader", None) is None):
             return
-        bns = [m for m in unwrap(model).modules()
-               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        net = unwrap(model)
+        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
         if not bns:
             return
-        from .training import move_batch
-
-        was = [(m.training, m.momentum) for m in bns]
-        training = model.training
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the pass
-        model.train()
-        amp = getattr(run, "amp", None)
-        n = 0
-        for batch in run.loader:
-            x, _ = move_batch(batch, run.device)
-            if amp is not None:
-                with amp.autocast():
-                    model(x)
-            else:
-                model(x)
-            n += 1
-        for m, (tr, mom) in zip(bns, was):
-            m.momentum = mom
-        model.train(training)
+        n = recalibrate_bn(net, run.loader, batches=None, device=run.device, amp=getattr(run, "amp", None))
         _broadcast_([t for m in bns for t in (m.running_mean, m.running_var)])
         log.info("recalibrated %d BatchNorm layer(s) on %d training batches after the final projection",
                  len(bns), n)

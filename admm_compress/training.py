@@ -388,7 +388,8 @@ def check_finite_loss(loss: torch.Tensor, epoch: int, step: int) -> None:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20, device: Any = None) -> int:
+def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20, device: Any = None,
+                   amp: "Amp | None" = None) -> int:
     r"""Recompute the running statistics of every BatchNorm of ``model`` on ``loader``.
 
     Each BN (with ``track_running_stats``) is reset and set to a cumulative average
@@ -409,6 +410,8 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20,
         At most this many batches (``None``: the whole loader).
     device : optional
         Where to run (default: the model's device).
+    amp : Amp, optional
+        Run the forward passes under this mixed-precision setting (as training did).
 
     Returns
     -------
@@ -433,11 +436,18 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20,
     n = 0
     try:
         for batch in loader:
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            if not isinstance(x, torch.Tensor):
+            if isinstance(batch, (list, tuple)):
+                x, _ = move_batch(batch, dev)
+            elif isinstance(batch, torch.Tensor):
+                x = batch.to(dev)
+            else:
                 raise TypeError(f"recalibrate_bn: batches must be tensors or (inputs, targets) pairs, "
-                                f"got {type(x).__name__}")
-            model(x.to(dev))
+                                f"got {type(batch).__name__}")
+            if amp is not None:
+                with amp.autocast():
+                    _call_model(model, x)
+            else:
+                _call_model(model, x)
             n += 1
             if batches is not None and n >= batches:
                 break  # before fetching another batch (a loader may load or augment on fetch)
@@ -450,3 +460,12 @@ def recalibrate_bn(model: nn.Module, loader: Iterable, batches: int | None = 20,
         raise ValueError("recalibrate_bn: bn_loader yielded no batch")
     log.info("recalibrated %d BatchNorm layer(s) on %d batch(es)", len(bns), n)
     return n
+
+
+def _call_model(model: nn.Module, x) -> Any:
+    """``model(x)``, ``model(*x)`` for a tuple of inputs, ``model(**x)`` for a dict."""
+    if isinstance(x, dict):
+        return model(**x)
+    if isinstance(x, tuple):
+        return model(*x)
+    return model(x)
