@@ -112,6 +112,20 @@ def _dense_numel(m: nn.Module) -> int:
 
 
 # ------------------------------------------------------------ low rank
+def _linear_pair(m: nn.Linear, U: torch.Tensor, V: torch.Tensor, bias) -> nn.Sequential:
+    """``Linear(in, r, no bias)`` with weight ``V`` then ``Linear(r, out)`` with weight ``U`` (and
+    the bias): the factored Linear of every low-rank split."""
+    r, fk = U.shape[-1], _factory(m)
+    first = nn.Linear(m.in_features, r, bias=False, **fk)
+    second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
+    with torch.no_grad():
+        first.weight.copy_(V)
+        second.weight.copy_(U)
+        if bias is not None:
+            second.bias.copy_(bias)
+    return nn.Sequential(first, second)
+
+
 def _is_lowrank(c: Constraint, v: View) -> bool:
     # "identity" reaches here only for 2-D (Linear) weights: exportable.refusal rejects it on convs
     return isinstance(c, (LowRank, SchattenP)) and isinstance(v, MATRIX_VIEWS)
@@ -130,14 +144,7 @@ def _export_lowrank(m: nn.Module, c: Constraint, v: View, factors, with_bias: bo
     bias = _bias(m, with_bias)
     fk = _factory(m)
     if isinstance(m, nn.Linear):
-        first = nn.Linear(m.in_features, r, bias=False, **fk)
-        second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
-        with torch.no_grad():
-            first.weight.copy_(V)
-            second.weight.copy_(U)
-            if bias is not None:
-                second.bias.copy_(bias)
-        return nn.Sequential(first, second)
+        return _linear_pair(m, U, V, bias)
     if not isinstance(m, _CONV):
         raise ExportError(f"low-rank export supports nn.Linear and nn.Conv1d/2d/3d, got {type(m).__name__}")
     if m.groups != 1:
@@ -279,17 +286,10 @@ def _export_input_channel(m: nn.Module, c, v, factors, with_bias: bool):
         r, U, V = 1, U.new_zeros(rows, 1), V.new_zeros(1, cols)
     if r * (rows + cols) >= rows * cols:
         return None
-    bias = getattr(m, "bias", None) if with_bias else None
-    fk = {"device": m.weight.device, "dtype": m.weight.dtype}
+    bias = _bias(m, with_bias)
+    fk = _factory(m)
     if isinstance(m, nn.Linear):
-        first = nn.Linear(m.in_features, r, bias=False, **fk)
-        second = nn.Linear(r, m.out_features, bias=bias is not None, **fk)
-        with torch.no_grad():
-            first.weight.copy_(V)
-            second.weight.copy_(U)
-            if bias is not None:
-                second.bias.copy_(bias)
-        return nn.Sequential(first, second)
+        return _linear_pair(m, U, V, bias)
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
     if type(m) not in convs:
         raise ExportError(f"input_channel low-rank export supports nn.Linear and nn.Conv1d/2d/3d, got "
