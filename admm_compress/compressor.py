@@ -178,12 +178,12 @@ class Compressor:
                 f"  {n}: {why}" for n, why in skipped)
         return text
 
-    def _repr_fields(self) -> str:
+    def repr_fields(self) -> str:
         return f"specs={len(self.spec)}"
 
     def __repr__(self) -> str:
         state = f", prepared on {len(self.bindings)} weight(s)" if getattr(self, "bindings", None) else ""
-        return f"{type(self).__name__}({self._repr_fields()}{state})"
+        return f"{type(self).__name__}({self.repr_fields()}{state})"
 
     # ------------------------------------------------------------------- state
     def state_keys(self) -> list[str]:

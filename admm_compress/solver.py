@@ -548,7 +548,7 @@ class Solver(Compressor):
                                  metric=b.spec.metric, name=f"{b.spec.name or 'spec'}:{b.name}"))
         return out
 
-    def _repr_fields(self) -> str:
+    def repr_fields(self) -> str:
         """The settings :meth:`__repr__` shows (subclasses name their own)."""
         rho = self.rho if self.rho == "auto" else f"{self.rho:g}"
         extra = f", rho={rho}" if self.mode == "admm" else ""

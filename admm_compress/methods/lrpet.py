@@ -190,9 +190,9 @@ class LRPETSolver(Solver):
                           LowRank(rank=b.constraint.rank_for(b.viewed_shape)), view=b.view,
                           name=f"lrpet:{b.name}") for b in self.bindings]
 
-    def _repr_fields(self) -> str:
+    def repr_fields(self) -> str:
         extra = f", rank_floor={self.rank_floor!r}" if self.rank_floor else ""
-        return super()._repr_fields() + extra
+        return super().repr_fields() + extra
 
 
 def lrpet(pruning_ratio: float = 0.6, *, energy_transfer: bool = True, bn_rectification: bool = True,

@@ -344,8 +344,8 @@ class TRPSolver(Solver):
         if sd.get("final_ranks"):
             self._pin(sd["final_ranks"])
 
-    def _repr_fields(self) -> str:
-        return (f"{super()._repr_fields()}, nuclear_weight={self.nuclear_weight:g}, "
+    def repr_fields(self) -> str:
+        return (f"{super().repr_fields()}, nuclear_weight={self.nuclear_weight:g}, "
                 f"skip_stem={self.skip_stem}, skip_1x1={self.skip_1x1}")
 
 

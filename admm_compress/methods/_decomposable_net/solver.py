@@ -402,7 +402,7 @@ class DecomposableNetSolver(AnySizeExport, Compressor):
         self.n_updates += 1
         return rec
 
-    def _repr_fields(self) -> str:
+    def repr_fields(self) -> str:
         return (f"rank_ratio=({self.alpha_l:g}, {self.alpha_u:g}), lam={self.lam:g}, "
                 f"criterion={self.criterion!r}, rank_rule={self.rank_rule!r}, specs={len(self.spec)}")
 

@@ -337,7 +337,7 @@ class LoRITaSolver(Compressor):
             return torch.optim.Adam(groups, lr=lr)
         return torch.optim.SGD(groups, lr=lr, momentum=self.momentum)
 
-    def _repr_fields(self) -> str:
+    def repr_fields(self) -> str:
         return (f"n_factors={self.n_factors}, weight_decay={self.weight_decay:g}, "
                 f"truncation={self.truncation!r}, specs={len(self.spec)}")
 
