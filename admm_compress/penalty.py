@@ -92,21 +92,6 @@ class AdaptiveRho:
        no decrease once the target has reached ``r_end``: the duals then close the rest, so on
        a problem with an exact answer the residual keeps falling to zero).
 
-    4. **Horizon floor.**  With a known horizon, while the gap is open rho is at least
-       ``rho_l^0 (c_l / rho_l^0)^{min(1, t / (close_at T))}``: the geometric path from the
-       calibrated start to the ceiling ``c_l`` by ``close_at`` of the run, whatever the number of
-       Z/U updates.  Without it the feedback (at most ``factor`` per update) needs many updates:
-       a 3-epoch run with Z/U once per epoch (digits32 ResNet-20, lr 0.05) has 2 updates that
-       act, so rho ended at 0.06 (calibrated 0.003-0.016, ceiling 0.105) with the relative gap
-       still 0.71; the projection moved the weights by 0.65 and one fine-tuning epoch ended at
-       14 %.  With the floor rho reaches the ceiling, the gap falls to 0.22 and the run ends at
-       72 % (seed 0, density 0.1; pruning + fine-tuning: 99.4 %).
-       ``close_hard=True`` lets the floor climb past the damping ceiling to ``eta * rho = 1 -
-       beta``; measured (seed 0, lr 0.05): it closes the gap faster but costs training accuracy
-       -- ResNet-20 at density 0.1 fell to 68 % train accuracy during ADMM (BatchNorm makes a conv
-       weight's loss scale-invariant, so the penalty shrinks ``W`` and the effective step
-       ``eta / ||W||^2`` grows), the digits FCN-8 lost 3 points at density 0.05 -- so it is off.
-
     This is residual balancing (Boyd et al. 2011, Sec. 3.4.1; He, Yang & Wang 2000) with the
     dual residual replaced by a schedule: in network training the W-step is a few noisy SGD
     steps and the Z-step of a cardinality or rank set jumps when the support changes, so the
@@ -134,9 +119,6 @@ class AdaptiveRho:
         Target factor per update when no horizon is known (0.7).
     rho_max : float, optional
         An extra absolute ceiling.
-    close_hard : bool
-        The horizon floor climbs to ``eta * rho = 1 - beta`` instead of the damping ceiling
-        (off by default; see 4.).
     lift : bool
         In the closing phase (target at ``r_end``) with the gap still open, raise the ceiling
         from critical damping to ``eta * rho <= (1 + beta) / 2`` (a quarter of heavy-ball's
@@ -149,8 +131,7 @@ class AdaptiveRho:
     adaptive = True
 
     def __init__(self, balance: float = 1.0, kappa: float = 2.0, r_end: float = 1e-3, close_at: float = 0.7,
-                 factor: float = 2.0, decay: float = 0.7, rho_max: float | None = None, lift: bool = False,
-                 close_hard: bool = False):
+                 factor: float = 2.0, decay: float = 0.7, rho_max: float | None = None, lift: bool = False):
         where = "AdaptiveRho"
         self.balance = check_float("balance", balance, low=0.0, low_open=True, where=where)
         self.kappa = check_float("kappa", kappa, low=0.0, low_open=True, where=where)
@@ -160,7 +141,6 @@ class AdaptiveRho:
         self.decay = check_float("decay", decay, low=0.0, high=1.0, low_open=True, high_open=True, where=where)
         self.rho_max = rho_max
         self.lift = bool(lift)
-        self.close_hard = bool(close_hard)
         self.horizon: int | None = None
         self.lr: float | None = None
         self.momentum: float | None = None
@@ -180,13 +160,6 @@ class AdaptiveRho:
         """``eta * rho`` at a quarter of heavy-ball's stability edge ``2 (1 + beta)``, at most 0.5."""
         beta = 0.9 if self.momentum is None else self.momentum
         return 0.5 * (1.0 + beta)
-
-    def closing_step(self) -> float:
-        """``eta * rho`` the horizon floor climbs to: ``1 - beta`` (the momentum-averaged step
-        ``eta / (1 - beta)`` times rho is 1: the penalty alone would close the gap within a few
-        steps), at most 0.5."""
-        beta = 0.9 if self.momentum is None else self.momentum
-        return min(1.0 - beta, 0.5)
 
     def ceiling_step(self) -> float:
         """Largest ``eta * rho``: ``kappa`` times heavy-ball critical damping ``(1 - sqrt(beta))^2``, at most 0.5."""
@@ -268,25 +241,6 @@ class AdaptiveRho:
             p = min(1.0, self.updates * math.log(1 / self.decay) / max(math.log(r0 / self.r_end), 1e-12))
         return r0 * (self.r_end / r0) ** p
 
-    def hard_cap(self, key: str) -> float:
-        """The ceiling the horizon floor climbs to: ``cap`` or, with ``close_hard``, the stability
-        ceiling ``eta * rho <= (1 + beta) / 2``."""
-        cap = self.cap[key]
-        if self.close_hard:
-            cap = cap / self.ceiling_step() * self.closing_step()
-            if self.rho_max is not None:
-                cap = min(cap, self.rho_max)
-        return cap
-
-    def floor(self, key: str, steps: int) -> float:
-        """``rho0 (cap / rho0)^{min(1, t / (close_at T))}``: the geometric path from the calibrated
-        start to the ceiling over the known horizon (no floor without one)."""
-        if not self.horizon:
-            return 0.0
-        r0, cap = self.rho0[key], self.hard_cap(key)
-        p = min(1.0, steps / (self.close_at * self.horizon))
-        return r0 * (cap / r0) ** p if r0 > 0 and cap > r0 else r0
-
     def after_update(self, rhos: Mapping[str, float], primal: Mapping[str, float], steps: int) -> dict[str, float]:
         """New rho per key (only the keys that change), from each weight's relative primal residual."""
         self.updates += 1
@@ -308,11 +262,6 @@ class AdaptiveRho:
                 cap = cap / self.ceiling_step() * self.stability_step()
                 if self.rho_max is not None:
                     cap = min(cap, self.rho_max)
-            if self.horizon:  # the horizon's geometric path to the closing ceiling: the ceiling now,
-                fl = self.floor(k, steps)  # and, while the gap is open, also the least rho
-                cap = max(cap, fl)
-                if ratio > 1:
-                    new = max(new, fl)
             new = min(max(new, 1e-3 * self.rho0[k]), cap)
             if new != rho:
                 out[k] = new

@@ -68,7 +68,6 @@ from .splitting import SPLITTINGS
 from .sets.base import Constraint
 from .specs import Binding, Constrain, describe, exact_glob, unwrap
 from .trainer import History
-from .training import recalibrate_bn
 
 __all__ = ["Solver", "History", "Slot"]
 
@@ -164,24 +163,7 @@ class Solver(Compressor):
       target that falls geometrically to 1e-3 by 70 % of the run (:meth:`fit` knows the
       length), multiplying rho by at most 2 per update (residual balancing, Boyd et al. 2011,
       Sec. 3.4.1, with the noisy dual residual replaced by this closing schedule -- the LC
-      toolkit's / ADMM-NN's increasing penalty with the rate set by feedback), and never below
-      the geometric path from the start to the ceiling by 70 % of the run, so a run with few
-      Z/U updates (3 epochs, Z/U per epoch) still reaches the ceiling;
-    * after the final projection inside :meth:`fit`, the BatchNorm running statistics are
-      re-estimated with one no-grad train-mode pass over the training loader
-      (:attr:`recalibrate_bn`).
-
-    What this fixed, measured on digits32 ResNet-20 at density 0.1 (seed 0, 3 ADMM epochs + 1
-    fine-tuning, lr 0.05, Z/U per epoch): the "10 % before the projection" was BatchNorm, not
-    the weights -- with the running statistics re-estimated the same network had 99.7 %; the
-    eval-mode number was stale because the penalty shrinks the conv weights (BN makes them
-    scale-free) faster than the running average follows.  What the ADMM phase did get wrong was
-    the gap: with two updates that act, the factor-2 feedback left rho at 0.06 and ``||W -
-    Z|| / ||W||`` at 0.71, and the projection then cost everything (14 % after fine-tuning;
-    with the horizon floor the gap is 0.22 and 73 %).  Measured and rejected there: Z/U every 2
-    steps (the gap grew to 1.6, train accuracy 86 %) and a closing rho up to ``eta * rho = 0.1``
-    (``AdaptiveRho(close_hard=True)``: gap 0.23, train accuracy 68 % during ADMM); see
-    docs/results/admm_vs_prune.md.
+      toolkit's / ADMM-NN's increasing penalty with the rate set by feedback).
 
     Every change rescales ``U`` exactly; the adaptive state is in :meth:`state_dict`, so a
     resumed run equals an uninterrupted one.  With the ceiling reached the residual may stay
@@ -464,38 +446,7 @@ class Solver(Compressor):
         if bad:
             log.warning("after finalize, %d weight(s) fail contains(): %s", len(bad), ", ".join(bad))
         self._report_projection(moved)
-        self._recalibrate_bn(model)
         return feasible
-
-    #: ADMM mode inside :meth:`fit`: after the final projection, re-estimate every BatchNorm's
-    #: running statistics with one no-grad pass over the training loader in train mode (see
-    #: :meth:`_recalibrate_bn`).
-    recalibrate_bn: bool = True
-
-    @torch.no_grad()
-    def _recalibrate_bn(self, model: nn.Module | None) -> None:
-        """Re-estimate the BatchNorm running statistics of the projected network.
-
-        The running mean / variance are an exponential average over the last ~10 batches, so
-        they describe the weights of *before* the projection, which moved every constrained weight
-        by ``projection_distance`` (and, while the penalty shrinks the weights fast, they lag
-        already before it).  Measured on digits32 ResNet-20 at density 0.1: eval-mode accuracy
-        78 % before the projection with the stale statistics, 99.7 % with recalibrated ones.
-        Only inside :meth:`fit` (the training loader is known; a hand-written loop can do the
-        same pass itself), in ADMM mode, when the model has BatchNorm layers.
-        """
-        run = self.__dict__.pop("_fit_run", None)  # one fit, one pass; no reference kept
-        if (not self.recalibrate_bn or self.mode != "admm" or model is None or run is None
-                or getattr(run, "loader", None) is None):
-            return
-        net = unwrap(model)
-        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-        if not bns:
-            return
-        n = recalibrate_bn(net, run.loader, batches=None, device=run.device, amp=getattr(run, "amp", None))
-        _broadcast_([t for m in bns for t in (m.running_mean, m.running_var)])
-        log.info("recalibrated %d BatchNorm layer(s) on %d training batches after the final projection",
-                 len(bns), n)
 
     #: :meth:`finalize` warns when the final projection moves the weights by more than this
     #: (relative Frobenius distance ``||W - Pi(W)|| / ||W||``).
@@ -514,9 +465,8 @@ class Solver(Compressor):
         worst = max(moved, key=lambda k: moved[k][0] / max(moved[k][1], 1e-12))
         rel = moved[worst][0] / max(moved[worst][1], 1e-12)
         if self.rho == "auto":
-            what = ("train longer (more epochs give the adaptive rho time to close the gap; with only a "
-                    "few it stays at its ceiling ~2 (1 - sqrt(momentum))^2 / lr) or fine-tune afterwards "
-                    "(finetune_epochs, at a learning rate that can recover the projected network)")
+            what = ("train longer or update Z/U more often (every=N steps) so the adaptive rho can close "
+                    "the gap, or fine-tune afterwards (finetune_epochs)")
         else:
             what = (f"use rho='auto' (the default), a larger rho (now up to {max(self.rhos.values()):.3g}) or "
                     f"rho_growth > 1, train longer, or fine-tune afterwards (finetune_epochs)")
@@ -624,7 +574,6 @@ class Solver(Compressor):
     def on_fit_start(self, run: FitContext) -> None:
         """rho='auto': the run's length in optimizer steps (so the residual target closes in time)
         and the optimizer's learning rate and momentum (the ceiling of rho)."""
-        self._fit_run = run  # finalize recalibrates BatchNorm on run.loader
         if not isinstance(self.rho_schedule, AdaptiveRho):
             return
         try:

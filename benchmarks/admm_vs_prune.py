@@ -155,47 +155,15 @@ def spec_for(problem, kind, amount):
     return specs
 
 
-def _in_order(loader):
-    """The loader's data in order, without touching its shuffling state (so the run's batch order
-    is the same with or without this measurement)."""
-    return torch.utils.data.DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False)
-
-
-def bn_recalibrated_accuracy(model, train, test):
-    """Test accuracy of a copy of ``model`` with its BatchNorm statistics re-estimated by one
-    train-mode pass over ``train`` (what the eval-mode number would be without stale statistics);
-    ``None`` without BatchNorm.  Uses a private generator state: the caller's RNG is untouched."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return None
-    m2 = copy.deepcopy(model)
-    for m in m2.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None
-    m2.train()
-    with torch.random.fork_rng(), torch.no_grad():
-        for x, _ in train:
-            m2(x)
-    return evaluate(m2, test)["accuracy"]
-
-
 def run_admm(problem, seed, lr, kind, amount, **solver_kw):
     P = PROBLEMS[problem]
     model, train, test, dense = pretrained(problem, seed)
     solver = ac.Solver(spec_for(problem, kind, amount), **solver_kw)
     t0 = time.perf_counter()
-    before_recal = {}
-
-    def last_epoch(_solver, m, rec):  # the accuracy just before the projection, BN statistics refreshed
-        if rec["phase"] == "train" and rec["epoch"] == P["E"] - P["F"] - 1:
-            before_recal["acc"] = bn_recalibrated_accuracy(m, _in_order(train), test)
-
     h = solver.fit(model, train, epochs=P["E"] - P["F"], finetune_epochs=P["F"], lr=lr, val_loader=test,
-                   progress=False, callbacks=[last_epoch])
+                   progress=False)
     rhos = [u["rho"] for u in h.updates]
     return {"acc": h.final["after_finetune"]["accuracy"], "before_finalize": h.final["before_finalize"]["accuracy"],
-            "before_finalize_bn_recal": before_recal.get("acc"),
             "after_finalize": h.final["after_finalize"]["accuracy"], "projection_distance": h.final["projection_distance"],
             "final_primal": h.updates[-1]["primal"] if h.updates else None,
             "rho_first": rhos[0] if rhos else None, "rho_last": rhos[-1] if rhos else None,
@@ -304,16 +272,6 @@ def _fmt(xs):
     return f"{m:.2f} ({', '.join(f'{x:.1f}' for x in xs)})"
 
 
-def _before(rs):
-    """Mean eval-mode accuracy just before the final projection, and in brackets with the
-    BatchNorm statistics re-estimated (where the model has BatchNorm and it was measured)."""
-    text = f"{_mean([r['before_finalize'] for r in rs]):.1f}"
-    rec = [r["before_finalize_bn_recal"] for r in rs if r.get("before_finalize_bn_recal") is not None]
-    if rec and len(rec) == len(rs):
-        text += f" ({_mean(rec):.1f} BN recal.)"
-    return text
-
-
 def report(cache, out, note):
     rows = list(cache.values())
 
@@ -330,8 +288,7 @@ def report(cache, out, note):
              "finetune_epochs=F, lr=lr)` with nothing else set.", ""]
     problems = sorted({(r["problem"], r["kind"], r["amount"]) for r in rows if r["lr"] == 0.05})
     lines += ["## Main comparison (lr 0.05, Z/U once per epoch)", "",
-              "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection (BN "
-              "recalibrated after it in fit) | "
+              "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection | "
               "dense | default >= peer? |", "|---|---|---|---|---|---|---|---|"]
     for prob, kind, amount in problems:
         ours = sel(problem=prob, kind=kind, amount=amount, lr=0.05, method="admm_auto")
@@ -344,10 +301,10 @@ def report(cache, out, note):
             if not pr:
                 continue
             oa, pa = [r["acc"] for r in ours], [r["acc"] for r in pr]
-            ba = _before(ours)
+            ba = _mean([r["before_finalize"] for r in ours])
             aa = _mean([r["after_finalize"] for r in ours])
             ok = "yes" if _mean(oa) >= _mean(pa) else "**no**"
-            lines.append(f"| {prob} | {what} | {p} | {_fmt(pa)} | {_fmt(oa)} | {ba} / {aa:.1f} | "
+            lines.append(f"| {prob} | {what} | {p} | {_fmt(pa)} | {_fmt(oa)} | {ba:.1f} / {aa:.1f} | "
                          f"{_mean([r['dense'] for r in ours]):.1f} | {ok} |")
     # robustness
     rob = [r for r in rows if r["method"] in ("admm_auto", "admm_auto_every10", "prune_layer", "prune_global")
@@ -403,7 +360,7 @@ def report(cache, out, note):
             lines.append(f"| {prob} | {kind} {amount:g} | {lr:g} | {m} | {_mean([r['rho_first'] for r in rs]):.3g} | "
                          f"{_mean([r['rho_last'] for r in rs]):.3g} | {_mean([r['final_primal'] for r in rs]):.2e} | "
                          f"{_mean([r['projection_distance'] for r in rs]):.2e} | "
-                         f"{_before(rs)} / {_mean([r['after_finalize'] for r in rs]):.1f} |")
+                         f"{_mean([r['before_finalize'] for r in rs]):.1f} / {_mean([r['after_finalize'] for r in rs]):.1f} |")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
