@@ -4,6 +4,7 @@
 dense models (``train_dense`` = :func:`admm_compress.trainer.fit` with no compressor);
 :mod:`.entries` loads the problem and solver entry files (``problems/``, ``solvers/``; benchopt
 style) and checks the parameters a run assigns; the ``admm-compress`` CLI
-(:mod:`admm_compress.cli`) drives it.  Nothing in the core (constraints, solver, export) imports
+(:mod:`admm_compress.bench.cli`, with :mod:`.run` for one run and :mod:`.compare` for the bench
+command) drives it.  Nothing in the core (constraints, solver, export) imports
 this package.  The old path ``admm_compress.registry`` still imports and is :mod:`.registry`.
 """
