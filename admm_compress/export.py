@@ -112,6 +112,17 @@ def _dense_numel(m: nn.Module) -> int:
 
 
 # ------------------------------------------------------------ low rank
+def _factor_pair(factors):
+    """``(U, V)`` of a low-rank split, a rank-0 pair as rank 1 with zero factors; ``None`` when the
+    pair is not smaller than the dense matrix (the layer stays dense)."""
+    U, V = factors
+    rows, cols = U.shape[-2], V.shape[-1]
+    if U.shape[-1] == 0:
+        U, V = U.new_zeros(rows, 1), V.new_zeros(1, cols)
+    r = U.shape[-1]
+    return None if r * (rows + cols) >= rows * cols else (U, V)
+
+
 def _linear_pair(m: nn.Linear, U: torch.Tensor, V: torch.Tensor, bias) -> nn.Sequential:
     """``Linear(in, r, no bias)`` with weight ``V`` then ``Linear(r, out)`` with weight ``U`` (and
     the bias): the factored Linear of every low-rank split."""
@@ -132,15 +143,11 @@ def _is_lowrank(c: Constraint, v: View) -> bool:
 
 
 def _export_lowrank(m: nn.Module, c: Constraint, v: View, factors, with_bias: bool):
-    U, V = factors  # (m, r), (r, n) with U @ V = the low-rank view of the weight
-    r = U.shape[-1]
-    m_rows, n_cols = U.shape[-2], V.shape[-1]
-    if r == 0:
-        r = 1
-        U = U.new_zeros(m_rows, 1)
-        V = V.new_zeros(1, n_cols)
-    if r * (m_rows + n_cols) >= m_rows * n_cols:
+    pair = _factor_pair(factors)  # (m, r), (r, n) with U @ V = the low-rank view of the weight
+    if pair is None:
         return None
+    U, V = pair
+    r = U.shape[-1]
     bias = _bias(m, with_bias)
     fk = _factory(m)
     if isinstance(m, nn.Linear):
@@ -279,13 +286,11 @@ def _is_input_channel_lowrank(c, v) -> bool:
 
 def _export_input_channel(m: nn.Module, c, v, factors, with_bias: bool):
     """1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O`` (Linear: two Linears)."""
-    U, V = factors  # (O prod(k), r), (r, I)
-    r = U.shape[-1]
-    rows, cols = U.shape[-2], V.shape[-1]
-    if r == 0:
-        r, U, V = 1, U.new_zeros(rows, 1), V.new_zeros(1, cols)
-    if r * (rows + cols) >= rows * cols:
+    pair = _factor_pair(factors)  # (O prod(k), r), (r, I)
+    if pair is None:
         return None
+    U, V = pair
+    r = U.shape[-1]
     bias = _bias(m, with_bias)
     fk = _factory(m)
     if isinstance(m, nn.Linear):

@@ -16,6 +16,7 @@ configuration that overrides a hook (TRP's energy truncation) changes both strat
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -25,7 +26,7 @@ from .distributed import broadcast_ as _broadcast_
 __all__ = ["Splitting", "ADMM", "Projection", "SPLITTINGS"]
 
 
-class Splitting:
+class Splitting(abc.ABC):
     """One splitting strategy (stateless; see the module docstring)."""
 
     name: str = ""
@@ -39,11 +40,10 @@ class Splitting:
         """The term added to the task loss (differentiable in the weights)."""
         return solver.bindings[0].param.new_zeros(())
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def update(self, solver) -> dict:
-        """One update now; returns the residual record (``step``, ``epoch``, ``primal``,
-        ``dual``, ``rho``, ``layers``)."""
-        raise NotImplementedError
+        """One update now (under ``torch.no_grad``); returns the residual record (``step``,
+        ``epoch``, ``primal``, ``dual``, ``rho``, ``layers``)."""
 
 
 class ADMM(Splitting):
