@@ -35,7 +35,8 @@ from torch import nn
 
 from .._validation import check_choice, check_float, where_prefix
 from .. import functional as F
-from ..export import _bias, _explicit_padding, _factory, register_exporter
+from ..export import register_exporter
+from ..export._common import bias_of, explicit_padding, factory
 from ..sets import LowRank, SchattenP
 from ..solver import Solver
 from ..specs import Constrain, exact_glob, resolve, unwrap
@@ -96,11 +97,12 @@ def _is_vh_lowrank(c, v) -> bool:
 
 def _export_vh(m: nn.Module, c, v, factors, with_bias: bool):
     """``kh x 1`` conv ``I -> r`` (vertical stride/padding) -> ``1 x kw`` conv ``r -> O`` (bias)."""
-    from ..export import ExportError, _export_lowrank
+    from ..export import ExportError
+    from ..export.lowrank import export_lowrank
     from ..views import VIEWS
 
     if isinstance(m, nn.Linear):  # a 2-D weight is seen as (out, in): the ordinary split
-        return _export_lowrank(m, c, VIEWS["matrix"], factors, with_bias)
+        return export_lowrank(m, c, VIEWS["matrix"], factors, with_bias)
     if not isinstance(m, nn.Conv2d) or m.groups != 1:
         raise ExportError(f"view 'vh' exports an ordinary nn.Conv2d (groups=1), got {type(m).__name__}"
                           + (f" with groups={m.groups}" if isinstance(m, nn.Conv2d) else ""))
@@ -111,14 +113,14 @@ def _export_vh(m: nn.Module, c, v, factors, with_bias: bool):
         r, A, B = 1, A.new_zeros(rows, 1), B.new_zeros(1, cols)
     if r * (rows + cols) >= rows * cols or m.padding_mode != "zeros":
         return None
-    pad = _explicit_padding(m)
+    pad = explicit_padding(m)
     if pad is None:
         return None
     out_c, in_c = m.out_channels, m.in_channels
     kh, kw = m.kernel_size
     (sh, sw), (dh, dw), (ph, pw) = m.stride, m.dilation, pad
-    bias = _bias(m, with_bias)
-    fk = _factory(m)
+    bias = bias_of(m, with_bias)
+    fk = factory(m)
     first = nn.Conv2d(in_c, r, (kh, 1), stride=(sh, 1), padding=(ph, 0), dilation=(dh, 1), bias=False, **fk)
     second = nn.Conv2d(r, out_c, (1, kw), stride=(1, sw), padding=(0, pw), dilation=(1, dw),
                        bias=bias is not None, **fk)
