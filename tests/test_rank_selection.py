@@ -469,3 +469,35 @@ def test_prop1_does_not_extend_to_spatial_view():
             break
     assert found
     assert errs[-1] <= tol       # full rank is still exact
+
+
+# ------------------------------------------------- one home for the rules (admm_compress.ranks)
+@settings(max_examples=50, deadline=None)
+@given(n=st.integers(0, 60), cut=st.integers(0, 60))
+def test_largest_within_is_the_last_fitting_count(n, cut):
+    from admm_compress.ranks import largest_within
+
+    calls = []
+
+    def fits(t):
+        calls.append(t)
+        return t <= cut
+
+    assert largest_within(n, fits) == min(n, cut)      # brute force: max {t in [0, n] : t <= cut}
+    assert len(calls) <= 2 + max(1, n).bit_length()    # bisection, not a scan
+
+
+def test_selection_rules_have_one_home():
+    """The DN module, LoRITa's GSVT and TRP's energy rule use admm_compress.ranks / functional."""
+    import admm_compress.ranks as ranks
+    from admm_compress import functional
+    from admm_compress.methods._decomposable_net import rank_selection as dn
+
+    for name in ("global_rank_selection", "energy_rank_selection", "ranks_for_macs_budget",
+                 "uniform_rank_selection", "num_dropped", "ranks_from_order"):
+        assert getattr(dn, name) is getattr(ranks, name)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        s = torch.rand(7, generator=g, dtype=F64).sort(descending=True).values
+        e = float(torch.rand((), generator=g))
+        assert energy_rank_selection([s], e, min_rank=1) == [int(functional.energy_rank(s, e, 1))]

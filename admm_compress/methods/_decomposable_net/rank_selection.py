@@ -4,6 +4,9 @@ Pure functions on lists of singular-value vectors (one per layer) and on conv we
 
 Rank selection (Sec. 2.3, Algorithm 1)
 --------------------------------------
+The selection rules are generic and live in :mod:`admm_compress.ranks` (LoRITa's GSVT and the
+MACs-budget export use them too); they are re-exported here under their old names:
+
 * :func:`global_rank_selection` -- the paper's criterion :math:`C(\ell, i) = \sigma_{\ell,i}`:
   pool the singular values of all layers (raw, not normalized), sort them globally and drop
   the ``d`` smallest bases.  Three floor rules (``floor_mode``): ``"none"`` -- the paper
@@ -11,11 +14,13 @@ Rank selection (Sec. 2.3, Algorithm 1)
   ``round(Z N)`` then every rank raised to ``min(rank_min, R_l)`` (``rank_min = 5``);
   ``"reserve"`` -- ours, the floors set aside first and the rest of the budget filled from the
   global order (exactly ``max(round(Z N), sum floors)`` bases).
-* :func:`sample_keep_ratio` / :func:`num_dropped` -- Algorithm 1, lines 3-4:
-  :math:`Z \sim \mathcal U(\alpha_l, \alpha_u)`, :math:`d = (1 - Z)\sum_\ell R_\ell`.
 * :func:`uniform_rank_selection`, :func:`energy_rank_selection` and ``criterion="energy"`` --
-  the "uni" and "eng" baselines of Fig. 2(c).
-* :func:`ranks_for_macs_budget` -- the global selection that fits a MACs budget.
+  the "uni" and "eng" baselines of Fig. 2(c); :func:`ranks_for_macs_budget` -- the global
+  selection that fits a MACs budget.
+
+Defined here, because they are the paper's alone: :func:`sample_keep_ratio` /
+:func:`check_alphas` -- Algorithm 1, lines 3-4: :math:`Z \sim \mathcal U(\alpha_l, \alpha_u)`
+(:func:`num_dropped` gives :math:`d = (1 - Z)\sum_\ell R_\ell`).
 
 Matricization (Sec. 2.1 and the official ``tensor2mat``)
 --------------------------------------------------------
@@ -39,16 +44,13 @@ holds for linear layers and for the channel-wise view, where every output pixel 
 the spatial-wise view: an output pixel there sums blocks of :math:`M^\top` applied to different
 row patches, and the error can grow with the rank (tested).
 
-Size (~590 lines): the paper's rank-selection criteria (Sec. 2.3, the official code's floor rule)
-and its matricizations with the reference factor layers the export is tested against, all of
-Sec. 2.1-2.3 in one place.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import numbers
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
@@ -56,6 +58,9 @@ from torch.nn.modules.utils import _pair
 
 from ..._validation import check_choice, check_float, check_int, check_tensor
 from ...functional import sqrt_split
+from ...ranks import (  # noqa: F401  (the selection rules live in admm_compress.ranks; old imports work)
+    energy_rank_selection, global_rank_selection, num_dropped, ranks_for_macs_budget, ranks_from_order,
+    uniform_rank_selection)
 from .lowrank_autograd import check_lam, thin_svd
 
 __all__ = [
@@ -78,31 +83,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_CRITERIA = ("sv", "energy")
-_FLOOR_MODES = ("reserve", "clip", "none")
 _SCHEMES = ("channel", "spatial")
 
 
-# ===================================================================== validation
-def _check_svals(svals) -> List[torch.Tensor]:
-    if isinstance(svals, torch.Tensor) or not isinstance(svals, Sequence):
-        raise TypeError(f"svals must be a list of 1-D tensors (one per layer), got "
-                        f"{type(svals).__name__}")
-    if len(svals) == 0:
-        raise ValueError("svals must hold at least one layer, got an empty list")
-    out = []
-    for i, s in enumerate(svals):
-        check_tensor(f"svals[{i}]", s)
-        if s.dim() != 1 or s.numel() == 0:
-            raise ValueError(f"svals[{i}] must be a non-empty 1-D tensor of singular values, "
-                             f"got shape {tuple(s.shape)}")
-        s = s.detach()
-        if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-            raise ValueError(f"svals[{i}] must hold finite non-negative singular values")
-        out.append(s)
-    return out
-
-
+# ===================================================================== Algorithm 1
 def check_alphas(alpha_l, alpha_u):
     r"""Validate :math:`0 < \alpha_l < \alpha_u \le 1` (Algorithm 1) and return the pair as floats."""
     alpha_l = check_float("alpha_l", alpha_l, low=0.0, high=1.0, low_open=True)
@@ -111,131 +95,6 @@ def check_alphas(alpha_l, alpha_u):
         raise ValueError(f"alpha_l={alpha_l} must be smaller than alpha_u={alpha_u}; "
                          f"allowed: 0 < alpha_l < alpha_u <= 1")
     return alpha_l, alpha_u
-
-
-def _check_full_ranks(full_ranks) -> List[int]:
-    if isinstance(full_ranks, (str, bytes)) or not isinstance(full_ranks, Sequence) or not full_ranks:
-        raise TypeError(f"full_ranks must be a non-empty list of positive integers, got {full_ranks!r}")
-    return [check_int(f"full_ranks[{i}]", r, low=1) for i, r in enumerate(full_ranks)]
-
-
-# ===================================================================== rank selection
-def _scores(s: torch.Tensor, criterion: str, normalize: bool) -> torch.Tensor:
-    """Per-basis importance for a descending singular-value vector (higher = keep first)."""
-    s = s.to(torch.float64)
-    if criterion == "sv":
-        if normalize:
-            top = s[0]
-            return s / top if bool(top > 0) else torch.zeros_like(s)
-        return s
-    # "energy": basis i is kept by a threshold rule iff the energy before it, C'(l, i-1), is
-    # below the threshold; score = remaining energy sum_{k>=i} s_k^2 / sum_j s_j^2 = 1 - C'(l,i-1).
-    e = s * s
-    tot = e.sum()
-    if not bool(tot > 0):
-        return torch.zeros_like(s)
-    tail = torch.flip(torch.cumsum(torch.flip(e, (0,)), 0), (0,))
-    return tail / tot
-
-
-def _pool(svals, min_rank, criterion, normalize):
-    """Floors and the globally sorted pool of non-floor bases (layer id of each, best first)."""
-    floors, ids, scores = [], [], []
-    for l, s in enumerate(svals):
-        s = torch.sort(s, descending=True).values
-        f = min(min_rank, s.numel())
-        floors.append(f)
-        sc = _scores(s, criterion, normalize)[f:]
-        scores.append(sc.cpu())
-        ids.append(torch.full((sc.numel(),), l, dtype=torch.long))
-    scores = torch.cat(scores)
-    ids = torch.cat(ids)
-    order = torch.sort(scores, descending=True, stable=True).indices
-    return floors, ids[order]
-
-
-def ranks_from_order(floors: Sequence[int], order_ids: torch.Tensor, n_pool_keep: int) -> List[int]:
-    """Ranks when the first ``n_pool_keep`` bases of the sorted pool are kept on top of ``floors``."""
-    counts = torch.bincount(order_ids[:n_pool_keep], minlength=len(floors))
-    return [int(f) + int(c) for f, c in zip(floors, counts.tolist())]
-
-
-def global_rank_selection(svals: Sequence[torch.Tensor], keep_ratio: Optional[float] = None,
-                          drop: Optional[int] = None, min_rank: int = 5, normalize: bool = False,
-                          *, criterion: str = "sv", floor_mode: str = "reserve") -> List[int]:
-    r"""Ranks that keep the globally most important bases (Decomposable-Net Sec. 2.3).
-
-    All bases of all layers are sorted by the criterion (default :math:`C(\ell,i) =
-    \sigma_{\ell,i}`, raw values compared across layers) and the ``d`` least important are
-    dropped; layer ``l`` keeps ``r_l`` bases, always its top ones.
-
-    Parameters
-    ----------
-    svals : list of 1-D Tensor
-        Singular values of each layer's matrix (any order; sorted internally), ``R_l`` entries.
-    keep_ratio : float in [0, 1], optional
-        Rank ratio ``Z``: keep ``round(Z * sum_l R_l)`` bases (the official rounding), i.e.
-        drop ``d = sum R_l - round(Z sum R_l)``.  Exactly one of ``keep_ratio`` / ``drop``.
-    drop : int in [0, sum R_l], optional
-        Number ``d`` of bases to drop.
-    min_rank : int >= 1
-        Floor: each layer keeps at least ``min(min_rank, R_l)`` (official ``rank_min = 5``).
-    normalize : bool
-        Divide each layer's values by its largest before pooling (GSVT-style).  The paper does
-        not (default ``False``).
-    criterion : {"sv", "energy"}
-        ``"sv"``: :math:`\sigma_{\ell,i}` (the paper).  ``"energy"``: the energy criterion of
-        Alvarez & Salzmann / TRP used as the "eng" baseline of Fig. 2(c): score
-        :math:`1 - C'(\ell, i-1) = \sum_{k\ge i}\sigma_{\ell,k}^2 / \sum_j \sigma_{\ell,j}^2`.
-    floor_mode : {"reserve", "clip", "none"}
-        ``"reserve"`` (default; ours, neither the paper nor the official code): the floor bases
-        are set aside and the remaining keep budget is filled from the global order of the other
-        bases, so exactly ``max(n_keep, sum floors)`` bases are kept.  ``"clip"``: the official
-        code -- keep the top ``n_keep`` globally, then raise every rank to its floor (may keep
-        more).  ``"none"``: the paper (Sec. 2.3) -- keep the top ``n_keep`` globally, no floor
-        (``min_rank`` is ignored; a layer may get rank 0, which the paper reads as removing it).
-
-        Example (Z = 0.25, four layers of full ranks 16/32/64/10, ``min_rank=5``, tested):
-        ``"none"`` [3, 23, 0, 4], ``"clip"`` [5, 23, 5, 5], ``"reserve"`` [5, 15, 5, 5].
-
-    Returns
-    -------
-    list of int
-        ``r_l`` with ``min(min_rank, R_l) <= r_l <= R_l`` (``0 <= r_l`` for ``"none"``);
-        non-decreasing in ``keep_ratio``.
-
-    Notes
-    -----
-    Cost :math:`O(N \log N)`, :math:`N = \sum_\ell R_\ell`.  Ties are broken by layer order.
-    """
-    svals = _check_svals(svals)
-    min_rank = check_int("min_rank", min_rank, low=1)
-    check_choice("criterion", criterion, _CRITERIA)
-    check_choice("floor_mode", floor_mode, _FLOOR_MODES)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {normalize!r}")
-    total = sum(s.numel() for s in svals)
-    if (keep_ratio is None) == (drop is None):
-        raise ValueError("give exactly one of keep_ratio (fraction of bases kept, in [0, 1]) "
-                         f"and drop (number of bases dropped); got keep_ratio={keep_ratio!r}, "
-                         f"drop={drop!r}")
-    if keep_ratio is not None:
-        keep_ratio = check_float("keep_ratio", keep_ratio, low=0.0, high=1.0)
-        n_keep = int(round(keep_ratio * total))
-    else:
-        drop = check_int("drop", drop, low=0, high=total)
-        n_keep = total - drop
-
-    if floor_mode == "reserve":
-        floors, order_ids = _pool(svals, min_rank, criterion, normalize)
-        n_pool = max(0, min(n_keep - sum(floors), order_ids.numel()))
-        return ranks_from_order(floors, order_ids, n_pool)
-    # "none" (paper): the global cut alone; "clip" (official code): floors applied after it
-    zeros, order_ids = _pool(svals, 0, criterion, normalize)
-    ranks = ranks_from_order(zeros, order_ids, n_keep)
-    if floor_mode == "none":
-        return ranks
-    return [max(r, min(min_rank, s.numel())) for r, s in zip(ranks, svals)]
 
 
 def sample_keep_ratio(alpha_l: float, alpha_u: float,
@@ -252,143 +111,6 @@ def sample_keep_ratio(alpha_l: float, alpha_u: float,
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     u = float(torch.rand((), generator=generator, dtype=torch.float64))
     return alpha_l + (alpha_u - alpha_l) * u
-
-
-def num_dropped(keep_ratio: float, full_ranks: Sequence[int]) -> int:
-    r""":math:`d = (1 - Z)\sum_\ell R_\ell` rounded as :func:`global_rank_selection` does
-    (``sum R - round(Z * sum R)``)."""
-    keep_ratio = check_float("keep_ratio", keep_ratio, low=0.0, high=1.0)
-    total = sum(_check_full_ranks(full_ranks))
-    return total - int(round(keep_ratio * total))
-
-
-def uniform_rank_selection(full_ranks: Sequence[int], ratio: float, min_rank: int = 5) -> List[int]:
-    r"""The "uni" baseline of Fig. 2(c): every layer keeps the same fraction of its bases.
-
-    :math:`r_\ell = \mathrm{clamp}(\mathrm{round}(\text{ratio}\cdot R_\ell),
-    \min(\text{min\_rank}, R_\ell), R_\ell)`, ``ratio`` in [0, 1].  Cost :math:`O(L)`.
-    """
-    full_ranks = _check_full_ranks(full_ranks)
-    ratio = check_float("ratio", ratio, low=0.0, high=1.0)
-    min_rank = check_int("min_rank", min_rank, low=1)
-    return [min(R, max(min(min_rank, R), int(round(ratio * R)))) for R in full_ranks]
-
-
-def energy_rank_selection(svals: Sequence[torch.Tensor], energy: float, min_rank: int = 5) -> List[int]:
-    r"""The energy-threshold rule (TRP, Alvarez & Salzmann; "eng" in Fig. 2(c)).
-
-    Layer ``l`` keeps the smallest ``r`` with :math:`C'(\ell, r) = \sum_{k\le r}\sigma_{\ell,k}^2 /
-    \sum_j \sigma_{\ell,j}^2 \ge` ``energy`` (relative tolerance 1e-12), raised to
-    ``min(min_rank, R_l)``; an all-zero layer keeps its floor.  ``energy`` in (0, 1].
-    Cost :math:`O(N)`.  For a comparison at a matched size use
-    ``global_rank_selection(..., criterion="energy")``.
-    """
-    svals = _check_svals(svals)
-    energy = check_float("energy", energy, low=0.0, high=1.0, low_open=True)
-    min_rank = check_int("min_rank", min_rank, low=1)
-    ranks = []
-    for s in svals:
-        s = torch.sort(s.to(torch.float64), descending=True).values
-        e = torch.cumsum(s * s, 0)
-        tot = float(e[-1])
-        floor = min(min_rank, s.numel())
-        if tot <= 0:
-            ranks.append(floor)
-            continue
-        r = int((e < energy * tot * (1 - 1e-12)).sum()) + 1
-        ranks.append(max(floor, min(r, s.numel())))
-    return ranks
-
-
-def ranks_for_macs_budget(svals: Sequence[torch.Tensor], layer_macs_fn: Callable[[int, int], float],
-                          budget: float, min_rank: int = 5, *, normalize: bool = False,
-                          criterion: str = "sv", fixed_macs: float = 0.0,
-                          fill: bool = True) -> List[int]:
-    r"""Largest global selection whose MACs fit ``budget`` (target size at inference, Sec. 2.3).
-
-    Bases are ordered as in :func:`global_rank_selection` (``floor_mode="reserve"``); the number
-    ``t`` of pooled bases kept -- i.e. the global singular-value threshold -- is found by
-    bisection as the largest ``t`` with
-    ``fixed_macs + sum_l layer_macs_fn(l, r_l(t)) <= budget``.
-
-    Parameters
-    ----------
-    svals : list of 1-D Tensor
-        Singular values per layer.
-    layer_macs_fn : callable ``(layer_index, rank) -> float``
-        Cost of layer ``l`` at rank ``r``; must be non-decreasing in ``r`` (e.g.
-        ``(kh*kw*I + O) * r * H_out * W_out`` for the channel scheme, or the dense cost once the
-        factorization stops paying off).
-    budget : float >= 0
-        Total MACs allowed (including ``fixed_macs``, the cost of the layers not decomposed).
-    min_rank : int >= 0
-        Floor per layer, ``min(min_rank, R_l)`` (0: no floor, the paper's rule).
-    normalize, criterion
-        As in :func:`global_rank_selection`.
-    fill : bool
-        After the threshold search, walk the rest of the global order once and add every basis
-        that still fits (a layer that failed once is frozen, as its later bases only cost more
-        in total).  The result is then maximal: raising any single layer's rank by one exceeds
-        the budget or is impossible.  ``False`` returns the pure threshold (the paper).
-
-    Returns
-    -------
-    list of int
-
-    Raises
-    ------
-    ValueError
-        If even the floors cost more than ``budget`` (message gives both numbers).
-
-    Notes
-    -----
-    Cost: :math:`O(\log N)` evaluations of :math:`L` calls, plus :math:`O(N)` calls with ``fill``.
-    """
-    svals = _check_svals(svals)
-    if not callable(layer_macs_fn):
-        raise TypeError(f"layer_macs_fn must be callable (layer_index, rank) -> MACs, got "
-                        f"{type(layer_macs_fn).__name__}")
-    budget = check_float("budget", budget, low=0.0)
-    fixed_macs = check_float("fixed_macs", fixed_macs, low=0.0)
-    min_rank = check_int("min_rank", min_rank, low=0)
-    check_choice("criterion", criterion, _CRITERIA)
-    if not isinstance(normalize, bool) or not isinstance(fill, bool):
-        raise TypeError(f"normalize and fill must be bools, got normalize={normalize!r}, fill={fill!r}")
-    floors, order_ids = _pool(svals, min_rank, criterion, normalize)
-
-    def cost(ranks):
-        return fixed_macs + sum(float(layer_macs_fn(l, r)) for l, r in enumerate(ranks))
-
-    floor_cost = cost(floors)
-    if floor_cost > budget:
-        raise ValueError(f"budget={budget:g} MACs is below the minimum achievable {floor_cost:g} "
-                         f"MACs (every layer at its floor rank min(min_rank={min_rank}, R_l), "
-                         f"fixed_macs={fixed_macs:g})")
-    lo, hi = 0, order_ids.numel()          # invariant: cost(t=lo) <= budget
-    if cost(ranks_from_order(floors, order_ids, hi)) <= budget:
-        lo = hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if cost(ranks_from_order(floors, order_ids, mid)) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    ranks = ranks_from_order(floors, order_ids, lo)
-    if fill and lo < order_ids.numel():
-        current = cost(ranks)
-        frozen = [False] * len(ranks)
-        full = [s.numel() for s in svals]
-        for l in order_ids[lo:].tolist():
-            if frozen[l] or ranks[l] >= full[l]:
-                continue
-            delta = float(layer_macs_fn(l, ranks[l] + 1)) - float(layer_macs_fn(l, ranks[l]))
-            if current + delta <= budget:
-                ranks[l] += 1
-                current += delta
-            else:
-                frozen[l] = True
-    logger.debug("ranks_for_macs_budget: budget=%g, threshold keeps %d pooled bases", budget, lo)
-    return ranks
 
 
 # ===================================================================== matricization

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..._validation import check_float, check_int
 from ...functional import compute_dtype, rank_from_ratio, svdvals, truncated_svd
+from ...ranks import global_rank_selection
 
 from .factorization import _has_matrix_weight, _matrix_shape, _reconstruct, is_factorized, lowrank_param_count  # noqa: F401
 
@@ -165,20 +166,16 @@ def gsvt(model: nn.Module, groups, keep) -> dict[str, int]:
             log.warning("GSVT group %r: keep=%d < %d layers; every layer keeps one singular value",
                         gname, k, len(layers))
             k = len(layers)
-        values, owner = [], []
-        for i, (name, module) in enumerate(layers):
+        svals = []
+        for name, module in layers:
             m, n = _matrix_shape(module.weight.shape)
             w = module.weight.detach().reshape(m, n)
-            s = svdvals(w.to(compute_dtype(w.dtype))).cpu()
-            top = s[0]
-            norm = s / top if top > 0 else torch.zeros_like(s)
-            norm[0] = float("inf")                 # each layer's largest value is always kept
-            values.append(norm)
-            owner.append(torch.full((s.numel(),), i, dtype=torch.long))
-        values, owner = torch.cat(values), torch.cat(owner)
-        order = torch.sort(values, descending=True, stable=True).indices[:k]
-        counts = torch.bincount(owner[order], minlength=len(layers))
-        for (name, module), c in zip(layers, counts.tolist()):
+            svals.append(svdvals(w.to(compute_dtype(w.dtype))).cpu())
+        # each layer's largest value is always kept (its floor of 1); the rest compete globally
+        # on s_j / s_1 -- the one global ranking of admm_compress.ranks
+        counts = global_rank_selection(svals, drop=sum(s.numel() for s in svals) - k, min_rank=1,
+                                       normalize=True, floor_mode="reserve")
+        for (name, module), c in zip(layers, counts):
             ranks[name] = int(c)
             _truncate_one(module, int(c))
         log.info("GSVT group %r: kept %d singular values: %s", gname, k,
