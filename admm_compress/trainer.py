@@ -21,10 +21,8 @@ written by rank 0 only (then a barrier) and read by every rank on resume::
     loader = DataLoader(ds, batch_size=64, sampler=DistributedSampler(ds))
     methods.lrpet(0.6).fit(model, loader, epochs=30, checkpoint="run.pt")
 
-Checkpoint format ``admm_compress.fit/1`` (one file, written atomically after every epoch,
-read with ``weights_only=True``): ``model``, ``optimizer``, ``solver`` (the compressor's
-``state_dict``), ``epoch`` (the next one), ``phase`` ("train" / "finetune"), ``rng``,
-``history``, ``residuals``, and ``scheduler`` / ``finalized`` where they exist.
+Checkpoints (format ``admm_compress.fit/1``, written atomically after every epoch, read with
+``weights_only=True``) are :mod:`admm_compress.checkpoint`'s.
 """
 from __future__ import annotations
 
@@ -42,15 +40,14 @@ from ._validation import check_float, check_int
 from .compressor import Compressor, FitContext
 from .distributed import barrier, progress_disabled, rank, rewrap
 from .specs import unwrap
-from .training import (Amp, CheckpointError, NonFiniteError, accuracy_percent, batch_size, check_finite_loss,
-                       check_writable, count_correct, evaluate, load_checkpoint, move_batch, resolve_device,
-                       rng_state, save_checkpoint, set_rng_state, tree_detach)
+from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_fit, resume_fit, save_fit, set_rng_state
+from .training import (Amp, NonFiniteError, accuracy_percent, batch_size, check_finite_loss, check_writable,
+                       count_correct, evaluate, move_batch, resolve_device, tree_detach)
 
 __all__ = ["fit", "History", "CHECKPOINT_FORMAT"]
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "admm_compress.fit/1"
 
 
 @dataclasses.dataclass
@@ -220,7 +217,7 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
     dev = resolve_device(device, model)
     amp = Amp(autocast, dev.type)
     # an existing checkpoint is read and checked (weights_only) before any work is done
-    pending = _read_checkpoint(checkpoint, dev) if checkpoint is not None and os.path.exists(checkpoint) else None
+    pending = read_fit(checkpoint, dev) if checkpoint is not None and os.path.exists(checkpoint) else None
     loss_fn = loss_fn or F.cross_entropy
     model.to(dev)
     if compressor is not None:
@@ -238,7 +235,8 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
     try:
         start_epoch, phase = 0, "train"
         if pending is not None:
-            start_epoch, phase, history = _resume(pending, checkpoint, compressor, model, opt, sched, loader)
+            start_epoch, phase, saved = resume_fit(pending, checkpoint, compressor, model, opt, sched, loader)
+            history = History.from_dict(saved)
         if phase == "train":
             run.train(model, opt, sched, history, start_epoch, epochs)
             if compressor is None:
@@ -283,7 +281,8 @@ class _Run:
         stop = any(bool(cb(self.c, model, rec)) for cb in self.callbacks)
         if self.checkpoint is not None:
             if rank() == 0:  # one writer under DDP; every rank resumes from the file
-                _save(self.checkpoint, self.c, model, opt, sched, self.loader, epoch + 1, phase, history, finalized)
+                save_fit(self.checkpoint, self.c, model, opt, sched, self.loader, epoch + 1, phase,
+                         history.to_dict(), finalized)
             barrier()
         return stop
 
@@ -415,92 +414,3 @@ def _check_weights_finite(model, epoch):
                                  f"checkpoint (if any) is intact")
 
 
-# ============================================================== checkpoints
-def _save(path, compressor, model, opt, sched, loader, next_epoch, phase, history, finalized=None):
-    obj = {"format": CHECKPOINT_FORMAT, "model": unwrap(model).state_dict(), "optimizer": opt.state_dict(),
-           "solver": compressor.state_dict() if compressor is not None else {}, "epoch": next_epoch,
-           "phase": phase, "rng": rng_state(loader), "history": history.to_dict()}
-    if sched is not None:
-        obj["scheduler"] = sched.state_dict()
-    if finalized is not None:
-        obj["finalized"] = finalized
-    # the full per-update records (with the per-layer entries that state_dict() leaves out), so
-    # a resumed run's history equals an uninterrupted one's
-    obj["residuals"] = [dict(r) for r in compressor.residuals] if compressor is not None else []
-    save_checkpoint(obj, path)
-
-
-def _read_checkpoint(path, map_location) -> dict:
-    """Read a :func:`fit` checkpoint (``weights_only=True``) and check its format, phase and epoch.
-
-    Raises :class:`~admm_compress.training.CheckpointError` for a truncated, unsafe or foreign file.
-    """
-    ck = load_checkpoint(path, map_location=map_location,
-                         required=("format", "model", "optimizer", "solver", "epoch", "phase", "rng"))
-    where = f"checkpoint {os.fspath(path)!r}"
-    if ck["format"] != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{where} has format {ck['format']!r}; expected {CHECKPOINT_FORMAT!r}")
-    if ck["phase"] not in ("train", "finetune"):
-        raise CheckpointError(f"{where} has phase={ck['phase']!r}; expected 'train' or 'finetune'")
-    ep = ck["epoch"]
-    if isinstance(ep, bool) or not isinstance(ep, int) or ep < 0:
-        raise CheckpointError(f"{where} has epoch={ep!r}; expected an int >= 0")
-    for name in ("model", "optimizer", "solver", "rng"):
-        if not isinstance(ck[name], dict):
-            raise CheckpointError(f"{where}: entry {name!r} is a {type(ck[name]).__name__}, expected a dict")
-    if ck["phase"] == "finetune" and not isinstance(ck.get("finalized"), dict):
-        raise CheckpointError(f"{where} is a fine-tuning checkpoint without the finalized weights")
-    return ck
-
-
-def _resume(ck, path, compressor, model, opt, sched, loader):
-    """Restore model, optimizer, scheduler, compressor state, RNG states and history from ``ck``.
-
-    Everything is checked against this model, compressor and optimizer before anything is
-    loaded, so a checkpoint of another model or spec raises
-    :class:`~admm_compress.training.CheckpointError` and leaves the model's weights alone.
-    """
-    where = f"checkpoint {os.fspath(path)!r}"
-    sd = ck["solver"]
-    why = compressor.check_state(sd) if compressor is not None else None
-    if why:
-        raise CheckpointError(f"{where} {why}")
-    if ck["phase"] == "finetune":
-        log.info("resuming fine-tuning from %s at epoch %d", path, ck["epoch"])
-        return int(ck["epoch"]), "finetune", History.from_dict(ck.get("history", {}))
-    if compressor is not None:
-        keys = compressor.state_keys()
-        if list(sd.get("keys", [])) != keys:
-            raise CheckpointError(f"{where} is from another spec: its solver state constrains "
-                                  f"{list(sd.get('keys', []))}, this solver binds {keys}")
-    target = unwrap(model)
-    own = target.state_dict()
-    saved = ck["model"]
-    bad = [k for k in own if k not in saved] + [k for k in saved if k not in own]
-    bad += [f"{k}: {tuple(getattr(saved[k], 'shape', ()))} vs {tuple(own[k].shape)}" for k in own
-            if k in saved and (not isinstance(saved[k], torch.Tensor) or saved[k].shape != own[k].shape)]
-    if bad:
-        raise CheckpointError(f"{where} is from another model: {len(bad)} mismatching state_dict "
-                              f"entries (e.g. {bad[:3]})")
-    saved_groups = [len(g.get("params", ())) for g in ck["optimizer"].get("param_groups", [])]
-    own_groups = [len(g["params"]) for g in opt.param_groups]
-    if saved_groups != own_groups:
-        raise CheckpointError(f"{where}: its optimizer state has parameter groups of sizes {saved_groups}, "
-                              f"this optimizer has {own_groups} (another optimizer or model?)")
-    if compressor is not None:
-        try:  # compressor state first: it checks shapes (and subclass fields) and touches no weight
-            compressor.load_state_dict(sd)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{where}: the solver state does not fit this solver: {e}") from e
-    target.load_state_dict(saved)
-    opt.load_state_dict(ck["optimizer"])
-    if sched is not None:
-        if "scheduler" in ck:
-            sched.load_state_dict(ck["scheduler"])
-        else:
-            log.warning("%s holds no LR scheduler state; the scheduler restarts", where)
-    if "residuals" in ck and compressor is not None:
-        compressor.residuals = [dict(r) for r in ck["residuals"]]
-    set_rng_state(ck["rng"], loader)
-    log.info("resumed from %s at epoch %d", path, ck["epoch"])
-    return int(ck["epoch"]), "train", History.from_dict(ck.get("history", {}))

@@ -1,23 +1,21 @@
-"""Small pieces of an ordinary PyTorch training loop: devices, evaluation, atomic checkpoints.
+"""Small pieces of an ordinary PyTorch training loop: devices, batches, evaluation, mixed precision,
+BatchNorm recalibration.
 
-Checkpoints are written atomically (a temporary file in the same folder, flushed and fsync'ed,
-then :func:`os.replace`), so a process killed while writing never leaves a truncated file in
-place of the last good one; they are read with ``torch.load(..., weights_only=True)`` so a file
-carrying pickled code is refused instead of executed.
+The atomic checkpoint functions live in :mod:`admm_compress.checkpoint`; they are importable from
+here too (the same objects), where they used to be defined.
 """
 from __future__ import annotations
 
 import logging
-import glob
 import math
-import os
-import tempfile
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from ._validation import check_int
+from .checkpoint import (CheckpointError, check_writable, load_checkpoint, rng_state,  # noqa: F401
+                         save_checkpoint, set_rng_state)
 
 __all__ = [
     "resolve_device",
@@ -90,10 +88,6 @@ of your own, or ``None`` for none).  The
 
     def __repr__(self) -> str:
         return f"Amp({self.dtype}, {self.device_type!r}, scaler={self.scaler is not None})"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used (truncated, foreign, unsafe, other model)."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -268,115 +262,6 @@ def evaluate(model: nn.Module, loader: Iterable, loss_fn: Callable | None = None
 
 def _accepts_reduction(fn: Callable) -> bool:
     return fn in (nn.functional.cross_entropy, nn.functional.mse_loss, nn.functional.nll_loss)
-
-
-def rng_state(loader: Any = None) -> dict[str, torch.Tensor]:
-    """The RNG states a resumed run needs to see the same data order and dropout masks."""
-    st = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    gen = getattr(loader, "generator", None)
-    if isinstance(gen, torch.Generator):
-        st["loader"] = gen.get_state()
-    sampler_gen = getattr(getattr(loader, "sampler", None), "generator", None)
-    if isinstance(sampler_gen, torch.Generator) and sampler_gen is not gen:
-        st["sampler"] = sampler_gen.get_state()
-    return st
-
-
-def set_rng_state(st: dict[str, torch.Tensor], loader: Any = None) -> None:
-    """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(st["cuda"]))
-    gen = getattr(loader, "generator", None)
-    if "loader" in st and isinstance(gen, torch.Generator):
-        gen.set_state(st["loader"])
-    sampler_gen = getattr(getattr(loader, "sampler", None), "generator", None)
-    if "sampler" in st and isinstance(sampler_gen, torch.Generator):
-        sampler_gen.set_state(st["sampler"])
-
-
-def check_writable(path: str | os.PathLike, what: str = "path") -> None:
-    """Create the folder of the file ``path`` and prove a file can be written there.
-
-    Raises ``ValueError`` naming ``path`` (and the OS error) when the folder cannot be created
-    (a parent is a file, no permission) or is not writable, or when ``path`` is a folder.
-    Called before any training so an unusable output path fails at once, not after hours.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{what}={path!r} is a directory; give a file path")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.probe-", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise ValueError(f"{what}={path!r} cannot be written: folder {folder!r}: {e.strerror or e}") from None
-
-
-def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    """Write ``obj`` with :func:`torch.save` atomically: temp file, fsync, then rename.
-
-    A crash at any point leaves either the previous file or the complete new one.  Temp files are
-    named ``.<name>.tmp-*.pt``; those left by a writer of the same path that was killed mid-write
-    (a path has one writer: rank 0) are removed after the next successful write.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    prefix = f".{os.path.basename(path)}.tmp-"
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".pt", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError, naming no path
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        msg = (f"writing checkpoint {path!r} failed ({type(e).__name__}: {e}); the previous checkpoint "
-               f"file, if any, is intact")
-        if isinstance(e, OSError):  # same class, so callers catching OSError still do
-            err = type(e)(msg) if e.errno is None else type(e)(e.errno, msg)
-            raise err from e
-        raise CheckpointError(msg) from e
-    except BaseException:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    for stale in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*.pt")):
-        try:
-            os.unlink(stale)
-            log.info("removed %s, left by an interrupted checkpoint write", stale)
-        except OSError:
-            pass
-
-
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu",
-                    required: Iterable[str] = ()) -> dict:
-    """Read a checkpoint with ``weights_only=True``; raise :class:`CheckpointError` if unusable."""
-    path = os.fspath(path)
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # unpickling errors come in many types
-        raise CheckpointError(f"checkpoint {path!r} cannot be read safely ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); it is truncated, not a "
-                              f"torch.save file, or carries objects other than tensors and "
-                              f"plain containers") from e
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"checkpoint {path!r} holds a {type(obj).__name__}, expected a dict")
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise CheckpointError(f"checkpoint {path!r} lacks {missing}; it was not written by "
-                              f"admm_compress.Solver.fit")
-    return obj
 
 
 def check_finite_loss(loss: torch.Tensor, epoch: int, step: int) -> None:
