@@ -15,17 +15,17 @@ scripted, compiled and ONNX-exported graphs always contain the dense op (see
 
 :class:`~admm_compress.views.InputChannelView` (view ``"input_channel"``) is the low-rank split that runs fastest on thin convolutions
 (a 1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O``), :func:`onnx_session` /
-:func:`ort_latency` run and time an exported model in ONNX Runtime.
+:func:`ort_latency` (defined in :mod:`admm_compress.latency`) run and time an exported model in ONNX Runtime.
 """
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 
 import torch
 from torch import nn
 
+from .latency import _median_ms, onnx_session, ort_latency  # noqa: F401  (public here too)
 from .layers import _SparseConvMixin, _SparseMixin
 from .storage import saved_bytes, storage_bytes, storage_report
 
@@ -47,17 +47,6 @@ def _geometry(m: nn.Module) -> tuple:
     if isinstance(m, _SparseConvMixin):
         return (m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
     return ()
-
-
-def _median_ms(fn, repeats: int, warmup: int, clock) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = clock()
-        fn()
-        times.append(clock() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _clock(timer: str):
@@ -352,111 +341,6 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
         log.info("layer '%s': keeps %s (%s)", n, row["kept"], row["reason"])
         report.append(row)
     return report
-
-
-# ------------------------------------------------------------------ ONNX Runtime
-def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = None, threads: int = 1):
-    """Export ``model`` with :func:`torch.onnx.export` and open it in ONNX Runtime (CPU provider).
-
-    The TorchScript-based exporter (``dynamo=False``: here 5-10x faster to export than the
-    dynamo exporter, the same Conv / BatchNorm / Relu / Add graph) with a dynamic batch axis;
-    ``onnxruntime.InferenceSession`` with ``CPUExecutionProvider``, ``intra_op_num_threads =
-    threads``, one inter-op thread and ORT's default graph optimizations (``ORT_ENABLE_ALL``:
-    BatchNorm and activations fused into the convolutions).
-
-    Parameters
-    ----------
-    model : nn.Module
-        Exported in eval mode (its mode is restored).
-    example : Tensor
-        An input of the model (one tensor; its batch size is made dynamic).
-    path : str, optional
-        Where to write the ``.onnx`` file; default: kept in memory only.
-    threads : int
-        ORT intra-op threads, >= 1.
-
-    Returns
-    -------
-    callable
-        ``run(x: numpy.ndarray) -> numpy.ndarray`` (the model's first output).
-
-    Raises
-    ------
-    ImportError
-        ``onnx`` / ``onnxruntime`` not installed (``pip install "admm-compress[onnx]"``).
-    """
-    import io
-    import warnings
-
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise ImportError("onnx_session needs onnx and onnxruntime: pip install 'admm-compress[onnx]'") from e
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"onnx_session: model must be an nn.Module, got {type(model).__name__}")
-    if not isinstance(example, torch.Tensor):
-        raise TypeError(f"onnx_session: example must be a tensor, got {type(example).__name__}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"onnx_session: threads must be an int >= 1, got {threads!r}")
-    target = io.BytesIO() if path is None else path
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), target, dynamo=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
-    finally:
-        model.train(was_training)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(target.getvalue() if path is None else path, so, providers=["CPUExecutionProvider"])
-    return lambda a: sess.run(None, {"x": a})[0]
-
-
-def ort_latency(model: nn.Module, input_size, batch: int = 1, repeats: int = 30, warmup: int = 5,
-                threads: int = 1, rtol: float = 1e-3, atol: float = 1e-4) -> dict:
-    """Median latency of ``model`` exported to ONNX Runtime (CPU), outputs checked against eager.
-
-    The model is exported and opened by :func:`onnx_session`; on a random input of shape
-    ``(batch, *input_size)`` the ORT output must equal the eager output
-    (:func:`torch.testing.assert_close` with ``rtol`` and ``atol x max(1, max |output|)``:
-    another kernel library and fused BatchNorm change float32 rounding), then ``warmup`` untimed
-    and ``repeats`` timed calls (wall clock, :func:`time.perf_counter`).
-
-    Returns
-    -------
-    dict
-        ``median_ms, repeats, batch, threads, max_rel_diff`` (max |ORT - eager| / max |eager|).
-
-    Raises
-    ------
-    ImportError
-        ``onnxruntime`` missing.  AssertionError: ORT's output differs from eager's.
-    """
-    for name, val, low in (("batch", batch, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise ValueError(f"ort_latency: {name} must be an int >= {low}, got {val!r}")
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
-    cpu_model = model if dev.type == "cpu" else __import__("copy").deepcopy(model).cpu()
-    dtype = next((p.dtype for p in cpu_model.parameters() if p.is_floating_point()), torch.float32)
-    x = torch.randn(batch, *tuple(input_size), generator=torch.Generator().manual_seed(0)).to(dtype)
-    run = onnx_session(cpu_model, x, threads=threads)
-    was_training = cpu_model.training
-    cpu_model.eval()
-    try:
-        with torch.inference_mode():
-            ref = cpu_model(x)
-    finally:
-        cpu_model.train(was_training)
-    out = torch.from_numpy(run(x.numpy()))
-    scale = float(ref.abs().max())
-    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol * max(scale, 1.0))
-    xn = x.numpy()
-    ms = _median_ms(lambda: run(xn), repeats, warmup, time.perf_counter)
-    return {"median_ms": ms, "repeats": repeats, "batch": batch, "threads": threads,
-            "max_rel_diff": float((out - ref).abs().max()) / max(scale, 1e-12)}
 
 
 # The input-channel low-rank split lives with the other views and exporters; importable from here.
