@@ -54,6 +54,11 @@ module's ``weight`` and the fused tensor belongs to no layer.  The fix is to cal
 ``k_proj``, ``v_proj`` layers (the rows ``[0:E]``, ``[E:2E]``, ``[2E:3E]`` of
 ``in_proj_weight``), which ``Constrain(nn.Linear, ...)`` selects like any other layer, with
 one rank / support per projection (the usual choice in the low-rank transformer literature).
+
+Size (~460 lines, a fifth this docstring): a drop-in for PyTorch's attention needs its whole
+forward contract -- masks, batch-first layouts, head splitting, ``need_weights``, the encoder
+layer's fast-path switch -- plus the conversion and the spec check; split, the pieces would only
+make sense together.
 """
 from __future__ import annotations
 

@@ -56,6 +56,11 @@ optimizer *after* :func:`apply_factorization`: the old weight Parameter is no lo
 *Parameter counts.*  A matrix truncated to rank ``r`` is stored as two factors with
 ``(m + n) r`` parameters (LoRITa Sec. 4), or dense (``m n``) when that is not smaller:
 :func:`lowrank_param_count`.  ISVT removes ``m + n`` parameters per singular value.
+
+Size (~490 lines, a fifth docstring): the N-factor product in its three layers -- pure
+functions (factor shapes, balanced and random splits), the :mod:`torch.nn.utils.parametrize`
+module :class:`FactorProduct`, and the model helpers that apply, read and collapse it -- one idea
+whose parts are tested together.
 """
 from __future__ import annotations
 

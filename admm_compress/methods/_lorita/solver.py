@@ -57,6 +57,12 @@ writes the penalty as ``lambda * sum ||F_i||_F^2`` (gradient ``2 lambda F_i``), 
 The paper's pipeline is :func:`lorita_paper`: Adam (lr ``1e-2`` FCN, ``3e-4`` CNN / ViT), random
 factors, GSVT then ISVT on 120 random training examples, then one fine-tuning round; for a ViT
 only the attention projections are over-parameterized (Sec. 5.3).
+
+Size (~520 lines, a sixth of it this docstring): the one LoRITa compressor -- prepare
+(factorize), the Schatten-(2/N) penalty it realizes, the default optimizer with decay on the
+factors only, finalize (collapse + LSVT/GSVT/ISVT), export_spec, state -- kept together because
+each hook reads the same per-layer state; the presets are in ``presets.py``, the truncation rules
+in ``truncation.py``, the factor product in ``factorization.py``.
 """
 from __future__ import annotations
 
