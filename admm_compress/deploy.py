@@ -57,6 +57,35 @@ def _clock(timer: str):
     return time.process_time if timer == "cpu" else time.perf_counter
 
 
+def _timing_args(fn: str, who: str, example_inputs, repeats, warmup, margin, timer):
+    """Check the timing arguments :func:`select_kernels` and :func:`keep_faster` share; the clock."""
+    if not example_inputs:
+        raise ValueError(f"{fn}: give at least one example input ({who}(*example_inputs) must run)")
+    for name, val, low in (("repeats", repeats, 3), ("warmup", warmup, 0)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ValueError(f"{fn}: {name} must be an int >= {low}, got {val!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
+        raise ValueError(f"{fn}: margin must be a number in [0, 1), got {margin!r}")
+    if timer not in ("auto", "wall", "cpu"):
+        raise ValueError(f"{fn}: timer must be 'auto', 'wall' or 'cpu', got {timer!r}")
+    return _clock(timer)
+
+
+def _record_inputs(model: nn.Module, example_inputs, handles) -> None:
+    """One inference pass of ``model`` in eval mode, for the input-recording hooks in ``handles``;
+    the hooks are removed and every module's train/eval mode restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.inference_mode():
+            model(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, t in modes.items():
+            m.train(t)
+
+
 def _time_layer(m: _SparseMixin, x: torch.Tensor, repeats: int, warmup: int, clock) -> tuple[float, float]:
     """Median ms of ``m(x)`` with the dense and with the CSR kernel (interleaved rounds)."""
     old = m.kernel
@@ -108,16 +137,7 @@ def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"select_kernels: model must be an nn.Module, got {type(model).__name__}")
-    if not example_inputs:
-        raise ValueError("select_kernels: give at least one example input (model(*example_inputs) must run)")
-    for name, val, low in (("repeats", repeats, 3), ("warmup", warmup, 0)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise ValueError(f"select_kernels: {name} must be an int >= {low}, got {val!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ValueError(f"select_kernels: margin must be a number in [0, 1), got {margin!r}")
-    if timer not in ("auto", "wall", "cpu"):
-        raise ValueError(f"select_kernels: timer must be 'auto', 'wall' or 'cpu', got {timer!r}")
-    clock = _clock(timer)
+    clock = _timing_args("select_kernels", "model", example_inputs, repeats, warmup, margin, timer)
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, _SparseMixin)]
     if not layers:
         return []
@@ -130,19 +150,12 @@ def select_kernels(model: nn.Module, *example_inputs, repeats: int = 15, warmup:
         return record
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers]
-    modes = {m: m.training for m in model.modules()}
     kernels = {n: m.kernel for n, m in layers}
     try:
-        model.eval()
         for _, m in layers:
             m.kernel = "dense"
-        with torch.inference_mode():
-            model(*example_inputs)
+        _record_inputs(model, example_inputs, handles)
     finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.train(t)
         for n, m in layers:
             m.kernel = kernels[n]
     report = []
@@ -254,16 +267,7 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
     if not isinstance(compact, nn.Module) or not isinstance(model, nn.Module):
         raise TypeError(f"keep_faster: compact and model must be nn.Modules, got {type(compact).__name__} "
                         f"and {type(model).__name__}")
-    if not example_inputs:
-        raise ValueError("keep_faster: give at least one example input (compact(*example_inputs) must run)")
-    for name, val, low in (("repeats", repeats, 3), ("warmup", warmup, 0)):
-        if isinstance(val, bool) or not isinstance(val, int) or val < low:
-            raise ValueError(f"keep_faster: {name} must be an int >= {low}, got {val!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < 1:
-        raise ValueError(f"keep_faster: margin must be a number in [0, 1), got {margin!r}")
-    if timer not in ("auto", "wall", "cpu"):
-        raise ValueError(f"keep_faster: timer must be 'auto', 'wall' or 'cpu', got {timer!r}")
-    clock = _clock(timer)
+    clock = _timing_args("keep_faster", "compact", example_inputs, repeats, warmup, margin, timer)
     compact = unwrap(compact)
     select_kernels(compact, *example_inputs, repeats=repeats, warmup=warmup, margin=margin, timer=timer)
     dense, bindings = _dense_projected(model, spec)
@@ -283,16 +287,7 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
             if n not in inputs and args and isinstance(args[0], torch.Tensor):
                 inputs[n] = args[0].detach().clone()
         handles.append(mod.register_forward_pre_hook(record))
-    modes = {m: m.training for m in compact.modules()}
-    try:
-        compact.eval()
-        with torch.inference_mode():
-            compact(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, t in modes.items():
-            m.train(t)
+    _record_inputs(compact, example_inputs, handles)
     report = []
     for n in names:
         row = {"name": n, "compact": None, "compact_ms": None, "dense_ms": None, "kept": "compact"}

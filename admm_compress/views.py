@@ -67,6 +67,14 @@ def _shape(shape: Sequence[int]) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
+def _at_least_2d(shape: Sequence[int], where, who: str) -> tuple[int, ...]:
+    """``shape`` as ints; raises naming ``where`` and ``who`` (the view) if it has < 2 dimensions."""
+    shape = _shape(shape)
+    if len(shape) < 2:
+        raise ValueError(f"{where_prefix(where)}{who} needs a weight with at least 2 dimensions, got shape {shape}")
+    return shape
+
+
 class View(abc.ABC):
     """Abstract base class: a bijective reshape/permutation of a weight tensor.
 
@@ -100,10 +108,7 @@ class MatrixView(View):
     name = "matrix"
 
     def check(self, shape, where=None):
-        shape = _shape(shape)
-        if len(shape) < 2:
-            raise ValueError(f"{where_prefix(where)}view '{self.name}' needs a weight with at least 2 "
-                             f"dimensions, got shape {shape}")
+        _at_least_2d(shape, where, f"view '{self.name}'")
 
     def viewed_shape(self, shape):
         shape = _shape(shape)
@@ -289,10 +294,7 @@ class TTView(View):
         return cls(balanced_factors(shape[0], d, strict), balanced_factors(shape[1], d, strict))
 
     def check(self, shape, where=None):
-        shape = _shape(shape)
-        if len(shape) < 2:
-            raise ValueError(f"{where_prefix(where)}TTView needs a weight (O, I, *k) with at least 2 "
-                             f"dimensions, got shape {shape}")
+        shape = _at_least_2d(shape, where, "TTView (a weight (O, I, *k))")
         O, I = shape[0], shape[1]
         if math.prod(self.out_factors) != O:
             raise ValueError(f"{where_prefix(where)}TTView: out_factors={self.out_factors} multiply to "
@@ -373,10 +375,7 @@ class TTOKIView(View):
     layout = "oki"
 
     def check(self, shape, where=None):
-        shape = _shape(shape)
-        if len(shape) < 2:
-            raise ValueError(f"{where_prefix(where)}TT view 'oki' needs a weight (O, I, *k) with at least 2 "
-                             f"dimensions, got shape {shape}")
+        _at_least_2d(shape, where, "TT view 'oki' (a weight (O, I, *k))")
 
     def viewed_shape(self, shape):
         shape = _shape(shape)

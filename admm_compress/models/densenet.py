@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int
+from ._init import he_init
 
 __all__ = ["DenseLayer", "Transition", "DenseNet", "densenet40"]
 
@@ -98,14 +99,7 @@ class DenseNet(nn.Module):
 
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out, ReLU) convolutions, BN ``(1, 0)``, zero linear bias."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        he_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv1(x)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._validation import check_choice, check_int
+from ._init import he_init
 
 __all__ = ["BasicBlock", "ShortcutA", "CifarResNet", "resnet20", "resnet32", "resnet44",
            "resnet56", "resnet110"]
@@ -132,15 +133,7 @@ class CifarResNet(nn.Module):
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out, ReLU) convolutions, BN ``gamma = 1, beta = 0``,
         Kaiming-normal linear layer with zero bias."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.kaiming_normal_(m.weight)
-                nn.init.zeros_(m.bias)
+        he_init(self, nn.init.kaiming_normal_)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._validation import check_int
+from ._init import he_init
 
 __all__ = ["CFG_D", "VGG", "vgg16", "vgg15"]
 
@@ -75,17 +76,7 @@ class VGG(nn.Module):
     def reset_parameters(self) -> None:
         """Kaiming-normal (fan_out, ReLU) convolutions with zero bias, BN ``(1, 0)``,
         ``N(0, 0.01)`` linear weights with zero bias."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        he_init(self, lambda w: nn.init.normal_(w, 0.0, 0.01))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
