@@ -367,3 +367,20 @@ def test_input_channel_export_is_1x1_then_k_conv_with_the_projected_outputs(conv
     with torch.no_grad():
         torch.testing.assert_close(compact(x), model(x), rtol=1e-4, atol=1e-5)  # model = the projected weight
     assert torch.linalg.matrix_rank(InputChannelView().to(model.conv.weight.detach())) == r
+
+
+class _MyConv(nn.Conv2d):
+    """A user's conv subclass (same forward): prepare accepts it, so export must too."""
+
+
+@pytest.mark.parametrize("view", [InputChannelView(), "channel"])
+def test_lowrank_export_of_a_conv_subclass_equals_the_projected_model(view):
+    torch.manual_seed(0)
+    model = _Net(_MyConv(6, 8, 3, padding=1)).eval().double()
+    spec = [ac.Constrain("conv", ac.LowRank(rank=2), view=view)]
+    ac.Solver(spec).prepare(model).finalize(model)
+    compact = ac.export(model, spec).eval()
+    assert isinstance(compact.conv, nn.Sequential) and type(compact.conv[1]) is nn.Conv2d
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    with torch.no_grad():  # float64: the two-conv form and the rank-2 weight agree to rounding
+        torch.testing.assert_close(compact(x), model(x), rtol=1e-10, atol=1e-10)
