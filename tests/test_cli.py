@@ -424,3 +424,19 @@ def test_ort_latency_is_marked_na_without_onnxruntime(monkeypatch):
     assert _table_row(table, "latency ONNX Runtime (ms)") == ["latency ONNX Runtime (ms)", "n/a", "n/a", note]
     assert _table_row(table, "saved state dict (bytes)") == ["saved state dict (bytes)", "2000", "1000", "x0.50"]
 
+
+
+def test_no_ort_skips_the_onnx_export(tmp_path, monkeypatch, capsys):
+    """``--no-ort``: no ONNX export at all (it takes seconds per model), the row says why."""
+    import admm_compress.bench.run as run_mod
+
+    def boom(*a, **k):
+        raise AssertionError("the ONNX Runtime latency was measured despite --no-ort")
+
+    monkeypatch.setattr(run_mod, "_ort_latency", boom)
+    out = tmp_path / "run"
+    assert main(["run", "digits_fcn", "magnitude_pruning", "--set", "density=0.5", "--out", str(out),
+                 "--no-ort", *TINY]) == 0, capsys.readouterr().err
+    row = _table_row(capsys.readouterr().out, "latency ONNX Runtime (ms)")
+    res = json.loads((out / "results.json").read_text())
+    assert row[1:3] == ["n/a", "n/a"] and res["ort_note"] == "n/a: skipped (--no-ort)"

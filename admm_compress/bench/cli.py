@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on a busy machine)")
     train.add_argument("--latency-batch", type=int, default=32, help="batch size of the latency measurement")
     train.add_argument("--latency-repeats", type=int, default=30, help="timed forward passes for latency")
+    train.add_argument("--no-ort", action="store_true",
+                       help="skip the ONNX Runtime latency (measured by default when onnxruntime is installed; "
+                            "the ONNX export takes seconds per model)")
 
     p = argparse.ArgumentParser(prog="admm-compress", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,7 +186,7 @@ def _spawn(world: int, argv: list) -> int:
 def _run_main(args, pentry, sentry, pparams, sparams, solvers, out):
     return run_one(pentry, sentry, pparams, sparams[sentry.name], args.seed, args.device, out, args.epochs,
                   progress=not args.no_progress, latency_batch=args.latency_batch,
-                  latency_repeats=args.latency_repeats, solvers=solvers)
+                  latency_repeats=args.latency_repeats, solvers=solvers, ort=not args.no_ort)
 
 
 def _report_run(args, pentry, sentry, res, out) -> int:

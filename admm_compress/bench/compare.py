@@ -94,7 +94,8 @@ def _cmd_bench(args) -> int:
                 res = run_one(pentry, e, pparams, {**combo, **sparams[e.name]}, seed, args.device,
                               out / f"{tag}_seed{seed}",
                               args.epochs, progress=not args.no_progress, latency_batch=args.latency_batch,
-                              latency_repeats=args.latency_repeats, pretrained=cache, plots=True)
+                              latency_repeats=args.latency_repeats, pretrained=cache, plots=True,
+                              ort=not args.no_ort)
             except Exception as exc:  # one failing solver must not lose the others' results
                 log.error("%s failed: %s: %s", e.name, type(exc).__name__, exc, exc_info=args.verbose > 0)
                 failures.append((e.name, seed, f"{type(exc).__name__}: {exc}"))

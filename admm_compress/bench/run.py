@@ -65,7 +65,7 @@ def _median(xs):
     return float(statistics.median(xs)) if xs else None
 
 
-def _measure(model, problem, device, latency_batch, latency_repeats) -> dict:
+def _measure(model, problem, device, latency_batch, latency_repeats, ort: bool = True) -> dict:
     """Accuracy, MACs / params (ptflops, pytorch backend) and latency of ``model``."""
     import admm_compress as ac
 
@@ -82,7 +82,8 @@ def _measure(model, problem, device, latency_batch, latency_repeats) -> dict:
                      warmup=max(2, latency_repeats // 5))
     out["latency_ms"] = lat.median
     out["latency"] = lat.as_dict()
-    out["ort_latency_ms"], out["ort_note"] = _ort_latency(model, problem, latency_batch, latency_repeats)
+    out["ort_latency_ms"], out["ort_note"] = (_ort_latency(model, problem, latency_batch, latency_repeats) if ort
+                                              else (None, "n/a: skipped (--no-ort)"))
     out["state_dict_bytes"] = ac.saved_bytes(model)  # torch.save of the state dict, in memory
     return out
 
@@ -198,8 +199,10 @@ def _shard(loader, world: int, seed: int):
 def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str, out: Path,
             epochs: int | None = None, progress: bool = True, latency_batch: int = 32,
             latency_repeats: int = 30, pretrained: dict | None = None, plots: bool = True,
-            solvers: dict | None = None) -> dict:
+            solvers: dict | None = None, ort: bool = True) -> dict:
     """Train, compress, export and evaluate ``sentry`` on ``pentry``; write the run's files to ``out``.
+
+    ``ort=False`` skips the ONNX Runtime latency (``--no-ort``; recorded as "n/a: skipped").
 
     ``pretrained`` (a dict shared between calls) caches the dense pretraining per seed, so a
     benchmark trains the dense model once; ``solvers`` (all loaded entries) names the applicable
@@ -272,7 +275,7 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
         dh = train_dense(train_model, train_loader, problem.pretrain_epochs, problem.optimizer, problem.loss_fn,
                          problem.test_loader, dev, progress, problem.lr,
                          scheduler=cosine(problem.pretrain_epochs), accuracy_fn=problem.accuracy_fn)
-        dense = _measure(model, problem, dev, latency_batch, latency_repeats)
+        dense = _measure(model, problem, dev, latency_batch, latency_repeats, ort)
         dense["epoch_time_s"] = _median([e["wall"] for e in dh.epochs])
         dense["pretrain_wall_s"] = time.perf_counter() - t0
         dense["spectra"] = P.weight_spectra(model)
@@ -297,7 +300,7 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
     model.eval()
     compact = sentry.export(solver, model, problem, full_sparams)
     compact.to(dev).eval()
-    after = _measure(compact, problem, dev, latency_batch, latency_repeats)
+    after = _measure(compact, problem, dev, latency_batch, latency_repeats, ort)
     after["epoch_time_s"] = _median([e["wall"] for e in hist.epochs if e.get("phase", "train") == "train"])
     res["after"] = after
     res["fit_wall_s"] = fit_wall
