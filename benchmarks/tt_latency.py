@@ -8,32 +8,38 @@ finalized model's outputs before timing:
   ``(O, kh*kw, I)`` (``TTView.oki()``), per-layer ranks from
   ``methods.raspa.tt_ranks_for_budget(model, X, "macs")``; exported as three stock convs
   (``1x1 I->r2``, ``3x3 r2->r1``, ``1x1 r1->O``).  This is ``admm_tt``'s / RASPA's L branch.
+* ``oki -X%, realized (MACs | latency)``: the same exported model after
+  ``admm_compress.layers.tt_realize.realize_tt(model, rule, x)``: each chain replaced by the
+  cheapest of four exact realizations of the same linear map -- the chain, ``fold_first``
+  (``kxk I->r1``, ``1x1 r1->O``), ``fold_last`` (``1x1 I->r2``, ``kxk r2->O``) or one dense
+  ``kxk`` conv -- by fewest MACs, or by measured CPU time on the layer's real input in the timed
+  batch size and memory format (the *per-layer choice* column counts them).  A layer realized
+  dense counts dense MACs: the *MACs ratio* column is ptflops' count of the model actually timed.
+* ``oki -75%, uniform ranks``: ranks ``(r, r)`` per layer, the largest whose chain costs at most
+  25 % of that layer's dense MACs (``uniform_ranks``) instead of the global singular-value
+  threshold, which on random weights leaves ResNet-56's 16-channel stage at ranks ~12 and cuts the
+  wider stages to ranks 1-4.
 * ``eq9 r=8``: the literal Eq. 9 layout (balanced ``d = 2`` factors, ``TTRank(8)``), exported as
   ``TTConv2d`` (core-by-core contraction) -- the library's former TT layer, for reference.
 * ``raspa -75% + S 5%``: RASPA's ``L + S`` export (the ``oki -75%`` ranks plus a sparse branch
   of density 0.05, ``SumBranches(stock chain, SparseConv2d)``), with every ``SparseConv2d`` on
-  its default ``kernel="dense"``: the weight is stored densely with a 0/1 mask and the branch
-  runs a *dense* convolution of the full ``O x I x 3 x 3`` kernel, so it costs the dense layer's
-  MACs at run time (``aten`` MACs ratio > 1) although ptflops counts it at its non-zeros.  Not a
-  speed-up, by construction; shown as the reference.
-* ``raspa ... select_kernels``: the same exported model after ``ac.select_kernels(model, x)``
-  (``admm_compress.deploy``) on the timed input (per batch size and memory format): each sparse
-  branch is timed with the dense kernel and with the ``torch.sparse_csr`` kernel (im2col by
-  ``F.unfold``, ``K I`` x ``P`` columns, then a CSR x dense product of ``nnz x P`` MACs) and keeps
-  the faster one; the *csr layers* column says how many of the sparse branches took CSR.  This
-  is the library's compact sparse path, the fair test of "RASPA's exported model is faster than
-  dense where its MACs are at most half".
+  its default ``kernel="dense"``: a masked *dense* convolution of the full ``O x I x 3 x 3``
+  kernel (ptflops counts it at its non-zeros; what runs costs the dense layer's MACs).
+* ``..., select_kernels``: after ``ac.select_kernels(model, x)`` on the timed input: each sparse
+  branch timed with the dense kernel and with the ``torch.sparse_csr`` kernel (im2col by
+  ``F.unfold``, then a CSR x dense product of ``nnz x P`` MACs), the faster kept (*csr n/m*).
+* ``..., select_kernels + realized (latency, L+S densified where faster)``: then ``realize_tt(...,
+  "latency", x, sum_dense=True)``: chains realized as above, and each ``L + S`` layer compared
+  with one dense conv holding ``L + S`` (``dense_sum``), kept where faster -- such a layer counts
+  *dense* MACs (it is no longer compressed at run time; the MACs ratio shows it).
 
-Latency: median over interleaved rounds (``latency_speedup.measure``), batch 1 and 32,
-``torch.set_num_threads(1)`` by default, in both memory formats: NCHW (PyTorch's default) and
-channels-last (``model.to(memory_format=torch.channels_last)``, the input converted inside the
-timed call) -- on this CPU the thin 1x1 convolutions of the TT chain run several times faster
-channels-last.  ``eq9`` is timed at batch 1, NCHW only (it is ~20x slower than dense at batch 32).
-MACs by ``ac.complexity(..., backend="aten")`` (counts the convolutions actually run, so the sparse
-branch counts as dense there; the ptflops count of
-the same model, with the sparse branch at its non-zeros, is given too).
+Latency: median process CPU time (one torch thread: the compute, blind to other processes on the
+shared machine; wall-clock speed-ups in a column too) over interleaved rounds
+(``latency_speedup.measure``), batch 1 and 32, in both memory formats: NCHW and channels-last
+(model and input converted).  ``eq9`` is timed at batch 1, NCHW only.  Every variant's outputs are
+checked against its finalized model (``latency_speedup.check_outputs``) before timing.
 
-Writes ``docs/results/tt_latency.md``.  Run: ``python benchmarks/tt_latency.py [--quick]`` (10 min on a loaded 2-core machine).
+Writes ``docs/results/tt_latency.md``.  Run: ``python benchmarks/tt_latency.py [--quick] [--archs ...] [--only LABEL ...]`` (~20 min on a loaded 2-core machine).
 """
 from __future__ import annotations
 
@@ -67,6 +73,9 @@ def build(make, kind: str, red: float | None = None, seed: int = 0):
     if kind == "oki":
         ranks = tt_ranks_for_budget(model, red, "macs", input_size=INPUT)
         solver = ac.Solver([ac.Constrain(n, ac.TTRank(r), view=TTView.oki()) for n, r in ranks.items()])
+    elif kind == "oki-uniform":
+        ranks = uniform_ranks(model, 1.0 - red)
+        solver = ac.Solver([ac.Constrain(n, ac.TTRank(r), view=TTView.oki()) for n, r in ranks.items()])
     elif kind == "eq9":
         spec = [ac.Constrain(n, ac.TTRank(8), view=TTView.auto(tuple(m.weight.shape), 2))
                 for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
@@ -79,6 +88,28 @@ def build(make, kind: str, red: float | None = None, seed: int = 0):
     solver.prepare(model)
     solver.finalize(model)
     return model, ac.export(model, solver).eval()
+
+
+def uniform_ranks(model: nn.Module, keep: float) -> dict:
+    """Per-layer oki ranks ``(r, min(r, I))``: the largest ``r`` whose chain costs at most ``keep`` x the
+    layer's dense MACs (per output position, the first 1x1 map at the input resolution; at least 1) --
+    every conv reduced by the same fraction, instead of ``tt_ranks_for_budget``'s global threshold
+    (which, on random weights, leaves the 16-channel stage of ResNet-56 at ranks ~12 and cuts the
+    others to 1-4)."""
+    from admm_compress.layers.tt import tt_oki_cost
+
+    out = {}
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Conv2d):
+            continue
+        O, I, kh, kw = m.weight.shape
+        s = m.stride[0] * m.stride[1]
+        best = 1
+        for r in range(1, O + 1):
+            if tt_oki_cost(tuple(m.weight.shape), (r, min(r, I)), in_positions=s)[1] <= keep * O * I * kh * kw:
+                best = r
+        out[n] = (best, min(best, I))
+    return out
 
 
 class ChannelsLast(nn.Module):
@@ -115,6 +146,7 @@ def main(argv=None):
     ap.add_argument("--formats", nargs="+", default=["nchw", "cl"], choices=["nchw", "cl"])
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--only", nargs="+", default=None, help="variant labels to run (default: all)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_latency.md"))
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -130,11 +162,15 @@ def main(argv=None):
     variants_spec = [("oki -50%", "oki", 0.5, "chain"), ("oki -50%, realized (latency)", "oki", 0.5, "latency"),
                      ("oki -75%", "oki", 0.75, "chain"), ("oki -75%, realized (MACs)", "oki", 0.75, "macs"),
                      ("oki -75%, realized (latency)", "oki", 0.75, "latency"),
+                     ("oki -75%, uniform ranks", "oki-uniform", 0.75, "chain"),
+                     ("oki -75%, uniform ranks, realized (latency)", "oki-uniform", 0.75, "latency"),
                      ("eq9 r=8", "eq9", None, "chain"),
                      ("raspa -75% + S 5%", "raspa", 0.75, "chain"),
                      ("raspa -75% + S 5%, select_kernels", "raspa", 0.75, "select"),
                      ("raspa -75% + S 5%, select_kernels + realized (latency, L+S densified where faster)",
                       "raspa", 0.75, "select+latency")]
+    if args.only:
+        variants_spec = [v for v in variants_spec if v[0] in args.only]
     rows = []
     for arch in archs:
         make = ARCHS[arch]
