@@ -147,6 +147,7 @@ def main(argv=None):
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--only", nargs="+", default=None, help="variant labels to run (default: all)")
+    ap.add_argument("--ort", action="store_true", help="only the ONNX Runtime table (tt_latency_ort.md)")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_latency.md"))
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -155,6 +156,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     archs = ["ResNet-56"] if args.quick else args.archs
+    if args.ort:
+        return ort_main(args, archs)
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
     # (label, build kind, reduction, post-export step): "chain" = as exported; "macs" / "latency" =
@@ -250,6 +253,90 @@ def main(argv=None):
         f"{total:.0f} s in all, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
     write_report(args.out, text)
     print(f"wrote {args.out}")
+
+
+ORT_VARIANTS = [("oki -50%", "oki", 0.5, "chain"), ("oki -75%", "oki", 0.75, "chain"),
+                ("oki -75%, realized (MACs)", "oki", 0.75, "macs"),
+                ("oki -75%, uniform ranks", "oki-uniform", 0.75, "chain"),
+                ("oki -75%, uniform ranks, realized (MACs)", "oki-uniform", 0.75, "macs")]
+
+
+def ort_main(args, archs) -> None:
+    """``--ort``: the TT variants in ONNX Runtime (CPU, 1 intra-op thread; BatchNorm and ReLU fused into
+    the convolutions by ORT's graph optimizations, for the dense model too), median process CPU time,
+    rounds interleaved; writes ``docs/results/tt_latency_ort.md``."""
+    import statistics
+    import tempfile
+
+    from admm_compress.deploy import onnx_session
+
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    rounds = args.rounds or 3
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            make = ARCHS[arch]
+            torch.manual_seed(0)
+            dense = make().eval()
+            p0 = ac.complexity(dense, INPUT)
+            models_ = {"dense": (dense, 1.0)}
+            built = {}
+            for label, kind, red, post in ORT_VARIANTS:
+                if (kind, red) not in built:
+                    built[kind, red] = build(make, kind, red)
+                fin, ex = built[kind, red]
+                m = ex
+                if post == "macs":
+                    m, _ = realized(ex, "macs", None)
+                check_outputs(fin, m)
+                models_[label] = (m, ac.complexity(m, INPUT).macs / p0.macs)
+            runs = {}
+            for label, (m, _) in models_.items():
+                path = os.path.join(tmp, "m.onnx")
+                run = onnx_session(m, torch.randn(1, *INPUT), path, args.threads)
+                x = torch.randn(4, *INPUT, generator=torch.Generator().manual_seed(5))
+                with torch.inference_mode():
+                    ref = m(x)
+                torch.testing.assert_close(torch.from_numpy(run(x.numpy())), ref, rtol=1e-3,
+                                           atol=1e-4 * max(1.0, float(ref.abs().max())))
+                runs[label] = run
+            for b in args.batches:
+                xb = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(6)).numpy()
+                times = {k: [] for k in runs}
+                for r in range(rounds):
+                    for k in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
+                        for _ in range(2):
+                            runs[k](xb)
+                        for _ in range(10 if b == 1 else 3):
+                            c = time.process_time()
+                            runs[k](xb)
+                            times[k].append(1e3 * (time.process_time() - c))
+                med = {k: statistics.median(v) for k, v in times.items()}
+                print(f"ORT {arch} b={b}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items()), flush=True)
+                for label, (m, mr) in models_.items():
+                    if label != "dense":
+                        rows.append((arch, label, b, mr, med["dense"], med[label]))
+    hdr = ["model", "variant", "batch", "MACs ratio", "dense ORT CPU ms", "variant ORT CPU ms", "**speedup**",
+           "realized / ideal"]
+    table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
+    for arch, label, b, mr, d, v in rows:
+        table.append("| " + " | ".join([arch, label, str(b), f"{mr:.3f}", f"{d:.2f}", f"{v:.2f}", f"**{d / v:.2f}x**",
+                                        f"{d / v * mr:.2f}"]) + " |")
+    print("\n".join(table))
+    text = "\n".join([
+        "# Exported TT layers in ONNX Runtime: CPU latency vs dense (benchmarks/tt_latency.py --ort)", "",
+        "The variants of `docs/results/tt_latency.md` (same builds; `realized (MACs)`: `realize_tt(model, "
+        "\"macs\")`), exported with `admm_compress.deploy.onnx_session` (TorchScript-based ONNX export, ORT "
+        "`CPUExecutionProvider`, 1 intra-op thread, ORT_ENABLE_ALL: BatchNorm and activations fused into the "
+        "convolutions for the dense model as for the compressed one).  ORT outputs checked against eager, eager "
+        "against the finalized model.  Median process CPU time per call over interleaved rounds; *MACs ratio*: "
+        "ptflops count of the exported model; *realized / ideal* = speedup x MACs ratio.", "",
+        *table, "",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+        f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
+        f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
+    write_report(args.out.replace("tt_latency.md", "tt_latency_ort.md"), text)
 
 
 class _CL(nn.Module):
