@@ -39,7 +39,7 @@ from admm_compress.layers import SparseConv2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [("ResNet-56 stage 1", 16, 32), ("ResNet-56 stage 2", 32, 16), ("ResNet-56 stage 3", 64, 8),
-          ("VGG-16 block 3", 256, 8), ("VGG-16 block 5", 512, 4)]
+          ("VGG-16 block 3", 256, 8), ("VGG-16 block 4", 512, 4)]
 
 
 def per_tap(taps, x: torch.Tensor, O: int) -> torch.Tensor:
