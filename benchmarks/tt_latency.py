@@ -148,6 +148,9 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--only", nargs="+", default=None, help="variant labels to run (default: all)")
     ap.add_argument("--ort", action="store_true", help="only the ONNX Runtime table (tt_latency_ort.md)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="fold every BatchNorm into the conv before it (torch.fx fuse), in the dense model and in "
+                         "every variant after its realization; writes tt_latency_fused.md")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_latency.md"))
     args = ap.parse_args(argv)
     if args.threads < 1:
@@ -191,7 +194,8 @@ def main(argv=None):
             for b in args.batches:
                 x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
                 xf = x.contiguous(memory_format=torch.channels_last) if fmt == "cl" else x
-                vs, info = {"dense": dense if fmt == "nchw" else ChannelsLast(copy.deepcopy(dense))}, {}
+                d = _fused(dense, fmt) if args.fuse else dense
+                vs, info = {"dense": d if fmt == "nchw" else ChannelsLast(copy.deepcopy(d))}, {}
                 for label, kind, red, post in variants_spec:
                     if kind == "eq9" and (b > 1 or fmt == "cl"):
                         continue
@@ -210,6 +214,9 @@ def main(argv=None):
                             m, rep2 = realized(m, "latency", xf, sum_dense=True)
                             note += "; " + choice_summary(rep2)
                     if post != "chain":  # the realized model still computes the finalized one
+                        check_outputs(fin, m)
+                    if args.fuse:
+                        m = _fused(m, fmt)
                         check_outputs(fin, m)
                     cp = ac.complexity(m, INPUT)
                     info[label] = (cp.macs / p0.macs, cp.params / p0.params, note)
@@ -235,7 +242,11 @@ def main(argv=None):
             if vals:
                 summ.append(f"| {arch} | {label} | {min(vals):.2f} | {max(vals):.2f} |")
     text = "\n".join([
-        "# Exported TT layers: CPU latency vs dense (benchmarks/tt_latency.py)", "",
+        "# Exported TT layers: CPU latency vs dense (benchmarks/tt_latency.py" + (" --fuse)" if args.fuse else ")"), "",
+        *(["**--fuse**: every BatchNorm folded into the convolution before it "
+           "(`torch.fx.experimental.optimization.fuse`, exact in eval mode), in the dense model and in each "
+           "variant (after `realize_tt`); outputs re-checked.  The variants are described below.", ""]
+          if args.fuse else []),
         __doc__.split("\n\n", 1)[1].strip(), "",
         "Realized / ideal over the measured formats and batch sizes (1.0: the MAC reduction fully realized as "
         "speed-up; the issue's target for the TT branch: >= 0.75):", "",
@@ -251,8 +262,9 @@ def main(argv=None):
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), load average {load0:.1f} -> {load:.1f} (shared 2-core machine), "
         f"{total:.0f} s in all, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
-    write_report(args.out, text)
-    print(f"wrote {args.out}")
+    out = args.out.replace("tt_latency.md", "tt_latency_fused.md") if args.fuse else args.out
+    write_report(out, text)
+    print(f"wrote {out}")
 
 
 ORT_VARIANTS = [("oki -50%", "oki", 0.5, "chain"), ("oki -75%", "oki", 0.75, "chain"),
@@ -337,6 +349,15 @@ def ort_main(args, archs) -> None:
         f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
         f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
     write_report(args.out.replace("tt_latency.md", "tt_latency_ort.md"), text)
+
+
+def _fused(model: nn.Module, fmt: str) -> nn.Module:
+    """``model`` with each BatchNorm folded into the conv before it (eval mode; in the memory format)."""
+    from torch.fx.experimental.optimization import fuse
+
+    inner = model.model if isinstance(model, _CL) else model
+    out = fuse(copy.deepcopy(inner).eval())
+    return out.to(memory_format=torch.channels_last) if fmt == "cl" else out
 
 
 class _CL(nn.Module):

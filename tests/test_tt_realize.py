@@ -1,5 +1,6 @@
 """Realizations of the exported "oki" TT chain (admm_compress.layers.tt_realize): exact, counted by ptflops."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -117,3 +118,25 @@ def test_lplus_s_densified_sum_is_exact_and_dense_counted():
     # the latency rule keeps the model's function whatever it picks
     realize_tt(ex, "latency", x, sum_dense=True, repeats=3, warmup=0)
     torch.testing.assert_close(ex(x), ref, **_tol(ref, 16 * 9 * 2))
+
+
+def test_realized_model_scripts_and_exports():
+    torch.manual_seed(0)
+    net = _net()
+    ex = _exported(net)
+    chains = [n for n, m in ex.named_modules() if is_oki_chain(m)]
+    from admm_compress.layers import tt_realize
+
+    for name, kind in zip(chains, ("fold_first", "fold_last", "dense")):  # one of each non-chain form
+        tt_realize._set(ex, name, chain_realizations(ex.get_submodule(name))[kind])
+    ex.eval()
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    with torch.no_grad():
+        ref = net(x)
+        tol = _tol(ref, 24 * 15 * 3)
+        torch.testing.assert_close(ex(x), ref, **tol)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated upstream
+            scripted = torch.jit.script(ex)
+        torch.testing.assert_close(scripted(x), ref, **tol)
+        torch.testing.assert_close(torch.export.export(ex, (x,)).module()(x), ref, **tol)
