@@ -9,13 +9,15 @@ median process CPU time (best of 3 interleaved rounds), by:
 * ``dense CL``: the same dense conv in channels-last (model and input converted);
 * ``csr (unfold)``: ``SparseConv2d(kernel="csr")``, the library's sparse kernel: im2col by
   ``F.unfold`` (``9 I x P`` columns), then one ``torch.sparse_csr`` x dense product;
+* ``csr CL unfold``: the input in channels-last, unfolded into ``(B H W) x 9 I`` rows (a strided
+  window view of the padded NHWC tensor, copied once), then one CSR x dense product;
 * ``csr per tap``: a prototype without im2col: for each of the 9 taps ``t``, the ``O x I`` CSR
   slice ``S_t`` times the input as an ``I x (B H W)`` matrix, shifted and added into the output
   (``nnz`` MACs per position plus 9 shifted adds of the output).
 
 Every kernel's output is checked against ``F.conv2d`` with the masked kernel first.  *MACs
-ratio* = nnz / (O I 9): what ptflops counts for S.  *S / dense* = the best sparse kernel's time
-over the dense conv's: below 1 the sparse branch is cheaper than the dense layer; ``L + S`` can
+ratio* = nnz / (O I 9): what ptflops counts for S.  *S / best dense* = the best sparse kernel's time
+over the faster dense conv's (NCHW or CL): below 1 the sparse branch is cheaper than the dense layer; ``L + S`` can
 only be faster than dense where S alone is well below 1 (the chain L costs time too).
 
 Writes ``docs/results/raspa_sparse_branch.md``.  Run: ``python benchmarks/raspa_sparse_branch.py``
@@ -53,6 +55,14 @@ def per_tap(taps, x: torch.Tensor, O: int) -> torch.Tensor:
     return y[:, :, 1:1 + H, 1:1 + W]
 
 
+def cl_unfold(S, xc: torch.Tensor, O: int) -> torch.Tensor:
+    """3x3, stride 1, padding 1 convolution on a channels-last input: NHWC windows as rows, one CSR product."""
+    B, C, H, W = xc.shape
+    xp = F.pad(xc, (1, 1, 1, 1)).permute(0, 2, 3, 1)                       # (B, H+2, W+2, C)
+    cols = xp.unfold(1, 3, 1).unfold(2, 3, 1).reshape(B * H * W, C * 9)    # rows ordered (c, kh, kw)
+    return (S @ cols.t()).t().reshape(B, H, W, O).permute(0, 3, 1, 2)
+
+
 def cpu_ms(fns: dict, repeats: int) -> dict:
     best = {k: float("inf") for k in fns}
     for f in fns.values():
@@ -88,6 +98,7 @@ def main(argv=None):
         with torch.no_grad():
             sc.weight.copy_(w)
         taps = [w[:, :, i, j].to_sparse_csr() for i in range(3) for j in range(3)]
+        S = w.reshape(C, -1).to_sparse_csr()
         wc = w.contiguous(memory_format=torch.channels_last)
         for b in args.batches:
             x = torch.randn(b, C, H, H, generator=g)
@@ -99,24 +110,26 @@ def main(argv=None):
                     sc.kernel = k
                     torch.testing.assert_close(sc(x), ref, **tol)
                 torch.testing.assert_close(per_tap(taps, x, C), ref, **tol)
+                torch.testing.assert_close(cl_unfold(S, xc, C), ref, **tol)
 
                 def run(k):
                     sc.kernel = k
                     return lambda: sc(x)
                 ms = cpu_ms({"dense": run("dense"), "dense CL": lambda: F.conv2d(xc, wc, padding=1),
-                             "csr (unfold)": run("csr"), "csr per tap": lambda: per_tap(taps, x, C)},
+                             "csr (unfold)": run("csr"), "csr CL unfold": lambda: cl_unfold(S, xc, C),
+                             "csr per tap": lambda: per_tap(taps, x, C)},
                             10 if b == 1 else 3)
             nnz = int(mask.sum())
-            best_sparse = min(ms["csr (unfold)"], ms["csr per tap"])
+            best_sparse = min(ms["csr (unfold)"], ms["csr CL unfold"], ms["csr per tap"])
             rows.append((label, C, H, b, nnz / mask.numel(), ms, best_sparse / min(ms["dense"], ms["dense CL"])))
             print(label, b, {k: round(v, 3) for k, v in ms.items()}, flush=True)
-    hdr = ["layer", "shape", "batch", "MACs ratio", "dense ms", "dense CL ms", "csr (unfold) ms", "csr per tap ms",
-           "**S / best dense**"]
+    hdr = ["layer", "shape", "batch", "MACs ratio", "dense ms", "dense CL ms", "csr (unfold) ms", "csr CL unfold ms",
+           "csr per tap ms", "**S / best dense**"]
     table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
     for label, C, H, b, dens, ms, ratio in rows:
         table.append("| " + " | ".join([label, f"{C}x{C}x3x3 @ {H}x{H}", str(b), f"{dens:.3f}",
                                         *(f"{ms[k]:.3f}" for k in ("dense", "dense CL", "csr (unfold)",
-                                                                   "csr per tap")),
+                                                                   "csr CL unfold", "csr per tap")),
                                         f"**{ratio:.2f}**"]) + " |")
     text = "\n".join([
         "# RASPA's sparse branch: CPU cost per layer (benchmarks/raspa_sparse_branch.py)", "",

@@ -39,7 +39,7 @@ backend="aten")`` at what runs), so ``L + S`` is then *slower* than the dense la
 (im2col + CSR product, ``nnz`` MACs per position plus the unfold) and keeps the faster one
 (eager CPU inference only; scripted/exported graphs run the dense kernel).  Measured on
 ResNet-56 / VGG-16 at density 0.05: ``docs/results/tt_latency.md``; per layer, S alone costs
-1.5-3.6x the dense convolution on ResNet-56's 16-64-channel shapes whatever the kernel
+1.1-6.3x the dense convolution on ResNet-56's 16-64-channel shapes whatever the kernel
 (``docs/results/raspa_sparse_branch.md``), so there ``L + S`` cannot beat dense.
 :func:`admm_compress.layers.tt_realize.realize_tt` (``sum_dense=True``) puts each ``L + S`` layer
 back as one dense convolution holding ``L + S`` where that is measured faster (counted at dense
