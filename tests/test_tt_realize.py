@@ -140,3 +140,18 @@ def test_realized_model_scripts_and_exports():
             scripted = torch.jit.script(ex)
         torch.testing.assert_close(scripted(x), ref, **tol)
         torch.testing.assert_close(torch.export.export(ex, (x,)).module()(x), ref, **tol)
+
+
+def test_only_oki_chains_are_recognized():
+    c = lambda i, o, k=1, **kw: nn.Conv2d(i, o, k, bias=kw.pop("bias", False), **kw)  # noqa: E731
+    assert is_oki_chain(nn.Sequential(c(8, 2), c(2, 3, 3, padding=1), c(3, 8, bias=True)))
+    # the first map must be a bias-free, unstrided 1x1; the middle bias-free; channels must chain
+    assert not is_oki_chain(nn.Sequential(c(8, 2, bias=True), c(2, 3, 3), c(3, 8)))
+    assert not is_oki_chain(nn.Sequential(c(8, 2, stride=2), c(2, 3, 3), c(3, 8)))
+    assert not is_oki_chain(nn.Sequential(c(8, 2), c(2, 3, 3, bias=True), c(3, 8)))
+    assert not is_oki_chain(nn.Sequential(c(8, 2), c(2, 3, 3), c(4, 8)))
+    assert not is_oki_chain(nn.Sequential(c(8, 2), c(2, 3, 3), c(3, 8, 3)))
+    assert not is_oki_chain(nn.Sequential(c(8, 2), c(2, 3, 3, groups=1), nn.ReLU()))
+    assert not is_oki_chain(nn.Sequential(c(8, 2), c(2, 3, 3)))
+    with pytest.raises(ValueError, match="chain"):
+        chain_realizations(nn.Sequential(c(8, 2), c(2, 3, 3)))
