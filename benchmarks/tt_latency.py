@@ -39,7 +39,10 @@ shared machine; wall-clock speed-ups in a column too) over interleaved rounds
 (model and input converted).  ``eq9`` is timed at batch 1, NCHW only.  Every variant's outputs are
 checked against its finalized model (``latency_speedup.check_outputs``) before timing.
 
-Writes ``docs/results/tt_latency.md``.  Run: ``python benchmarks/tt_latency.py [--quick] [--archs ...] [--only LABEL ...]`` (~20 min on a loaded 2-core machine).
+Writes ``docs/results/tt_latency.md`` (``--fuse``: ``tt_latency_fused.md``, every BatchNorm folded into
+the conv before it in the dense model and in each variant; ``--ort``: ``tt_latency_ort.md``, ONNX
+Runtime).  Run: ``python benchmarks/tt_latency.py [--quick] [--archs ...] [--only LABEL ...]
+[--fuse | --ort]`` (~20 min on a loaded 2-core machine; --fuse / --ort with fewer variants ~6 min).
 """
 from __future__ import annotations
 
