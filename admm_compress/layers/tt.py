@@ -12,7 +12,9 @@ Every exported TT layer (:class:`TTConv2d`, :class:`TTLinear`, the stock chains)
 ``prepare`` (:func:`tt_macs_warning`).
 
 The exporter (:func:`export_tt`) is registered explicitly by :mod:`admm_compress.export` next to
-the built-in ones.
+the built-in ones.  The same ``"oki"`` map has other stock realizations (the first or last 1x1
+folded into the kxk conv, or one dense conv); :func:`admm_compress.layers.tt_realize.realize_tt`
+picks one per layer of an exported model, by MACs or by measured latency.
 
 Eq. 9 layout in detail.  A ``Conv2d`` kernel ``W`` of shape ``(O, I, kh, kw)`` seen through the RASPA tensorization
 (Eq. 9; :class:`~admm_compress.views.TTView` with ``O = o_1 ... o_d``, ``I = i_1 ... i_d``,

@@ -38,7 +38,12 @@ backend="aten")`` at what runs), so ``L + S`` is then *slower* than the dense la
 :func:`admm_compress.select_kernels` times each sparse branch with a ``torch.sparse_csr`` kernel
 (im2col + CSR product, ``nnz`` MACs per position plus the unfold) and keeps the faster one
 (eager CPU inference only; scripted/exported graphs run the dense kernel).  Measured on
-ResNet-56 / VGG-16 at density 0.05: ``docs/results/tt_latency.md``.
+ResNet-56 / VGG-16 at density 0.05: ``docs/results/tt_latency.md``; per layer, S alone costs
+1.1-6.3x the dense convolution on ResNet-56's 16-64-channel shapes whatever the kernel
+(``docs/results/raspa_sparse_branch.md``), so there ``L + S`` cannot beat dense.
+:func:`admm_compress.layers.tt_realize.realize_tt` (``sum_dense=True``) puts each ``L + S`` layer
+back as one dense convolution holding ``L + S`` where that is measured faster (counted at dense
+MACs), and realizes each L chain in its fastest exact form.
 Per-layer ranks/densities (Tables 8-10: :mod:`admm_compress.methods.raspa_tables`) and ranks from
 a budget (:func:`tt_ranks_for_budget`) are supported.
 Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-zero entries of
