@@ -155,3 +155,30 @@ def test_only_oki_chains_are_recognized():
     assert not is_oki_chain(nn.Sequential(c(8, 2), c(2, 3, 3)))
     with pytest.raises(ValueError, match="chain"):
         chain_realizations(nn.Sequential(c(8, 2), c(2, 3, 3)))
+
+
+@pytest.mark.parametrize("rule", ["macs", "latency"])
+def test_export_tt_realization_equals_the_chain_export(rule):
+    """``ac.export(..., tt_realization=...)`` realizes the chains per layer; same outputs, and the
+    MACs rule never counts more than the chain export (ptflops)."""
+    torch.manual_seed(0)
+    net = _net()
+    solver = ac.Solver([ac.Constrain(nn.Conv2d, ac.TTRank((4, 3)), view=TTView.oki())]).prepare(net)
+    solver.finalize(net)
+    x = torch.randn(2, 3, 12, 10, dtype=torch.float64)
+    chain = ac.export(net, solver).eval()
+    real = ac.export(net, solver, tt_realization=rule, example_inputs=x[:1]).eval()
+    with torch.no_grad():
+        ref = chain(x)
+        torch.testing.assert_close(real(x), ref, **_tol(ref, 24 * 15 * 4))
+    if rule == "macs":
+        assert ac.complexity(real, (3, 12, 10)).macs <= ac.complexity(chain, (3, 12, 10)).macs
+
+
+def test_export_tt_realization_arguments_are_checked_before_any_work():
+    net = _net()
+    spec = [ac.Constrain(nn.Conv2d, ac.TTRank((4, 3)), view=TTView.oki())]
+    with pytest.raises(ValueError, match="tt_realization must be one of 'chain', 'macs', 'latency', got 'fast'"):
+        ac.export(net, spec, tt_realization="fast")
+    with pytest.raises(ValueError, match="tt_realization='latency' needs example_inputs"):
+        ac.export(net, spec, tt_realization="latency")

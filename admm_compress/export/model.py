@@ -28,6 +28,9 @@ from .registry import ExportError, build_compact
 
 __all__ = ["export"]
 
+#: values of ``export(..., tt_realization=...)``
+TT_REALIZATIONS = ("chain", "macs", "latency")
+
 log = logging.getLogger(__name__)
 
 
@@ -83,7 +86,7 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 @torch.no_grad()
 def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool = True, *,
-           latency_aware: bool = False, example_inputs=None) -> nn.Module:
+           latency_aware: bool = False, example_inputs=None, tt_realization: str = "chain") -> nn.Module:
     """A model whose constrained layers are replaced by compact ones.
 
     Parameters
@@ -113,7 +116,14 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         layers first get their faster kernel.  See :func:`admm_compress.deploy.keep_faster` (the
         per-layer report is logged).  Needs ``example_inputs``; not with ``inplace=True``.
     example_inputs : Tensor or tuple of Tensor
-        A deployment-sized input for ``latency_aware``.
+        A deployment-sized input for ``latency_aware`` and ``tt_realization="latency"``.
+    tt_realization : {"chain", "macs", "latency"}
+        How an ``"oki"`` TT layer is realized.  ``"chain"`` (default): the three stock convs
+        ``1x1 -> kxk -> 1x1``.  ``"macs"`` / ``"latency"``: per layer, the realization of the same
+        linear map (the chain, the first or last 1x1 folded into the kxk conv, or one dense conv)
+        with the fewest MACs / the shortest time measured on ``example_inputs``, see
+        :func:`admm_compress.layers.tt_realize.realize_tt`.  A layer realized densely counts dense
+        MACs.  The outputs are the same in every case (up to float rounding).
 
     Returns
     -------
@@ -129,8 +139,13 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         raise TypeError(f"export: inplace must be a bool, got {inplace!r}")
     if not isinstance(remove_channels, bool):
         raise TypeError(f"export: remove_channels must be a bool, got {remove_channels!r}")
+    if tt_realization not in TT_REALIZATIONS:
+        raise ValueError(f"export: tt_realization must be one of {', '.join(map(repr, TT_REALIZATIONS))}, "
+                         f"got {tt_realization!r}")
     if latency_aware is not False:
         example_inputs = _check_latency_args(latency_aware, inplace, example_inputs)
+    elif tt_realization == "latency" or (tt_realization == "macs" and example_inputs is not None):
+        example_inputs = _as_inputs(example_inputs, f"tt_realization={tt_realization!r}")
     spec = _spec_of(spec)
     src = unwrap(model)
     out = src if inplace else copy.deepcopy(src)
@@ -175,6 +190,10 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         n = _remove_channels(out)
         if n:
             log.info("removed the pruned channels of %d neighbouring layer pair(s)", n)
+    if tt_realization != "chain":
+        from ..layers.tt_realize import realize_tt
+
+        realize_tt(out, tt_realization, example_inputs)
     if latency_aware:
         from ..deploy import keep_faster
 
@@ -188,9 +207,14 @@ def _check_latency_args(latency_aware, inplace: bool, example_inputs) -> tuple:
     if inplace:
         raise ValueError("export: latency_aware=True needs inplace=False (the dense layers are rebuilt from "
                          "the original model)")
+    return _as_inputs(example_inputs, "latency_aware=True")
+
+
+def _as_inputs(example_inputs, needed_by: str) -> tuple:
+    """``example_inputs`` as a non-empty tuple; raises naming what needs it."""
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
-        raise ValueError(f"export: latency_aware=True needs example_inputs (a tensor or a tuple of tensors), "
+        raise ValueError(f"export: {needed_by} needs example_inputs (a tensor or a tuple of tensors), "
                          f"got {type(example_inputs).__name__}")
     return tuple(example_inputs)

@@ -10,6 +10,9 @@ module              what it holds
 :mod:`.tt`          tensor-train layers: the ``"oki"`` layout's stock conv chain
                     (:func:`~.tt.tt_oki_modules`), :class:`~.tt.TTConv2d` / :class:`~.tt.TTLinear`
                     for the Eq. 9 layout, their MAC formulas and the TT exporter
+:mod:`.tt_realize`  the other exact realizations of an oki chain (first / last 1x1 folded into
+                    the kxk conv, one dense conv), chosen per layer by MACs or measured latency
+                    (``export(..., tt_realization=...)``)
 ==================  ===========================================================================
 
 Registration is explicit and happens here, once: each module's ``register_counters()`` teaches

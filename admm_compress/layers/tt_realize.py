@@ -48,8 +48,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -181,18 +179,12 @@ def _sum_dense(sb: SumBranches) -> nn.Module | None:
     return dense
 
 
-def _median_cpu_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
-        fn()
-        t1 = time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
-        times.append(t1 - t0)
-    return 1e3 * statistics.median(times)
-
-
 def _time_candidates(cands: dict, x: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
     """Best-of-3-rounds median ms of each candidate on ``x`` (rounds interleaved, order reversed)."""
+    from ..deploy import _clock
+    from ..latency import _median_ms
+
+    clock = _clock("auto")  # process CPU time with one torch thread, wall clock otherwise
     names = list(cands)
     best = {n: float("inf") for n in names}
     with torch.inference_mode():
@@ -202,7 +194,7 @@ def _time_candidates(cands: dict, x: torch.Tensor, repeats: int, warmup: int) ->
         for r in range(3):
             for n in (names if r % 2 == 0 else names[::-1]):
                 m = cands[n]
-                best[n] = min(best[n], _median_cpu_ms(lambda: m(x), max(1, repeats // 3)))
+                best[n] = min(best[n], _median_ms(lambda: m(x), max(1, repeats // 3), 0, clock))
     return best
 
 
@@ -264,16 +256,9 @@ def realize_tt(model: nn.Module, rule: str = "macs", example_inputs=None, *, all
                 if n not in inputs:
                     inputs[n] = (args[0].detach().clone(), int(out[0, 0].numel()), int(args[0][0, 0].numel()))
             handles.append(m.register_forward_hook(rec))
-        modes = {m: m.training for m in model.modules()}
-        try:
-            model.eval()
-            with torch.inference_mode():
-                model(*example_inputs)
-        finally:
-            for h in handles:
-                h.remove()
-            for m, t in modes.items():
-                m.train(t)
+        from ..deploy import _record_inputs
+
+        _record_inputs(model, example_inputs, handles)
     report = []
     dense_sums = {n: _sum_dense(sb) for n, sb in sums}  # from the chains as exported
     for n, chain in chains:
