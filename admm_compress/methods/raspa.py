@@ -48,6 +48,12 @@ Per-layer ranks/densities (Tables 8-10: :mod:`admm_compress.methods.raspa_tables
 a budget (:func:`tt_ranks_for_budget`) are supported.
 Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-zero entries of
 ``S`` only; afterwards the ``L + S`` split is kept so the export is exact.
+
+Size (~540 lines, a tenth this docstring): RASPA's whole configuration of the solver -- the
+``L + S`` parametrization and its two initializations, per-layer ranks and densities, the TT
+rank budget, the per-layer spec check -- read together against Algorithm 1 and Tables 8-10; the
+tables themselves are in :mod:`admm_compress.methods.raspa_tables`, the layers in
+:mod:`admm_compress.layers.tt`.
 """
 from __future__ import annotations
 
@@ -69,6 +75,7 @@ from ..sets import Cardinality, Sum, TTRank
 from ..solver import Solver
 from ..specs import Constrain, SpecError, exact_glob
 from ..parametrizations import Additive, additive_components, factored
+from ..ranks import largest_within
 from ..views import TT_LAYOUTS, AutoTTView, TTView  # noqa: F401  (AutoTTView: re-exported)
 
 __all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
@@ -522,18 +529,11 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
         raise ValueError(f"tt_ranks_for_budget: reduction={red} of the model's {metric} is out of reach: TT ranks "
                          f"(1, 1) on every targeted layer (density={dens}) remove only "
                          f"{100 * (1 - cost(lo_rank) / total):.1f} %")
-    # cands[i] as threshold keeps the singular values strictly above it; find the last i that fits
-    # index -1: threshold +inf (ranks 1, fits); index len(cands): threshold -1 (all singular values)
-    lo, hi = -1, len(cands)
-    if cost(ranks_at(-1.0)) <= budget:
-        return ranks_at(-1.0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if cost(ranks_at(cands[mid])) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    best = ranks_at(cands[lo]) if lo >= 0 else lo_rank
+    # a threshold keeps the singular values strictly above it; +inf keeps none (ranks 1, fits), -1
+    # keeps all; cost is non-decreasing as the threshold falls: the last one that fits
+    thresholds = [float("inf")] + cands + [-1.0]
+    best = ranks_at(thresholds[largest_within(len(thresholds) - 1,
+                                              lambda t: cost(ranks_at(thresholds[t])) <= budget)])
     log.info("tt_ranks_for_budget: %s reduction %.1f %% (target %.1f %%)", metric,
              100 * (1 - cost(best) / total), 100 * red)
     return best
