@@ -6,6 +6,11 @@ builds compact stock layers from, and the BatchNorm statistics recomputed for th
 (footnote 1, :func:`recalibrate_bn`).  :class:`AnySizeExport` is the part of
 :class:`~admm_compress.methods.DecomposableNetSolver` that runs after training (the training
 side, Eq. 1 and Algorithm 1, is in :mod:`.solver`).
+
+Size (~480 lines): one class, :class:`AnySizeExport`, whose parts (layer geometry and costs,
+the three criteria under a ratio or a MACs budget, the floors' feasibility message, the specs,
+the BatchNorm pass) all answer one question -- which ranks for this size -- and share its
+per-layer singular values; the rules themselves are :mod:`admm_compress.ranks`'.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..._validation import check_float, check_int
-from .rank_selection import ranks_for_macs_budget, uniform_rank_selection
+from ...ranks import ranks_for_macs_budget, uniform_rank_selection
 from ...sets import LowRank
 from ...specs import Constrain, unwrap
 from ...views import get_view

@@ -102,8 +102,8 @@ from torch.func import functional_call
 
 from ..._validation import check_choice, check_float, check_int
 from .lowrank_autograd import check_lam, combine_gradients, thin_svd, truncated_svd_reconstruct
-from .rank_selection import (check_alphas, global_rank_selection, sample_keep_ratio,
-                             uniform_rank_selection)
+from .rank_selection import check_alphas, sample_keep_ratio
+from ...ranks import global_rank_selection, uniform_rank_selection
 from .sizes import (CRITERIA, RANK_RULES, SCHEMES, _FLOOR_MODE, _SV_CRITERION, AnySizeExport, DNLayer,  # noqa: F401
                     _AnyRank, recalibrate_bn)
 from ...compressor import Compressor, FitContext
