@@ -39,10 +39,12 @@ from torch.nn import functional as F
 from ._validation import check_float, check_int
 from .compressor import Compressor, FitContext
 from .distributed import barrier, progress_disabled, rank, rewrap
+from .distributed import broadcast_ as _broadcast_
 from .specs import unwrap
-from .checkpoint import CHECKPOINT_FORMAT, load_checkpoint, read_fit, resume_fit, save_fit, set_rng_state
+from .checkpoint import (CHECKPOINT_FORMAT, load_checkpoint, read_fit, resume_fit, rng_state, save_fit,
+                         set_rng_state)
 from .training import (Amp, NonFiniteError, accuracy_percent, batch_size, check_finite_loss, check_writable,
-                       count_correct, evaluate, move_batch, resolve_device, tree_detach)
+                       count_correct, evaluate, move_batch, recalibrate_bn, resolve_device, tree_detach)
 
 __all__ = ["fit", "History", "CHECKPOINT_FORMAT"]
 
@@ -243,8 +245,10 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
                 return history
             history.updates = list(compressor.residuals)
             if val_loader is not None:  # the accuracy the final projection starts from
+                run.recalibrate(model)
                 history.final["before_finalize"] = run.evaluate(model)
             feasible = compressor.finalize(model)
+            run.recalibrate(model)
             history.final["feasible"] = all(feasible.values())
             history.final["projection_distance"] = compressor.projection_distance
             if val_loader is not None:
@@ -253,6 +257,7 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
         if finetune_epochs > 0:
             run.finetune(model, finetune_epochs, finetune_optimizer, lr, history,
                          start_epoch if phase == "finetune" else 0)
+            run.recalibrate(model)
             if val_loader is not None:
                 history.final["after_finetune"] = run.evaluate(model)
         return history
@@ -269,6 +274,23 @@ class _Run:
         self.c, self.loss_fn, self.dev, self.amp = compressor, loss_fn, dev, amp
         self.accuracy_fn, self.val_loader, self.progress = accuracy_fn, val_loader, progress
         self.callbacks, self.checkpoint, self.loader = tuple(callbacks), checkpoint, loader
+
+    def recalibrate(self, model) -> None:
+        """Recompute the BatchNorm running statistics on the training loader when the compressor
+        asks for it (ADMM :class:`~admm_compress.Solver`: its penalty shrinks the weights of
+        scale-invariant conv -> BN layers during training and the final projection moves them at
+        once, so the running averages describe weights that no longer exist).  The loader's and
+        torch's RNG states are restored afterwards: the batches training sees do not change."""
+        wants = getattr(self.c, "wants_bn_recalibration", None)
+        if wants is None or not wants():
+            return
+        st = rng_state(self.loader)
+        try:
+            recalibrate_bn(unwrap(model), self.loader, device=self.dev, amp=self.amp)
+        finally:
+            set_rng_state(st, self.loader)
+        _broadcast_([b for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                     for b in (m.running_mean, m.running_var) if b is not None])
 
     def evaluate(self, model) -> dict:
         ctx = self.c.evaluation_context() if self.c is not None else _null()

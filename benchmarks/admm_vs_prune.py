@@ -288,7 +288,7 @@ def report(cache, out, note):
              "finetune_epochs=F, lr=lr)` with nothing else set.", ""]
     problems = sorted({(r["problem"], r["kind"], r["amount"]) for r in rows if r["lr"] == 0.05})
     lines += ["## Main comparison (lr 0.05, Z/U once per epoch)", "",
-              "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection | "
+              "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection (BN stats recomputed) | "
               "dense | default >= peer? |", "|---|---|---|---|---|---|---|---|"]
     for prob, kind, amount in problems:
         ours = sel(problem=prob, kind=kind, amount=amount, lr=0.05, method="admm_auto")
@@ -384,10 +384,26 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many seconds")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--note", default="", help="text added to the report header (e.g. what was not run)")
+    ap.add_argument("--forget", nargs="*", default=[], metavar="PROBLEM:METHOD_PREFIX",
+                    help="drop these runs from the cache before running (e.g. resnet20:admm after a change of "
+                         "the solver: the peers' cached runs stay valid); the cache file is rewritten")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cache = load_cache(args.cache)
+    if args.forget:
+        rules = [f.split(":", 1) for f in args.forget]
+        if any(len(r) != 2 for r in rules):
+            raise SystemExit("--forget takes PROBLEM:METHOD_PREFIX, e.g. resnet20:admm")
+        drop = [k for k, r in cache.items() if any(r["problem"] == p and r["method"].startswith(m) for p, m in rules)]
+        for k in drop:
+            del cache[k]
+        tmp = args.cache + ".tmp"
+        with open(tmp, "w") as f:
+            for r in cache.values():
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, args.cache)
+        print(f"forgot {len(drop)} cached run(s)", flush=True)
     t0 = time.perf_counter()
     if not args.report_only:
         for part in args.parts:

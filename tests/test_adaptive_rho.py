@@ -285,3 +285,56 @@ def test_auto_rho_per_component_of_a_sum_raspa_default():
     assert set(s.rhos) == {"0.weight#L", "0.weight#S"}
     assert all(r > 0 for r in s.rhos.values()) and s.rho_schedule.calibrated
     assert h.final["feasible"]
+
+
+def _bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1),
+                         nn.BatchNorm2d(6), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
+
+
+def _bn_data(seed=0, n=96):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, 6, 6, generator=g)
+    y = (x[:, 0].mean((1, 2)) > 0).long() + (x[:, 1].mean((1, 2)) > 0).long()
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16, shuffle=True,
+                                       generator=torch.Generator().manual_seed(seed + 1))
+
+
+def _fit_bn(recal, mode="admm"):
+    net, loader = _bn_net(), _bn_data()
+    s = ac.Solver([ac.Constrain(nn.Conv2d, ac.Cardinality(density=0.3))], mode=mode)
+    s.bn_recalibration = recal
+    h = s.fit(net, loader, epochs=2, finetune_epochs=1, val_loader=_bn_data(seed=7), progress=False)
+    return net, loader, h
+
+
+def test_fit_recalibrates_batchnorm_around_the_final_projection_without_touching_training():
+    """ADMM fit recomputes the BN running statistics after the final projection and after fine-tuning
+    (the penalty and the projection change the conv weights the running averages were taken on).
+    The RNG states are restored, so the weights are bit-identical to a run without it; the
+    statistics equal a recalibration of the final model on the same loader."""
+    from admm_compress.training import recalibrate_bn
+
+    a, loader, ha = _fit_bn(True)
+    b, _, hb = _fit_bn(False)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    bn_a, bn_b = a[1], b[1]
+    assert not torch.equal(bn_a.running_var, bn_b.running_var)
+    c = copy.deepcopy(a)
+    recalibrate_bn(c, loader)  # loader order does not matter for a cumulative mean over all batches
+    for m, r in zip(a.modules(), c.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            torch.testing.assert_close(m.running_mean, r.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(m.running_var, r.running_var, rtol=1e-5, atol=1e-6)
+    assert ha.final["feasible"] and {"before_finalize", "after_finalize", "after_finetune"} <= set(ha.final)
+
+
+def test_projection_mode_keeps_the_running_statistics():
+    """Projected SGD (LRPET, TRP) is left as it was: no recalibration."""
+    a, _, _ = _fit_bn(True, mode="projection")
+    b, _, _ = _fit_bn(False, mode="projection")
+    for m, r in zip(a.modules(), b.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            assert torch.equal(m.running_var, r.running_var) and torch.equal(m.running_mean, r.running_mean)
