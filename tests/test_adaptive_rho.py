@@ -338,3 +338,45 @@ def test_projection_mode_keeps_the_running_statistics():
     for m, r in zip(a.modules(), b.modules()):
         if isinstance(m, nn.BatchNorm2d):
             assert torch.equal(m.running_var, r.running_var) and torch.equal(m.running_mean, r.running_mean)
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 12])
+def test_auto_cadence_gives_a_short_run_at_least_min_updates(epochs):
+    """every="auto" (default) with rho="auto": once per epoch when the run has >= min_updates
+    epochs, else every horizon // min_updates steps; a numeric rho and every="epoch" keep one
+    update per epoch."""
+    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    n_batches = len(_toy_data())
+    s = ac.Solver(spec())
+    s.fit(_toy_net(), _toy_data(), epochs=epochs, progress=False)
+    if epochs >= s.min_updates:
+        assert s.every_steps is None and s.n_updates == epochs
+    else:
+        k = max(1, epochs * n_batches // s.min_updates)
+        assert s.every_steps == k
+        assert s.n_updates == epochs * n_batches // k >= min(s.min_updates, epochs * n_batches)
+    for kw in ({"rho": 0.1}, {"every": "epoch"}):
+        s = ac.Solver(spec(), **kw)
+        s.fit(_toy_net(), _toy_data(), epochs=epochs, progress=False)
+        assert s.every_steps is None and s.n_updates == epochs
+    with pytest.raises((TypeError, ValueError)):
+        ac.Solver(spec(), every="sometimes")
+
+
+def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
+    """The cadence every="auto" picks is a function of the fit call, so a resumed short run
+    updates at the same steps as an uninterrupted one."""
+    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    ref = _toy_net(seed=3)
+    s_ref = ac.Solver(spec())
+    s_ref.fit(ref, _toy_data(seed=5), epochs=3, progress=False)
+    assert s_ref.every_steps is not None
+    ck = tmp_path / "ck.pt"
+    ac.Solver(spec()).fit(_toy_net(seed=3), _toy_data(seed=5), epochs=3, checkpoint=ck, progress=False,
+                          callbacks=[lambda solver, model, rec: rec["epoch"] == 0])
+    net2 = _toy_net(seed=99)
+    s2 = ac.Solver(spec())
+    s2.fit(net2, _toy_data(seed=5), epochs=3, checkpoint=ck, progress=False)
+    for a, b in zip(ref.parameters(), net2.parameters()):
+        assert torch.equal(a, b)
+    assert s2.n_updates == s_ref.n_updates and s2.rho_schedule.state_dict() == s_ref.rho_schedule.state_dict()
