@@ -250,6 +250,11 @@ class Compressor:
     def on_fit_end(self, history) -> None:
         """Called by the trainer when ``fit`` returns or raises (default: nothing)."""
 
+    def wants_bn_recalibration(self) -> bool:
+        """Whether the trainer recomputes the BatchNorm running statistics on the training data
+        around :meth:`finalize` and after fine-tuning (default: False; ADMM :class:`Solver`: True)."""
+        return False
+
     def evaluation_context(self) -> contextlib.AbstractContextManager:
         """Context the trainer evaluates the model in (LoRITa: one factor product per layer)."""
         return contextlib.nullcontext()

@@ -281,8 +281,7 @@ class _Run:
         scale-invariant conv -> BN layers during training and the final projection moves them at
         once, so the running averages describe weights that no longer exist).  The loader's and
         torch's RNG states are restored afterwards: the batches training sees do not change."""
-        wants = getattr(self.c, "wants_bn_recalibration", None)
-        if wants is None or not wants():
+        if self.c is None or not self.c.wants_bn_recalibration():
             return
         st = rng_state(self.loader)
         try:
