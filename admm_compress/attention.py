@@ -338,11 +338,6 @@ def _is_stock_linear(m: nn.Module) -> bool:
     return type(m) in _STOCK_LINEAR
 
 
-def _set_child(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, new)
-
-
 @torch.no_grad()
 def convert(model: nn.Module, only_changed: bool = False) -> nn.Module:
     """Replace PyTorch's fused attention modules in ``model`` (in place) by equivalent ones.
@@ -374,7 +369,7 @@ def convert(model: nn.Module, only_changed: bool = False) -> nn.Module:
         raise TypeError(f"convert: model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(only_changed, bool):
         raise TypeError(f"convert: only_changed must be a bool, got {only_changed!r}")
-    from .specs import unwrap
+    from .specs import replace_module, unwrap
 
     root = unwrap(model)
     done: dict[int, nn.Module] = {}
@@ -387,7 +382,7 @@ def convert(model: nn.Module, only_changed: bool = False) -> nn.Module:
         if id(m) not in done:
             done[id(m)] = MultiheadAttention.from_torch(m)
             n_attn += 1
-        _set_child(root, name, done[id(m)])
+        replace_module(root, name, done[id(m)])
     for name, m in list(root.named_modules()):
         if type(m) is nn.TransformerEncoderLayer:
             if only_changed and _is_stock_linear(m.linear1) and _is_stock_linear(m.linear2) \

@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers import IndexScatter, IndexSelect, SparseConv1d, SparseConv2d, SparseLinear, SumBranches
+from .specs import replace_module
 
 __all__ = ["remove_channels"]
 
@@ -320,8 +321,7 @@ def _apply(gm: fx.GraphModule, root: nn.Module, ch: _Chain) -> str | None:
     _slice(consumer, 1, read_pos[keep])
     for name in (ch.scatter, ch.select):
         if name:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(root.get_submodule(parent_name) if parent_name else root, attr, nn.Identity())
+            replace_module(root, name, nn.Identity())
     return None
 
 

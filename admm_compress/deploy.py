@@ -262,7 +262,7 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
     """
     import copy
 
-    from .specs import unwrap
+    from .specs import replace_module, unwrap
 
     if not isinstance(compact, nn.Module) or not isinstance(model, nn.Module):
         raise TypeError(f"keep_faster: compact and model must be nn.Modules, got {type(compact).__name__} "
@@ -326,8 +326,7 @@ def keep_faster(compact: nn.Module, model: nn.Module, spec, *example_inputs, rep
                 if d_ms < (1 - margin) * c_ms:
                     new = copy.deepcopy(dm)
                     new.train(cm_mode)
-                    parent_name, _, attr = n.rpartition(".")
-                    setattr(compact.get_submodule(parent_name) if parent_name else compact, attr, new)
+                    replace_module(compact, n, new)
                     row["kept"] = "dense"
                     row["reason"] = f"dense faster: {d_ms:.3g} ms vs compact {c_ms:.3g} ms"
                 else:

@@ -46,6 +46,21 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the module ``name`` of ``root`` is, under every name it is registered at.
+
+    A module held at several attributes (``self.a = self.b = nn.Linear(...)``) is listed once
+    by ``named_modules()``; replacing it at one name only would leave the others as they were.
+    (``nn.Module.set_submodule`` does one name and needs torch >= 2.5.)
+    """
+    old = root.get_submodule(name)
+    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
+    for n in names:
+        parent_name, _, attr = n.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, new)
+
+
 @dataclasses.dataclass(eq=False)
 class Constrain:
     """Put ``constraint`` on the weights selected by ``target``.

@@ -248,7 +248,8 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
                 run.recalibrate(model)
                 history.final["before_finalize"] = run.evaluate(model)
             feasible = compressor.finalize(model)
-            run.recalibrate(model)
+            if val_loader is not None or finetune_epochs == 0:  # else fine-tuning ends with its own pass
+                run.recalibrate(model)
             history.final["feasible"] = all(feasible.values())
             history.final["projection_distance"] = compressor.projection_distance
             if val_loader is not None:

@@ -8,6 +8,7 @@ from torch import nn
 
 import admm_compress as ac
 from admm_compress.layers import SumBranches
+from admm_compress.specs import replace_module
 from admm_compress.layers.tt_realize import (REALIZATIONS, chain_realizations, is_oki_chain, realization_macs,
                                              realize_tt)
 from admm_compress.methods.raspa import raspa
@@ -112,7 +113,7 @@ def test_lplus_s_densified_sum_is_exact_and_dense_counted():
 
     for name, m in list(forced.named_modules()):
         if isinstance(m, SumBranches):
-            tt_realize._set(forced, name, tt_realize._sum_dense(m))
+            replace_module(forced, name, tt_realize._sum_dense(m))
     torch.testing.assert_close(forced(x), ref, **_tol(ref, 16 * 9 * 2))
     assert ac.complexity(forced.float(), (8, 10, 10)).macs == dense_macs
     # the latency rule keeps the model's function whatever it picks
@@ -125,10 +126,8 @@ def test_realized_model_scripts_and_exports():
     net = _net()
     ex = _exported(net)
     chains = [n for n, m in ex.named_modules() if is_oki_chain(m)]
-    from admm_compress.layers import tt_realize
-
     for name, kind in zip(chains, ("fold_first", "fold_last", "dense")):  # one of each non-chain form
-        tt_realize._set(ex, name, chain_realizations(ex.get_submodule(name))[kind])
+        replace_module(ex, name, chain_realizations(ex.get_submodule(name))[kind])
     ex.eval()
     x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
     with torch.no_grad():

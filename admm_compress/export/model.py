@@ -23,7 +23,7 @@ from ..channels import remove_channels as _remove_channels
 from ..parametrizations import additive_components
 from ..sets import LowRank, Sum
 from ..sets.base import Constraint
-from ..specs import resolve, unwrap
+from ..specs import replace_module, resolve, unwrap
 from .registry import ExportError, build_compact
 
 __all__ = ["export"]
@@ -68,20 +68,6 @@ def _pin_data_rule(b) -> Constraint | None:
                           f"trained it (solver.export(model) or ac.export(model, solver)), or pin the "
                           f"rank with LowRank(rank=k)")
     return LowRank(rank=F.numerical_rank(v))
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where the module ``name`` is, under every name it is registered at.
-
-    A module held at several attributes (``self.a = self.b = nn.Linear(...)``) is listed once
-    by ``named_modules()``; replacing it at one name only would leave the others dense.
-    """
-    old = root.get_submodule(name)
-    names = [n for n, m in root.named_modules(remove_duplicate=False) if m is old and n] or [name]
-    for n in names:
-        parent_name, _, attr = n.rpartition(".")
-        parent = root.get_submodule(parent_name) if parent_name else root
-        setattr(parent, attr, new)
 
 
 @torch.no_grad()
@@ -182,7 +168,7 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
                 b.module.weight.copy_(b.view.back(c.reconstruct(factors, b.viewed_shape), b.shape))
             continue
         new.train(b.module.training)
-        _set_submodule(out, b.name, new)
+        replace_module(out, b.name, new)
     from ..attention import convert as _convert_attention  # fused attention reads weights: see attention.py
 
     _convert_attention(out, only_changed=True)

@@ -52,6 +52,7 @@ import math
 import torch
 from torch import nn
 
+from ..specs import replace_module
 from .compact import SumBranches, _SparseConvMixin
 
 __all__ = ["REALIZATIONS", "is_oki_chain", "chain_realizations", "realization_macs", "realize_tt"]
@@ -198,11 +199,6 @@ def _time_candidates(cands: dict, x: torch.Tensor, repeats: int, warmup: int) ->
     return best
 
 
-def _set(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, new)
-
-
 @torch.no_grad()
 def realize_tt(model: nn.Module, rule: str = "macs", example_inputs=None, *, allow_dense: bool = True,
                sum_dense: bool = False, repeats: int = 15, warmup: int = 3, margin: float = 0.05) -> list[dict]:
@@ -283,7 +279,7 @@ def realize_tt(model: nn.Module, rule: str = "macs", example_inputs=None, *, all
             if x is not None and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
                     and not x.is_contiguous():
                 new = new.to(memory_format=torch.channels_last)
-            _set(model, n, new)
+            replace_module(model, n, new)
         log.info("TT chain '%s' ranks %s: %s (MACs %s%s)", n, row["ranks"], row["chosen"], row["macs"],
                  "" if row["ms"] is None else f", ms {({k: round(v, 4) for k, v in row['ms'].items()})}")
         report.append(row)
@@ -302,7 +298,7 @@ def realize_tt(model: nn.Module, rule: str = "macs", example_inputs=None, *, all
             row["ms"] = ms
             if ms["dense_sum"] < (1 - margin) * ms["sum"]:
                 row["chosen"] = "dense_sum"
-                _set(model, n, dense)
+                replace_module(model, n, dense)
         log.info("L + S layer '%s': %s%s", n, row["chosen"], "" if row["ms"] is None else f" ({row['ms']})")
         report.append(row)
     return report
