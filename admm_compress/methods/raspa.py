@@ -328,8 +328,10 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
         Schedule of the general :class:`~admm_compress.Solver`.
     layout : {"oki", "eq9"}
         TT tensorization (:mod:`admm_compress.views`).  ``"oki"`` (default): ``(O, kh*kw, I)``
-        (:meth:`TTView.oki`), which reproduces RASPA Table 1's compression with Tables 8-10's
-        ranks and exports to three stock convolutions.  ``"eq9"``: the literal reading of Eq. 9,
+        (:meth:`TTView.oki`), which reproduces RASPA Table 1's ResNet compression with Tables
+        8-9's ranks and exports to three stock convolutions (DenseNet-40's Table 10 ranks belong
+        to the paired channel modes, counted by
+        :func:`~admm_compress.methods.raspa_tables.table1_count`).  ``"eq9"``: the literal reading of Eq. 9,
         ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`, exported as
         :class:`~admm_compress.layers.tt.TTConv2d`).
     d : int, optional
