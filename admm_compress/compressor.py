@@ -244,6 +244,16 @@ class Compressor:
         """Optimizer of fine-tuning when ``fit`` gets none: SGD(lr / 10, momentum 0.9, wd 5e-4)."""
         return torch.optim.SGD(model.parameters(), lr=lr / 10, momentum=0.9, weight_decay=5e-4)
 
+    #: Set by :func:`~admm_compress.trainer.fit` around :meth:`finalize`: the settle epochs that
+    #: follow it (the ADMM :class:`~admm_compress.Solver` then logs an open gap at INFO, not WARNING).
+    settle_next: int = 0
+
+    def settle_epochs(self, epochs: int) -> int:
+        """How many of :func:`~admm_compress.trainer.fit`'s ``epochs`` train the structured
+        weights at the training learning rate after an early :meth:`finalize` (default 0: all
+        ``epochs`` are constrained training; ADMM :class:`~admm_compress.Solver`: its ``settle``)."""
+        return 0
+
     def on_fit_start(self, run: FitContext) -> None:
         """Called by the trainer after :meth:`prepare` and the optimizer are set up (default: nothing)."""
 

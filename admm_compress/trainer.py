@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import os
 import time
+import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -128,6 +129,36 @@ def _check_arguments(model, loader, val_loader, optimizer, finetune_optimizer, c
         check_writable(checkpoint, "fit: checkpoint")  # a bad folder fails now, not after epoch 1
 
 
+def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Callable:
+    """The settle stage's optimizer over the structured parameters: the training optimizer's
+    kind and settings (a factory is called again; an instance is rebuilt from its class and
+    ``defaults``; none: the compressor's default at ``lr``)."""
+    if optimizer is None:
+        return lambda model: compressor.default_optimizer(model, lr)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return lambda model: type(optimizer)(model.parameters(), **optimizer.defaults)
+    return lambda model: optimizer(model.parameters())
+
+
+def _continued(make_sched: Callable, opt, steps: int):
+    """``make_sched(opt)`` stepped ``steps`` epochs in: the user's schedule continued on a new
+    optimizer of the same settings (the learning rate the constrained epochs had reached)."""
+    sched = make_sched(opt)
+    with warnings.catch_warnings():  # stepping before any optimizer step is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(steps):
+            sched.step()
+    return sched
+
+
+def _finetune_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Callable:
+    if optimizer is None:
+        return lambda model: compressor.default_finetune_optimizer(model, lr)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return lambda model: optimizer
+    return lambda model: optimizer(model.parameters())
+
+
 def _make_optimizer(compressor: Compressor | None, model: nn.Module, optimizer: Any, lr: float):
     if optimizer is None:
         if compressor is None:
@@ -162,7 +193,12 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
         Trained in place; satisfies the hard constraints on return.
     loader : iterable of (inputs, targets)
     epochs : int
-        Constrained training epochs (0 = direct compression: finalize only).
+        Constrained training epochs (0 = direct compression: finalize only).  When the compressor
+        settles (:meth:`~admm_compress.compressor.Compressor.settle_epochs`; the ADMM
+        :class:`~admm_compress.Solver`'s ``settle="auto"`` for pruning with ``rho="auto"``),
+        the last ``settle_epochs(epochs)`` of them train the structured weights after an early
+        :meth:`~admm_compress.compressor.Compressor.finalize`, with the training optimizer's
+        settings (records with ``phase="settle"``; ``history.final["settle_epochs"]``).
     optimizer : torch.optim.Optimizer or callable, optional
         An optimizer over ``model.parameters()`` or a factory ``params -> optimizer`` (needed
         when ``prepare`` reparameterizes the model, e.g. LoRITa).  Default: the compressor's
@@ -231,6 +267,12 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
     sched = scheduler(opt) if scheduler is not None else None
     run = _Run(compressor, loss_fn, dev, amp, accuracy_fn, val_loader, progress, callbacks, checkpoint, loader)
     history = History()
+    settle = compressor.settle_epochs(epochs) if compressor is not None else 0
+    if settle:
+        log.info("fit: %d ADMM epoch(s), then the final projection and %d epoch(s) on the set at the "
+                 "training learning rate (settle), then %d fine-tuning epoch(s)", epochs - settle, settle,
+                 finetune_epochs)
+    epochs -= settle
     if compressor is not None:
         compressor.on_fit_start(FitContext(model=model, loader=loader, loss_fn=loss_fn, epochs=epochs, optimizer=opt,
                                            device=dev, progress=progress, amp=amp))
@@ -240,24 +282,35 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
             start_epoch, phase, saved = resume_fit(pending, checkpoint, compressor, model, opt, sched, loader)
             history = History.from_dict(saved)
         if phase == "train":
-            run.train(model, opt, sched, history, start_epoch, epochs)
+            if run.train(model, opt, sched, history, start_epoch, epochs) and settle:
+                log.info("fit: no settle epochs (a callback stopped training)")
+                settle = 0  # a callback's stop ends the `epochs`; fine-tuning still runs
             if compressor is None:
                 return history
             history.updates = list(compressor.residuals)
             if val_loader is not None:  # the accuracy the final projection starts from
                 run.recalibrate(model)
                 history.final["before_finalize"] = run.evaluate(model)
-            feasible = compressor.finalize(model)
-            if val_loader is not None or finetune_epochs == 0:  # else fine-tuning ends with its own pass
+            compressor.settle_next = settle  # finalize: an open gap is expected when settle epochs follow
+            try:
+                feasible = compressor.finalize(model)
+            finally:
+                compressor.settle_next = 0
+            if val_loader is not None or settle + finetune_epochs == 0:  # else fine-tuning ends with its own pass
                 run.recalibrate(model)
             history.final["feasible"] = all(feasible.values())
             history.final["projection_distance"] = compressor.projection_distance
             if val_loader is not None:
                 history.final["after_finalize"] = run.evaluate(model)
             start_epoch = 0
-        if finetune_epochs > 0:
-            run.finetune(model, finetune_epochs, finetune_optimizer, lr, history,
-                         start_epoch if phase == "finetune" else 0)
+        if compressor is not None:
+            if phase == "finetune":  # resuming: the split the interrupted run used
+                settle = int(history.final.get("settle_epochs", 0))
+            history.final["settle_epochs"] = settle
+        if settle + finetune_epochs > 0:
+            stages = [("settle", settle, _settle_optimizer(compressor, optimizer, lr), scheduler, epochs),
+                      ("finetune", finetune_epochs, _finetune_optimizer(compressor, finetune_optimizer, lr), None, 0)]
+            run.finetune(model, [st for st in stages if st[1] > 0], history, start_epoch if phase == "finetune" else 0)
             run.recalibrate(model)
             if val_loader is not None:
                 history.final["after_finetune"] = run.evaluate(model)
@@ -308,7 +361,8 @@ class _Run:
             barrier()
         return stop
 
-    def train(self, model, opt, sched, history, start_epoch, epochs) -> None:
+    def train(self, model, opt, sched, history, start_epoch, epochs) -> bool:
+        """The constrained epochs; returns whether a callback stopped them."""
         from tqdm.auto import tqdm
 
         desc = "admm" if self.c is not None else "train"
@@ -321,11 +375,17 @@ class _Run:
             bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "primal", "val_accuracy") if k in rec})
             if self._after_epoch(model, opt, sched, history, rec, epoch, "train"):
                 log.info("a callback stopped training after epoch %d", epoch)
-                break
+                return True
             if self.c is not None and self.c.should_stop(rec):
                 break
+        return False
 
-    def finetune(self, model, epochs, optimizer, lr, history, start_epoch) -> None:
+    def finetune(self, model, stages, history, start_epoch) -> None:
+        """Train the structured weights (:meth:`Compressor.finetune_structure`) through ``stages``
+        = ``[(phase, epochs, model -> optimizer, scheduler factory or None, epochs done), ...]``
+        (settle, then fine-tuning), each with a fresh optimizer; a stage with a scheduler continues
+        it where the constrained epochs left it (``epochs done`` steps in); ``start_epoch``
+        counts across the stages (resuming)."""
         from tqdm.auto import tqdm
 
         c = self.c
@@ -339,18 +399,29 @@ class _Run:
         with c.finetune_structure(unwrap(model)):
             if [id(p) for p in unwrap(model).parameters()] != before:
                 model = rewrap(model)  # DDP: the factors are new parameters; a fresh wrapper syncs them
-            if optimizer is None:
-                opt = c.default_finetune_optimizer(model, lr)
-            else:
-                opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else optimizer(model.parameters())
-            if start_epoch > 0:
-                unwrap(model).load_state_dict(ck["model"])
-                opt.load_state_dict(ck["optimizer"])
-                set_rng_state(ck["rng"], self.loader)
-            bar = tqdm(range(start_epoch, epochs), desc="finetune", initial=start_epoch, total=epochs,
+            total = sum(st[1] for st in stages)
+            bar = tqdm(range(start_epoch, total), desc=stages[0][0], initial=start_epoch, total=total,
                        disable=progress_disabled(self.progress), unit="epoch")
+            first, opt, sched, stage_end = True, None, None, 0
+            bounds = []
+            for phase, n, make, make_sched, done in stages:
+                bounds.append((stage_end, stage_end + n, phase, make, make_sched, done))
+                stage_end += n
             for epoch in bar:
-                rec = self.epoch(model, opt, epoch, "finetune", objective=c.finetune_objective)
+                lo, _, phase, make, make_sched, done = next(b for b in bounds if b[0] <= epoch < b[1])
+                if epoch == lo or first:  # a fresh optimizer per stage (its state is restored when resuming)
+                    opt = make(model)
+                    sched = _continued(make_sched, opt, done + epoch - lo) if make_sched is not None else None
+                    if first and start_epoch > 0:
+                        unwrap(model).load_state_dict(ck["model"])
+                        if epoch > lo:  # the checkpoint is of this stage's optimizer
+                            opt.load_state_dict(ck["optimizer"])
+                        set_rng_state(ck["rng"], self.loader)
+                    bar.set_description(phase)
+                    first = False
+                rec = self.epoch(model, opt, epoch, phase, objective=c.finetune_objective)
+                if sched is not None:
+                    sched.step()
                 bar.set_postfix({k: f"{rec[k]:.3g}" for k in ("loss", "val_accuracy") if k in rec})
                 if self._after_epoch(model, opt, None, history, rec, epoch, "finetune", finalized):
                     break

@@ -348,15 +348,18 @@ def test_auto_cadence_gives_a_short_run_at_least_min_updates(epochs):
     update per epoch."""
     spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
     n_batches = len(_toy_data())
-    s = ac.Solver(spec())
-    s.fit(_toy_net(), _toy_data(), epochs=epochs, progress=False)
-    if epochs >= s.min_updates:
-        assert s.every_steps is None and s.n_updates == epochs
-    else:
-        k = max(1, epochs * n_batches // s.min_updates)
-        assert s.every_steps == k
-        assert s.n_updates == epochs * n_batches // k >= min(s.min_updates, epochs * n_batches)
-    for kw in ({"rho": 0.1}, {"every": "epoch"}):
+    for kw in ({}, {"settle": 0}):
+        s = ac.Solver(spec(), **kw)
+        h = s.fit(_toy_net(), _toy_data(), epochs=epochs, progress=False)
+        admm = epochs - h.final.get("settle_epochs", 0)  # the settle epochs train on the set, no updates
+        assert admm == (epochs if kw else epochs - s.settle_epochs(epochs))
+        if admm >= s.min_updates:
+            assert s.every_steps is None and s.n_updates == admm
+        else:
+            k = max(1, admm * n_batches // s.min_updates)
+            assert s.every_steps == k
+            assert s.n_updates == admm * n_batches // k >= min(s.min_updates, admm * n_batches)
+    for kw in ({"rho": 0.1}, {"every": "epoch", "settle": 0}):
         s = ac.Solver(spec(), **kw)
         s.fit(_toy_net(), _toy_data(), epochs=epochs, progress=False)
         assert s.every_steps is None and s.n_updates == epochs
@@ -381,3 +384,97 @@ def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
     for a, b in zip(ref.parameters(), net2.parameters()):
         assert torch.equal(a, b)
     assert s2.n_updates == s_ref.n_updates and s2.rho_schedule.state_dict() == s_ref.rho_schedule.state_dict()
+
+
+# ---------------------------------------------------------------- settle (train on the set)
+def test_settle_auto_resolves_from_the_sets_and_the_penalty():
+    """settle="auto": half of fit's epochs (ceil, at least one ADMM epoch) for cardinality with
+    rho="auto"; none for factor structures (low rank), a numeric rho or projection mode; an
+    explicit fraction is used as given."""
+    card = [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    low = [ac.Constrain(nn.Linear, ac.LowRank(rank=2))]
+    s = ac.Solver(card).prepare(_toy_net())
+    assert s.settle_fraction() == s.auto_settle == 0.5
+    assert [s.settle_epochs(e) for e in (0, 1, 2, 3, 4, 15)] == [0, 0, 1, 2, 2, 8]
+    assert ac.Solver(low).prepare(_toy_net()).settle_epochs(10) == 0
+    assert ac.Solver(card, rho=0.1).prepare(_toy_net()).settle_epochs(10) == 0
+    assert ac.Solver(card, mode="projection").prepare(_toy_net()).settle_epochs(10) == 0
+    assert ac.Solver(low, settle=0.25).prepare(_toy_net()).settle_epochs(10) == 3
+    assert ac.Solver(card, settle=0.9).prepare(_toy_net()).settle_epochs(3) == 2  # one ADMM epoch stays
+    assert not ac.LowRank(rank=2).isometric_structure and ac.Cardinality(k=3).isometric_structure
+    for bad in (1.0, -0.1, "half"):
+        with pytest.raises((TypeError, ValueError), match="settle"):
+            ac.Solver(card, settle=bad)
+
+
+def test_fit_with_settle_runs_admm_then_the_set_at_the_training_lr_then_finetuning(caplog):
+    """epochs = ADMM epochs + settle epochs (records "train" / "settle"), Z/U updates only in
+    the ADMM part, the settle stage's optimizer is the training optimizer's kind and lr (a
+    factory is called again), fine-tuning's its own; the result is on the set."""
+    made = []
+
+    def train_opt(params):
+        made.append("train")
+        return torch.optim.SGD(params, lr=0.07, momentum=0.9)
+
+    def ft_opt(params):
+        made.append("finetune")
+        return torch.optim.SGD(params, lr=0.003)
+
+    s = ac.Solver([ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))], every="epoch")
+    net = _toy_net()
+    caplog.set_level(logging.INFO, logger="admm_compress")
+    h = s.fit(net, _toy_data(), epochs=5, finetune_epochs=2, optimizer=train_opt, finetune_optimizer=ft_opt,
+              progress=False)
+    assert [r["phase"] for r in h.epochs] == ["train"] * 2 + ["settle"] * 3 + ["finetune"] * 2
+    assert h.final["settle_epochs"] == 3 and s.n_updates == 2
+    assert made == ["train", "train", "finetune"]
+    # an open gap before settle is reported at INFO (the settle epochs follow), not WARNING
+    msgs = [(r.levelno, r.getMessage()) for r in caplog.records if r.getMessage().startswith("finalize:")]
+    assert [lv for lv, _ in msgs] == ([logging.INFO] if s.projection_distance > s.finalize_warn_above else [])
+    assert all("3 settle epoch(s)" in m for _, m in msgs)
+    assert s.settle_next == 0  # reset: a later finalize outside fit warns as before
+    caplog.clear()
+    for settle_next, level in ((2, logging.INFO), (0, logging.WARNING)):
+        s.settle_next = settle_next
+        s._report_projection({"0.weight": (0.5, 1.0)})  # moved by 50 %
+        assert caplog.records[-1].levelno == level and s.projection_distance == 0.5
+    s.settle_next = 0
+    # a scheduler spans all `epochs`: settle continues it on its new optimizer
+    opts = []
+    s2 = ac.Solver([ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))])
+    s2.fit(_toy_net(), _toy_data(), epochs=5, progress=False,
+           optimizer=lambda p: opts.append(torch.optim.SGD(p, lr=0.08)) or opts[-1],
+           scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e))
+    assert len(opts) == 2 and opts[0].param_groups[0]["lr"] == pytest.approx(0.08 * 0.5 ** 2, rel=1e-12)
+    assert opts[1].param_groups[0]["lr"] == pytest.approx(0.08 * 0.5 ** 5, rel=1e-12)
+    for m in (net[0], net[2]):
+        assert int(torch.count_nonzero(m.weight)) <= round(0.3 * m.weight.numel())
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])  # inside the settle stage / at its boundary with fine-tuning
+def test_resume_inside_settle_and_at_its_boundary_equals_uninterrupted(tmp_path, stop_at):
+    """A run interrupted in the settle stage (its optimizer state is restored) or right after
+    it (fine-tuning starts with a fresh optimizer, as uninterrupted) resumes bit-identically."""
+    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    kw = dict(epochs=4, finetune_epochs=2, progress=False,  # the schedule continues into settle
+              scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.7 ** e))
+    ref = _toy_net(seed=3)
+    ac.Solver(spec()).fit(ref, _toy_data(seed=5), **kw)
+
+    class Kill(Exception):
+        pass
+
+    def kill(solver, model, rec):  # fine-tuning loop epoch stop_at - 2 (0, 1 settle; 2, 3 fine-tuning)
+        if rec["phase"] != "train" and rec["epoch"] == stop_at - 2:
+            raise Kill  # before that epoch's checkpoint: the file holds the epoch before it
+
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(Kill):
+        ac.Solver(spec()).fit(_toy_net(seed=3), _toy_data(seed=5), checkpoint=ck, callbacks=[kill], **kw)
+    torch.manual_seed(1234)
+    net2 = _toy_net(seed=99)
+    h = ac.Solver(spec()).fit(net2, _toy_data(seed=5), checkpoint=ck, **kw)
+    assert h.final["settle_epochs"] == 2
+    for a, b in zip(ref.parameters(), net2.parameters()):
+        assert torch.equal(a, b)

@@ -38,11 +38,21 @@ class Constraint(abc.ABC):
     broadcasts : bool
         ``True`` when the operator acts independently on every matrix ``x[..., :, :]``, so that
         equal-shaped weights may be stacked and handled in one batched call.
+    isometric_structure : bool
+        ``True`` when the trainable form fine-tuning keeps (:meth:`factorize` /
+        :meth:`reconstruct`, :func:`admm_compress.parametrizations.structure`) moves the weight by
+        exactly the dense SGD step restricted to the set (:class:`Cardinality`: the kept values
+        are entries of the weight), so it trains stably at the learning rate the dense weight
+        trained at.  ``False`` for factor forms (low rank, TT): there a step on the factors
+        moves the weight by up to ``2 sigma_1`` times the dense step (``W = A B``, ``dW = dA B +
+        A dB``), and fine-tuning wants a smaller learning rate.  :class:`~admm_compress.Solver`'s
+        ``settle`` reads it.
     """
 
     is_penalty: bool = False
     min_dim: int = 0
     broadcasts: bool = False
+    isometric_structure: bool = False
 
     # ------------------------------------------------------------------ checks
     def check_shape(self, shape: Sequence[int], where: str | None = None) -> None:

@@ -50,6 +50,7 @@ class Cardinality(ConstraintSet):
     """
 
     min_dim = 1
+    isometric_structure = True  # the trainable form is the kept entries themselves
 
     def __init__(self, k: int | None = None, density: float | None = None,
                  group_dim: int | None = None):
