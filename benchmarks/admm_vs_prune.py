@@ -13,7 +13,8 @@ fine-tune" as a user would run it?  Every comparison starts from the same pretra
   factors fine-tuned (``admm_compress.structure``) for ``E`` epochs ("svd");
 * ours: ``ac.Solver([ac.Constrain(targets, set)]).fit(model, train, epochs=E - F,
   finetune_epochs=F, lr=lr)`` -- default arguments only ("admm_auto"; "admm_auto_every10" with
-  ``every=10``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
+  ``every=10``; for the sparse rows the default ``settle="auto"`` spends the second half of the
+  ``E - F`` epochs on the mask at lr, see ``Solver``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
   the default is from its own best.  ``before_finalize`` / ``after_finalize`` are fit's history
   entries: measured with BatchNorm statistics recomputed on the training data (fit does that for
   the ADMM solver; the running averages lag the weights the penalty shrinks).
@@ -325,10 +326,13 @@ def report(cache, out, note):
              "Same pretrained model per seed; same epochs after pretraining, optimizer (SGD, momentum 0.9, "
              "weight decay 5e-4) and schedule (E - F epochs at lr, F at lr/10) for every method.  "
              "`admm_auto` = `ac.Solver([ac.Constrain(types, set)]).fit(model, train, epochs=E-F, "
-             "finetune_epochs=F, lr=lr)` with nothing else set: rho='auto', every='auto' (once per epoch, "
-             "or every E'*len(loader)//10 steps when the run has fewer than 10 ADMM epochs E' = E - F: the "
-             "ResNet-20's 3 epochs get an update every 6 steps), BatchNorm statistics recomputed by fit after "
-             "the final projection and after fine-tuning.", ""]
+             "finetune_epochs=F, lr=lr)` with nothing else set: rho='auto'; settle='auto' (sparse sets: ADMM "
+             "for E' = E - F - ceil((E - F) / 2) epochs -- FCN 7, ResNet-20 1 --, the final projection, then "
+             "the kept entries trained at lr for the other ceil((E - F) / 2); low rank: E' = E - F, no "
+             "settle); every='auto' (once per epoch, or every E'*len(loader)//10 steps when E' < 10: the "
+             "ResNet-20's 1 ADMM epoch gets an update every 2 steps, the FCN's 7 every 16); BatchNorm "
+             "statistics recomputed by fit around the final projection and after fine-tuning.  'before / "
+             "after final projection' is at the end of the ADMM epochs.", ""]
     problems = sorted({(r["problem"], r["kind"], r["amount"]) for r in rows if r["lr"] == 0.05})
     lines += ["## Main comparison (lr 0.05, default Z/U cadence every='auto')", "",
               "| problem | constraint | peer | peer acc | admm_auto acc | admm before / after final projection (BN stats recomputed) | "
