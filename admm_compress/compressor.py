@@ -254,6 +254,15 @@ class Compressor:
         ``epochs`` are constrained training; ADMM :class:`~admm_compress.Solver`: its ``settle``)."""
         return 0
 
+    #: Learning-rate multiplier of :meth:`slow_settle_parameters` in the settle epochs.
+    slow_settle_lr_scale: float = 0.1
+
+    def slow_settle_parameters(self, model: nn.Module) -> list:
+        """Parameters the settle epochs train at :attr:`slow_settle_lr_scale` times the learning
+        rate (default: none; the ADMM :class:`~admm_compress.Solver`: the factors of low-rank /
+        TT weights, whose steps move the weight by up to ``2 sigma_1`` times a dense step)."""
+        return []
+
     def on_fit_start(self, run: FitContext) -> None:
         """Called by the trainer after :meth:`prepare` and the optimizer are set up (default: nothing)."""
 

@@ -148,11 +148,13 @@ class Solver(Compressor):
         for the first ``epochs - ceil(settle * epochs)`` epochs (at least one), then the final
         projection, then the remaining epochs train the structured weights (the kept entries)
         at the training learning rate (a ``scheduler`` continues where the ADMM epochs left it),
-        before ``finetune_epochs`` at ``lr / 10``.  ``"auto"``:
-        0.5 with ``rho="auto"`` in ADMM mode when every constrained weight's structure trains
-        like the dense weight (:attr:`~admm_compress.sets.Constraint.isometric_structure`:
-        cardinality, pruning), else 0 (low rank and TT factors diverged at the dense learning
-        rate; a numeric rho keeps the plain schedule).  See Notes.
+        before ``finetune_epochs`` at ``lr / 10``.  ``"auto"`` (with ``rho="auto"`` in ADMM
+        mode, hard sets only; a numeric rho, a soft penalty or projection mode keep the plain
+        schedule): 0.5 when every constrained weight's structure trains like the dense weight
+        (:attr:`~admm_compress.sets.Constraint.isometric_structure`: cardinality, pruning);
+        0.8 when some are factor forms (low rank, TT, L + S), whose factors settle at
+        ``lr / 10`` (:meth:`slow_settle_parameters`) because they diverged at the dense
+        learning rate.  See Notes.
 
     Notes
     -----
@@ -208,10 +210,15 @@ class Solver(Compressor):
     continues), then fine-tunes at ``lr / 10`` -- ADMM-NN's "ADMM, hard prune, masked retraining"
     (Zhang et al. 2018) inside one budget: the ADMM part chooses the support and its values,
     where the peer takes them by magnitude from the dense weights.  Measured (3 seeds,
-    docs/results/admm_vs_prune.md): see the README's table.  Low-rank and TT factors are not
-    settled by default: their factors trained at the dense learning rate diverged (FCN-8, lr
-    0.05; the SVD + fine-tuning peer diverged there too), and projected SGD onto rank r at that
-    rate reached 91-97 %.  A callback that stops training skips the settle epochs.
+    docs/results/admm_vs_prune.md): see the README's table.  Factor forms (low rank, TT, L + S)
+    settle too, for 0.8 of ``epochs``, the factors at ``lr / 10`` (everything else at ``lr``):
+    a step on the factors of
+    ``W = A B`` moves ``W`` by up to ``2 sigma_1`` times the dense step, so they diverged at the
+    dense learning rate (FCN-8, lr 0.05 and 0.1; the SVD + fine-tuning peer diverged there too),
+    and on the FCN-8 at rank 24 the projection of the ADMM weights was no better a start than the
+    SVD of the pretrained ones (41.5 vs 43.7 %), while the factors needed many epochs at the
+    smaller step: ADMM to the end gave 79.5 % (one seed 52.8) against 96.8 % for SVD + factor
+    fine-tuning.  A callback that stops training skips the settle epochs.
 
     With a numeric rho the primal residual closes only when rho is large against the loss's
     curvature (tests use ``rho`` above the Lipschitz constant of the least-squares gradient);
@@ -641,8 +648,11 @@ class Solver(Compressor):
     #: runs update every ``horizon // min_updates`` steps instead of once per epoch).
     min_updates: int = 10
 
-    #: ``settle="auto"``: the fraction used when it applies (see the ``settle`` parameter).
+    #: ``settle="auto"``: the fraction used when it applies (see the ``settle`` parameter):
+    #: ``auto_settle`` when every structure trains like the dense weight (pruning),
+    #: ``auto_settle_factors`` when some are factor forms (low rank, TT, L + S).
     auto_settle: float = 0.5
+    auto_settle_factors: float = 0.8
 
     def settle_fraction(self) -> float:
         """The ``settle`` fraction in use (``"auto"`` resolved on the prepared bindings)."""
@@ -650,8 +660,24 @@ class Solver(Compressor):
             return float(self.settle)
         if self.mode != "admm" or self.rho != "auto" or not self.bindings:
             return 0.0
-        ok = all(b.constraint.isometric_structure and not b.constraint.is_penalty for b in self.bindings)
-        return self.auto_settle if ok else 0.0
+        if any(b.constraint.is_penalty for b in self.bindings):
+            return 0.0  # a soft penalty has no structure to settle on
+        factors = any(not b.constraint.isometric_structure for b in self.bindings)
+        return self.auto_settle_factors if factors else self.auto_settle
+
+    def slow_settle_parameters(self, model: nn.Module) -> list:
+        """The trainable factors of every weight whose structure is not
+        :attr:`~admm_compress.sets.Constraint.isometric_structure` (low rank, TT, L + S): in the
+        settle epochs they train at :attr:`slow_settle_lr_scale` (0.1) times the learning rate,
+        the kept entries of a pruned weight and all unconstrained parameters at the rate itself."""
+        from .parametrizations import factored
+
+        out = []
+        for b in self.bindings:
+            if b.constraint.isometric_structure or b.constraint.is_penalty or factored(b.module, b.param_name) is None:
+                continue
+            out.extend(b.module.parametrizations[b.param_name].parameters())
+        return out
 
     def settle_epochs(self, epochs: int) -> int:
         """Of :meth:`fit`'s ``epochs``, how many train on the set after an early final projection:

@@ -131,13 +131,35 @@ def _check_arguments(model, loader, val_loader, optimizer, finetune_optimizer, c
 
 def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Callable:
     """The settle stage's optimizer over the structured parameters: the training optimizer's
-    kind and settings (a factory is called again; an instance is rebuilt from its class and
-    ``defaults``; none: the compressor's default at ``lr``)."""
-    if optimizer is None:
-        return lambda model: compressor.default_optimizer(model, lr)
-    if isinstance(optimizer, torch.optim.Optimizer):
-        return lambda model: type(optimizer)(model.parameters(), **optimizer.defaults)
-    return lambda model: optimizer(model.parameters())
+    kind and settings (a factory is called again, with two parameter groups; an instance is
+    rebuilt from its class and ``defaults``; none: SGD as the compressor's default at ``lr``),
+    with the learning rate of :meth:`Compressor.slow_settle_parameters` (factors) multiplied by
+    :attr:`Compressor.slow_settle_lr_scale`."""
+
+    def make(model):
+        slow = compressor.slow_settle_parameters(unwrap(model))
+        if not slow:
+            if optimizer is None:
+                return compressor.default_optimizer(model, lr)
+            if isinstance(optimizer, torch.optim.Optimizer):
+                return type(optimizer)(model.parameters(), **optimizer.defaults)
+            return optimizer(model.parameters())
+        ids = {id(p) for p in slow}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": slow}]
+        if optimizer is None:
+            opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            opt = type(optimizer)(groups, **optimizer.defaults)
+        else:
+            opt = optimizer(groups)
+        if len(opt.param_groups) != 2:
+            raise ValueError(f"fit: the optimizer factory returned {len(opt.param_groups)} parameter group(s) "
+                             f"for the settle stage's 2 (dense-like parameters, factors); build the optimizer "
+                             f"from the iterable it is given")
+        opt.param_groups[1]["lr"] = opt.param_groups[1]["lr"] * compressor.slow_settle_lr_scale
+        return opt
+
+    return make
 
 
 def _continued(make_sched: Callable, opt, steps: int):
@@ -195,10 +217,12 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
     epochs : int
         Constrained training epochs (0 = direct compression: finalize only).  When the compressor
         settles (:meth:`~admm_compress.compressor.Compressor.settle_epochs`; the ADMM
-        :class:`~admm_compress.Solver`'s ``settle="auto"`` for pruning with ``rho="auto"``),
-        the last ``settle_epochs(epochs)`` of them train the structured weights after an early
+        :class:`~admm_compress.Solver`'s ``settle="auto"`` with ``rho="auto"``), the last
+        ``settle_epochs(epochs)`` of them train the structured weights after an early
         :meth:`~admm_compress.compressor.Compressor.finalize`, with the training optimizer's
-        settings (records with ``phase="settle"``; ``history.final["settle_epochs"]``).
+        settings; factors (:meth:`~admm_compress.compressor.Compressor.slow_settle_parameters`:
+        low rank, TT) at a tenth of its learning rate (records with ``phase="settle"``;
+        ``history.final["settle_epochs"]``).
     optimizer : torch.optim.Optimizer or callable, optional
         An optimizer over ``model.parameters()`` or a factory ``params -> optimizer`` (needed
         when ``prepare`` reparameterizes the model, e.g. LoRITa).  Default: the compressor's
@@ -269,8 +293,8 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
     history = History()
     settle = compressor.settle_epochs(epochs) if compressor is not None else 0
     if settle:
-        log.info("fit: %d ADMM epoch(s), then the final projection and %d epoch(s) on the set at the "
-                 "training learning rate (settle), then %d fine-tuning epoch(s)", epochs - settle, settle,
+        log.info("fit: %d ADMM epoch(s), then the final projection and %d epoch(s) on the set with the "
+                 "training optimizer (settle), then %d fine-tuning epoch(s)", epochs - settle, settle,
                  finetune_epochs)
     epochs -= settle
     if compressor is not None:

@@ -167,8 +167,13 @@ def run_admm(problem, seed, lr, kind, amount, **solver_kw):
     model, train, test, dense = pretrained(problem, seed)
     solver = ac.Solver(spec_for(problem, kind, amount), **solver_kw)
     t0 = time.perf_counter()
-    h = solver.fit(model, train, epochs=P["E"] - P["F"], finetune_epochs=P["F"], lr=lr, val_loader=test,
-                   progress=False)
+    try:
+        h = solver.fit(model, train, epochs=P["E"] - P["F"], finetune_epochs=P["F"], lr=lr, val_loader=test,
+                       progress=False)
+    except NonFiniteError:  # recorded as the user would see it: the run stopped, chance accuracy
+        return {"acc": 10.0, "before_finalize": float("nan"), "after_finalize": float("nan"),
+                "projection_distance": float("nan"), "final_primal": None, "rho_first": None, "rho_last": None,
+                "dense": dense, "wall": time.perf_counter() - t0, "diverged": True}
     rhos = [u["rho"] for u in h.updates]
     return {"acc": h.final["after_finetune"]["accuracy"], "before_finalize": h.final["before_finalize"]["accuracy"],
             "after_finalize": h.final["after_finalize"]["accuracy"], "projection_distance": h.final["projection_distance"],
@@ -249,6 +254,14 @@ def part_jobs(part, seeds, lrs, rho_grid):
                          lambda prob=prob, s=s: run_svd(prob, s, base_lr, 0.25)))
             jobs.append((dict(problem=prob, kind="lowrank", amount=0.25, seed=s, lr=base_lr, method="admm_auto"),
                          lambda prob=prob, s=s: run_admm(prob, s, base_lr, "lowrank", 0.25)))
+    elif part in ("fcn_lowrank_robust", "resnet_lowrank_robust"):  # the low-rank comparison at every lr
+        prob = "fcn" if part.startswith("fcn") else "resnet20"
+        for lr in lrs:
+            for s in seeds:
+                jobs.append((dict(problem=prob, kind="lowrank", amount=0.25, seed=s, lr=lr, method="svd"),
+                             lambda prob=prob, s=s, lr=lr: run_svd(prob, s, lr, 0.25)))
+                jobs.append((dict(problem=prob, kind="lowrank", amount=0.25, seed=s, lr=lr, method="admm_auto"),
+                             lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "lowrank", 0.25)))
     elif part in ("fcn_robust", "resnet_robust"):
         prob = "fcn" if part.startswith("fcn") else "resnet20"
         d = 0.1 if prob == "fcn" else 0.2
@@ -372,6 +385,22 @@ def report(cache, out, note):
             if all(c == "not run" for c in cells[2:]):
                 continue
             lines.append(f"| {prob} | {amount:g} | {lr:g} | " + " | ".join(cells) + " |")
+    lrob = [r for r in rows if r["kind"] == "lowrank" and r["method"] in ("svd", "admm_auto")]
+    if len({r["lr"] for r in lrob}) > 1:
+        lines += ["", "## Robustness: learning rate (low rank, LowRank(ratio=0.25))", "",
+                  "| problem | lr | svd + factor fine-tuning (lr used) | admm_auto | default >= peer? |",
+                  "|---|---|---|---|---|"]
+        for prob in sorted({r["problem"] for r in lrob}):
+            for lr in sorted({r["lr"] for r in lrob}, reverse=True):
+                pr = sel(problem=prob, kind="lowrank", lr=lr, method="svd")
+                ou = sel(problem=prob, kind="lowrank", lr=lr, method="admm_auto")
+                if not pr or not ou:
+                    continue
+                used = "/".join(sorted({f"{r.get('peer_lr', lr):g}" for r in pr}))
+                div = sum(bool(r.get("diverged")) for r in ou)
+                ok = "yes" if _mean([r["acc"] for r in ou]) >= _mean([r["acc"] for r in pr]) else "**no**"
+                lines.append(f"| {prob} | {lr:g} | {_fmt([r['acc'] for r in pr])} ({used}) | "
+                             f"{_fmt([r['acc'] for r in ou])}{f' ({div} diverged)' if div else ''} | {ok} |")
     # tuned
     tuned = [r for r in rows if r["method"].startswith(("admm_rho=", "admm_settle_rho="))]
     if tuned:
@@ -419,7 +448,9 @@ def report(cache, out, note):
                   "||W-Z||/||W|| | projection distance | acc before / after final projection |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for prob, kind, amount, lr, m in sorted({(r["problem"], r["kind"], r["amount"], r["lr"], r["method"]) for r in autos}):
-            rs = sel(problem=prob, kind=kind, amount=amount, lr=lr, method=m)
+            rs = [r for r in sel(problem=prob, kind=kind, amount=amount, lr=lr, method=m) if not r.get("diverged")]
+            if not rs:
+                continue
             lines.append(f"| {prob} | {kind} {amount:g} | {lr:g} | {m} | {_mean([r['rho_first'] for r in rs]):.3g} | "
                          f"{_mean([r['rho_last'] for r in rs]):.3g} | {_mean([r['final_primal'] for r in rs]):.2e} | "
                          f"{_mean([r['projection_distance'] for r in rs]):.2e} | "
@@ -435,8 +466,9 @@ def report(cache, out, note):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", nargs="*", default=["fcn_sparse", "fcn_lowrank", "fcn_robust", "fcn_tuned"],
-                    help="fcn_sparse fcn_lowrank fcn_robust fcn_cadence fcn_tuned overhead bn_lag resnet_sparse "
-                         "resnet_lowrank resnet_robust resnet_cadence resnet_tuned")
+                    help="fcn_sparse fcn_lowrank fcn_lowrank_robust fcn_robust fcn_cadence fcn_tuned overhead bn_lag "
+                         "resnet_sparse resnet_lowrank resnet_lowrank_robust resnet_robust resnet_cadence "
+                         "resnet_tuned")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     ap.add_argument("--lrs", nargs="*", type=float, default=[0.05, 0.1, 0.01],
                     help="the first is the main comparison's lr; all are used by the *_robust parts")
@@ -447,18 +479,21 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many seconds")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--note", default="", help="text added to the report header (e.g. what was not run)")
-    ap.add_argument("--forget", nargs="*", default=[], metavar="PROBLEM:METHOD_PREFIX",
+    ap.add_argument("--forget", nargs="*", default=[], metavar="PROBLEM:METHOD_PREFIX[:KIND]",
                     help="drop these runs from the cache before running (e.g. resnet20:admm after a change of "
-                         "the solver: the peers' cached runs stay valid); the cache file is rewritten")
+                         "the solver, fcn:admm:lowrank for the low-rank runs only: the peers' cached runs stay "
+                         "valid); the cache file is rewritten")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cache = load_cache(args.cache)
     if args.forget:
-        rules = [f.split(":", 1) for f in args.forget]
-        if any(len(r) != 2 for r in rules):
-            raise SystemExit("--forget takes PROBLEM:METHOD_PREFIX, e.g. resnet20:admm")
-        drop = [k for k, r in cache.items() if any(r["problem"] == p and r["method"].startswith(m) for p, m in rules)]
+        rules = [f.split(":") for f in args.forget]
+        if any(len(r) not in (2, 3) for r in rules):
+            raise SystemExit("--forget takes PROBLEM:METHOD_PREFIX[:KIND], e.g. resnet20:admm or fcn:admm:lowrank")
+        drop = [k for k, r in cache.items()
+                if any(r["problem"] == ru[0] and r["method"].startswith(ru[1]) and (len(ru) == 2 or r["kind"] == ru[2])
+                       for ru in rules)]
         for k in drop:
             del cache[k]
         tmp = args.cache + ".tmp"

@@ -389,14 +389,21 @@ def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
 # ---------------------------------------------------------------- settle (train on the set)
 def test_settle_auto_resolves_from_the_sets_and_the_penalty():
     """settle="auto": half of fit's epochs (ceil, at least one ADMM epoch) for cardinality with
-    rho="auto"; none for factor structures (low rank), a numeric rho or projection mode; an
-    explicit fraction is used as given."""
+    rho="auto", at the training lr; 0.8 for factor structures (low rank), with the fine-tuning
+    optimizer; none for a soft penalty, a numeric rho or projection mode; an explicit fraction
+    is used as given."""
     card = [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
     low = [ac.Constrain(nn.Linear, ac.LowRank(rank=2))]
     s = ac.Solver(card).prepare(_toy_net())
     assert s.settle_fraction() == s.auto_settle == 0.5
     assert [s.settle_epochs(e) for e in (0, 1, 2, 3, 4, 15)] == [0, 0, 1, 2, 2, 8]
-    assert ac.Solver(low).prepare(_toy_net()).settle_epochs(10) == 0
+    sl = ac.Solver(low).prepare(_toy_net())
+    assert sl.settle_fraction() == sl.auto_settle_factors == 0.8
+    assert [sl.settle_epochs(e) for e in (1, 2, 3, 10, 15)] == [0, 1, 2, 8, 12]
+    mixed = [ac.Constrain("0", ac.Cardinality(density=0.3)), ac.Constrain("2", ac.LowRank(rank=2))]
+    assert ac.Solver(mixed).prepare(_toy_net()).settle_fraction() == 0.8  # one factor form decides
+    assert ac.Solver([ac.Constrain(nn.Linear, ac.SchattenP(p=1.0, weight=1e-3))]).prepare(
+        _toy_net()).settle_epochs(10) == 0
     assert ac.Solver(card, rho=0.1).prepare(_toy_net()).settle_epochs(10) == 0
     assert ac.Solver(card, mode="projection").prepare(_toy_net()).settle_epochs(10) == 0
     assert ac.Solver(low, settle=0.25).prepare(_toy_net()).settle_epochs(10) == 3
@@ -450,6 +457,53 @@ def test_fit_with_settle_runs_admm_then_the_set_at_the_training_lr_then_finetuni
     assert opts[1].param_groups[0]["lr"] == pytest.approx(0.08 * 0.5 ** 5, rel=1e-12)
     for m in (net[0], net[2]):
         assert int(torch.count_nonzero(m.weight)) <= round(0.3 * m.weight.numel())
+
+
+def test_fit_settles_factors_at_a_tenth_of_the_training_lr():
+    """Mixed spec (pruned layer 0, low-rank layer 2): the settle epochs rebuild the training
+    optimizer (the factory is called again, with two groups) and a scheduler continues on it;
+    the low-rank factors train at lr / 10, the pruned kept entries and everything else at lr;
+    the weights end on their sets."""
+    made, opts = [], []
+
+    def train_opt(params):
+        made.append("train")
+        opts.append(torch.optim.SGD(params, lr=0.08, momentum=0.9))
+        return opts[-1]
+
+    def ft_opt(params):
+        made.append("finetune")
+        return torch.optim.SGD(params, lr=0.003)
+
+    s = ac.Solver([ac.Constrain("0", ac.Cardinality(density=0.3)), ac.Constrain("2", ac.LowRank(rank=2))],
+                  every="epoch")
+    net = _toy_net()
+    seen = {}
+
+    def probe(solver, model, rec):  # the settle stage's groups, read while the factors exist
+        if rec["phase"] == "settle" and not seen:
+            fac = {id(p) for p in model[2].parametrizations.weight.parameters()}
+            kept = {id(p) for p in model[0].parametrizations.weight.parameters()}
+            g0, g1 = opts[-1].param_groups
+            seen.update(factors={id(p) for p in g1["params"]} == fac, kept=kept <= {id(p) for p in g0["params"]},
+                        lrs=(g0["lr"], g1["lr"]))
+
+    h = s.fit(net, _toy_data(), epochs=5, finetune_epochs=1, optimizer=train_opt, finetune_optimizer=ft_opt,
+              scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e),
+              callbacks=[probe], progress=False)
+    assert [r["phase"] for r in h.epochs] == ["train"] + ["settle"] * 4 + ["finetune"]
+    assert h.final["settle_epochs"] == 4 and s.n_updates == 1
+    assert made == ["train", "train", "finetune"]
+    assert seen["factors"] and seen["kept"]
+    assert seen["lrs"] == (pytest.approx(0.08 * 0.5 ** 2, rel=1e-12), pytest.approx(0.008 * 0.5 ** 2, rel=1e-12))
+    assert int(torch.linalg.matrix_rank(net[2].weight.detach())) <= 2  # float32 tolerance: a float32 product
+    assert int(torch.count_nonzero(net[0].weight)) <= round(0.3 * net[0].weight.numel())
+
+    with pytest.raises(ValueError, match="parameter group"):  # a factory that ignores the groups it gets
+        ac.Solver([ac.Constrain("2", ac.LowRank(rank=2))]).fit(
+            _toy_net(), _toy_data(), epochs=2, progress=False,
+            optimizer=lambda params: torch.optim.SGD([p for g in params for p in g["params"]]
+                                                     if isinstance(params, list) else params, lr=0.05))
 
 
 @pytest.mark.parametrize("stop_at", [3, 4])  # inside the settle stage / at its boundary with fine-tuning
