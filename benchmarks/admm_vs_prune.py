@@ -14,7 +14,8 @@ fine-tune" as a user would run it?  Every comparison starts from the same pretra
 * ours: ``ac.Solver([ac.Constrain(targets, set)]).fit(model, train, epochs=E - F,
   finetune_epochs=F, lr=lr)`` -- default arguments only ("admm_auto"; "admm_auto_every10" with
   ``every=10``; for the sparse rows the default ``settle="auto"`` spends the second half of the
-  ``E - F`` epochs on the mask at lr, see ``Solver``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
+  ``E - F`` epochs on the mask at lr, for the low-rank rows the last 0.8 of them on the factors
+  at lr/10, see ``Solver``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
   the default is from its own best.  ``before_finalize`` / ``after_finalize`` are fit's history
   entries: measured with BatchNorm statistics recomputed on the training data (fit does that for
   the ADMM solver; the running averages lag the weights the penalty shrinks).
@@ -346,9 +347,10 @@ def report(cache, out, note):
              "`admm_auto` = `ac.Solver([ac.Constrain(types, set)]).fit(model, train, epochs=E-F, "
              "finetune_epochs=F, lr=lr)` with nothing else set: rho='auto'; settle='auto' (sparse sets: ADMM "
              "for E' = E - F - ceil((E - F) / 2) epochs -- FCN 7, ResNet-20 1 --, the final projection, then "
-             "the kept entries trained at lr for the other ceil((E - F) / 2); low rank: E' = E - F, no "
-             "settle); every='auto' (once per epoch, or every E'*len(loader)//10 steps when E' < 10: the "
-             "ResNet-20's 1 ADMM epoch gets an update every 2 steps, the FCN's 7 every 16); BatchNorm "
+             "the kept entries trained at lr for the other ceil((E - F) / 2); low rank: ADMM for E' = E - F - "
+             "ceil(0.8 (E - F)) epochs -- FCN 3, ResNet-20 1 --, then the factors trained at lr/10 and "
+             "everything else at lr); every='auto' (once per epoch, or every E'*len(loader)//10 steps when E' < 10: the "
+             "ResNet-20's 1 ADMM epoch gets an update every 2 steps, the FCN's 7 every 16, its 3 low-rank ones every 6); BatchNorm "
              "statistics recomputed by fit around the final projection and after fine-tuning.  'before / "
              "after final projection' is at the end of the ADMM epochs.", ""]
     problems = sorted({(r["problem"], r["kind"], r["amount"]) for r in rows if r["lr"] == 0.05})

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import admm_compress as ac
+from admm_compress.views import TTView
 
 EPS = torch.finfo(torch.float64).eps
 
@@ -389,8 +390,8 @@ def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
 # ---------------------------------------------------------------- settle (train on the set)
 def test_settle_auto_resolves_from_the_sets_and_the_penalty():
     """settle="auto": half of fit's epochs (ceil, at least one ADMM epoch) for cardinality with
-    rho="auto", at the training lr; 0.8 for factor structures (low rank), with the fine-tuning
-    optimizer; none for a soft penalty, a numeric rho or projection mode; an explicit fraction
+    rho="auto"; 0.8 for factor structures (low rank; TT and L + S only in runs shorter than
+    min_updates epochs); none for a soft penalty, a numeric rho or projection mode; an explicit fraction
     is used as given."""
     card = [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
     low = [ac.Constrain(nn.Linear, ac.LowRank(rank=2))]
@@ -402,6 +403,13 @@ def test_settle_auto_resolves_from_the_sets_and_the_penalty():
     assert [sl.settle_epochs(e) for e in (1, 2, 3, 10, 15)] == [0, 1, 2, 8, 12]
     mixed = [ac.Constrain("0", ac.Cardinality(density=0.3)), ac.Constrain("2", ac.LowRank(rank=2))]
     assert ac.Solver(mixed).prepare(_toy_net()).settle_fraction() == 0.8  # one factor form decides
+    tt = [ac.Constrain("0", ac.TTRank((2,)), view=TTView((4, 8), (4, 4)))]
+    lps = [ac.Constrain(nn.Linear, ac.Sum(ac.LowRank(rank=2), ac.Cardinality(density=0.1)))]
+    for spec in (tt, lps, tt + [ac.Constrain("2", ac.Cardinality(density=0.3))]):
+        s3 = ac.Solver(spec).prepare(_toy_net())  # TT and L + S settle only in a short run
+        assert [s3.settle_epochs(e) for e in (4, 9, 10, 30)] == [3, 8, 0, 0]
+    assert [sl.settle_epochs(e) for e in (9, 10, 30)] == [8, 8, 24]  # low rank settles in a long run too
+    assert ac.Solver(tt, settle=0.5).prepare(_toy_net()).settle_epochs(30) == 15  # an explicit fraction holds
     assert ac.Solver([ac.Constrain(nn.Linear, ac.SchattenP(p=1.0, weight=1e-3))]).prepare(
         _toy_net()).settle_epochs(10) == 0
     assert ac.Solver(card, rho=0.1).prepare(_toy_net()).settle_epochs(10) == 0

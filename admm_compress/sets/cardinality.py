@@ -51,6 +51,7 @@ class Cardinality(ConstraintSet):
 
     min_dim = 1
     isometric_structure = True  # the trainable form is the kept entries themselves
+    settles_long_runs = True  # settle="auto": ADMM for half of fit's epochs, then the kept entries at lr
 
     def __init__(self, k: int | None = None, density: float | None = None,
                  group_dim: int | None = None):

@@ -83,6 +83,7 @@ class LowRank(ConstraintSet):
 
     min_dim = 2
     broadcasts = True
+    settles_long_runs = True  # settle="auto": ADMM for 0.2 of fit's epochs, then the factors at lr / 10
 
     def __init__(self, rank: int | None = None, ratio: float | None = None,
                  energy: float | None = None, energy_transfer: bool = False, min_rank: int = 1,
