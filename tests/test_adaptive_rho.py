@@ -514,21 +514,25 @@ def test_fit_settles_factors_at_a_tenth_of_the_training_lr():
                                                      if isinstance(params, list) else params, lr=0.05))
 
 
-@pytest.mark.parametrize("stop_at", [3, 4])  # inside the settle stage / at its boundary with fine-tuning
-def test_resume_inside_settle_and_at_its_boundary_equals_uninterrupted(tmp_path, stop_at):
+@pytest.mark.parametrize("where", ["inside", "boundary"])  # inside the settle stage / at its end
+@pytest.mark.parametrize("kind", ["cardinality", "lowrank"])  # lowrank: two groups, factors at lr / 10
+def test_resume_inside_settle_and_at_its_boundary_equals_uninterrupted(tmp_path, where, kind):
     """A run interrupted in the settle stage (its optimizer state is restored) or right after
     it (fine-tuning starts with a fresh optimizer, as uninterrupted) resumes bit-identically."""
-    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    cset = (lambda: ac.Cardinality(density=0.3)) if kind == "cardinality" else (lambda: ac.LowRank(rank=2))
+    n_settle = 2 if kind == "cardinality" else 3  # ceil(0.5 * 4) / ceil(0.8 * 4) capped at 3
+    spec = lambda: [ac.Constrain(nn.Linear, cset())]
     kw = dict(epochs=4, finetune_epochs=2, progress=False,  # the schedule continues into settle
               scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.7 ** e))
     ref = _toy_net(seed=3)
     ac.Solver(spec()).fit(ref, _toy_data(seed=5), **kw)
+    stop = 1 if where == "inside" else n_settle  # epoch of the fine-tuning loop (settle, then fine-tuning)
 
     class Kill(Exception):
         pass
 
-    def kill(solver, model, rec):  # fine-tuning loop epoch stop_at - 2 (0, 1 settle; 2, 3 fine-tuning)
-        if rec["phase"] != "train" and rec["epoch"] == stop_at - 2:
+    def kill(solver, model, rec):
+        if rec["phase"] != "train" and rec["epoch"] == stop:
             raise Kill  # before that epoch's checkpoint: the file holds the epoch before it
 
     ck = tmp_path / "ck.pt"
@@ -537,6 +541,6 @@ def test_resume_inside_settle_and_at_its_boundary_equals_uninterrupted(tmp_path,
     torch.manual_seed(1234)
     net2 = _toy_net(seed=99)
     h = ac.Solver(spec()).fit(net2, _toy_data(seed=5), checkpoint=ck, **kw)
-    assert h.final["settle_epochs"] == 2
+    assert h.final["settle_epochs"] == n_settle
     for a, b in zip(ref.parameters(), net2.parameters()):
         assert torch.equal(a, b)
