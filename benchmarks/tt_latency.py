@@ -41,8 +41,10 @@ checked against its finalized model (``latency_speedup.check_outputs``) before t
 
 Writes ``docs/results/tt_latency.md`` (``--fuse``: ``tt_latency_fused.md``, every BatchNorm folded into
 the conv before it in the dense model and in each variant; ``--ort``: ``tt_latency_ort.md``, ONNX
-Runtime).  Run: ``python benchmarks/tt_latency.py [--quick] [--archs ...] [--only LABEL ...]
-[--fuse | --ort]`` (~20 min on a loaded 2-core machine; --fuse / --ort with fewer variants ~6 min).
+Runtime; ``--jit``: ``tt_latency_jit.md``, every model -- dense and variant alike -- run as
+``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))``, timed next to its eager
+self).  Run: ``python benchmarks/tt_latency.py [--quick] [--archs ...] [--only LABEL ...]
+[--fuse | --ort | --jit]`` (~20 min on a loaded 2-core machine; --fuse / --ort with fewer variants ~6 min).
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ import copy
 import datetime
 import os
 import platform
+import shlex
+import sys
 import time
 import warnings
 
@@ -141,6 +145,41 @@ def choice_summary(rep: list) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
 
 
+# (label, build kind, reduction, post-export step): "chain" = as exported; "macs" / "latency" =
+# realize_tt with that rule (latency: chosen per batch size and memory format on the timed input)
+VARIANTS = [("oki -50%", "oki", 0.5, "chain"), ("oki -50%, realized (latency)", "oki", 0.5, "latency"),
+            ("oki -75%", "oki", 0.75, "chain"), ("oki -75%, realized (MACs)", "oki", 0.75, "macs"),
+            ("oki -75%, realized (latency)", "oki", 0.75, "latency"),
+            ("oki -75%, uniform ranks", "oki-uniform", 0.75, "chain"),
+            ("oki -75%, uniform ranks, realized (latency)", "oki-uniform", 0.75, "latency"),
+            ("eq9 r=8", "eq9", None, "chain"),
+            ("raspa -75% + S 5%", "raspa", 0.75, "chain"),
+            ("raspa -75% + S 5%, select_kernels", "raspa", 0.75, "select"),
+            ("raspa -75% + S 5%, select_kernels + realized (latency, L+S densified where faster)",
+             "raspa", 0.75, "select+latency")]
+
+
+def _variant(ex: nn.Module, fin: nn.Module, fmt: str, post: str, xf: torch.Tensor):
+    """(model, per-layer-choice note): the exported ``ex`` in memory format ``fmt`` after the post-export
+    step ``post`` (chosen on the timed input ``xf``); a changed model is re-checked against ``fin``."""
+    m = ex if fmt == "nchw" else copy.deepcopy(ex).to(memory_format=torch.channels_last)
+    note = "-"
+    if post in ("macs", "latency"):
+        m, rep = realized(m, post, xf)
+        note = choice_summary(rep)
+    elif post.startswith("select"):
+        m = copy.deepcopy(m)
+        ac.deploy.clear_kernel_cache()
+        rep = ac.select_kernels(m, xf)
+        note = f"csr {sum(r['kernel'] == 'csr' for r in rep)}/{len(rep)}"
+        if post == "select+latency":
+            m, rep2 = realized(m, "latency", xf, sum_dense=True)
+            note += "; " + choice_summary(rep2)
+    if post != "chain":  # the realized model still computes the finalized one
+        check_outputs(fin, m)
+    return m, note
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ResNet-56 only, 2 rounds")
@@ -154,30 +193,28 @@ def main(argv=None):
     ap.add_argument("--fuse", action="store_true",
                     help="fold every BatchNorm into the conv before it (torch.fx fuse), in the dense model and in "
                          "every variant after its realization; writes tt_latency_fused.md")
+    ap.add_argument("--jit", action="store_true",
+                    help="TorchScript: every model (dense and each variant, after its realization) as "
+                         "optimize_for_inference(freeze(script(model))), timed next to its eager self; "
+                         "writes tt_latency_jit.md")
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_latency.md"))
     args = ap.parse_args(argv)
+    args._argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads < 1:
         ap.error(f"--threads must be >= 1, got {args.threads}")
+    if sum((args.fuse, args.ort, args.jit)) > 1:
+        ap.error("--fuse, --ort and --jit are exclusive")
     rounds = args.rounds or (2 if args.quick else 3)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     archs = ["ResNet-56"] if args.quick else args.archs
     if args.ort:
         return ort_main(args, archs)
+    if args.jit:
+        return jit_main(args, archs, rounds)
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
-    # (label, build kind, reduction, post-export step): "chain" = as exported; "macs" / "latency" =
-    # realize_tt with that rule (latency: chosen per batch size and memory format on the timed input)
-    variants_spec = [("oki -50%", "oki", 0.5, "chain"), ("oki -50%, realized (latency)", "oki", 0.5, "latency"),
-                     ("oki -75%", "oki", 0.75, "chain"), ("oki -75%, realized (MACs)", "oki", 0.75, "macs"),
-                     ("oki -75%, realized (latency)", "oki", 0.75, "latency"),
-                     ("oki -75%, uniform ranks", "oki-uniform", 0.75, "chain"),
-                     ("oki -75%, uniform ranks, realized (latency)", "oki-uniform", 0.75, "latency"),
-                     ("eq9 r=8", "eq9", None, "chain"),
-                     ("raspa -75% + S 5%", "raspa", 0.75, "chain"),
-                     ("raspa -75% + S 5%, select_kernels", "raspa", 0.75, "select"),
-                     ("raspa -75% + S 5%, select_kernels + realized (latency, L+S densified where faster)",
-                      "raspa", 0.75, "select+latency")]
+    variants_spec = list(VARIANTS)
     if args.only:
         variants_spec = [v for v in variants_spec if v[0] in args.only]
     rows = []
@@ -203,21 +240,7 @@ def main(argv=None):
                     if kind == "eq9" and (b > 1 or fmt == "cl"):
                         continue
                     fin, ex, err = built[kind, red]
-                    m = ex if fmt == "nchw" else copy.deepcopy(ex).to(memory_format=torch.channels_last)
-                    note = "-"
-                    if post in ("macs", "latency"):
-                        m, rep = realized(m, post, xf)
-                        note = choice_summary(rep)
-                    elif post.startswith("select"):
-                        m = copy.deepcopy(m)
-                        ac.deploy.clear_kernel_cache()
-                        rep = ac.select_kernels(m, xf)
-                        note = f"csr {sum(r['kernel'] == 'csr' for r in rep)}/{len(rep)}"
-                        if post == "select+latency":
-                            m, rep2 = realized(m, "latency", xf, sum_dense=True)
-                            note += "; " + choice_summary(rep2)
-                    if post != "chain":  # the realized model still computes the finalized one
-                        check_outputs(fin, m)
+                    m, note = _variant(ex, fin, fmt, post, xf)
                     if args.fuse:
                         m = _fused(m, fmt)
                         check_outputs(fin, m)
@@ -352,6 +375,177 @@ def ort_main(args, archs) -> None:
         f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
         f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
     write_report(args.out.replace("tt_latency.md", "tt_latency_ort.md"), text)
+
+
+# --jit: the oki variants (chain and realized), eq9 and RASPA's L + S with its default masked-dense kernel
+JIT_VARIANTS = [v for v in VARIANTS if v[0] in (
+    "oki -50%", "oki -50%, realized (latency)", "oki -75%", "oki -75%, realized (MACs)",
+    "oki -75%, realized (latency)", "eq9 r=8", "raspa -75% + S 5%")]
+
+
+def _jit(model: nn.Module, x: torch.Tensor):
+    """(``optimize_for_inference(freeze(script(model)))``, how): ``torch.jit.trace`` on ``x`` where scripting
+    fails (``how`` then names the scripting error)."""
+    model = model.eval()
+    try:
+        s = torch.jit.script(model)
+        how = "script"
+    except Exception as e:  # noqa: BLE001 -- any scripting failure falls back to tracing
+        how = f"trace (script failed: {type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        print(f"  torch.jit.script failed, tracing: {e}", flush=True)
+        with torch.no_grad():
+            s = torch.jit.trace(model, x, check_trace=False)
+    return torch.jit.optimize_for_inference(torch.jit.freeze(s.eval())), how
+
+
+def _graph_ops(j) -> str:
+    """Counts of the conv / layout / BatchNorm nodes in a frozen, optimized TorchScript graph."""
+    kinds: dict = {}
+    for n in j.graph.nodes():
+        kinds[n.kind()] = kinds.get(n.kind(), 0) + 1
+    keys = [("prim::mkldnn_convolution", "mkldnn conv"), ("aten::conv2d", "conv2d"), ("aten::_convolution", "conv"),
+            ("aten::to_mkldnn", "to_mkldnn"), ("aten::to_dense", "to_dense"), ("aten::batch_norm", "batch_norm"),
+            ("aten::relu", "relu"), ("aten::relu_", "relu_")]
+    return ", ".join(f"{name} {kinds[k]}" for k, name in keys if kinds.get(k))
+
+
+def jit_main(args, archs, rounds) -> None:
+    """``--jit``: every model -- the dense one and each variant (after its realization, in its memory
+    format) -- as ``torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.script(model)))`` (BatchNorm
+    folded into the conv by ``freeze``; convs moved to oneDNN/MKLDNN tensors and kernels by
+    ``optimize_for_inference``), outputs checked against the eager model and the finalized one, then timed
+    in the same interleaved rounds as its eager self (``measure``, process CPU time); writes
+    ``docs/results/tt_latency_jit.md``."""
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    t0 = time.perf_counter()
+    variants_spec = [v for v in VARIANTS if v[0] in args.only] if args.only else list(JIT_VARIANTS)
+    rows, dense_rows, graphs, failures = [], [], {}, []
+    for arch in archs:
+        make = ARCHS[arch]
+        torch.manual_seed(0)
+        dense = make().eval()
+        p0 = ac.complexity(dense, INPUT)
+        built = {}
+        for label, kind, red, post in variants_spec:
+            if (kind, red) not in built:
+                fin, ex = build(make, kind, red)
+                built[kind, red] = (fin, ex)
+                print(f"{arch} {kind} {red}: max rel diff {check_outputs(fin, ex):.1e}", flush=True)
+        for fmt in args.formats:
+            for b in args.batches:
+                x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
+                xf = x.contiguous(memory_format=torch.channels_last) if fmt == "cl" else x
+                d = dense if fmt == "nchw" else ChannelsLast(copy.deepcopy(dense))
+                dj, how = _jit(d, xf)
+                err = check_outputs(dense, dj)
+                graphs.setdefault((arch, "dense", fmt), (_graph_ops(dj), how, err))
+                vs, info = {"dense": d, "dense [jit]": dj}, {}
+                for label, kind, red, post in variants_spec:
+                    if kind == "eq9" and (b > 1 or fmt == "cl"):
+                        continue
+                    fin, ex = built[kind, red]
+                    m, note = _variant(ex, fin, fmt, post, xf)
+                    m = m if fmt == "nchw" else _CL(m)
+                    try:
+                        mj, how = _jit(m, xf)
+                        check_outputs(m, mj)  # jit == eager
+                        err = check_outputs(fin, mj)  # and == the finalized model
+                    except Exception as e:  # noqa: BLE001 -- reported, the variant is left out
+                        msg = f"{arch} {label} {fmt} b={b}: {type(e).__name__}: {e}"
+                        print("  FAILED " + msg, flush=True)
+                        failures.append(msg)
+                        continue
+                    graphs.setdefault((arch, label, fmt), (_graph_ops(mj), how, err))
+                    cp = ac.complexity(m, INPUT)
+                    info[label] = (cp.macs / p0.macs, note, how)
+                    vs[label], vs[label + " [jit]"] = m, mj
+                with torch.inference_mode():  # the profiling executor specializes on the first calls
+                    for k, mod in vs.items():
+                        if k.endswith("[jit]"):
+                            for _ in range(3):
+                                mod(xf)
+                repeats = 3 if b > 1 else 10
+                lat = measure(vs, b, rounds, 1 if b > 1 else 3, repeats)
+                print(f"{arch} {fmt} b={b}: " + ", ".join(f"{k} {v[1]:.2f} ms" for k, v in lat.items()), flush=True)
+                dense_rows.append((arch, fmt, b, lat["dense"], lat["dense [jit]"]))
+                for label, (mr, note, how) in info.items():
+                    rows.append((arch, label, fmt, b, mr, lat["dense"], lat[label], lat["dense [jit]"],
+                                 lat[label + " [jit]"], note, how))
+    total = time.perf_counter() - t0
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+    def share(d, v, mr):  # fraction of the MAC reduction realized as latency reduction
+        return (1 - v / d) / (1 - mr) if mr < 1 else float("nan")
+
+    hdr = ["model", "variant", "format", "batch", "MACs ratio", "dense eager CPU ms", "variant eager CPU ms",
+           "speedup (eager)", "realized / ideal (eager)", "dense jit CPU ms", "variant jit CPU ms",
+           "**speedup (jit)**", "**realized / ideal (jit)**", "share (eager)", "**share (jit)**",
+           "speedup (jit, wall)", "per-layer choice"]
+    table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
+    for arch, label, fmt, b, mr, (_, cd), (_, cv), (wdj, cdj), (wvj, cvj), note, how in rows:
+        table.append("| " + " | ".join([
+            arch, label + ("" if how == "script" else f" [{how}]"), fmt, str(b), f"{mr:.3f}", f"{cd:.2f}",
+            f"{cv:.2f}", f"{cd / cv:.2f}x", f"{cd / cv * mr:.2f}", f"{cdj:.2f}", f"{cvj:.2f}", f"**{cdj / cvj:.2f}x**",
+            f"**{cdj / cvj * mr:.2f}**", f"{share(cd, cv, mr):.2f}", f"**{share(cdj, cvj, mr):.2f}**",
+            f"{wdj / wvj:.2f}x", note]) + " |")
+    print("\n".join(table))
+    dtab = ["| model | format | batch | dense eager CPU ms | dense jit CPU ms | jit speed-up over eager |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for arch, fmt, b, (_, ce), (_, cj) in dense_rows:
+        dtab.append(f"| {arch} | {fmt} | {b} | {ce:.2f} | {cj:.2f} | {ce / cj:.2f}x |")
+    gtab = ["| model | variant | format | conversion | max rel. diff vs finalized | optimized graph |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for (arch, label, fmt), (ops, how, err) in graphs.items():
+        gtab.append(f"| {arch} | {label} | {fmt} | {how} | {err:.1e} | {ops} |")
+    summ = []
+    for arch in archs:
+        for label, *_ in variants_spec:
+            r = [row for row in rows if row[0] == arch and row[1] == label]
+            if not r:
+                continue
+            e = [cd / cv * mr for _, _, _, _, mr, (_, cd), (_, cv), *_ in r]
+            j = [cdj / cvj * mr for _, _, _, _, mr, _, _, (_, cdj), (_, cvj), *_ in r]
+            sj = [share(cdj, cvj, mr) for _, _, _, _, mr, _, _, (_, cdj), (_, cvj), *_ in r]
+            summ.append(f"| {arch} | {label} | {min(e):.2f} to {max(e):.2f} | **{min(j):.2f} to {max(j):.2f}** | "
+                        f"{min(sj):.2f} to {max(sj):.2f} |")
+    cmd = shlex.join(["python", "benchmarks/tt_latency.py", *args._argv])
+    text = "\n".join([
+        "# Exported TT layers under TorchScript: CPU latency vs dense (benchmarks/tt_latency.py --jit)", "",
+        f"Written by `{cmd}`.  Every model -- the dense one and each variant of `docs/results/tt_latency.md` "
+        "(same builds; realized variants chosen by `realize_tt` in *eager* mode on the timed input, per batch "
+        "size and memory format) -- converted with `torch.jit.optimize_for_inference(torch.jit.freeze("
+        "torch.jit.script(model.eval())))` (`torch.jit.trace` on the timed input where scripting fails: the "
+        "variant label says so): `freeze` folds each BatchNorm into its conv, `optimize_for_inference` moves "
+        "the convs to oneDNN (`prim::mkldnn_convolution` on MKLDNN tensors; the graph table below counts what "
+        "is left of BatchNorm and ReLU), "
+        "converting layouts itself (`to_mkldnn` / `to_dense` around the ops it cannot keep in MKLDNN: the "
+        "residual add/pad shortcut, pooling, the classifier) -- so *channels-last* only changes the layout "
+        "of the input the graph receives.  Each TorchScript model's outputs checked against its eager model "
+        "and against the finalized model (`latency_speedup.check_outputs`: `assert_close`, rtol 1e-3, atol "
+        "1e-4 x max |output|); three untimed calls at the timed batch size (the profiling executor "
+        "specializes on them), then timed in the same interleaved rounds as the eager models "
+        f"(`latency_speedup.measure`, {rounds} rounds, median process CPU time, {args.threads} torch "
+        "thread(s)).", "",
+        "*realized / ideal* = speedup x MACs ratio (the convention of the other tables: measured speed-up over "
+        "the MACs-implied one); *share* = (1 - latency ratio) / (1 - MACs ratio): the fraction of the MAC "
+        "reduction realized as latency reduction (the issue's target for either: >= 0.75).", "",
+        "| model | variant | realized / ideal, eager (min-max) | **realized / ideal, jit** | share, jit |",
+        "| --- | --- | --- | --- | --- |", *summ, "",
+        *table, "",
+        "Dense model, TorchScript vs eager (same rounds):", "", *dtab, "",
+        "Conversion and optimized graphs (node counts in the frozen, optimized forward graph; first batch "
+        "size of each format):", "", *gtab, "",
+        *(["Failures (variant left out):", "", *[f"* `{f}`" for f in failures], ""] if failures else []),
+        "*MACs ratio*: ptflops count (`ac.complexity`) of the eager model timed, over the dense model's (a chain "
+        "realized as a dense conv counts dense MACs; a sparse branch counts its non-zeros, though its default "
+        "kernel runs the masked dense conv).  *speedup* = dense / variant median process CPU time, eager next "
+        "to eager and jit next to jit; *per-layer choice*: realizations chosen by `realize_tt` (counts).", "",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), load average {load0:.1f} -> {load:.1f} (shared 2-core machine), "
+        f"{total:.0f} s in all, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
+    out = args.out.replace("tt_latency.md", "tt_latency_jit.md")
+    write_report(out, text)
+    print(f"wrote {out}")
 
 
 def _fused(model: nn.Module, fmt: str) -> nn.Module:
