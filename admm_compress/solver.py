@@ -128,7 +128,8 @@ class Solver(Compressor):
         ``every`` optimizer steps.  ``"auto"``: once per epoch, except that :meth:`fit` with
         ``rho="auto"`` in ADMM mode and fewer than :attr:`min_updates` epochs updates every
         ``epochs * len(loader) // min_updates`` steps instead (a short run needs several dual
-        updates for the residual to close; see Notes).
+        updates for the residual to close; see Notes), but never more often than every
+        :meth:`response_steps` (20 at momentum 0.9) nor less often than once per epoch.
     rho_growth : float, default 1.0
         Numeric rho only: geometric schedule ``rho <- min(rho * rho_growth, rho_max)`` after
         every update (1 = constant).  On every rho change (geometric or adaptive) the scaled
@@ -188,7 +189,12 @@ class Solver(Compressor):
     (fewer than :attr:`min_updates` = 10 epochs, ``every="auto"``) updates Z/U every
     ``epochs * len(loader) // 10`` steps instead of once per epoch: the feedback changes rho at
     most 2x per update and the dual needs several updates, so three per-epoch updates (the
-    digits32 ResNet-20 at 3 epochs) left ``||W - Z|| / ||W||`` at 0.5-0.7.  And in ADMM mode
+    digits32 ResNet-20 at 3 epochs) left ``||W - Z|| / ||W||`` at 0.5-0.7.  But not more often
+    than heavy-ball's response time on the penalty, ``ceil(1 / (1 - sqrt(beta)))`` steps (20 at
+    momentum 0.9; :meth:`response_steps`): with a dual update every 2 steps (the ResNet-20's one
+    ADMM epoch) U integrated residuals the W-steps had no time to reduce, ``||W - Z|| / ||W||``
+    grew from 0.75 to 1.6-2.0, and the low-rank run ended at 60.7 % against 78.5 % with the
+    floor (docs/results/admm_vs_prune.md).  And in ADMM mode
     :meth:`fit` recomputes the BatchNorm running statistics (:attr:`bn_recalibration`) before the
     accuracy just before the final projection is measured, after the projection and after
     fine-tuning: on a conv -> BN layer the loss is scale-invariant, the penalty shrinks the weight
@@ -706,14 +712,28 @@ class Solver(Compressor):
             horizon = max(1, run.epochs * len(run.loader)) if run.epochs > 0 else None
         except (TypeError, NotImplementedError):  # an iterator: the target falls per update instead
             horizon = None
+        adaptive = isinstance(self.rho_schedule, AdaptiveRho)
+        if adaptive:
+            self.rho_schedule.horizon = horizon
+            self.rho_schedule.observe_optimizer(run.optimizer)
         if self.every == "auto":
             short = (self.mode == "admm" and self.rho == "auto" and horizon is not None
                      and run.epochs < self.min_updates)
-            self.every_steps = max(1, horizon // self.min_updates) if short else None
-        if not isinstance(self.rho_schedule, AdaptiveRho):
-            return
-        self.rho_schedule.horizon = horizon
-        self.rho_schedule.observe_optimizer(run.optimizer)
+            self.every_steps = None
+            if short:
+                beta = self.rho_schedule.momentum if adaptive and self.rho_schedule.momentum is not None else 0.9
+                per_epoch = max(1, horizon // run.epochs)
+                floor = self.response_steps(beta)
+                self.every_steps = max(1, min(max(floor, horizon // self.min_updates), per_epoch))
+
+    @staticmethod
+    def response_steps(momentum: float) -> int:
+        """``ceil(1 / (1 - sqrt(beta)))``: heavy-ball's time constant on the penalty quadratic at
+        (and above) critical damping (the iteration contracts by ``sqrt(beta)`` per step; 20 steps
+        for momentum 0.9, 1 without).  ``every="auto"`` leaves at least this many W-steps between
+        two dual updates, so each U-step follows a W-step that has moved towards its argmin."""
+        beta = min(max(float(momentum), 0.0), 0.999)
+        return max(1, math.ceil(1.0 / (1.0 - math.sqrt(beta)) - 1e-9))
 
     def epoch_summary(self) -> dict:
         """The last update's overall ``primal`` / ``dual`` residuals and ``rho``."""

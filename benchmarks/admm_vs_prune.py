@@ -349,8 +349,9 @@ def report(cache, out, note):
              "for E' = E - F - ceil((E - F) / 2) epochs -- FCN 7, ResNet-20 1 --, the final projection, then "
              "the kept entries trained at lr for the other ceil((E - F) / 2); low rank: ADMM for E' = E - F - "
              "ceil(0.8 (E - F)) epochs -- FCN 3, ResNet-20 1 --, then the factors trained at lr/10 and "
-             "everything else at lr); every='auto' (once per epoch, or every E'*len(loader)//10 steps when E' < 10: the "
-             "ResNet-20's 1 ADMM epoch gets an update every 2 steps, the FCN's 7 every 16, its 3 low-rank ones every 6); BatchNorm "
+             "everything else at lr); every='auto' (once per epoch, or every E'*len(loader)//10 steps when E' < 10 but at least "
+             "20 steps -- heavy-ball's response time at momentum 0.9 -- and at most an epoch: every 20 of the 23 "
+             "steps per epoch in every run here); BatchNorm "
              "statistics recomputed by fit around the final projection and after fine-tuning.  'before / "
              "after final projection' is at the end of the ADMM epochs.", ""]
     problems = sorted({(r["problem"], r["kind"], r["amount"]) for r in rows if r["lr"] == 0.05})

@@ -345,8 +345,9 @@ def test_projection_mode_keeps_the_running_statistics():
 @pytest.mark.parametrize("epochs", [1, 3, 12])
 def test_auto_cadence_gives_a_short_run_at_least_min_updates(epochs):
     """every="auto" (default) with rho="auto": once per epoch when the run has >= min_updates
-    epochs, else every horizon // min_updates steps; a numeric rho and every="epoch" keep one
-    update per epoch."""
+    epochs, else every horizon // min_updates steps but no fewer than heavy-ball's response time
+    (20 steps at momentum 0.9) and no more than an epoch; a numeric rho and every="epoch" keep
+    one update per epoch."""
     spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
     n_batches = len(_toy_data())
     for kw in ({}, {"settle": 0}):
@@ -357,15 +358,30 @@ def test_auto_cadence_gives_a_short_run_at_least_min_updates(epochs):
         if admm >= s.min_updates:
             assert s.every_steps is None and s.n_updates == admm
         else:
-            k = max(1, admm * n_batches // s.min_updates)
+            k = max(1, min(max(ac.Solver.response_steps(0.9), admm * n_batches // s.min_updates), n_batches))
             assert s.every_steps == k
-            assert s.n_updates == admm * n_batches // k >= min(s.min_updates, admm * n_batches)
+            assert s.n_updates == admm * n_batches // k >= admm  # at least one update per epoch
     for kw in ({"rho": 0.1}, {"every": "epoch", "settle": 0}):
         s = ac.Solver(spec(), **kw)
         s.fit(_toy_net(), _toy_data(), epochs=epochs, progress=False)
         assert s.every_steps is None and s.n_updates == epochs
     with pytest.raises((TypeError, ValueError)):
         ac.Solver(spec(), every="sometimes")
+
+
+def test_auto_cadence_leaves_the_w_step_its_response_time():
+    """A short run with many steps per epoch: horizon // min_updates (6) is below heavy-ball's
+    response time, so Z/U are updated every ceil(1 / (1 - sqrt(0.9))) = 20 steps (SGD, momentum
+    0.9); without momentum (Adam is read as 0) the floor is 1 step and the plain rule holds."""
+    assert [ac.Solver.response_steps(b) for b in (0.0, 0.5, 0.9, 0.99)] == [1, 4, 20, 200]
+    data = _toy_data(n=480)  # 30 batches per epoch, 2 epochs: horizon 60
+    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    s = ac.Solver(spec(), settle=0)
+    s.fit(_toy_net(), data, epochs=2, progress=False)
+    assert s.every_steps == 20 and s.n_updates == 3
+    s = ac.Solver(spec(), settle=0)
+    s.fit(_toy_net(), data, epochs=2, progress=False, optimizer=lambda p: torch.optim.Adam(p, lr=1e-3))
+    assert s.every_steps == 6 and s.n_updates == 10
 
 
 def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
