@@ -560,3 +560,23 @@ def test_resume_inside_settle_and_at_its_boundary_equals_uninterrupted(tmp_path,
     assert h.final["settle_epochs"] == n_settle
     for a, b in zip(ref.parameters(), net2.parameters()):
         assert torch.equal(a, b)
+
+
+def test_reach_floor_lifts_a_small_gradient_balance_to_what_the_run_can_use():
+    """rho0 = max(balance ||g|| / ||W - Z||, reach (1 - beta) / (eta T)), then capped by the
+    damping ceiling kappa (1 - sqrt(beta))^2 / eta; reach=0 keeps the gradient balance."""
+    w = {"a": torch.ones(4, 4, dtype=torch.float64)}  # float64: the norms are exact to ~1e-16
+    z = {"a": torch.zeros(4, 4, dtype=torch.float64)}  # ||W - Z|| = 4
+    g = {"a": torch.full((4, 4), 1e-4, dtype=torch.float64)}  # ||g|| = 4e-4: balance 1e-4
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.01, momentum=0.9)
+    ceiling = 2 * (1 - math.sqrt(0.9)) ** 2 / 0.01
+    for reach, horizon, want in ((1.0, 100, 0.1 / (0.01 * 100)), (0.0, 100, 1e-4), (1.0, 10, ceiling),
+                                 (1.0, None, 1e-4)):
+        r = ac.AdaptiveRho(reach=reach)
+        r.observe_optimizer(opt)
+        r.horizon = horizon
+        r.snapshot({"a": w["a"] + 1e-3})  # any measured step: the optimizer's lr is used
+        out = r.calibrate(w, g, z)
+        assert out["a"] == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="reach"):
+        ac.AdaptiveRho(reach=-1.0)
