@@ -172,7 +172,9 @@ class Solver(Compressor):
 
     * the first optimizer step runs with the penalty off and gives each weight's loss gradient
       ``g_l``; rho starts at ``||g_l|| / ||W_l - Z_l||`` (penalty pull = loss push, per weight:
-      invariant to the loss's and the weight's scale);
+      invariant to the loss's and the weight's scale), but at least ``(1 - beta) / (eta T)`` in
+      a run of ``T`` steps, the pull that moves ``W`` by one heavy-ball time constant in the run
+      (``AdaptiveRho(reach=1)``; from a pretrained model the balance started 10-300x lower);
     * a ceiling from the optimizer: the penalty is a quadratic of curvature rho, and heavy-ball
       SGD (lr ``eta``, momentum ``beta``) is critically damped on it at
       ``eta * rho = (1 - sqrt(beta))^2``; above that W rings around Z (measured: rho 1 at lr
@@ -227,7 +229,7 @@ class Solver(Compressor):
     SVD of the pretrained ones (41.5 vs 43.7 %), while the factors needed many epochs at the
     smaller step: ADMM to the end gave 79.5 % (one seed 52.8) against 96.8 % for SVD + factor
     fine-tuning; on the digits32 ResNet-20 bench (4 + 1 epochs) settling lifted admm_lowrank
-    from 90.3 to 99.2 %, admm_tt from 50.6 to 95.6 % and RASPA from 63.6 to 98.9 %.  TT and
+    from 90.3 to 99.4 %, admm_tt from 50.6 to 96.9 % and RASPA from 63.6 to 98.6 %.  TT and
     ``L + S`` do not settle in runs of :attr:`min_updates` or more epochs
     (:attr:`~admm_compress.sets.Constraint.settles_long_runs`): on the digits FCN bench (30
     epochs at lr 0.02) settling their factors lost 6.3 / 2.5 points against ADMM to the end,

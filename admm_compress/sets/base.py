@@ -53,7 +53,7 @@ class Constraint(abc.ABC):
         ``True`` for :class:`Cardinality` and :class:`LowRank`; ``False`` for TT and ``L + S``:
         on the digits FCN bench (30 epochs at lr 0.02) settling their factors lost 6.3 (TT) and
         2.5 (RASPA) points against ADMM to the end, while on the digits32 ResNet-20 bench (4
-        epochs) it lifted them from 50.6 to 95.6 % and 63.6 to 98.9 % (docs/results).
+        epochs) it lifted them from 50.6 to 96.9 % and 63.6 to 98.6 % (docs/results).
     """
 
     is_penalty: bool = False
