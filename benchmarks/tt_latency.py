@@ -180,6 +180,19 @@ def _variant(ex: nn.Module, fin: nn.Module, fmt: str, post: str, xf: torch.Tenso
     return m, note
 
 
+
+def _build_checked(arch, make, variants_spec):
+    """``{(kind, reduction): (finalized, exported, max rel diff)}``: each distinct variant built
+    once and its export checked against the finalized model."""
+    built = {}
+    for _label, kind, red, _post in variants_spec:
+        if (kind, red) not in built:
+            fin, ex = build(make, kind, red)
+            err = check_outputs(fin, ex)
+            built[kind, red] = (fin, ex, err)
+            print(f"{arch} {kind} {red}: max rel diff {err:.1e}", flush=True)
+    return built
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="ResNet-56 only, 2 rounds")
@@ -223,13 +236,7 @@ def main(argv=None):
         torch.manual_seed(0)
         dense = make().eval()
         p0 = ac.complexity(dense, INPUT)
-        built = {}
-        for label, kind, red, post in variants_spec:
-            if (kind, red) not in built:
-                fin, ex = build(make, kind, red)
-                err = check_outputs(fin, ex)
-                built[kind, red] = (fin, ex, err)
-                print(f"{arch} {kind} {red}: max rel diff {err:.1e}", flush=True)
+        built = _build_checked(arch, make, variants_spec)
         for fmt in args.formats:
             for b in args.batches:
                 x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
@@ -425,12 +432,7 @@ def jit_main(args, archs, rounds) -> None:
         torch.manual_seed(0)
         dense = make().eval()
         p0 = ac.complexity(dense, INPUT)
-        built = {}
-        for label, kind, red, post in variants_spec:
-            if (kind, red) not in built:
-                fin, ex = build(make, kind, red)
-                built[kind, red] = (fin, ex)
-                print(f"{arch} {kind} {red}: max rel diff {check_outputs(fin, ex):.1e}", flush=True)
+        built = _build_checked(arch, make, variants_spec)
         for fmt in args.formats:
             for b in args.batches:
                 x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
@@ -443,7 +445,7 @@ def jit_main(args, archs, rounds) -> None:
                 for label, kind, red, post in variants_spec:
                     if kind == "eq9" and (b > 1 or fmt == "cl"):
                         continue
-                    fin, ex = built[kind, red]
+                    fin, ex, _ = built[kind, red]
                     m, note = _variant(ex, fin, fmt, post, xf)
                     m = m if fmt == "nchw" else _CL(m)
                     try:
