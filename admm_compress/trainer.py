@@ -147,15 +147,18 @@ def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Call
         ids = {id(p) for p in slow}
         groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": slow}]
         if optimizer is None:
-            opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=5e-4)
+            base = compressor.default_optimizer(model, lr)  # its kind and settings, two groups
+            opt = type(base)(groups, **base.defaults)
         elif isinstance(optimizer, torch.optim.Optimizer):
             opt = type(optimizer)(groups, **optimizer.defaults)
         else:
             opt = optimizer(groups)
-        if len(opt.param_groups) != 2:
-            raise ValueError(f"fit: the optimizer factory returned {len(opt.param_groups)} parameter group(s) "
-                             f"for the settle stage's 2 (dense-like parameters, factors); build the optimizer "
-                             f"from the iterable it is given")
+        if len(opt.param_groups) != 2:  # a factory that regrouped what it was given: keep its optimizer
+            log.warning("fit: the optimizer factory returned %d parameter group(s) for the settle stage's 2 "
+                        "(other parameters, factors), so the factors settle at its learning rate instead of "
+                        "%g times it (they may diverge); build the optimizer from the iterable it is given",
+                        len(opt.param_groups), compressor.slow_settle_lr_scale)
+            return opt
         opt.param_groups[1]["lr"] = opt.param_groups[1]["lr"] * compressor.slow_settle_lr_scale
         return opt
 
