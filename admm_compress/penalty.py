@@ -171,15 +171,18 @@ class AdaptiveRho:
         else:
             self.lr, self.momentum = None, 0.0
 
+    @property
+    def beta(self) -> float:
+        """The heavy-ball momentum in use: the optimizer's (:meth:`observe_optimizer`), else 0.9."""
+        return 0.9 if self.momentum is None else self.momentum
+
     def stability_step(self) -> float:
         """``eta * rho`` at a quarter of heavy-ball's stability edge ``2 (1 + beta)``, at most 0.5."""
-        beta = 0.9 if self.momentum is None else self.momentum
-        return 0.5 * (1.0 + beta)
+        return 0.5 * (1.0 + self.beta)
 
     def ceiling_step(self) -> float:
         """Largest ``eta * rho``: ``kappa`` times heavy-ball critical damping ``(1 - sqrt(beta))^2``, at most 0.5."""
-        beta = 0.9 if self.momentum is None else self.momentum
-        return min(self.kappa * (1.0 - math.sqrt(beta)) ** 2, 0.5)
+        return min(self.kappa * (1.0 - math.sqrt(self.beta)) ** 2, 0.5)
 
     def reset(self) -> None:
         """Forget everything measured (``Solver.prepare`` calls this)."""
@@ -234,14 +237,13 @@ class AdaptiveRho:
         for k in g:  # weights that cannot be measured (zero, no gradient) take the geometric mean
             if k not in rho0:
                 rho0[k], cap[k] = gmean(rho0), gmean(cap)
-        beta = 0.9 if self.momentum is None else self.momentum
         for k in g:
             if self.rho_max is not None:
                 cap[k] = min(cap[k], self.rho_max)
             if self.reach > 0 and self.horizon:  # the pull must be able to act within the run
                 step = self.lr if self.lr else (eta[k] if math.isfinite(eta[k]) and eta[k] > 0 else None)
                 if step:
-                    rho0[k] = max(rho0[k], self.reach * max(1.0 - beta, 1e-3) / (step * self.horizon))
+                    rho0[k] = max(rho0[k], self.reach * max(1.0 - self.beta, 1e-3) / (step * self.horizon))
             rho0[k] = min(rho0[k], cap[k])
             self.r0[k] = max(gap[k] / wn[k] if wn[k] > 0 else 0.0, self.r_end)
         self.rho0, self.cap = rho0, cap

@@ -714,8 +714,7 @@ class Solver(Compressor):
             horizon = max(1, run.epochs * len(run.loader)) if run.epochs > 0 else None
         except (TypeError, NotImplementedError):  # an iterator: the target falls per update instead
             horizon = None
-        adaptive = isinstance(self.rho_schedule, AdaptiveRho)
-        if adaptive:
+        if isinstance(self.rho_schedule, AdaptiveRho):
             self.rho_schedule.horizon = horizon
             self.rho_schedule.observe_optimizer(run.optimizer)
         if self.every == "auto":
@@ -723,9 +722,8 @@ class Solver(Compressor):
                      and run.epochs < self.min_updates)
             self.every_steps = None
             if short:
-                beta = self.rho_schedule.momentum if adaptive and self.rho_schedule.momentum is not None else 0.9
+                floor = self.response_steps(self.rho_schedule.beta)  # short implies rho="auto"
                 per_epoch = max(1, horizon // run.epochs)
-                floor = self.response_steps(beta)
                 self.every_steps = max(1, min(max(floor, horizon // self.min_updates), per_epoch))
 
     @staticmethod

@@ -138,21 +138,18 @@ def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Call
 
     def make(model):
         slow = compressor.slow_settle_parameters(unwrap(model))
-        if not slow:
-            if optimizer is None:
-                return compressor.default_optimizer(model, lr)
-            if isinstance(optimizer, torch.optim.Optimizer):
-                return type(optimizer)(model.parameters(), **optimizer.defaults)
-            return optimizer(model.parameters())
         ids = {id(p) for p in slow}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": slow}]
+        params = ([{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": slow}]
+                  if slow else model.parameters())
         if optimizer is None:
-            base = compressor.default_optimizer(model, lr)  # its kind and settings, two groups
-            opt = type(base)(groups, **base.defaults)
+            base = compressor.default_optimizer(model, lr)
+            opt = type(base)(params, **base.defaults) if slow else base  # its kind and settings, two groups
         elif isinstance(optimizer, torch.optim.Optimizer):
-            opt = type(optimizer)(groups, **optimizer.defaults)
+            opt = type(optimizer)(params, **optimizer.defaults)
         else:
-            opt = optimizer(groups)
+            opt = optimizer(params)
+        if not slow:
+            return opt
         if len(opt.param_groups) != 2:  # a factory that regrouped what it was given: keep its optimizer
             log.warning("fit: the optimizer factory returned %d parameter group(s) for the settle stage's 2 "
                         "(other parameters, factors), so the factors settle at its learning rate instead of "

@@ -181,9 +181,13 @@ def _variant(ex: nn.Module, fin: nn.Module, fmt: str, post: str, xf: torch.Tenso
 
 
 
-def _build_checked(arch, make, variants_spec):
-    """``{(kind, reduction): (finalized, exported, max rel diff)}``: each distinct variant built
-    once and its export checked against the finalized model."""
+def _arch_setup(arch, variants_spec):
+    """``(dense, dense complexity, built)`` of one architecture: the dense model (seed 0,
+    eval) and ``{(kind, reduction): (finalized, exported, max rel diff)}``, each distinct variant
+    built once and its export checked against the finalized model."""
+    make = ARCHS[arch]
+    torch.manual_seed(0)
+    dense = make().eval()
     built = {}
     for _label, kind, red, _post in variants_spec:
         if (kind, red) not in built:
@@ -191,7 +195,13 @@ def _build_checked(arch, make, variants_spec):
             err = check_outputs(fin, ex)
             built[kind, red] = (fin, ex, err)
             print(f"{arch} {kind} {red}: max rel diff {err:.1e}", flush=True)
-    return built
+    return dense, ac.complexity(dense, INPUT), built
+
+
+def _inputs(b, fmt):
+    """The timed input of batch ``b`` (seed 3) and its copy in the memory format ``fmt``."""
+    x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
+    return x, (x.contiguous(memory_format=torch.channels_last) if fmt == "cl" else x)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -232,15 +242,10 @@ def main(argv=None):
         variants_spec = [v for v in variants_spec if v[0] in args.only]
     rows = []
     for arch in archs:
-        make = ARCHS[arch]
-        torch.manual_seed(0)
-        dense = make().eval()
-        p0 = ac.complexity(dense, INPUT)
-        built = _build_checked(arch, make, variants_spec)
+        dense, p0, built = _arch_setup(arch, variants_spec)
         for fmt in args.formats:
             for b in args.batches:
-                x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
-                xf = x.contiguous(memory_format=torch.channels_last) if fmt == "cl" else x
+                x, xf = _inputs(b, fmt)
                 d = _fused(dense, fmt) if args.fuse else dense
                 vs, info = {"dense": d if fmt == "nchw" else ChannelsLast(copy.deepcopy(d))}, {}
                 for label, kind, red, post in variants_spec:
@@ -428,15 +433,10 @@ def jit_main(args, archs, rounds) -> None:
     variants_spec = [v for v in VARIANTS if v[0] in args.only] if args.only else list(JIT_VARIANTS)
     rows, dense_rows, graphs, failures = [], [], {}, []
     for arch in archs:
-        make = ARCHS[arch]
-        torch.manual_seed(0)
-        dense = make().eval()
-        p0 = ac.complexity(dense, INPUT)
-        built = _build_checked(arch, make, variants_spec)
+        dense, p0, built = _arch_setup(arch, variants_spec)
         for fmt in args.formats:
             for b in args.batches:
-                x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
-                xf = x.contiguous(memory_format=torch.channels_last) if fmt == "cl" else x
+                x, xf = _inputs(b, fmt)
                 d = dense if fmt == "nchw" else ChannelsLast(copy.deepcopy(dense))
                 dj, how = _jit(d, xf)
                 err = check_outputs(dense, dj)
