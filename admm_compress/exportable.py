@@ -132,14 +132,14 @@ def _sparse_rule(m: nn.Module, c: Cardinality, v: View) -> str | None:
 
 
 def _tt_rule(m: nn.Module, c: Constraint, v: View) -> str | None:
-    from .views import TTOKIView
+    from .views import TTOKIView, TTPairedView
 
     if not (isinstance(v, TTView) or getattr(v, "name", None) == "tt"):
         return ("TTRank acts on a tensorized weight: pass view=admm_compress.views.TTView.oki() "
                 "(or use methods.raspa / solver admm_tt, which choose one)")
     if isinstance(m, _CONV) and m.groups != 1:
         return f"TT export of a grouped/depthwise convolution (groups={m.groups}) is not supported; exclude it"
-    if isinstance(v, TTOKIView):  # stock 1x1 -> k x k -> 1x1 chain: any conv dimension and padding mode
+    if isinstance(v, (TTOKIView, TTPairedView)):  # stock 1x1 -> k x k -> 1x1 layers: any conv dimension, padding mode
         if not isinstance(m, (nn.Linear,) + _CONV):
             return f"TT export builds layers for nn.Linear and nn.Conv1d/2d/3d, not {_kind(m)}; exclude it"
         return None

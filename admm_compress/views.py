@@ -16,13 +16,17 @@ name           viewed shape of a weight ``(O, I, *k)`` (conv) or ``(O, I)`` (lin
                rank ``r`` = a ``1 x kw`` conv ``I -> r`` then a ``kh x 1`` conv ``r -> O``
                (Decomposable-Net's spatial-wise decomposition, transposed).
 ``identity``   the tensor as is (for :class:`~admm_compress.Cardinality`)
-:class:`TTView`  tensor-train layouts, two named ones:
+:class:`TTView`  tensor-train layouts, three named ones:
 
                * ``TTView.oki()`` (:class:`TTOKIView`, layout ``"oki"``): ``(O, prod(k), I)``,
                  the 3-way tensor whose TT ranks ``(r_1, r_2)`` are RASPA Tables 8-10's
                  ``(1, r_1, r_2, 1)`` and reproduce Table 1's compression; a TT of it is
                  three stock convolutions ``1x1 I -> r_2``, ``kh x kw r_2 -> r_1``,
                  ``1x1 r_1 -> O`` (:mod:`admm_compress.layers.tt`).  RASPA's default.
+               * ``TTView.paired()`` (:class:`TTPairedView`, layout ``"paired"``):
+                 ``(o_1 i_1, prod(k), o_2 i_2)``, Eq. 9's two paired channel modes with the
+                 kernel mode in the middle; the tensor RASPA Table 10's DenseNet-40 ranks
+                 belong to (ranks above ``O``).  Equal to ``"oki"`` on square layers.
                * ``TTView(out_factors, in_factors)`` / ``TTView.eq9(...)`` (layout
                  ``"eq9"``): the literal reading of RASPA Eq. 9,
                  ``(prod(k), o_1 i_1, ..., o_d i_d)``.
@@ -31,7 +35,7 @@ name           viewed shape of a weight ``(O, I, *k)`` (conv) or ``(O, I)`` (lin
 :func:`get_view` resolves a name (or ``"auto"``) to a view; :func:`check_module` refuses
 layers a view cannot represent faithfully (grouped or transposed convolutions).
 
-Size (~550 lines): every view a set acts through -- matrix, channel, spatial, input-channel and
+Size (~770 lines): every view a set acts through -- matrix, channel, spatial, input-channel and
 the tensor-train layouts -- with the one registry (:data:`VIEWS`, :func:`get_view`) and the
 module checks that refuse a view before training.
 """
@@ -55,6 +59,8 @@ __all__ = [
     "IdentityView",
     "TTView",
     "TTOKIView",
+    "TTPairedView",
+    "paired_split",
     "TT_LAYOUTS",
     "balanced_factors",
     "get_view",
@@ -285,6 +291,12 @@ class TTView(View):
         """The ``"oki"`` layout ``(O, kh*kw, I)`` (:class:`TTOKIView`; RASPA Tables 1, 8-10)."""
         return TTOKIView()
 
+    @staticmethod
+    def paired(split=None) -> "TTPairedView":
+        """The ``"paired"`` layout ``(o_1 i_1, kh*kw, o_2 i_2)`` (:class:`TTPairedView`; RASPA
+        Table 10)."""
+        return TTPairedView(split)
+
     @classmethod
     def auto(cls, shape: Sequence[int], d: int, strict: bool = False) -> "TTView":
         """Balanced ``d``-factor splits of ``O = shape[0]`` and ``I = shape[1]``."""
@@ -402,6 +414,114 @@ class TTOKIView(View):
         return "TTView.oki()"
 
 
+def paired_split(O: int, I: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``((o_1, o_2), (i_1, i_2))`` of the ``"paired"`` layout for ``O`` outputs, ``I`` inputs.
+
+    ``O = o_1 o_2`` and ``I = i_1 i_2`` with the mode sizes ``o_1 i_1``, ``o_2 i_2`` as equal as
+    the divisors allow (the larger first on a tie: RASPA Eq. 9's most balanced pair of channel
+    modes, :func:`admm_compress.methods.raspa_tables.paired_modes`); among splits with those
+    mode sizes, the smallest ``i_1 o_2`` (every step of the exported layer runs ``i_1 o_2``
+    times, :class:`~admm_compress.layers.tt.TTPairedConv`), so a square layer gets
+    ``((O, 1), (1, I))``: the ``"oki"`` tensor and its three convolutions.
+    ``(12, 24) -> ((6, 2), (3, 8))`` (modes 18, 16).
+    """
+    O, I = int(O), int(I)
+    if O < 1 or I < 1:
+        raise ValueError(f"paired_split: O={O}, I={I}; allowed: integers >= 1")
+    best = None
+    for o1 in (d for d in range(1, O + 1) if O % d == 0):
+        for i1 in (d for d in range(1, I + 1) if I % d == 0):
+            o2, i2 = O // o1, I // i1
+            a, c = o1 * i1, o2 * i2
+            key = (abs(a - c), -a, i1 * o2, -o1)
+            if best is None or key < best[0]:
+                best = (key, ((o1, o2), (i1, i2)))
+    return best[1]
+
+
+class TTPairedView(View):
+    r"""The ``"paired"`` tensor-train layout: a weight ``(O, I, *k)`` as the 3-way
+    ``(o_1 i_1, K, o_2 i_2)``.
+
+    With ``O = o_1 o_2``, ``I = i_1 i_2`` (row-major: ``o = o_1 o_2' + o_2``) and ``K = prod(k)``,
+
+        ``T[(o_1, i_1), k, (o_2, i_2)] = W[(o_1, o_2), (i_1, i_2), k]``
+
+    -- RASPA Eq. 9's two paired channel modes ``(O_1 x I_1)``, ``(O_2 x I_2)`` with the kernel mode
+    in the middle, which is what Table 10's DenseNet-40 ranks (up to 30 on 12-output layers) are
+    ranks of.  A TT of it with ranks ``(r_1, r_2)``,
+    ``W = sum_{a,b} G_1[(o_1, i_1), a] G_2[a, k, b] G_3[b, (o_2, i_2)]``, stores
+    ``o_1 i_1 r_1 + r_1 K r_2 + r_2 o_2 i_2`` numbers (:func:`~admm_compress.methods.raspa_tables.tt_layer_params`)
+    and is applied by :class:`~admm_compress.layers.tt.TTPairedConv`: three stock convolutions with
+    the factors ``i_1``, ``o_2`` moved to the batch dimension.  Its MACs per output position,
+    ``I o_2 r_2 + i_1 o_2 r_1 K r_2 + O i_1 r_1``, exceed its parameter count unless
+    ``i_1 = o_2 = 1`` (the ``"oki"`` tensor, which square layers get): this layout saves
+    parameters, not compute.
+
+    Parameters
+    ----------
+    split : ((o_1, o_2), (i_1, i_2)), optional
+        Fixed channel factorizations (every weight must match); default: per weight shape,
+        :func:`paired_split`.
+
+    The TT ranks are capped as :meth:`TTRank.rank_for` does for the viewed shape.
+    """
+
+    name = "tt"
+    layout = "paired"
+
+    def __init__(self, split=None):
+        if split is not None:
+            ok = (isinstance(split, (tuple, list)) and len(split) == 2
+                  and all(isinstance(f, (tuple, list)) and len(f) == 2 for f in split))
+            if not ok:
+                raise TypeError(f"TTPairedView: split must be ((o_1, o_2), (i_1, i_2)), got {split!r}")
+            split = tuple(tuple(check_int(f"split[{j}][{k}]", v, low=1, where="TTPairedView")
+                                for k, v in enumerate(f)) for j, f in enumerate(split))
+        self.split = split
+
+    def split_for(self, shape: Sequence[int], where: str | None = None):
+        """``((o_1, o_2), (i_1, i_2))`` for a weight of ``shape``."""
+        shape = _at_least_2d(shape, where, "TT view 'paired' (a weight (O, I, *k))")
+        O, I = shape[0], shape[1]
+        if self.split is None:
+            return paired_split(O, I)
+        (o1, o2), (i1, i2) = self.split
+        if o1 * o2 != O or i1 * i2 != I:
+            raise ValueError(f"{where_prefix(where)}TTPairedView: split={self.split} needs O = {o1 * o2}, "
+                             f"I = {i1 * i2}, but the weight has shape {shape}")
+        return self.split
+
+    def check(self, shape, where=None):
+        self.split_for(shape, where)
+
+    def viewed_shape(self, shape):
+        shape = _shape(shape)
+        (o1, o2), (i1, i2) = self.split_for(shape)
+        return (o1 * i1, math.prod(shape[2:]), o2 * i2)
+
+    def to(self, w):
+        shape = _shape(w.shape)
+        (o1, o2), (i1, i2) = self.split_for(shape)
+        K = math.prod(shape[2:])
+        return w.reshape(o1, o2, i1, i2, K).permute(0, 2, 4, 1, 3).reshape(o1 * i1, K, o2 * i2)
+
+    def back(self, t, shape):
+        shape = _shape(shape)
+        (o1, o2), (i1, i2) = self.split_for(shape)
+        K = math.prod(shape[2:])
+        return t.reshape(o1, i1, K, o2, i2).permute(0, 3, 1, 4, 2).reshape(shape).contiguous()
+
+    def __eq__(self, other):
+        return isinstance(other, TTPairedView) and other.split == self.split
+
+    def __hash__(self):
+        return hash(("TTPairedView", self.split))
+
+    def __repr__(self) -> str:
+        return "TTView.paired()" if self.split is None else f"TTView.paired(split={self.split})"
+
+
 class AutoTTView(View):
     """RASPA Eq. 9 tensorization whose channel factorizations are chosen per weight shape
     (the default view of :func:`admm_compress.methods.raspa` and ``admm_tt``).
@@ -497,7 +617,7 @@ class AutoTTView(View):
 
 
 #: The named tensor-train layouts (``methods.raspa(layout=...)``, ``solvers/admm_tt``).
-TT_LAYOUTS = ("oki", "eq9")
+TT_LAYOUTS = ("oki", "eq9", "paired")
 
 
 class InputChannelView(View):
@@ -619,16 +739,17 @@ def check_module(view: View, module: nn.Module, where: str | None = None) -> Non
 def _check_tt_module(view: View, module: nn.Module, where: str | None) -> None:
     """Refuse layers whose TT weight :func:`admm_compress.export` cannot build (at prepare time).
 
-    ``"oki"`` (:class:`TTOKIView`): ``nn.Linear`` and ``nn.Conv1d/2d/3d`` with any padding mode
+    ``"oki"`` (:class:`TTOKIView`) and ``"paired"`` (:class:`TTPairedView`): ``nn.Linear`` and
+    ``nn.Conv1d/2d/3d`` with any padding mode
     (groups/transposed are refused above).  ``"eq9"`` (:class:`TTView` and shape-dependent
     views with ``for_shape``): ``nn.Linear`` and ``nn.Conv2d`` with ``padding_mode='zeros'``
     (:class:`~admm_compress.layers.tt.TTConv2d`).
     """
     kind = type(module).__name__
     layout = getattr(view, "layout", "eq9")
-    if layout == "oki":
+    if layout in ("oki", "paired"):
         if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            raise ValueError(f"{where_prefix(where)}TT view 'oki' on a {kind}: its TT weight can be exported only "
+            raise ValueError(f"{where_prefix(where)}TT view {layout!r} on a {kind}: its TT weight can be exported only "
                              f"for nn.Linear and nn.Conv1d/2d/3d; exclude this layer (exclude=...) or "
                              f"constrain it with another set")
         return

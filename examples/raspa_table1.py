@@ -9,14 +9,15 @@ TT ranks ``(1, r_1, r_2, 1)`` (the ``"oki"`` layout ``(O, kh*kw, I)``) and spars
 everything left dense (stem, transitions, FC, BatchNorm); MACs of the sparse branch = its
 non-zeros per output position.  The counts depend on the ranks and densities only, not on the
 weights' values, so no training is needed.  Also counts the ``"eq9"`` layout (the literal Eq. 9
-reading, ``d = 2`` balanced factors) with the same ranks.
+reading, ``d = 2`` balanced factors) and the ``"paired"`` layout (:meth:`TTView.paired`, exported as
+:class:`~admm_compress.layers.tt.TTPairedConv`) with the same ranks.
 
 Second table (:func:`counts_table`, seconds): Table 1's two columns counted from the layer shapes
 alone (:func:`~admm_compress.methods.raspa_tables.table1_count`) for the ``"oki"`` layout and the
 ``"paired"`` one ``(o_1 i_1, kh*kw, o_2 i_2)``, which counts the same on ResNet-20/56 and
 reproduces DenseNet-40's FLOPs column.
 
-Writes ``docs/results/raspa_table1.md``.  Run: ``python examples/raspa_table1.py`` (514 s on
+Writes ``docs/results/raspa_table1.md``.  Run: ``python examples/raspa_table1.py`` (78 s on
 CPU, the export of DenseNet-40 dominating); ``python examples/raspa_table1.py --counts`` prints
 the second table only.
 """
@@ -45,7 +46,7 @@ The tables' ranks fix the tensor they belong to. Tables 8-10 give first and seco
 
 Model II's 65.3 % is out of reach of any count. With everything but the 36 layers dense, params ↓ = FLOPs ↓ (Table 1's convention) x 909,792 / 1,059,298 = FLOPs ↓ x 0.859 for *any* per-layer count; 74.5 % of the layers is 64.0 % of the model. Table 1's own pairs have ratio 0.855 (Model I) and 0.877 (Model II): each fits a different total (1.064 M and 1.038 M), i.e. Model II's params look divided by the total without BatchNorm (paired count: 65.2 %), Model I's with it (paired: 52.8; without BN 53.7). ResNet-56 Model I has the same defect (37.5 / 39.3 = 0.954 against 0.994; counted 39.2 / 39.4), which is why its params miss by 1.7 while its FLOPs match.
 
-Rejected (params ↓ Model I / II, then Table 1's FLOPs convention where it differs): `oki` 49.9 / 59.2 (58.1 / 68.9); `oki` without BN in the total 50.8 / 60.3; ranks not capped (O r_1 + 9 r_1 r_2 + r_2 I with Table 10's values) 41.0 / 56.6 (47.8 / 65.9); (I, kh kw, O) 49.5 / 59.1; (kh kw, O, I) 50.1 / 59.2; (I, O, kh kw) 49.7 / 59.1; (O, I, kh kw) -9.4 / -5.3; `eq9` (kh kw, o_1 i_1, o_2 i_2) 24.7 / 42.1; Table 10's rows shifted one layer down / up 50.1 / 59.4 and 49.7 / 59.0 (58.4 / 69.2, 57.9 / 68.7); S not counted 58.5 / 67.8; as a FLOPs column: mean of the per-layer reductions 53.5 / 62.9 (ResNet-20: 78.1 / 49.4 against 86.1 / 71.1), each layer's MACs at its real resolution 54.9 / 64.3. Other paired splits: modes as equal as possible with the smaller first 53.1 / 64.1 (61.8 / 74.6); `balanced_factors` of O and of I paired in order 52.4 / 63.8 (61.0 / 74.3), but it moves ResNet-20 Model II to 70.0 and ResNet-56 Model I to 39.7; the split with the fewest values per layer 55.2 / 64.9 (64.2 / 75.5), ResNet-56 Model I 47.7. Only the count is reproduced: the library's RASPA layouts are `oki` and `eq9`, so the exported models above are `oki` ones (a paired TT conv is not three stock convs).
+Rejected (params ↓ Model I / II, then Table 1's FLOPs convention where it differs): `oki` 49.9 / 59.2 (58.1 / 68.9); `oki` without BN in the total 50.8 / 60.3; ranks not capped (O r_1 + 9 r_1 r_2 + r_2 I with Table 10's values) 41.0 / 56.6 (47.8 / 65.9); (I, kh kw, O) 49.5 / 59.1; (kh kw, O, I) 50.1 / 59.2; (I, O, kh kw) 49.7 / 59.1; (O, I, kh kw) -9.4 / -5.3; `eq9` (kh kw, o_1 i_1, o_2 i_2) 24.7 / 42.1; Table 10's rows shifted one layer down / up 50.1 / 59.4 and 49.7 / 59.0 (58.4 / 69.2, 57.9 / 68.7); S not counted 58.5 / 67.8; as a FLOPs column: mean of the per-layer reductions 53.5 / 62.9 (ResNet-20: 78.1 / 49.4 against 86.1 / 71.1), each layer's MACs at its real resolution 54.9 / 64.3. Other paired splits: modes as equal as possible with the smaller first 53.1 / 64.1 (61.8 / 74.6); `balanced_factors` of O and of I paired in order 52.4 / 63.8 (61.0 / 74.3), but it moves ResNet-20 Model II to 70.0 and ResNet-56 Model I to 39.7; the split with the fewest values per layer 55.2 / 64.9 (64.2 / 75.5), ResNet-56 Model I 47.7. The paired layout is a real layout (`TTView.paired()`, `raspa(layout="paired")`): trained, finalized and exported as `TTPairedConv` (the *exported, paired* columns above).
 """
 
 
@@ -106,18 +107,27 @@ def main(argv=None) -> None:
         print("\n".join(counts_table([a for a in args if a != "--counts"] or None)))
         return
     models = args or list(MODELS)
-    rows = ["| model | setting | Table 1 params ↓ % | counted, oki | exported, oki | counted, eq9 "
-            "| Table 1 FLOPs ↓ % | Table 1's convention, oki | compressed layers' MACs ↓, oki "
-            "| exported MACs ↓, oki | exported MACs ↓, eq9 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | setting | Table 1 params ↓ % | counted, oki | exported, oki | counted, paired "
+            "| exported, paired | counted, eq9 | Table 1 FLOPs ↓ % | Table 1's convention, oki "
+            "| Table 1's convention, paired | compressed layers' MACs ↓, oki | exported MACs ↓, oki "
+            "| exported MACs ↓, paired | exported MACs ↓, eq9 | max rel. output error, paired |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     t0 = time.time()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     for m in models:
         for which in ("I", "II"):
             oki = reproduce(m, which, "oki")
+            par = reproduce(m, which, "paired")
             eq9 = reproduce(m, which, "eq9")
+            with torch.no_grad():
+                ref = par["net"](x)
+                err = float((par["exported"](x) - ref).abs().max() / ref.abs().max())
             p1, f1 = TABLE1[(m, which)]
             rows.append(f"| {m} | Model {which} | {p1} | {oki['counted_red']:.1f} | {oki['params_red']:.1f} "
-                        f"| {eq9['counted_red']:.1f} | {f1} | {oki['paper_flops_red']:.1f} | {oki['layers_macs_red']:.1f} "
-                        f"| {oki['macs_red']:.1f} | {eq9['macs_red']:.1f} |")
+                        f"| {par['counted_red']:.1f} | {par['params_red']:.1f} "
+                        f"| {eq9['counted_red']:.1f} | {f1} | {oki['paper_flops_red']:.1f} "
+                        f"| {par['paper_flops_red']:.1f} | {oki['layers_macs_red']:.1f} "
+                        f"| {oki['macs_red']:.1f} | {par['macs_red']:.1f} | {eq9['macs_red']:.1f} | {err:.1e} |")
             print(rows[-1], flush=True)
     text = "\n".join([
         "# RASPA Table 1 by counting (examples/raspa_table1.py)", "",
@@ -126,7 +136,9 @@ def main(argv=None) -> None:
         "three stock convs) + kept entries of S + everything left dense (stem, transitions, FC, BatchNorm). "
         "MACs: stock-conv MACs of the L chain + one MAC per kept entry of S per output position "
         "(+ BN/ReLU/pool/add as ptflops counts them). `eq9`: the literal Eq. 9 layout (balanced d = 2 factors) "
-        "with the same ranks. *counted*: Table 1's way, every TT core value and kept entry of S, even for a "
+        "with the same ranks; `paired`: `TTView.paired()`, `(o1 i1, kh kw, o2 i2)`, exported as `TTPairedConv` "
+        "(the same stock convs with channel factors in the batch dimension; *max rel. output error*: exported "
+        "vs finalized model, float32). *counted*: Table 1's way, every TT core value and kept entry of S, even for a "
         "layer whose TT form is larger than its dense kernel; *exported*: the exported model, where such an L "
         "branch stays a dense conv (e.g. ResNet-20 Model II's first layer, ranks (16, 16): 2816 TT values > "
         "2304).", "",
@@ -141,7 +153,9 @@ def main(argv=None) -> None:
         "63.3 %), all TT values at the output resolution (77.7 / 48.9 %), dividing by the whole model's "
         "ptflops MACs (75.3 / 46.9 % counted), denominators with stem/FC (86.0 / 71.0 % convs only, 85.8 / "
         "70.8 % with FC). DenseNet-40 is reproduced by this convention with the *paired* layout (61.4 / 74.6 %), "
-        "not with `oki` (58.1 / 68.9 %): see below.",
+        "not with `oki` (58.1 / 68.9 %): see below.  The paired layout saves parameters, not compute: where its "
+        "split is not ((O, 1), (1, I)) (DenseNet-40's 12-output layers) each step runs i1 o2 times, so its exported "
+        "MACs exceed the dense model's (prepare warns per layer with both numbers).",
         "", *rows, "",
         f"({time.time() - t0:.0f} s on CPU.)", "",
         "## Counted from the shapes, two layouts (`--counts`)", "",

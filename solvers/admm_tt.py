@@ -4,7 +4,9 @@ Every Conv2d / Linear weight (except the problem's ``keep_dense`` layers) is con
 ``TTRank(ranks)`` on a TT layout: ``layout="oki"`` (default) views it as ``(O, kh*kw, I)``
 (``TTView.oki()``; exported as three stock convs / two Linears, fewer MACs than dense);
 ``layout="eq9"`` as a balanced ``TTView.auto(shape, d)`` (the literal RASPA Eq. 9; exported as
-``TTConv2d``, which costs more MACs than dense at these ranks).
+``TTConv2d``, which costs more MACs than dense at these ranks); ``layout="paired"`` as
+``(o1 i1, kh*kw, o2 i2)`` (``TTView.paired()``; ``TTPairedConv``: the oki chain on square layers,
+fewer parameters and more MACs on narrow ones).
 """
 from torch import nn
 
@@ -14,7 +16,7 @@ REQUIRES = ["admm_compress.methods.raspa"]
 NAME = "admm_tt"
 KIND = "admm"
 CONSTRAINT = "tt"
-DESCRIPTION = "ADMM, TTRank(ranks) on a TT view (layout oki: (O, kh*kw, I); eq9: d-way) of each Conv2d / Linear weight"
+DESCRIPTION = "ADMM, TTRank(ranks) on a TT view (layout oki: (O, kh*kw, I); eq9: d-way; paired: (o1 i1, kh*kw, o2 i2)) of each Conv2d / Linear weight"
 # every: Z/U-step cadence on network problems.  Once per epoch here: a TT-rank-8 set keeps only
 # ~15 % of a trained 96 x 96 layer's energy (||W - Pi(W)|| / ||W|| = 0.85), and a Z/U-step every 5
 # steps grew the duals faster than SGD could follow (digits FCN at chance, 10.3 %); per epoch with
@@ -42,6 +44,6 @@ def build(problem, ranks, d, rho, rho_growth, rho_max, every, layout="oki"):
 
     for name, m in problem.model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(fnmatch.fnmatchcase(name, k) for k in keep):
-            view = TTView.oki() if layout == "oki" else TTView.auto(tuple(m.weight.shape), d)
+            view = {"oki": TTView.oki, "paired": TTView.paired}.get(layout, lambda: TTView.auto(tuple(m.weight.shape), d))()
             spec.append(ac.Constrain(name, ac.TTRank(ranks), view=view, name=f"admm_tt:{name}"))
     return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max, every=every)

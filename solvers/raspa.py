@@ -7,7 +7,8 @@ DESCRIPTION = "RASPA: ADMM on W = L + S, TTRank(tt_ranks) on L, Cardinality(dens
 PARAMS = {"tt_ranks": [4, 8, 16], "density": [0.02, 0.05, 0.1], "rho": ["auto", 1e-3, 1e-2]}
 DEFAULTS = {"tt_ranks": 8, "density": 0.05, "rho": "auto", "rho_growth": 1.0, "rho_max": None, "init": "decompose"}
 # TT layout (admm_compress.views.TT_LAYOUTS): "oki" = (O, kh*kw, I), exported as three stock convs
-# (two Linears), fewer MACs than dense at these ranks; "eq9" = the literal Eq. 9 (TTConv2d, more MACs)
+# (two Linears), fewer MACs than dense at these ranks; "eq9" = the literal Eq. 9 (TTConv2d, more MACs);
+# "paired" = (o1 i1, kh*kw, o2 i2) (TTPairedConv; Table 10's DenseNet-40 ranks)
 DEFAULTS["layout"] = "oki"
 
 

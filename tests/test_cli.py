@@ -440,3 +440,19 @@ def test_no_ort_skips_the_onnx_export(tmp_path, monkeypatch, capsys):
     row = _table_row(capsys.readouterr().out, "latency ONNX Runtime (ms)")
     res = json.loads((out / "results.json").read_text())
     assert row[1:3] == ["n/a", "n/a"] and res["ort_note"] == "n/a: skipped (--no-ort)"
+
+
+def test_tt_bench_solvers_use_the_layout_they_are_given():
+    """Every named TT layout reaches the views of the bench solvers (a layout the check accepts but
+    the builder maps to another view would train and report the wrong tensorization)."""
+    from admm_compress.views import TT_LAYOUTS
+
+    prob = load_problems()["digits_fcn"].build(seed=0, device="cpu", epochs=1, pretrain_epochs=0)
+    solvers = load_solvers()
+    for layout in TT_LAYOUTS:
+        for name in ("admm_tt", "raspa"):
+            s = solvers[name].build(prob, layout=layout)
+            s.prepare(prob.model)
+            got = {getattr(b.view, "layout", "eq9") if not hasattr(b.view, "for_shape") else "eq9"
+                   for b in s.bindings}
+            assert got == {layout}, (name, layout, got)

@@ -1,4 +1,5 @@
-"""TT layouts ("oki", "eq9"): TTRank contract through every layout, stock-layer export of "oki",
+"""TT layouts ("oki", "eq9", "paired"): TTRank contract through every layout, stock-layer export of
+"oki" and "paired",
 prepare-time refusals and warnings, per-layer ranks/densities of methods.raspa."""
 import logging
 import math
@@ -20,6 +21,8 @@ SHAPES = [(8, 6, 3, 3), (12, 8, 3, 1), (6, 4, 3), (8, 6)]
 
 
 def layout_view(layout, shape):
+    if layout == "paired":
+        return TTView.paired()
     return TTView.oki() if layout == "oki" else TTView.auto(shape, 2)
 
 
@@ -227,14 +230,14 @@ def test_plain_ttrank_spec_warns_at_prepare_when_tt_costs_more_macs_than_dense(l
     from admm_compress.tt_layers import tt_layer_macs_per_position
 
     net = nn.Sequential(nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3), nn.Linear(16, 16))
-    view = TTView.oki() if layout == "oki" else TTView((4, 4), (4, 4))
-    big = (16, 16) if layout == "oki" else 8   # oki: 16*16 + 16*9*16 + 16*16 = 2816 > 2304 per position
+    view = layout_view(layout, None) if layout != "eq9" else TTView((4, 4), (4, 4))
+    big = (16, 16) if layout != "eq9" else 8   # oki: 16*16 + 16*9*16 + 16*16 = 2816 > 2304 per position
     spec = [ac.Constrain("0", ac.TTRank(big), view=view), ac.Constrain("1", ac.TTRank(2), view=view),
             ac.Constrain("2", ac.TTRank(2), view=view)]
     # the counts the message must carry, computed independently of the warning
     tt_big, dense = tt_layer_macs_per_position(net[0], ac.TTRank(big), view, (16, 16, 3, 3))
     assert dense == 16 * 16 * 9 and tt_big > dense
-    if layout == "oki":
+    if layout != "eq9":  # a square layer's paired split is ((16, 1), (1, 16)): the oki tensor
         assert tt_big == 16 * 16 + 16 * 9 * 16 + 16 * 16
     for name in ("1", "2"):
         m = net.get_submodule(name)
@@ -247,7 +250,7 @@ def test_plain_ttrank_spec_warns_at_prepare_when_tt_costs_more_macs_than_dense(l
     m = msgs[0]
     assert "layer '0'" in m and f"{tt_big} MACs" in m and f"{dense}" in m
     assert "smaller TT ranks" in m and "tt_ranks_for_budget" in m
-    assert ("TTView.oki()" in m) == (layout == "eq9")
+    assert ("TTView.oki()" in m) == (layout != "oki")
 
 
 # ----------------------------------------------------------- per-layer ranks and densities

@@ -123,3 +123,22 @@ def test_densenet40_table1_by_paired_layout(which):
         # Table 1's pair (65.3, 74.5) breaks that relation beyond its rounding: no count of the
         # 36 layers meets both columns with this model's parameter total
         assert p1 - _ROUND > (f1 + _ROUND) * ratio
+
+
+def test_densenet40_model_i_by_paired_layout_trains_finalizes_and_exports():
+    """Table 10's ranks on the layout they belong to, end to end: prepare -> finalize -> export with
+    ``layout="paired"``; the count from the solver's layers equals the count from the shapes alone
+    (52.8 %, Table 1: 52.4), the exported model is never larger than it and computes what the
+    finalized model computes."""
+    res = _example().reproduce("densenet40", "I", "paired")
+    net = ac.models.densenet40()
+    by_shapes = table1_count(net, "densenet40", "I", "paired")
+    assert res["counted_red"] == pytest.approx(by_shapes["params_red"], abs=1e-9)
+    assert res["paper_flops_red"] == pytest.approx(by_shapes["flops_red"], abs=1e-9)
+    assert abs(res["counted_red"] - TABLE1[("densenet40", "I")][0]) <= 0.5
+    # an L + S layer that would store more than its dense kernel stays dense: never above the count
+    assert res["params_red"] >= res["counted_red"] - 1e-9
+    assert {r["layout"] for r in res["solver"].layer_costs()} == {"paired"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(res["exported"](x), res["net"](x), rtol=1e-4, atol=1e-4)

@@ -19,7 +19,8 @@ SHAPES = [(6, 4), (6, 4, 3), (6, 4, 3, 3), (6, 4, 3, 2), (6, 4, 2, 3, 2)]
 
 def _views_for(shape):
     out = [VIEWS["matrix"], VIEWS["channel"], VIEWS["identity"],
-           TTView.auto(shape, 2), TTView((6,), (4,)), TTView((3, 2), (2, 2)), TTView.oki()]
+           TTView.auto(shape, 2), TTView((6,), (4,)), TTView((3, 2), (2, 2)), TTView.oki(),
+           TTView.paired(), TTView.paired(((3, 2), (2, 2)))]
     if len(shape) == 4:
         out.append(VIEWS["spatial"])
     return out

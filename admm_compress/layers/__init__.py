@@ -9,7 +9,8 @@ module              what it holds
                     (channel removal), :class:`SumBranches` (``L + S``)
 :mod:`.tt`          tensor-train layers: the ``"oki"`` layout's stock conv chain
                     (:func:`~.tt.tt_oki_modules`), :class:`~.tt.TTConv2d` / :class:`~.tt.TTLinear`
-                    for the Eq. 9 layout, their MAC formulas and the TT exporter
+                    for the Eq. 9 layout, :class:`~.tt.TTPairedConv` for the ``"paired"`` one,
+                    their MAC formulas and the TT exporter
 :mod:`.tt_realize`  the other exact realizations of an oki chain (first / last 1x1 folded into
                     the kxk conv, one dense conv), chosen per layer by MACs or measured latency
                     (``export(..., tt_realization=...)``)
@@ -23,10 +24,10 @@ by :mod:`admm_compress.export` (its table of built-in exporters).  The old path
 from . import compact, tt
 from .compact import (IndexScatter, IndexSelect, SparseConv1d, SparseConv2d, SparseLinear,  # noqa: F401
                       SumBranches, _SparseConvMixin, _SparseMixin)
-from .tt import TTConv2d, TTLinear  # noqa: F401
+from .tt import TTConv2d, TTLinear, TTPairedConv  # noqa: F401
 
 compact.register_counters()
 tt.register_counters()
 
 __all__ = ["SparseLinear", "SparseConv1d", "SparseConv2d", "IndexSelect", "IndexScatter", "SumBranches",
-           "TTConv2d", "TTLinear", "compact", "tt"]
+           "TTConv2d", "TTLinear", "TTPairedConv", "compact", "tt"]

@@ -1,8 +1,11 @@
-"""Layers for tensor-train (TT) weights, for the two named TT layouts of :mod:`admm_compress.views`.
+"""Layers for tensor-train (TT) weights, for the three named TT layouts of :mod:`admm_compress.views`.
 
 * ``"oki"`` (:meth:`TTView.oki`, ``(O, kh*kw, I)``, RASPA's default): a TT weight *is* three
   stock layers, :func:`tt_oki_modules` (``1x1 I -> r_2``, ``kh x kw r_2 -> r_1``, ``1x1 r_1 -> O``;
   two ``nn.Linear`` for a linear layer), counted by ptflops' own counters, as fast as their MACs.
+* ``"paired"`` (:meth:`TTView.paired`, ``(o_1 i_1, kh*kw, o_2 i_2)``, RASPA Table 10):
+  :class:`TTPairedConv`, the same three stock layers with the channel factors ``i_1``, ``o_2``
+  moved to the batch dimension (fewer parameters than ``"oki"`` on narrow layers, more MACs).
 * ``"eq9"`` (:class:`TTView`, the literal reading of RASPA Eq. 9): :class:`TTConv2d` /
   :class:`TTLinear` below, evaluated core by core (a registered MAC counter).
 
@@ -49,7 +52,7 @@ The MACs are given to :func:`admm_compress.complexity` (``backend="pytorch"``) b
 registered when this module is imported; the ``"aten"`` backend counts the same convolutions
 directly (without the bias add).
 
-Size (~590 lines, a fifth this docstring): the TT layers of both layouts with the MAC formulas
+Size (~730 lines, a sixth this docstring): the TT layers of the three layouts with the MAC formulas
 the counters, the prepare-time warning and the exporter all share; the other realizations of
 the oki chain are in :mod:`admm_compress.layers.tt_realize`.
 """
@@ -66,9 +69,10 @@ from torch.nn import functional as F
 from .._validation import check_int
 from ..sets import TTRank
 from ..sets.base import Constraint
-from ..views import TTOKIView, TTView, View
+from ..views import TTOKIView, TTPairedView, TTView, View
 
 __all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "tt_oki_modules", "tt_oki_cost",
+           "TTPairedConv", "tt_paired_cost",
            "resolve_tt_view", "is_tt", "export_tt", "tt_macs_warning",
            "tt_layer_macs_per_position"]
 
@@ -312,6 +316,7 @@ def register_counters() -> None:
 
     register_counter(TTConv2d, _tt_macs)
     register_counter(TTLinear, _tt_linear_macs)
+    register_counter(TTPairedConv, _tt_paired_macs)
 
 
 
@@ -439,6 +444,133 @@ def tt_oki_cost(shape: Sequence[int], ranks: Sequence[int], in_positions: int = 
     return params + b, macs + b * out_positions
 
 
+# ----------------------------------------------------------------- "paired" layout
+class TTPairedConv(nn.Module):
+    r"""A ``"paired"`` TT weight (:meth:`TTView.paired`) applied by three stock layers.
+
+    With ``O = o_1 o_2``, ``I = i_1 i_2`` and cores ``G_1: (1, o_1 i_1, r_1)``, ``G_2: (r_1, K, r_2)``,
+    ``G_3: (r_2, o_2 i_2, 1)`` of the viewed tensor (``W[(o_1, o_2), (i_1, i_2), k] = sum_{a,b}
+    G_1[(o_1, i_1), a] G_2[a, k, b] G_3[b, (o_2, i_2)]``), a convolution ``y = W * x`` is
+
+    1. ``first``: ``ConvNd(i_2 -> o_2 r_2, 1x1)`` on the input seen as ``(N i_1, i_2, ...)``
+       (``G_3``; a per-pixel linear map without bias, so it commutes with any padding);
+    2. ``middle``: ``ConvNd(r_2 -> r_1, k)`` on ``(N i_1 o_2, r_2, ...)`` (``G_2``, the layer's
+       stride, padding, dilation and padding mode);
+    3. ``last``: ``ConvNd(i_1 r_1 -> o_1, 1x1)`` on ``(N o_2, i_1 r_1, ...)`` (``G_1``), then the
+       output channels ``(o_1, o_2)`` are put back in order and the bias is added.
+
+    For ``nn.Linear`` (``K = 1``) the three maps are ``nn.Linear`` layers on the last dimension.
+    Parameters: ``o_2 r_2 i_2 + r_1 K r_2 + o_1 i_1 r_1`` (+ ``O`` bias); MACs per output position
+    (``s = prod(stride)`` input positions per output position):
+    ``s I o_2 r_2 + i_1 o_2 r_1 K r_2 + O i_1 r_1`` (+ ``O``), :func:`tt_paired_cost`.  With
+    ``i_1 = o_2 = 1`` (square layers, :func:`~admm_compress.views.paired_split`) this is the
+    ``"oki"`` chain.  Counted by :func:`admm_compress.complexity` through a registered counter
+    (ptflops alone counts the three stock layers and misses only the ``O`` bias additions).
+    Runs under ``torch.jit.script`` and ``torch.export.export``.
+    """
+
+    def __init__(self, cores: Sequence[torch.Tensor], split, module: nn.Module,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        (o1, o2), (i1, i2) = split
+        g1, g2, g3 = (c.detach() for c in cores)
+        r1, K, r2 = g2.shape
+        O, I = o1 * o2, i1 * i2
+        if (tuple(g1.shape) != (1, o1 * i1, r1) or tuple(g3.shape) != (r2, o2 * i2, 1)):
+            raise ValueError(f"TTPairedConv: core shapes {[tuple(c.shape) for c in cores]} do not chain as "
+                             f"(1, o1 i1, r1), (r1, K, r2), (r2, o2 i2, 1) for split {split}")
+        fk = {"device": module.weight.device, "dtype": module.weight.dtype}
+        self.o1, self.o2, self.i1, self.i2, self.r1, self.r2 = o1, o2, i1, i2, int(r1), int(r2)
+        self.out_channels, self.in_channels = O, I
+        self.linear = isinstance(module, nn.Linear)
+        w3 = g3[:, :, 0].reshape(r2, o2, i2).transpose(0, 1).reshape(o2 * r2, i2)   # [(o2, b), i2]
+        w1 = g1[0].reshape(o1, i1 * r1)                                              # [o1, (i1, a)]
+        if self.linear:
+            if K != 1:
+                raise ValueError(f"TTPairedConv: a Linear layer has K=1, got cores for K={K}")
+            self.first = nn.Linear(i2, o2 * r2, bias=False, **fk)
+            self.middle = nn.Linear(r2, r1, bias=False, **fk)
+            self.last = nn.Linear(i1 * r1, o1, bias=False, **fk)
+            ws = (w3, g2[:, 0, :], w1)
+        else:
+            if not isinstance(module, nn.modules.conv._ConvNd) or module.groups != 1 or module.transposed:
+                raise ValueError(f"TTPairedConv: needs nn.Linear or an ungrouped nn.Conv1d/2d/3d, got {module!r}")
+            Conv = _conv_cls(module)
+            nd = module.weight.dim() - 2
+            k = tuple(module.kernel_size)
+            if K != math.prod(k):
+                raise ValueError(f"TTPairedConv: cores have K={K} but the kernel {k} has {math.prod(k)} taps")
+            one = (1,) * nd
+            self.first = Conv(i2, o2 * r2, 1, bias=False, **fk)
+            self.middle = Conv(r2, r1, k, stride=module.stride, padding=module.padding, dilation=module.dilation,
+                               padding_mode=module.padding_mode, bias=False, **fk)
+            self.last = Conv(i1 * r1, o1, 1, bias=False, **fk)
+            ws = (w3.reshape(o2 * r2, i2, *one), g2.permute(0, 2, 1).reshape(r1, r2, *k),
+                  w1.reshape(o1, i1 * r1, *one))
+        with torch.no_grad():
+            for m, w in zip((self.first, self.middle, self.last), ws):
+                m.weight.copy_(w)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(**fk).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o1, o2, i1, i2, r1, r2 = self.o1, self.o2, self.i1, self.i2, self.r1, self.r2
+        if self.linear:
+            lead = list(x.shape[:-1])
+            m = x.numel() // self.in_channels
+            z = self.first(x.reshape(m, i1, i2))                       # (m, i1, o2 r2)
+            z = self.middle(z.reshape(m, i1, o2, r2))                  # (m, i1, o2, r1)
+            y = self.last(z.transpose(1, 2).reshape(m, o2, i1 * r1))   # (m, o2, o1)
+            y = y.transpose(1, 2).reshape(lead + [self.out_channels])
+            if self.bias is not None:
+                y = y + self.bias
+            return y
+        n = x.shape[0]
+        sp = list(x.shape[2:])
+        z = self.first(x.reshape([n * i1, i2] + sp))                   # (n i1, o2 r2, *sp)
+        z = self.middle(z.reshape([n * i1 * o2, r2] + sp))             # (n i1 o2, r1, *sp')
+        sp = list(z.shape[2:])
+        z = z.reshape([n, i1, o2, r1] + sp).transpose(1, 2).reshape([n * o2, i1 * r1] + sp)
+        y = self.last(z)                                               # (n o2, o1, *sp')
+        y = y.reshape([n, o2, o1] + sp).transpose(1, 2).reshape([n, self.out_channels] + sp)
+        if self.bias is not None:
+            y = y + self.bias.reshape([1, self.out_channels] + [1] * len(sp))
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels} -> {self.out_channels}, split=(({self.o1}, {self.o2}), ({self.i1}, {self.i2})), "
+                f"ranks=({self.r1}, {self.r2}), bias={self.bias is not None}")
+
+
+def tt_paired_cost(shape: Sequence[int], split, ranks: Sequence[int], in_positions: int = 1,
+                   out_positions: int = 1, bias: bool = False) -> tuple[int, int]:
+    """``(params, MACs)`` of :class:`TTPairedConv` for a weight of ``shape`` (``(O, I, *k)``), the
+    channel split ``((o_1, o_2), (i_1, i_2))`` and effective ranks ``(r_1, r_2)``; positions as in
+    :func:`tt_oki_cost` (the first map runs at the input resolution)."""
+    (o1, o2), (i1, i2) = split
+    O, I = int(shape[0]), int(shape[1])
+    K = math.prod(int(s) for s in shape[2:])
+    r1, r2 = int(ranks[0]), int(ranks[1])
+    b = O if bias else 0
+    params = o2 * r2 * i2 + r1 * K * r2 + o1 * i1 * r1
+    macs = I * o2 * r2 * in_positions + (i1 * o2 * r1 * K * r2 + O * i1 * r1) * out_positions
+    return params + b, macs + b * out_positions
+
+
+def _tt_paired_macs(module: TTPairedConv, inputs, output) -> int:
+    """:func:`tt_paired_cost` at the call's input / output positions, times the batch."""
+    x = inputs[0]
+    if module.linear:
+        rows = int(x.numel()) // module.in_channels
+        p_in = p_out = 1
+    else:
+        rows = int(x.shape[0])
+        p_in, p_out = math.prod(x.shape[2:]), math.prod(output.shape[2:])
+    k = 1 if module.linear else module.middle.weight[0, 0].numel()
+    shape = (module.out_channels, module.in_channels, k)
+    split = ((module.o1, module.o2), (module.i1, module.i2))
+    return rows * tt_paired_cost(shape, split, (module.r1, module.r2), p_in, p_out, module.bias is not None)[1]
+
+
 # ----------------------------------------------------------------- prepare-time MACs check
 def _pads(m: nn.Module) -> bool:
     pad = getattr(m, "padding", 0)
@@ -452,7 +584,8 @@ def tt_layer_macs_per_position(module: nn.Module, constraint: TTRank, view: View
     """``(TT MACs, dense MACs)`` per output position of the layer ``export`` builds (no bias).
 
     ``"oki"``: :func:`tt_oki_cost` (the first 1x1 map of a convolution runs at the input
-    resolution, ``prod(stride)`` input positions per output position); ``"eq9"``:
+    resolution, ``prod(stride)`` input positions per output position); ``"paired"``:
+    :func:`tt_paired_cost` (likewise); ``"eq9"``:
     :func:`tt_conv_macs_per_position`.  Dense: ``O I K``.
     """
     shape = tuple(int(s) for s in shape)
@@ -462,6 +595,9 @@ def tt_layer_macs_per_position(module: nn.Module, constraint: TTRank, view: View
     if isinstance(tv, TTOKIView):
         stride = math.prod(getattr(module, "stride", (1,)))
         macs = tt_oki_cost(shape, ranks, in_positions=stride, padded=_pads(module))[1]
+    elif isinstance(tv, TTPairedView):
+        stride = math.prod(getattr(module, "stride", (1,)))
+        macs = tt_paired_cost(shape, tv.split_for(shape), ranks, in_positions=stride)[1]
     else:
         macs = tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
     return int(macs), O * I * K
@@ -490,6 +626,8 @@ def tt_macs_warning(module: nn.Module, constraint: Constraint, view: View, shape
     ranks = constraint.rank_for(tuple(tv.viewed_shape(tuple(shape))))
     alt = ("" if layout == "oki" else
            ", or the 'oki' layout (view=TTView.oki(); 3 stock convs, usually far fewer MACs)")
+    if layout == "paired":
+        alt += "; the 'paired' layout saves parameters, not MACs, on layers whose split is not (O, 1), (1, I)"
     return (f"its TT form ({layout} layout, ranks {tuple(ranks)}) costs {tt} MACs per output position, "
             f"more than the dense layer's {dense} (weight {'x'.join(map(str, shape))}); use smaller TT "
             f"ranks{alt}, or ranks from a MACs budget (methods.raspa.tt_ranks_for_budget(model, "
@@ -500,10 +638,10 @@ def tt_macs_warning(module: nn.Module, constraint: Constraint, view: View, shape
 def resolve_tt_view(view: View, shape: Sequence[int]) -> View:
     """The fixed TT view a ``"tt"`` view uses for a weight of ``shape``.
 
-    A :class:`TTView` or :class:`TTOKIView` is returned as is; a shape-dependent view (e.g.
+    A :class:`TTView`, :class:`TTOKIView` or :class:`TTPairedView` is returned as is; a shape-dependent view (e.g.
     RASPA's automatic ``"eq9"`` tensorization) must provide ``for_shape(shape)``.
     """
-    if isinstance(view, (TTView, TTOKIView)):
+    if isinstance(view, (TTView, TTOKIView, TTPairedView)):
         return view
     fs = getattr(view, "for_shape", None)
     if fs is None:
@@ -520,7 +658,9 @@ def export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
     """Exporter of a TT-rank weight (registered by :mod:`admm_compress.export`).
 
     ``"oki"`` layout: :func:`tt_oki_modules` (stock layers; ``None`` -- stay dense -- when that
-    stores at least as many numbers as the dense weight).  ``"eq9"`` layout: ``nn.Conv2d`` /
+    stores at least as many numbers as the dense weight).  ``"paired"``: :class:`TTPairedConv`
+    (likewise ``None`` when it stores as many numbers; its MACs were reported at ``prepare``).
+    ``"eq9"`` layout: ``nn.Conv2d`` /
     ``nn.Linear`` -> :class:`TTConv2d` / :class:`TTLinear`.
     """
     tv = resolve_tt_view(v, tuple(m.weight.shape))
@@ -541,6 +681,13 @@ def export_tt(m: nn.Module, c: TTRank, v: View, factors, with_bias: bool):
                 log.warning("TT layer %d -> %d (stride %s, ranks (%d, %d)) costs about %d MACs per output position, "
                             "more than the dense kernel's %d; lower its TT ranks to save compute",
                             m.in_channels, m.out_channels, tuple(m.stride), r1, r2, tt_pp, dense_pp)
+        return new
+    if isinstance(tv, TTPairedView):
+        cores = [t.to(device=m.weight.device, dtype=m.weight.dtype) for t in factors]
+        new = TTPairedConv(cores, tv.split_for(tuple(m.weight.shape)), m, bias=bias)
+        n_new = sum(int(p.numel()) for p in new.parameters()) - (0 if bias is None else int(bias.numel()))
+        if n_new >= m.weight.numel():
+            return None
         return new
     return _export_tt_eq9(m, c, tv, factors, bias)
 

@@ -15,8 +15,10 @@ component (keys ``<layer>.weight#L`` and ``<layer>.weight#S``):
 * W-step (Eq. 4-6): SGD on ``f + rho/2 (||L - Z_L + U||^2 + ||S - Z_S + V||^2)``;
 * Z-steps: ``Z_L = trunc_P(L + U)`` by TT-SVD (Eq. 8-10, :class:`~admm_compress.TTRank`) of the
   tensorized weight: by default the ``"oki"`` layout ``(O, kh*kw, I)`` (:meth:`TTView.oki`, whose
-  ranks ``(r_1, r_2)`` are Tables 8-10's and reproduce Table 1's compression), or with
-  ``layout="eq9"`` the literal Eq. 9 ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`);
+  ranks ``(r_1, r_2)`` are Tables 8-9's and reproduce Table 1's ResNet compression), with
+  ``layout="paired"`` Eq. 9's paired channel modes ``(o_1 i_1, kh*kw, o_2 i_2)``
+  (:meth:`TTView.paired`, Table 10's DenseNet-40 ranks), or with ``layout="eq9"`` the literal
+  Eq. 9 ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`);
   ``Z_S = proj_Q(S + V)`` keeping the ``kappa`` largest entries (Eq. 11-12,
   :class:`~admm_compress.Cardinality`);
 * dual step (Eq. 13): ``U += L - Z_L``, ``V += S - Z_S``; ``rho`` adaptive per component
@@ -30,7 +32,8 @@ network function is unchanged; ``Z_L = trunc(L)``, ``Z_S = S``, ``U = V = 0``.
 End (Algorithm 1, lines 11-12): :meth:`Solver.finalize` projects ``L`` onto the TT-rank set and
 ``S`` onto the cardinality set; :func:`admm_compress.export` builds, per layer,
 ``SumBranches(L chain, SparseConv2d(S))``, the L chain being three stock convolutions for the
-``"oki"`` layout (:func:`~admm_compress.layers.tt.tt_oki_modules`) or a ``TTConv2d`` for ``"eq9"``.
+``"oki"`` layout (:func:`~admm_compress.layers.tt.tt_oki_modules`), a
+:class:`~admm_compress.layers.tt.TTPairedConv` for ``"paired"`` or a ``TTConv2d`` for ``"eq9"``.
 How the ``S`` branch runs: ``SparseConv2d`` keeps its weight dense with a 0/1 mask; by default
 (``kernel="dense"``) it runs a dense convolution, costing the dense layer's ``O I K`` MACs per
 position whatever the density (ptflops counts it at its non-zeros, ``complexity(...,
@@ -158,6 +161,8 @@ class RaspaSolver(Solver):
             padded = _padded(b.module)
             if getattr(tv, "layout", "eq9") == "oki":
                 tt_params, tt_macs = tt_layers.tt_oki_cost(shape, ranks, in_positions=stride, padded=padded)
+            elif getattr(tv, "layout", "eq9") == "paired":
+                tt_params, tt_macs = tt_layers.tt_paired_cost(shape, tv.split_for(shape), ranks, in_positions=stride)
             else:
                 tt_params = tt.num_params(vs)
                 tt_macs = tt_layers.tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
@@ -326,12 +331,16 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
         per-component penalty (:class:`~admm_compress.penalty.AdaptiveRho`).
     rho_growth, rho_max, every, tol :
         Schedule of the general :class:`~admm_compress.Solver`.
-    layout : {"oki", "eq9"}
+    layout : {"oki", "eq9", "paired"}
         TT tensorization (:mod:`admm_compress.views`).  ``"oki"`` (default): ``(O, kh*kw, I)``
         (:meth:`TTView.oki`), which reproduces RASPA Table 1's ResNet compression with Tables
         8-9's ranks and exports to three stock convolutions (DenseNet-40's Table 10 ranks belong
         to the paired channel modes, counted by
-        :func:`~admm_compress.methods.raspa_tables.table1_count`).  ``"eq9"``: the literal reading of Eq. 9,
+        :func:`~admm_compress.methods.raspa_tables.table1_count`).  ``"paired"``:
+        ``(o_1 i_1, kh*kw, o_2 i_2)`` (:meth:`TTView.paired`), the tensor of Table 10's
+        DenseNet-40 ranks: equal to ``"oki"`` on square layers, fewer parameters on narrow ones
+        and more MACs (exported as :class:`~admm_compress.layers.tt.TTPairedConv`).  ``"eq9"``:
+        the literal reading of Eq. 9,
         ``(kh*kw, o_1 i_1, ..., o_d i_d)`` (:class:`AutoTTView`, exported as
         :class:`~admm_compress.layers.tt.TTConv2d`).
     d : int, optional
@@ -359,7 +368,7 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
     ------
     ValueError, TypeError
         Bad values (density 0 or > 1, non-positive ranks, ``tt_ranks`` longer than ``d`` or, for
-        ``layout="oki"``, longer than 2; ``d``/``factors`` with ``layout="oki"``), at call time;
+        ``layout="oki"`` or ``"paired"``, longer than 2; ``d``/``factors`` with them), at call time;
         shapes a layer cannot take (channels not factorable as asked, ranks longer than the
         layer's tensor order, layers the TT export cannot build) at ``prepare`` (before any
         training), naming the layer.
@@ -376,18 +385,19 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
     if not (isinstance(rho, str) and rho == "auto") and not isinstance(rho, AdaptiveRho):
         rho = check_float("rho", rho, low=0.0, low_open=True, where="raspa")
     all_ranks = list(rank_map.values()) if rank_map is not None else [ranks]
-    if layout == "oki":
+    if layout in ("oki", "paired"):
+        tensor = "(O, kh*kw, I)" if layout == "oki" else "(o1 i1, kh*kw, o2 i2)"
         if d is not None or factors is not None:
             raise ValueError(f"raspa: d={d!r} / factors={factors!r} choose channel factorizations of the "
-                             f"'eq9' layout; layout='oki' tensorizes (O, kh*kw, I) and takes neither "
+                             f"'eq9' layout; layout={layout!r} tensorizes {tensor} and takes neither "
                              f"(pass layout='eq9' to use them)")
         for r in all_ranks:
             if isinstance(r, tuple) and len(r) > 2:
-                raise ValueError(f"raspa: tt_ranks={r} has {len(r)} entries but layout='oki' views a weight "
-                                 f"as the 3-way (O, kh*kw, I), which has 2 internal TT ranks (r1, r2)")
+                raise ValueError(f"raspa: tt_ranks={r} has {len(r)} entries but layout={layout!r} views a weight "
+                                 f"as the 3-way {tensor}, which has 2 internal TT ranks (r1, r2)")
 
         def view_for(r):
-            return TTView.oki()
+            return TTView.oki() if layout == "oki" else TTView.paired()
     else:
         if d is not None:
             d = check_int("d", d, low=1, where="raspa")

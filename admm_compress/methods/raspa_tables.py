@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 
 from ..functional import tt_effective_ranks
+from ..views import paired_split
 
 __all__ = ["paper_setting", "TABLE1", "table1_flops_reduction", "paired_modes", "tt_layer_params",
            "table1_count", "TT_COUNT_LAYOUTS"]
@@ -107,27 +108,18 @@ def table1_flops_reduction(layer_costs: list[dict]) -> float:
     return 100.0 * (1.0 - params / dense)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
 def paired_modes(O: int, I: int) -> tuple[int, int]:
     """Outer mode sizes ``(o_1 i_1, o_2 i_2)`` of the ``"paired"`` layout for ``O`` outputs and
     ``I`` inputs: ``O = o_1 o_2``, ``I = i_1 i_2`` with ``|o_1 i_1 - o_2 i_2|`` smallest (the
     larger mode first on a tie), i.e. the most balanced pair of RASPA Eq. 9's channel modes
-    ``(O_1 x I_1), (O_2 x I_2)``.  ``(16, 16) -> (16, 16)``, ``(32, 16) -> (32, 16)``,
+    ``(O_1 x I_1), (O_2 x I_2)``; the split :meth:`TTView.paired` trains and exports
+    (:func:`~admm_compress.views.paired_split`).  ``(16, 16) -> (16, 16)``, ``(32, 16) -> (32, 16)``,
     ``(12, 24) -> (18, 16)``, ``(12, 444) -> (74, 72)``."""
     O, I = int(O), int(I)
     if O < 1 or I < 1:
         raise ValueError(f"paired_modes: O={O}, I={I}; allowed: integers >= 1")
-    best = None
-    for o1 in _divisors(O):
-        for i1 in _divisors(I):
-            a, c = o1 * i1, (O // o1) * (I // i1)
-            key = (abs(a - c), -a)
-            if best is None or key < best[0]:
-                best = (key, (a, c))
-    return best[1]
+    (o1, o2), (i1, i2) = paired_split(O, I)
+    return o1 * i1, o2 * i2
 
 
 def tt_layer_params(shape, ranks, layout: str = "paired") -> int:
