@@ -159,19 +159,32 @@ def test_oki_linear_exports_to_two_linears():
     assert ac.complexity(seq.float(), (10,)).macs == tt_oki_cost((7, 10), (3, 3), bias=True)[1]
 
 
-def test_constrain_with_oki_view_exports_stock_layers():
-    torch.manual_seed(4)
-    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
-                        nn.Flatten(), nn.Linear(16 * 25, 10))
-    spec = [ac.Constrain("2", ac.TTRank((3, 3)), view=TTView.oki()),
-            ac.Constrain("4", ac.TTRank((4, 4)), view=TTView.oki())]
-    ac.Solver(spec, mode="projection").prepare(net).finalize(net)
-    x = torch.randn(2, 3, 5, 5)
+def _export_equal(net, spec, x):
+    """``export(net, spec)``, checked to compute what the finalized ``net`` computes (float32)."""
     with torch.no_grad():
         ref = net(x)
         ex = ac.export(net, spec)
         torch.testing.assert_close(ex(x), ref, rtol=1e-4, atol=1e-5)
-    assert [type(m) for m in ex[2]] == [nn.Conv2d] * 3 and [type(m) for m in ex[4]] == [nn.Linear] * 2
+    return ex
+
+
+@pytest.mark.parametrize("layout", ["oki", "paired"])
+def test_constrain_with_a_stock_layout_exports_its_layers(layout):
+    from admm_compress.layers.tt import TTPairedConv
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 12, 3, padding=1),
+                        nn.Flatten(), nn.Linear(12 * 25, 10))
+    view = layout_view(layout, None)
+    spec = [ac.Constrain("2", ac.TTRank((3, 3)), view=view), ac.Constrain("4", ac.TTRank((4, 4)), view=view)]
+    ac.Solver(spec, mode="projection").prepare(net).finalize(net)
+    ex = _export_equal(net, spec, torch.randn(2, 3, 5, 5))
+    if layout == "oki":
+        assert [type(m) for m in ex[2]] == [nn.Conv2d] * 3 and [type(m) for m in ex[4]] == [nn.Linear] * 2
+    else:  # (12, 24) splits as ((6, 2), (3, 8)); the Linear (10, 300) likewise not as (O, 1), (1, I)
+        assert isinstance(ex[2], TTPairedConv) and isinstance(ex[4], TTPairedConv)
+        assert (ex[2].i1, ex[2].o2) == (3, 2)
+    assert ac.complexity(ex, (3, 5, 5)).params < ac.complexity(net, (3, 5, 5)).params
 
 
 def test_raspa_l_plus_s_exports_chain_plus_sparse_and_counts_macs():
@@ -180,11 +193,7 @@ def test_raspa_l_plus_s_exports_chain_plus_sparse_and_counts_macs():
                         nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
     solver = raspa(tt_ranks=(6, 4), density=0.05, exclude="0").prepare(net)
     solver.finalize(net)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        ref = net(x)
-        ex = ac.export(net, solver)
-        torch.testing.assert_close(ex(x), ref, rtol=1e-4, atol=1e-5)
+    ex = _export_equal(net, solver, torch.randn(2, 3, 8, 8))
     for name, cin, side, (hin, hout) in (("2", 16, 8, (64, 16)), ("4", 32, 4, (16, 16))):
         m = ex.get_submodule(name)
         assert isinstance(m, SumBranches) and isinstance(m.b, SparseConv2d)
@@ -196,6 +205,29 @@ def test_raspa_l_plus_s_exports_chain_plus_sparse_and_counts_macs():
         c = ac.complexity(m, (cin, side, side))
         # ptflops' stock conv counters on the L chain; the branch sum "+" is unattributed
         assert c.macs - c.unattributed_macs == l_macs + s_macs
+
+
+def test_raspa_paired_layout_exports_l_plus_s_and_describes_it(caplog):
+    from admm_compress.layers.tt import TTPairedConv, tt_layer_macs_per_position, tt_paired_cost
+    from admm_compress.views import paired_split
+
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 12, 3, padding=1),
+                        nn.ReLU(), nn.Conv2d(12, 24, 3, padding=1, stride=2))
+    solver = raspa(tt_ranks=(6, 4), density=0.05, exclude="0", layout="paired", decompose_iters=1)
+    solver.prepare(net)
+    solver.finalize(net)
+    ex = _export_equal(net, solver, torch.randn(2, 3, 8, 8))
+    assert isinstance(ex[2], SumBranches) and isinstance(ex[2].a, TTPairedConv)
+    rows = {r["layer"]: r for r in solver.layer_costs()}
+    assert rows["2"]["layout"] == "paired"
+    r = ac.TTRank((6, 4)).rank_for(TTView.paired().viewed_shape((12, 24, 3, 3)))
+    assert rows["2"]["tt_params"] == tt_paired_cost((12, 24, 3, 3), paired_split(12, 24), r)[0]
+    l_bias = 0 if ex[2].a.bias is None else 12  # SumBranches keeps the bias in one branch
+    assert rows["2"]["tt_params"] == sum(p.numel() for p in ex[2].a.parameters()) - l_bias
+    macs, dense = tt_layer_macs_per_position(net[2], ac.TTRank((6, 4)), TTView.paired(), (12, 24, 3, 3))
+    assert rows["2"]["macs_pos"] == macs + rows["2"]["s_kept"] and dense == 12 * 24 * 9
+    assert "paired" in solver.describe()
 
 
 # ----------------------------------------------------------- prepare-time refusals / warnings

@@ -13,8 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import admm_compress as ac
-from admm_compress.layers import SumBranches
-from admm_compress.layers.tt import TTPairedConv, tt_layer_macs_per_position, tt_paired_cost
+from admm_compress.layers.tt import TTPairedConv, tt_paired_cost
 from admm_compress.methods.raspa import raspa
 from admm_compress.methods.raspa_tables import paired_modes
 from admm_compress.views import TT_LAYOUTS, TTPairedView, TTView, paired_split
@@ -167,51 +166,8 @@ def test_paired_layer_scripts_and_exports():
             torch.testing.assert_close(torch.export.export(m, (x,)).module()(x), ref, rtol=1e-5, atol=1e-5)
 
 
-# ----------------------------------------------------------- through Constrain and raspa
-def _net():
-    return nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 12, 3, padding=1),
-                         nn.ReLU(), nn.Conv2d(12, 24, 3, padding=1, stride=2), nn.Flatten(),
-                         nn.Linear(24 * 16, 12))
-
-
-def test_constrain_with_paired_view_exports_paired_layers_with_equal_outputs():
-    torch.manual_seed(3)
-    net = _net()
-    spec = [ac.Constrain("2", ac.TTRank((4, 3)), view=TTView.paired()),
-            ac.Constrain("6", ac.TTRank((4, 3)), view=TTView.paired())]
-    ac.Solver(spec, mode="projection").prepare(net).finalize(net)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        ref = net(x)
-        ex = ac.export(net, spec)
-        torch.testing.assert_close(ex(x), ref, rtol=1e-4, atol=1e-5)
-    assert isinstance(ex[2], TTPairedConv) and isinstance(ex[6], TTPairedConv)
-    assert ac.complexity(ex, (3, 8, 8)).params < ac.complexity(net, (3, 8, 8)).params
-
-
-def test_raspa_paired_layout_exports_l_plus_s_and_describes_it(caplog):
-    torch.manual_seed(4)
-    net = _net()
-    solver = raspa(tt_ranks=(6, 4), density=0.05, exclude="0", layout="paired", decompose_iters=1)
-    solver.prepare(net)
-    solver.finalize(net)
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        ref = net(x)
-        ex = ac.export(net, solver)
-        torch.testing.assert_close(ex(x), ref, rtol=1e-4, atol=1e-5)
-    assert isinstance(ex[2], SumBranches) and isinstance(ex[2].a, TTPairedConv)
-    rows = {r["layer"]: r for r in solver.layer_costs()}
-    assert rows["2"]["layout"] == "paired"
-    r = ac.TTRank((6, 4)).rank_for(TTView.paired().viewed_shape((12, 24, 3, 3)))
-    assert rows["2"]["tt_params"] == tt_paired_cost((12, 24, 3, 3), paired_split(12, 24), r)[0]
-    l_bias = 0 if ex[2].a.bias is None else 12  # SumBranches keeps the bias in one branch
-    assert rows["2"]["tt_params"] == sum(p.numel() for p in ex[2].a.parameters()) - l_bias
-    macs, dense = tt_layer_macs_per_position(net[2], ac.TTRank((6, 4)), TTView.paired(), (12, 24, 3, 3))
-    assert rows["2"]["macs_pos"] == macs + rows["2"]["s_kept"] and dense == 12 * 24 * 9
-    assert "paired" in solver.describe()
-
-
+# ----------------------------------------------------------- raspa's arguments (export through Constrain and
+# raspa: test_tt_layouts.py)
 def test_raspa_paired_layout_refuses_eq9_arguments():
     with pytest.raises(ValueError, match=r"layout='paired' tensorizes \(o1 i1, kh\*kw, o2 i2\)"):
         raspa(tt_ranks=(4, 4), layout="paired", d=2)
