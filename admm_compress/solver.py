@@ -129,7 +129,12 @@ class Solver(Compressor):
         ``rho="auto"`` in ADMM mode and fewer than :attr:`min_updates` epochs updates every
         ``epochs * len(loader) // min_updates`` steps instead (a short run needs several dual
         updates for the residual to close; see Notes), but never more often than every
-        :meth:`response_steps` (20 at momentum 0.9) nor less often than once per epoch.
+        :meth:`response_steps` (20 at momentum 0.9) nor less often than once per epoch.  A
+        cadence shorter than :meth:`response_steps` (an explicit ``every``) with ``rho="auto"``
+        in :meth:`fit` takes the dual step ``U += gamma (W - Z)`` with ``gamma = every /
+        response_steps`` (:attr:`dual_step`; 0.5 for ``every=10`` at momentum 0.9) instead of 1:
+        the dual then integrates the residual no faster than heavy-ball W can follow it (a
+        relaxed dual step, Glowinski's ADMM with ``gamma`` in ``(0, (1 + sqrt 5) / 2)``).
     rho_growth : float, default 1.0
         Numeric rho only: geometric schedule ``rho <- min(rho * rho_growth, rho_max)`` after
         every update (1 = constant).  On every rho change (geometric or adaptive) the scaled
@@ -274,6 +279,7 @@ class Solver(Compressor):
             every = check_int("every", every, low=1, where="Solver")
         self.every = every
         self.every_steps: int | None = every if isinstance(every, int) else None  # the cadence in use
+        self.dual_step = 1.0  # gamma of U += gamma (W - Z); set per fit run (on_fit_start)
         self.tol = None if tol is None else check_float("tol", tol, low=0.0, low_open=True, where="Solver")
         self.skip_below = None if skip_below is None else check_float("skip_below", skip_below, low=0.0,
                                                                       where="Solver")
@@ -709,7 +715,7 @@ class Solver(Compressor):
     def on_fit_start(self, run: FitContext) -> None:
         """rho='auto': the run's length in optimizer steps (so the residual target closes in time)
         and the optimizer's learning rate and momentum (the ceiling of rho); ``every="auto"``: the
-        cadence for this run."""
+        cadence for this run; the dual step :attr:`dual_step` for that cadence (see ``every``)."""
         try:
             horizon = max(1, run.epochs * len(run.loader)) if run.epochs > 0 else None
         except (TypeError, NotImplementedError):  # an iterator: the target falls per update instead
@@ -725,6 +731,9 @@ class Solver(Compressor):
                 floor = self.response_steps(self.rho_schedule.beta)  # short implies rho="auto"
                 per_epoch = max(1, horizon // run.epochs)
                 self.every_steps = max(1, min(max(floor, horizon // self.min_updates), per_epoch))
+        self.dual_step = 1.0
+        if self.mode == "admm" and self.rho == "auto" and self.every_steps is not None:
+            self.dual_step = min(1.0, self.every_steps / self.response_steps(self.rho_schedule.beta))
 
     @staticmethod
     def response_steps(momentum: float) -> int:

@@ -72,7 +72,9 @@ class ADMM(Splitting):
 
     @torch.no_grad()
     def update(self, solver) -> dict:
-        """Z-step, U-step, residuals, then the rho schedules (``U`` rescaled on every change)."""
+        """Z-step, U-step ``U += gamma (W - Z)`` (``gamma = solver.dual_step``, 1 unless a ``fit``
+        with ``rho="auto"`` updates faster than W responds), residuals, then the rho schedules
+        (``U`` rescaled on every change)."""
         per: dict[str, dict] = {}
         W = {sl.key: sl.tensor().detach() for sl in solver.slots}
         V = {k: W[k] + solver.U[k] for k in W}
@@ -85,7 +87,7 @@ class ADMM(Splitting):
             r_p = float(torch.linalg.vector_norm(W[k] - Znew[k]))
             r_d = rho * float(torch.linalg.vector_norm(Znew[k] - solver.Z[k]))
             w_n = float(torch.linalg.vector_norm(W[k]))
-            solver.U[k].add_(W[k] - Znew[k])
+            solver.U[k].add_(W[k] - Znew[k], alpha=getattr(solver, "dual_step", 1.0))
             solver.Z[k] = Znew[k]
             per[k] = {"primal": r_p / max(w_n, 1e-12), "dual": r_d, "rho": rho}
             num_p += r_p ** 2

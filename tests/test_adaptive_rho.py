@@ -384,6 +384,43 @@ def test_auto_cadence_leaves_the_w_step_its_response_time():
     assert s.every_steps == 6 and s.n_updates == 10
 
 
+def test_a_cadence_shorter_than_the_response_time_takes_a_relaxed_dual_step():
+    """rho="auto" in fit with an explicit every below heavy-ball's response time (20 steps at
+    momentum 0.9): U += (every / 20) (W - Z); at or above it, with Adam (response 1 step), with a
+    numeric rho or every="auto" (floored at 20): the textbook step 1.  The step is applied
+    exactly: from U = 0 one update gives U = gamma (W - Pi(W)), the next U + gamma (W - Pi(W + U))
+    (gamma a power of two here, so both are exact in float32)."""
+    data = _toy_data(n=480)  # 30 batches per epoch
+    spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    adam = lambda p: torch.optim.Adam(p, lr=1e-3)
+    for kw, fit_kw, gamma in (({"every": 10}, {}, 0.5), ({"every": 5}, {}, 0.25), ({"every": 20}, {}, 1.0),
+                              ({"every": 40}, {}, 1.0), ({}, {}, 1.0), ({"every": 10}, {"optimizer": adam}, 1.0),
+                              ({"every": 10, "rho": 0.1}, {}, 1.0), ({"every": "epoch"}, {}, 1.0)):
+        s = ac.Solver(spec(), settle=0, **kw)
+        s.fit(_toy_net(), data, epochs=1, progress=False, **fit_kw)
+        assert s.dual_step == gamma, (kw, fit_kw)
+    net = _toy_net()
+    s = ac.Solver(spec(), rho=0.1).prepare(net)
+    s.dual_step = 0.5
+    W = {sl.key: sl.tensor().detach().clone() for sl in s.slots}
+
+    def top_k(v, k):  # the cardinality projection by brute force: keep the k largest |entries|
+        out = torch.zeros_like(v).reshape(-1)
+        idx = v.reshape(-1).abs().argsort(descending=True)[:k]
+        out[idx] = v.reshape(-1)[idx]
+        return out.reshape(v.shape)
+
+    s.update()
+    for sl in s.slots:
+        k = round(0.3 * W[sl.key].numel())
+        assert torch.equal(s.U[sl.key], 0.5 * (W[sl.key] - top_k(W[sl.key], k)))
+    U1 = {k: u.clone() for k, u in s.U.items()}
+    s.update()
+    for sl in s.slots:
+        k = round(0.3 * W[sl.key].numel())
+        assert torch.equal(s.U[sl.key], U1[sl.key] + 0.5 * (W[sl.key] - top_k(W[sl.key] + U1[sl.key], k)))
+
+
 def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
     """The cadence every="auto" picks is a function of the fit call, so a resumed short run
     updates at the same steps as an uninterrupted one."""
