@@ -325,6 +325,21 @@ def _mean(xs):
     return statistics.fmean(xs) if xs else float("nan")
 
 
+def _seeds(seeds) -> str:
+    """``{0, 1, 2, 5}`` -> ``"0-2, 5"``."""
+    out, run = [], []
+    for s in sorted(seeds):
+        if run and s == run[-1] + 1:
+            run.append(s)
+            continue
+        if run:
+            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+        run = [s]
+    if run:
+        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else f"{run[0]}")
+    return ", ".join(out)
+
+
 def _fmt(xs):
     if not xs:
         return "not run"
@@ -413,16 +428,17 @@ def report(cache, out, note):
                   "| problem | density | admm_auto | " + " | ".join(methods)
                   + " | best tuned - auto |", "|---|---|---|" + "---|" * len(methods) + "---|"]
         for prob, amount in sorted({(r["problem"], r["amount"]) for r in tuned}):
-            auto = [r["acc"] for r in sel(problem=prob, kind="sparse", amount=amount, lr=0.05, method="admm_auto")]
-            means = {}
-            cells = []
-            for m in methods:
-                xs = [r["acc"] for r in sel(problem=prob, kind="sparse", amount=amount, lr=0.05, method=m)]
-                means[m] = _mean(xs) if xs else float("nan")
-                cells.append(_fmt(xs))
-            best = max((v for v in means.values() if v == v), default=float("nan"))
-            lines.append(f"| {prob} | {amount:g} | {_fmt(auto)} | " + " | ".join(cells)
-                         + f" | {best - _mean(auto):+.2f} |")
+            runs = {m: {r["seed"]: r["acc"] for r in sel(problem=prob, kind="sparse", amount=amount, lr=0.05, method=m)}
+                    for m in ["admm_auto"] + methods}
+            # the difference on the seeds every column has (a column with more seeds is not compared
+            # against one with fewer)
+            common = set.intersection(*(set(v) for v in runs.values() if v))
+            best = max((_mean([v[s] for s in common]) for m, v in runs.items() if v and m != "admm_auto"),
+                       default=float("nan"))
+            diff = best - _mean([runs["admm_auto"][s] for s in common]) if common else float("nan")
+            cells = [_fmt([runs[m][s] for s in sorted(runs[m])]) for m in methods]
+            lines.append(f"| {prob} | {amount:g} | {_fmt([runs['admm_auto'][s] for s in sorted(runs['admm_auto'])])} | "
+                         + " | ".join(cells) + f" | {diff:+.2f} (seeds {_seeds(common)}) |")
     ov = [r for r in rows if r["method"] == "overhead"]
     if ov:
         r = ov[-1]
