@@ -364,6 +364,35 @@ def test_tt_ranks_for_budget_meets_the_budget_on_the_exported_model(metric, red,
     assert looser != ranks
 
 
+@pytest.mark.parametrize("density", [0.0, 0.05])
+def test_tt_ranks_for_budget_paired_layout_meets_a_parameter_budget(density):
+    """Narrow layers (DenseNet-like 12-output convs), where the paired split is not ((O, 1), (1, I)):
+    the ranks are for the paired tensor and its cost, and the exported paired model meets the budget."""
+    from admm_compress.layers.tt import TTPairedConv
+    from admm_compress.methods.raspa import tt_ranks_for_budget
+
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Conv2d(3, 24, 3, padding=1), nn.ReLU(), nn.Conv2d(24, 12, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(12, 36, 3, padding=1, stride=2), nn.ReLU(), nn.Conv2d(36, 12, 3, padding=1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10))
+    dense = ac.complexity(net, (3, 8, 8))
+    ranks = tt_ranks_for_budget(net, 0.4, "params", exclude="0", density=density, layout="paired")
+    assert sorted(ranks) == ["2", "4", "6"]
+    # paired ranks may exceed O = 12 (the oki tensor caps r1 at O); the first layer's paired modes are (18, 16)
+    assert TTView.paired().viewed_shape((12, 24, 3, 3)) == (18, 9, 16)
+    if density > 0:
+        solver = raspa(tt_ranks=ranks, density=density, exclude="0", layout="paired")
+    else:
+        solver = ac.Solver([ac.Constrain(n, ac.TTRank(r), view=TTView.paired()) for n, r in ranks.items()])
+    solver.prepare(net)
+    solver.finalize(net)
+    ex = _export_equal(net, solver, torch.randn(2, 3, 8, 8))
+    assert any(isinstance(m, TTPairedConv) for m in ex.modules())
+    assert ac.complexity(ex, (3, 8, 8)).params <= 0.6 * dense.params
+    with pytest.raises(ValueError, match="layout"):
+        tt_ranks_for_budget(net, 0.4, layout="eq9")
+
+
 def test_tt_ranks_for_budget_bad_input():
     from admm_compress.methods.raspa import tt_ranks_for_budget
 

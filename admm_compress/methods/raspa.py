@@ -423,11 +423,15 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
 
 
 def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "params", *, targets=nn.Conv2d,
-                        exclude=None, density: float = 0.0, input_size: Sequence[int] | None = None) -> dict:
-    """Per-layer ``"oki"`` TT ranks ``{layer: (r_1, r_2)}`` that meet a parameter or MAC budget.
+                        exclude=None, density: float = 0.0, input_size: Sequence[int] | None = None,
+                        layout: str = "oki") -> dict:
+    """Per-layer ``"oki"`` (or ``"paired"``) TT ranks ``{layer: (r_1, r_2)}`` that meet a parameter
+    or MAC budget.
 
     Global selection over the singular values of the TT unfoldings: every targeted weight ``W``
-    is viewed as ``X = (O, kh*kw, I)`` (:meth:`TTView.oki`); its two unfoldings ``X_<1>``
+    is viewed as ``X = (O, kh*kw, I)`` (:meth:`TTView.oki`; ``(o_1 i_1, kh*kw, o_2 i_2)`` with
+    ``layout="paired"``, :meth:`TTView.paired`, ``O`` and ``I`` below read as those mode sizes);
+    its two unfoldings ``X_<1>``
     (``O x K I``) and ``X_<2>`` (``O K x I``) have singular values ``s^(1), s^(2)``, normalized
     by ``||W||_F`` so layers compete on relative energy.  One global threshold ``t`` gives
     ``r_1 = #{s^(1) > t}``, ``r_2 = min(#{s^(2) > t}, K r_1)`` (at least 1); the cost is monotone
@@ -452,11 +456,14 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
         count in the budget; 0 for a pure TT model such as ``admm_tt``).
     input_size : tuple of int
         Input shape without batch (needed for ``metric="macs"``).
+    layout : {"oki", "paired"}
+        The TT layout the ranks are for (costs: :func:`~admm_compress.layers.tt.tt_oki_cost` /
+        :func:`~admm_compress.layers.tt.tt_paired_cost`); pass the same to :func:`raspa`.
 
     Returns
     -------
     dict
-        ``{layer name: (r_1, r_2)}``, usable as ``raspa(tt_ranks=..., density=density)``.
+        ``{layer name: (r_1, r_2)}``, usable as ``raspa(tt_ranks=..., density=density, layout=layout)``.
 
     Raises
     ------
@@ -471,10 +478,12 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
                       where="tt_ranks_for_budget")
     metric = check_choice("metric", metric, ("params", "macs"), where="tt_ranks_for_budget")
     dens = check_float("density", density, low=0.0, high=1.0, high_open=True, where="tt_ranks_for_budget")
+    layout = check_choice("layout", layout, ("oki", "paired"), where="tt_ranks_for_budget")
     if metric == "macs" and input_size is None:
         raise ValueError("tt_ranks_for_budget: metric='macs' needs input_size (the input shape without batch)")
     model = unwrap(model)
-    probe = _C(targets, TTRank(1), view=TTView.oki(), exclude=exclude)
+    view = TTView.oki() if layout == "oki" else TTView.paired()
+    probe = _C(targets, TTRank(1), view=view, exclude=exclude)
     layers = [(n, m) for n, m in probe.select(model)
               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     if not layers:
@@ -508,10 +517,11 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     for n, m in layers:
         w = m.weight.detach().double()
         O, I, K = w.shape[0], w.shape[1], math.prod(w.shape[2:])
-        x = TTView.oki().to(w)
+        x = view.to(w)  # (a, K, c): (O, K, I) for oki, the paired modes otherwise
+        a, c = x.shape[0], x.shape[2]
         norm = float(w.norm()) or 1.0
-        s1 = torch.linalg.svdvals(x.reshape(O, K * I)) / norm
-        s2 = torch.linalg.svdvals(x.reshape(O * K, I)) / norm
+        s1 = torch.linalg.svdvals(x.reshape(a, K * c)) / norm
+        s2 = torch.linalg.svdvals(x.reshape(a * K, c)) / norm
         pin, pout = pos[n]
         kept = round(dens * O * I * K)
         dense_cost = O * I * K * (pout if metric == "macs" else 1)
@@ -530,7 +540,11 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     def cost(ranks):
         c = fixed
         for n, shape, K, s1, s2, pin, pout, kept, padded in info:
-            p, mac = tt_layers.tt_oki_cost(shape, ranks[n], in_positions=pin, out_positions=pout, padded=padded)
+            if layout == "oki":
+                p, mac = tt_layers.tt_oki_cost(shape, ranks[n], in_positions=pin, out_positions=pout, padded=padded)
+            else:
+                p, mac = tt_layers.tt_paired_cost(shape, view.split_for(shape), ranks[n], in_positions=pin,
+                                                  out_positions=pout)
             c += (mac + kept * pout) if metric == "macs" else (p + kept)
         return c
 
