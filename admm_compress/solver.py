@@ -723,17 +723,14 @@ class Solver(Compressor):
         if isinstance(self.rho_schedule, AdaptiveRho):
             self.rho_schedule.horizon = horizon
             self.rho_schedule.observe_optimizer(run.optimizer)
+        adaptive = self.mode == "admm" and self.rho == "auto"
+        response = self.response_steps(self.rho_schedule.beta) if adaptive else 1
         if self.every == "auto":
-            short = (self.mode == "admm" and self.rho == "auto" and horizon is not None
-                     and run.epochs < self.min_updates)
             self.every_steps = None
-            if short:
-                floor = self.response_steps(self.rho_schedule.beta)  # short implies rho="auto"
+            if adaptive and horizon is not None and run.epochs < self.min_updates:  # a short run
                 per_epoch = max(1, horizon // run.epochs)
-                self.every_steps = max(1, min(max(floor, horizon // self.min_updates), per_epoch))
-        self.dual_step = 1.0
-        if self.mode == "admm" and self.rho == "auto" and self.every_steps is not None:
-            self.dual_step = min(1.0, self.every_steps / self.response_steps(self.rho_schedule.beta))
+                self.every_steps = max(1, min(max(response, horizon // self.min_updates), per_epoch))
+        self.dual_step = min(1.0, self.every_steps / response) if self.every_steps is not None else 1.0
 
     @staticmethod
     def response_steps(momentum: float) -> int:

@@ -87,7 +87,7 @@ class ADMM(Splitting):
             r_p = float(torch.linalg.vector_norm(W[k] - Znew[k]))
             r_d = rho * float(torch.linalg.vector_norm(Znew[k] - solver.Z[k]))
             w_n = float(torch.linalg.vector_norm(W[k]))
-            solver.U[k].add_(W[k] - Znew[k], alpha=getattr(solver, "dual_step", 1.0))
+            solver.U[k].add_(W[k] - Znew[k], alpha=solver.dual_step)
             solver.Z[k] = Znew[k]
             per[k] = {"primal": r_p / max(w_n, 1e-12), "dual": r_d, "rho": rho}
             num_p += r_p ** 2

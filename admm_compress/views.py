@@ -62,6 +62,7 @@ __all__ = [
     "TTPairedView",
     "paired_split",
     "TT_LAYOUTS",
+    "tt_layout_view",
     "balanced_factors",
     "get_view",
     "check_module",
@@ -618,6 +619,18 @@ class AutoTTView(View):
 
 #: The named tensor-train layouts (``methods.raspa(layout=...)``, ``solvers/admm_tt``).
 TT_LAYOUTS = ("oki", "eq9", "paired")
+
+
+def tt_layout_view(layout: str) -> View:
+    """The view of a shape-free named TT layout: ``"oki"`` -> :meth:`TTView.oki`, ``"paired"`` ->
+    :meth:`TTView.paired` (``"eq9"`` needs channel factorizations: :class:`TTView`,
+    :class:`AutoTTView`)."""
+    if layout == "oki":
+        return TTOKIView()
+    if layout == "paired":
+        return TTPairedView()
+    raise ValueError(f"tt_layout_view: layout={layout!r}; allowed: 'oki', 'paired' (for 'eq9' build a TTView "
+                     f"or AutoTTView with its channel factors)")
 
 
 class InputChannelView(View):

@@ -29,7 +29,7 @@ DEFAULTS["layout"] = "oki"  # admm_compress.views.TT_LAYOUTS; d applies to "eq9"
 
 def build(problem, ranks, d, rho, rho_growth, rho_max, every, layout="oki"):
     import admm_compress.methods.raspa  # noqa: F401  (ImportError: unavailable)
-    from admm_compress.views import TT_LAYOUTS, TTView
+    from admm_compress.views import TT_LAYOUTS, TTView, tt_layout_view
 
     if layout not in TT_LAYOUTS:
         raise ValueError(f"admm_tt: layout={layout!r} is not one of {TT_LAYOUTS}")
@@ -44,6 +44,6 @@ def build(problem, ranks, d, rho, rho_growth, rho_max, every, layout="oki"):
 
     for name, m in problem.model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)) and not any(fnmatch.fnmatchcase(name, k) for k in keep):
-            view = {"oki": TTView.oki, "paired": TTView.paired}.get(layout, lambda: TTView.auto(tuple(m.weight.shape), d))()
+            view = TTView.auto(tuple(m.weight.shape), d) if layout == "eq9" else tt_layout_view(layout)
             spec.append(ac.Constrain(name, ac.TTRank(ranks), view=view, name=f"admm_tt:{name}"))
     return ac.Solver(spec, rho=rho, rho_growth=rho_growth, rho_max=rho_max, every=every)

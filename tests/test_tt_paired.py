@@ -123,11 +123,8 @@ def test_paired_layer_macs_are_its_stock_layers_macs(make):
     layer = make()
     cores, _ = _tt(layer.weight.detach().double(), (5, 4))
     m = TTPairedConv([c.float() for c in cores], paired_split(12, 24), layer, bias=layer.bias)
-    x = _input(layer, torch.float32)[:1]
-    if not isinstance(layer, nn.Linear):
-        x = x[:1]
-    else:
-        x = x[0, :1]
+    x = _input(layer, torch.float32)
+    x = x[0, :1] if isinstance(layer, nn.Linear) else x[:1]  # one sample (complexity's batch of 1)
     seen = []
 
     def hook(mod, inp, out):

@@ -72,7 +72,7 @@ from ..sets.base import Constraint
 from ..views import TTOKIView, TTPairedView, TTView, View
 
 __all__ = ["TTConv2d", "TTLinear", "tt_conv_macs_per_position", "tt_oki_modules", "tt_oki_cost",
-           "TTPairedConv", "tt_paired_cost",
+           "TTPairedConv", "tt_paired_cost", "tt_layer_cost",
            "resolve_tt_view", "is_tt", "export_tt", "tt_macs_warning",
            "tt_layer_macs_per_position"]
 
@@ -571,8 +571,28 @@ def _tt_paired_macs(module: TTPairedConv, inputs, output) -> int:
     return rows * tt_paired_cost(shape, split, (module.r1, module.r2), p_in, p_out, module.bias is not None)[1]
 
 
+def tt_layer_cost(tv: View, shape: Sequence[int], ranks: Sequence[int], in_positions: int = 1,
+                  out_positions: int = 1, padded: bool = False) -> tuple[int, int]:
+    """``(TT values, MACs)`` of the layer :func:`export_tt` builds for a weight of ``shape`` seen
+    through the fixed TT view ``tv`` (:func:`resolve_tt_view`) with effective ranks ``ranks``
+    (no bias): :func:`tt_oki_cost` (``"oki"``), :func:`tt_paired_cost` (``"paired"``), or the
+    core sizes and :func:`tt_conv_macs_per_position` times ``out_positions`` (``"eq9"``).
+    Positions as in :func:`tt_oki_cost`; ``padded`` matters for ``"oki"`` 1x1 kernels only."""
+    shape = tuple(int(s) for s in shape)
+    if isinstance(tv, TTOKIView):
+        return tt_oki_cost(shape, ranks, in_positions, out_positions, padded=padded)
+    if isinstance(tv, TTPairedView):
+        return tt_paired_cost(shape, tv.split_for(shape), ranks, in_positions, out_positions)
+    vs = tuple(tv.viewed_shape(shape))
+    r = (1, *(int(x) for x in ranks), 1)
+    params = sum(r[k] * n * r[k + 1] for k, n in enumerate(vs))
+    macs = tt_conv_macs_per_position(shape[1], math.prod(shape[2:]), tv.out_factors, tv.in_factors, ranks)
+    return params, macs * out_positions
+
+
 # ----------------------------------------------------------------- prepare-time MACs check
 def _pads(m: nn.Module) -> bool:
+    """Whether a layer pads its input (numeric non-zero padding; "same"/"valid" and Linear: no)."""
     pad = getattr(m, "padding", 0)
     if isinstance(pad, str):
         return False
@@ -592,14 +612,8 @@ def tt_layer_macs_per_position(module: nn.Module, constraint: TTRank, view: View
     O, I, K = shape[0], shape[1], math.prod(shape[2:])
     tv = resolve_tt_view(view, shape)
     ranks = constraint.rank_for(tuple(tv.viewed_shape(shape)))
-    if isinstance(tv, TTOKIView):
-        stride = math.prod(getattr(module, "stride", (1,)))
-        macs = tt_oki_cost(shape, ranks, in_positions=stride, padded=_pads(module))[1]
-    elif isinstance(tv, TTPairedView):
-        stride = math.prod(getattr(module, "stride", (1,)))
-        macs = tt_paired_cost(shape, tv.split_for(shape), ranks, in_positions=stride)[1]
-    else:
-        macs = tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
+    stride = math.prod(getattr(module, "stride", (1,)))
+    macs = tt_layer_cost(tv, shape, ranks, in_positions=stride, padded=_pads(module))[1]
     return int(macs), O * I * K
 
 

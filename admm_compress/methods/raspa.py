@@ -79,7 +79,7 @@ from ..solver import Solver
 from ..specs import Constrain, SpecError, exact_glob
 from ..parametrizations import Additive, additive_components, factored
 from ..ranks import largest_within
-from ..views import TT_LAYOUTS, AutoTTView, TTView  # noqa: F401  (AutoTTView: re-exported)
+from ..views import TT_LAYOUTS, AutoTTView, tt_layout_view  # noqa: F401  (AutoTTView: re-exported)
 
 __all__ = ["raspa", "RaspaSolver", "AutoTTView", "tt_ranks_for_budget"]
 
@@ -158,14 +158,8 @@ class RaspaSolver(Solver):
             ranks = tt.rank_for(vs)
             tv = tt_layers.resolve_tt_view(b.view, shape)
             stride = math.prod(getattr(b.module, "stride", (1,)))
-            padded = _padded(b.module)
-            if getattr(tv, "layout", "eq9") == "oki":
-                tt_params, tt_macs = tt_layers.tt_oki_cost(shape, ranks, in_positions=stride, padded=padded)
-            elif getattr(tv, "layout", "eq9") == "paired":
-                tt_params, tt_macs = tt_layers.tt_paired_cost(shape, tv.split_for(shape), ranks, in_positions=stride)
-            else:
-                tt_params = tt.num_params(vs)
-                tt_macs = tt_layers.tt_conv_macs_per_position(I, K, tv.out_factors, tv.in_factors, ranks)
+            padded = tt_layers._pads(b.module)
+            tt_params, tt_macs = tt_layers.tt_layer_cost(tv, shape, ranks, in_positions=stride, padded=padded)
             kept = card.num_params(vs) if card is not None else 0
             rows.append(dict(layer=b.name, shape=shape, layout=getattr(tv, "layout", "eq9"), ranks=tuple(ranks),
                              tt_params=int(tt_params), s_kept=int(kept), params=int(tt_params + kept),
@@ -243,14 +237,6 @@ class RaspaSolver(Solver):
                 L, S = captured[b.key]
                 parametrize.register_parametrization(
                     b.module, b.param_name, _GivenAdditive(b.constraint, b.view, b.shape, L, S), unsafe=True)
-
-
-def _padded(m: nn.Module) -> bool:
-    """Whether a layer pads its input (numeric non-zero padding; Linear: no)."""
-    pad = getattr(m, "padding", 0)
-    if isinstance(pad, str):
-        return False
-    return any(int(p) != 0 for p in (pad if isinstance(pad, (tuple, list)) else (pad,)))
 
 
 def _check_ranks(tt_ranks, name="tt_ranks"):
@@ -397,7 +383,7 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
                                  f"as the 3-way {tensor}, which has 2 internal TT ranks (r1, r2)")
 
         def view_for(r):
-            return TTView.oki() if layout == "oki" else TTView.paired()
+            return tt_layout_view(layout)
     else:
         if d is not None:
             d = check_int("d", d, low=1, where="raspa")
@@ -482,7 +468,7 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     if metric == "macs" and input_size is None:
         raise ValueError("tt_ranks_for_budget: metric='macs' needs input_size (the input shape without batch)")
     model = unwrap(model)
-    view = TTView.oki() if layout == "oki" else TTView.paired()
+    view = tt_layout_view(layout)
     probe = _C(targets, TTRank(1), view=view, exclude=exclude)
     layers = [(n, m) for n, m in probe.select(model)
               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
@@ -526,7 +512,7 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
         kept = round(dens * O * I * K)
         dense_cost = O * I * K * (pout if metric == "macs" else 1)
         fixed -= dense_cost
-        padded = _padded(m)
+        padded = tt_layers._pads(m)
         info.append((n, tuple(w.shape), K, s1, s2, pin, pout, kept, padded))
 
     def ranks_at(t):
@@ -540,11 +526,7 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     def cost(ranks):
         c = fixed
         for n, shape, K, s1, s2, pin, pout, kept, padded in info:
-            if layout == "oki":
-                p, mac = tt_layers.tt_oki_cost(shape, ranks[n], in_positions=pin, out_positions=pout, padded=padded)
-            else:
-                p, mac = tt_layers.tt_paired_cost(shape, view.split_for(shape), ranks[n], in_positions=pin,
-                                                  out_positions=pout)
+            p, mac = tt_layers.tt_layer_cost(view, shape, ranks[n], pin, pout, padded=padded)
             c += (mac + kept * pout) if metric == "macs" else (p + kept)
         return c
 
