@@ -209,10 +209,13 @@ def _dense_projected(model: nn.Module, spec) -> tuple[nn.Module, list]:
                          "pass the finalized model with its parametrizations removed")
     dense = copy.deepcopy(src)
     bindings = resolve(getattr(spec, "spec", spec), dense)
+    from .sets.cardinality import joint_factors
+
     with torch.no_grad():
+        joint = joint_factors(bindings)
         for b in bindings:
             c = b.constraint
-            factors = c.factorize(b.to_view(b.param.detach()))
+            factors = joint[b.key] if b.key in joint else c.factorize(b.to_view(b.param.detach()))
             b.param.copy_(b.view.back(c.reconstruct(factors, b.viewed_shape), b.shape))
     return dense, bindings
 

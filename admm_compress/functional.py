@@ -49,6 +49,7 @@ __all__ = [
     "energy_transfer_scale",
     "lowrank_parts",
     "project_rank",
+    "joint_topk_masks",
     "lowrank_factors",
     "unfolding_singular_values",
     "topk_indices",
@@ -480,6 +481,29 @@ def project_topk(x: torch.Tensor, k: int) -> torch.Tensor:
     flat = x.reshape(-1)
     out = torch.zeros_like(flat).index_copy(0, idx, flat.index_select(0, idx))
     return out.reshape(x.shape)
+
+
+def joint_topk_masks(xs: Sequence[torch.Tensor], k: int,
+                     weights: Sequence[float] | None = None) -> list[torch.Tensor]:
+    """Boolean masks of the ``k`` entries kept by the joint projection of several tensors.
+
+    ``argmin_{card(z_1) + ... + card(z_n) <= k} sum_b w_b ||z_b - x_b||_F^2`` keeps the ``k``
+    entries of largest ``w_b x^2`` over all tensors together (unweighted, ``w_b = 1``: the ``k``
+    largest ``|x|`` -- global magnitude pruning); ties go to the lower index in the order
+    ``xs[0].flatten(), xs[1].flatten(), ...``.  ``weights`` must be positive.
+    """
+    if weights is None:
+        scores = torch.cat([x.detach().abs().reshape(-1) for x in xs])
+    else:
+        scores = torch.cat([float(w) * x.detach().to(compute_dtype(x.dtype)).reshape(-1).square()
+                            for x, w in zip(xs, weights)])
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[topk_indices(scores, k)] = True
+    out, o = [], 0
+    for x in xs:
+        out.append(keep[o:o + x.numel()].reshape(x.shape))
+        o += x.numel()
+    return out
 
 
 def group_norms(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -119,11 +119,14 @@ def structure(bindings) -> list[str]:
 
     Penalty bindings (soft constraints) are left dense.  Returns the keys parametrized.
     """
+    from .sets.cardinality import joint_factors
+
     done = []
+    joint = joint_factors(bindings)  # Cardinality(scope="global"): the support of the shared budget
     for b in bindings:
         if b.constraint.is_penalty:
             continue
-        factors = None
+        factors = joint.get(b.key)
         comps = additive_components(b.module, b.param_name)
         if comps is not None:  # W = L + S: keep both components' structure
             with torch.no_grad():

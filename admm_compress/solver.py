@@ -291,6 +291,7 @@ class Solver(Compressor):
         self.settle = settle
         self.auto_keys: set[str] = set()
         self.slots: list[Slot] = []
+        self.global_groups: list[list[Slot]] = []  # Cardinality(scope="global") slots, one list per budget
         self.Z: dict[str, torch.Tensor] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.rhos: dict[str, float] = {}
@@ -309,6 +310,7 @@ class Solver(Compressor):
             from .methods.lrpet import BNMetric  # LRPET's rectification (Eq. 7), spec field metric="bn"
             self.bn_metric = BNMetric(model, bindings)
         self.slots = self.make_slots(bindings)
+        self.global_groups = self._group_global(self.slots)
         self.Z, self.U, self.rhos = {}, {}, {}
         self.auto_keys = set()
         for sl in self.slots:
@@ -354,6 +356,41 @@ class Solver(Compressor):
                 slots.append(Slot(b.key, b, c, (lambda b=b: b.param)))
         return slots
 
+    @staticmethod
+    def _group_global(slots: list[Slot]) -> list[list[Slot]]:
+        """The slots of each ``Cardinality(scope="global")`` instance (one shared budget per list);
+        refuses what cannot share a budget, before any work."""
+        from .specs import SpecError
+
+        groups: dict[int, list[Slot]] = {}
+        for sl in slots:
+            if getattr(sl.constraint, "is_global", False):
+                if sl.binding.spec.metric is not None:
+                    raise SpecError(f"layer '{sl.binding.name}': {sl.constraint!r} with metric="
+                                    f"{sl.binding.spec.metric!r}: a shared budget is projected in the plain "
+                                    f"Euclidean norm; drop metric= or use scope='layer'")
+                groups.setdefault(id(sl.constraint), []).append(sl)
+        return list(groups.values())
+
+    def joint_project(self, views: dict[str, torch.Tensor], weighted: bool) -> dict[str, torch.Tensor]:
+        """The joint projection of every ``Cardinality(scope="global")`` group, per slot key
+        (``views``: the slots' viewed tensors; every key of a group must be present).
+
+        ``weighted``: the ADMM Z-step, ``argmin sum_b rho_b ||Z_b - V_b||^2`` over the shared
+        budget (keeps the largest ``rho_b v^2``; unweighted while any rho is still 0); otherwise the
+        Euclidean projection (the largest ``|w|``: finalize, projected SGD).
+        """
+        out = {}
+        for group in self.global_groups:
+            xs = [views[sl.key] for sl in group]
+            k = group[0].constraint.global_k([x.numel() for x in xs])
+            w = [self.rhos[sl.key] for sl in group] if weighted else None
+            if w is not None and not all(r > 0 for r in w):
+                w = None
+            for sl, x, m in zip(group, xs, functional.joint_topk_masks(xs, k, w)):
+                out[sl.key] = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+        return out
+
     def describe(self) -> str:
         """Table of the bound weights (layer, shape, view, constraint, dense and compressed size)."""
         text = super().describe()
@@ -394,7 +431,16 @@ class Solver(Compressor):
         out: dict[str, torch.Tensor] = {}
         groups: dict[tuple, list[Slot]] = defaultdict(list)
         base_operator = type(self).project_slot is Solver.project_slot  # an override sees every slot
+        joint = {sl.key for g in self.global_groups for sl in g}
+        if joint:  # Cardinality(scope="global"): one budget over its layers, in the rho-weighted norm
+            views = {sl.key: sl.to_view(V[sl.key]) for g in self.global_groups for sl in g}
+            res = self.joint_project(views, weighted=True) if warm else {k: v.clone() for k, v in views.items()}
+            for g in self.global_groups:
+                for sl in g:
+                    out[sl.key] = sl.from_view(res[sl.key])
         for sl in self.slots:
+            if sl.key in joint:
+                continue
             metric = self.slot_metric(sl)
             k = sl.key
             if base_operator and _batchable(sl.constraint) and metric is None and warm:
@@ -500,6 +546,8 @@ class Solver(Compressor):
             raise ValueError("finalize(model): this is not the model the solver was prepared on")
         feasible = {}
         moved: dict[str, tuple[float, float]] = {}
+        joint = self.joint_project({sl.key: sl.to_view(sl.tensor().detach()) for g in self.global_groups for sl in g},
+                                   weighted=False)
         for sl in self.slots:
             w = sl.tensor()
             c = sl.constraint
@@ -512,11 +560,24 @@ class Solver(Compressor):
                 w.copy_(p)
                 feasible[sl.key] = True
                 continue
-            p = sl.from_view(self.project_slot(sl, v, 0.0, self.slot_metric(sl))).contiguous()
+            if sl.key in joint:
+                p = sl.from_view(joint[sl.key]).contiguous()
+            else:
+                p = sl.from_view(self.project_slot(sl, v, 0.0, self.slot_metric(sl))).contiguous()
             _broadcast_([p])
             moved[sl.key] = (float(torch.linalg.vector_norm(w.detach() - p)), float(torch.linalg.vector_norm(w.detach())))
             w.copy_(p)
-            feasible[sl.key] = self.slot_feasible(sl, sl.to_view(w.detach()))
+            if sl.key not in joint:
+                feasible[sl.key] = self.slot_feasible(sl, sl.to_view(w.detach()))
+        for g in self.global_groups:  # a shared budget is feasible as a whole
+            per = {sl.key: int(torch.count_nonzero(sl.tensor().detach())) for sl in g}
+            ok = sum(per.values()) <= g[0].constraint.global_k([sl.tensor().numel() for sl in g])
+            feasible.update({sl.key: ok for sl in g})
+            empty = [k for k, n in per.items() if n == 0]
+            if empty:
+                log.warning("finalize: the shared budget of %r left no entries in %d layer(s): %s (their outputs "
+                            "are their biases); use scope='layer' for those layers, a larger density, or exclude "
+                            "them", g[0].constraint, len(empty), ", ".join(empty))
         bad = [k for k, ok in feasible.items() if not ok]
         if bad:
             log.warning("after finalize, %d weight(s) fail contains(): %s", len(bad), ", ".join(bad))

@@ -117,15 +117,20 @@ class Projection(Splitting):
         ``skip_below``); the primal record is how far each weight moved."""
         per: dict[str, dict] = {}
         num = den = 0.0
+        joint = solver.joint_project({sl.key: sl.to_view(sl.tensor().detach()) for g in solver.global_groups for sl in g},
+                                     weighted=False)  # Cardinality(scope="global"): one budget over its layers
         for sl in solver.slots:
             w = sl.tensor()
             v = sl.to_view(w.detach())
-            if solver.skip_below is not None and v.dim() >= 2:
-                top = torch.linalg.matrix_norm(v.reshape(-1, *v.shape[-2:]).float(), ord=2).max()
-                if float(top) < solver.skip_below:
-                    per[sl.key] = {"primal": 0.0, "skipped": True}
-                    continue
-            p = sl.from_view(solver.project_slot(sl, v, 0.0, solver.slot_metric(sl))).contiguous()
+            if sl.key in joint:
+                p = sl.from_view(joint[sl.key]).contiguous()
+            else:
+                if solver.skip_below is not None and v.dim() >= 2:
+                    top = torch.linalg.matrix_norm(v.reshape(-1, *v.shape[-2:]).float(), ord=2).max()
+                    if float(top) < solver.skip_below:
+                        per[sl.key] = {"primal": 0.0, "skipped": True}
+                        continue
+                p = sl.from_view(solver.project_slot(sl, v, 0.0, solver.slot_metric(sl))).contiguous()
             _broadcast_([p])
             r = float(torch.linalg.vector_norm(w.detach() - p))
             n = float(torch.linalg.vector_norm(w.detach()))

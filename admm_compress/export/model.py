@@ -22,6 +22,7 @@ from .. import functional as F
 from ..channels import remove_channels as _remove_channels
 from ..parametrizations import additive_components
 from ..sets import LowRank, Sum
+from ..sets.cardinality import joint_factors
 from ..sets.base import Constraint
 from ..specs import replace_module, resolve, unwrap
 from .registry import ExportError, build_compact
@@ -156,6 +157,7 @@ def export(model: nn.Module, spec, inplace: bool = False, remove_channels: bool 
         if parametrize.is_parametrized(mod):
             for p in list(mod.parametrizations.keys()):
                 parametrize.remove_parametrizations(mod, p, leave_parametrized=True)
+    factors_of.update(joint_factors(bindings))  # Cardinality(scope="global"): one budget over its layers
     for b in bindings:
         c = pinned[b.key] or b.constraint
         factors = factors_of.get(b.key)

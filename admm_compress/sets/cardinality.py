@@ -10,7 +10,7 @@ from .. import functional as F
 from .._validation import check_float, check_int, where_prefix
 from .base import ConstraintSet
 
-__all__ = ["Cardinality"]
+__all__ = ["Cardinality", "joint_factors"]
 
 
 class Cardinality(ConstraintSet):
@@ -32,6 +32,14 @@ class Cardinality(ConstraintSet):
         with Python's ``round`` (halves to even).
     group_dim : int, optional
         Dimension whose slices are the groups (negative values count from the end).
+    scope : {"layer", "global"}, default "layer"
+        ``"layer"``: every bound weight keeps its own ``k`` (``density`` of its entries).
+        ``"global"``: one budget shared by **all** the weights bound to this set instance (every
+        layer its :class:`~admm_compress.Constrain` selects, and those of any other spec given
+        the same instance): ``C = {(X_1, ..., X_n) : card(X_1) + ... + card(X_n) <= k}`` with
+        ``k = max(1, round(density * total entries))``, so each layer keeps what its entries'
+        magnitudes earn (``torch.nn.utils.prune.global_unstructured``'s allocation).
+        Unstructured and ``density=`` only; not inside a :class:`~admm_compress.Sum`.
 
     Exactly one of ``k`` and ``density`` must be given.  ``k`` equal to the count makes the
     projection the identity; ``k`` larger than the count raises ``ValueError`` (at
@@ -47,14 +55,26 @@ class Cardinality(ConstraintSet):
 
     The factored form stores the kept values; :meth:`num_params` counts the values only (``k``
     or ``k * slice size``) and not their indices, as the papers do.
+
+    ``scope="global"``: the projection of the tuple keeps the ``k`` largest ``|x|`` over all its
+    tensors together (:func:`~admm_compress.functional.joint_topk_masks`, ties to the earlier
+    tensor, then the lower flat index); the ADMM Z-step with per-weight ``rho_b`` keeps the ``k``
+    largest ``rho_b x^2``, its exact minimizer of ``sum_b rho_b ||Z_b - V_b||^2``.  The solver
+    and :func:`~admm_compress.export` project the bound weights jointly; the single-tensor
+    operators (:meth:`project`, :meth:`factorize`, :meth:`contains`) treat their one tensor as
+    the whole tuple, and :meth:`num_params` reports a layer's even share ``density * count`` (what
+    it actually keeps is decided by the projection; :meth:`Solver.describe` after ``finalize``
+    and ``ac.complexity`` of the exported model count it).
     """
 
     min_dim = 1
     isometric_structure = True  # the trainable form is the kept entries themselves
     settles_long_runs = True  # settle="auto": ADMM for half of fit's epochs, then the kept entries at lr
 
+    SCOPES = ("layer", "global")
+
     def __init__(self, k: int | None = None, density: float | None = None,
-                 group_dim: int | None = None):
+                 group_dim: int | None = None, scope: str = "layer"):
         if (k is None) == (density is None):
             raise ValueError("Cardinality: give exactly one of k= and density=; got "
                              + ("both" if k is not None else "none"))
@@ -63,6 +83,26 @@ class Cardinality(ConstraintSet):
             "density", density, low=0.0, high=1.0, low_open=True, where="Cardinality")
         self.group_dim = None if group_dim is None else check_int(
             "group_dim", group_dim, where="Cardinality")
+        if scope not in self.SCOPES:
+            raise ValueError(f"Cardinality: scope must be one of {', '.join(map(repr, self.SCOPES))}, got {scope!r}")
+        if scope == "global" and self.group_dim is not None:
+            raise ValueError(f"Cardinality: scope='global' is unstructured only (a budget of entries shared by "
+                             f"the layers), got group_dim={self.group_dim}; use scope='layer' for structured "
+                             f"sparsity")
+        if scope == "global" and self.k is not None:
+            raise ValueError(f"Cardinality: scope='global' takes density= (the fraction of all bound entries "
+                             f"kept), got k={self.k}")
+        self.scope = scope
+
+    @property
+    def is_global(self) -> bool:
+        """Whether one budget is shared by every weight bound to this instance (``scope="global"``)."""
+        return self.scope == "global"
+
+    def global_k(self, counts: Sequence[int]) -> int:
+        """Entries kept by the joint projection of tensors with ``counts`` entries
+        (``max(1, round(density * sum(counts)))``)."""
+        return max(1, round(self.density * int(sum(counts))))
 
     # ---------------------------------------------------------------- shapes
     def _dim(self, shape: Sequence[int]) -> int:
@@ -158,4 +198,27 @@ class Cardinality(ConstraintSet):
         arg = f"k={self.k}" if self.k is not None else f"density={self.density}"
         if self.group_dim is not None:
             arg += f", group_dim={self.group_dim}"
+        if self.scope != "layer":
+            arg += f", scope={self.scope!r}"
         return f"Cardinality({arg})"
+
+
+def joint_factors(bindings) -> dict:
+    """``(values, flat indices)`` -- :meth:`Cardinality.factorize`'s form -- per binding of every
+    ``Cardinality(scope="global")`` instance among ``bindings``, from the joint projection of all
+    the weights bound to it (the largest ``|w|`` over the shared budget, as ``Solver.finalize``
+    does); other bindings are left out.  Used wherever a layer's factors are formed (export, the
+    fine-tuning structure, ``keep_faster``'s dense copy), so a finalized model keeps its support.
+    """
+    groups: dict[int, list] = {}
+    for b in bindings:
+        if getattr(b.constraint, "is_global", False):
+            groups.setdefault(id(b.constraint), []).append(b)
+    out = {}
+    for group in groups.values():
+        xs = [b.to_view(b.param.detach()) for b in group]
+        masks = F.joint_topk_masks(xs, group[0].constraint.global_k([x.numel() for x in xs]))
+        for b, x, m in zip(group, xs, masks):
+            idx = m.reshape(-1).nonzero().reshape(-1)
+            out[b.key] = (x.reshape(-1).index_select(0, idx), idx)
+    return out

@@ -85,6 +85,9 @@ class Sum(ConstraintSet):
             if not isinstance(s, ConstraintSet):
                 raise TypeError(f"Sum: {name} must be a ConstraintSet (a hard constraint such as "
                                 f"LowRank, TTRank or Cardinality), got {s!r}")
+            if getattr(s, "is_global", False):
+                raise ValueError(f"Sum: {name}={s!r} has scope='global'; a Sum's components are projected per "
+                                 f"layer, so use scope='layer' there")
         self.a, self.b = a, b
         self.sets = (a, b)
         self.iters = check_int("iters", iters, low=1, where="Sum")
