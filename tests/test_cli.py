@@ -442,6 +442,16 @@ def test_no_ort_skips_the_onnx_export(tmp_path, monkeypatch, capsys):
     assert row[1:3] == ["n/a", "n/a"] and res["ort_note"] == "n/a: skipped (--no-ort)"
 
 
+def test_admm_sparse_bench_solver_takes_the_global_scope():
+    prob = load_problems()["digits_fcn"].build(seed=0, device="cpu", epochs=1, pretrain_epochs=0)
+    s = load_solvers()["admm_sparse"].build(prob, density=0.1, scope="global")
+    s.prepare(prob.model)
+    assert len(s.global_groups) == 1 and len(s.global_groups[0]) == len(s.bindings) > 1
+    s.finalize(prob.model)
+    ws = [b.param for b in s.bindings]
+    assert sum(int(torch.count_nonzero(w)) for w in ws) == round(0.1 * sum(w.numel() for w in ws))
+
+
 def test_tt_bench_solvers_use_the_layout_they_are_given():
     """Every named TT layout reaches the views of the bench solvers (a layout the check accepts but
     the builder maps to another view would train and report the wrong tensorization)."""
