@@ -13,7 +13,8 @@ fine-tune" as a user would run it?  Every comparison starts from the same pretra
   factors fine-tuned (``admm_compress.structure``) for ``E`` epochs ("svd");
 * ours: ``ac.Solver([ac.Constrain(targets, set)]).fit(model, train, epochs=E - F,
   finetune_epochs=F, lr=lr)`` -- default arguments only ("admm_auto"; "admm_auto_every10" with
-  ``every=10``; for the sparse rows the default ``settle="auto"`` spends the second half of the
+  ``every=10``; "admm_auto_global" with ``Cardinality(density, scope="global")``, one budget over
+  every target layer, the like-for-like counterpart of "prune_global"; for the sparse rows the default ``settle="auto"`` spends the second half of the
   ``E - F`` epochs on the mask at lr, for the low-rank rows the last 0.8 of them on the factors
   at lr/10, see ``Solver``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
   the default is from its own best.  ``before_finalize`` / ``after_finalize`` are fit's history
@@ -153,9 +154,10 @@ def run_svd(problem, seed, lr, ratio):
     return {"acc": evaluate(model, test)["accuracy"], "after_cut": after_cut, "dense": dense, "peer_lr": used_lr}
 
 
-def spec_for(problem, kind, amount):
+def spec_for(problem, kind, amount, scope="layer"):
     P = PROBLEMS[problem]
-    cset = ac.Cardinality(density=amount) if kind == "sparse" else ac.LowRank(ratio=amount)
+    # one instance for every target: with scope="global" the conv and linear layers share one budget
+    cset = ac.Cardinality(density=amount, scope=scope) if kind == "sparse" else ac.LowRank(ratio=amount)
     specs = []
     for t in P["targets"]:
         view = {"view": "channel"} if (t is nn.Conv2d and kind == "lowrank") else {}
@@ -163,10 +165,10 @@ def spec_for(problem, kind, amount):
     return specs
 
 
-def run_admm(problem, seed, lr, kind, amount, **solver_kw):
+def run_admm(problem, seed, lr, kind, amount, scope="layer", **solver_kw):
     P = PROBLEMS[problem]
     model, train, test, dense = pretrained(problem, seed)
-    solver = ac.Solver(spec_for(problem, kind, amount), **solver_kw)
+    solver = ac.Solver(spec_for(problem, kind, amount, scope), **solver_kw)
     t0 = time.perf_counter()
     try:
         h = solver.fit(model, train, epochs=P["E"] - P["F"], finetune_epochs=P["F"], lr=lr, val_loader=test,
@@ -248,6 +250,8 @@ def part_jobs(part, seeds, lrs, rho_grid):
                                  lambda prob=prob, s=s, d=d, scope=scope: run_prune(prob, s, base_lr, d, scope)))
                 jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=base_lr, method="admm_auto"),
                              lambda prob=prob, s=s, d=d: run_admm(prob, s, base_lr, "sparse", d)))
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=base_lr, method="admm_auto_global"),
+                             lambda prob=prob, s=s, d=d: run_admm(prob, s, base_lr, "sparse", d, "global")))
     elif part in ("fcn_lowrank", "resnet_lowrank"):
         prob = "fcn" if part.startswith("fcn") else "resnet20"
         for s in seeds:
@@ -276,6 +280,8 @@ def part_jobs(part, seeds, lrs, rho_grid):
                              lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "sparse", d)))
                 jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lr, method="admm_auto_every10"),
                              lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "sparse", d, every=10)))
+                jobs.append((dict(problem=prob, kind="sparse", amount=d, seed=s, lr=lr, method="admm_auto_global"),
+                             lambda prob=prob, s=s, lr=lr: run_admm(prob, s, lr, "sparse", d, "global")))
     elif part in ("fcn_cadence", "resnet_cadence"):  # Z/U every 10 steps at the main lr, both densities
         prob = "fcn" if part.startswith("fcn") else "resnet20"
         for d in ((0.1, 0.05) if prob == "fcn" else (0.1, 0.2)):
@@ -402,6 +408,30 @@ def report(cache, out, note):
                      for m in ("prune_layer", "prune_global", "admm_auto", "admm_auto_every10")]
             if all(c == "not run" for c in cells[2:]):
                 continue
+            lines.append(f"| {prob} | {amount:g} | {lr:g} | " + " | ".join(cells) + " |")
+    # like for like: the per-layer budget against per-layer pruning, the shared budget
+    # (Cardinality(scope="global")) against global pruning, on the seeds both have
+    glob = [r for r in rows if r["method"] == "admm_auto_global"]
+    if glob:
+        lines += ["", "## Like for like: per-layer budget vs prune_layer, shared budget vs prune_global (sparse)", "",
+                  "`admm_auto` is `Cardinality(density=d)` (every layer keeps d of its entries, what "
+                  "`prune.l1_unstructured` does per layer); `admm_auto_global` is `Cardinality(density=d, "
+                  "scope=\"global\")` (one budget of d of all the bound entries, conv and linear together, what "
+                  "`prune.global_unstructured` does), otherwise the same default solver.  Means on the seeds "
+                  "both columns of a pair have.", "",
+                  "| problem | density | lr | prune_layer | admm_auto | diff (seeds) | prune_global | admm_auto_global "
+                  "| diff (seeds) |", "|---|---|---|---|---|---|---|---|---|"]
+        for prob, amount, lr in sorted({(r["problem"], r["amount"], r["lr"]) for r in glob}, key=lambda t: (t[0], -t[1], -t[2])):
+            acc = {m: {r["seed"]: r["acc"] for r in sel(problem=prob, kind="sparse", amount=amount, lr=lr, method=m)}
+                   for m in ("prune_layer", "admm_auto", "prune_global", "admm_auto_global")}
+            cells = []
+            for peer, ours in (("prune_layer", "admm_auto"), ("prune_global", "admm_auto_global")):
+                common = set(acc[peer]) & set(acc[ours])
+                if not common:
+                    cells += ["not run"] * 3
+                    continue
+                pm, om = _mean([acc[peer][x] for x in common]), _mean([acc[ours][x] for x in common])
+                cells += [f"{pm:.2f}", f"{om:.2f}", f"{om - pm:+.2f} ({_seeds(common)})"]
             lines.append(f"| {prob} | {amount:g} | {lr:g} | " + " | ".join(cells) + " |")
     lrob = [r for r in rows if r["kind"] == "lowrank" and r["method"] in ("svd", "admm_auto")]
     if len({r["lr"] for r in lrob}) > 1:
