@@ -372,9 +372,11 @@ class Solver(Compressor):
                 groups.setdefault(id(sl.constraint), []).append(sl)
         return list(groups.values())
 
-    def joint_project(self, views: dict[str, torch.Tensor], weighted: bool) -> dict[str, torch.Tensor]:
-        """The joint projection of every ``Cardinality(scope="global")`` group, per slot key
-        (``views``: the slots' viewed tensors; every key of a group must be present).
+    def joint_project(self, views: dict[str, torch.Tensor] | None = None,
+                      weighted: bool = False) -> dict[str, torch.Tensor]:
+        """The joint projection of every ``Cardinality(scope="global")`` group, per slot key, in
+        viewed shape (``views``: the slots' viewed tensors, every key of a group present; default:
+        the live weights).
 
         ``weighted``: the ADMM Z-step, ``argmin sum_b rho_b ||Z_b - V_b||^2`` over the shared
         budget (keeps the largest ``rho_b v^2``; unweighted while any rho is still 0); otherwise the
@@ -382,12 +384,11 @@ class Solver(Compressor):
         """
         out = {}
         for group in self.global_groups:
-            xs = [views[sl.key] for sl in group]
-            k = group[0].constraint.global_k([x.numel() for x in xs])
+            xs = [sl.to_view(sl.tensor().detach()) if views is None else views[sl.key] for sl in group]
             w = [self.rhos[sl.key] for sl in group] if weighted else None
             if w is not None and not all(r > 0 for r in w):
                 w = None
-            for sl, x, m in zip(group, xs, functional.joint_topk_masks(xs, k, w)):
+            for sl, x, m in zip(group, xs, group[0].constraint.joint_masks(xs, w)):
                 out[sl.key] = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
         return out
 
@@ -546,8 +547,7 @@ class Solver(Compressor):
             raise ValueError("finalize(model): this is not the model the solver was prepared on")
         feasible = {}
         moved: dict[str, tuple[float, float]] = {}
-        joint = self.joint_project({sl.key: sl.to_view(sl.tensor().detach()) for g in self.global_groups for sl in g},
-                                   weighted=False)
+        joint = self.joint_project()  # Cardinality(scope="global"): one budget over its layers
         for sl in self.slots:
             w = sl.tensor()
             c = sl.constraint

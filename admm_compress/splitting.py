@@ -117,8 +117,7 @@ class Projection(Splitting):
         ``skip_below``); the primal record is how far each weight moved."""
         per: dict[str, dict] = {}
         num = den = 0.0
-        joint = solver.joint_project({sl.key: sl.to_view(sl.tensor().detach()) for g in solver.global_groups for sl in g},
-                                     weighted=False)  # Cardinality(scope="global"): one budget over its layers
+        joint = solver.joint_project()  # Cardinality(scope="global"): one budget over its layers
         for sl in solver.slots:
             w = sl.tensor()
             v = sl.to_view(w.detach())

@@ -104,6 +104,12 @@ class Cardinality(ConstraintSet):
         (``max(1, round(density * sum(counts)))``)."""
         return max(1, round(self.density * int(sum(counts))))
 
+    def joint_masks(self, xs: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> list[torch.Tensor]:
+        """``scope="global"``: the masks of the entries the joint projection of ``xs`` keeps
+        (:meth:`global_k` of them; ``weights``: the ``rho_b``-weighted Z-step, see
+        :func:`~admm_compress.functional.joint_topk_masks`)."""
+        return F.joint_topk_masks(xs, self.global_k([x.numel() for x in xs]), weights)
+
     # ---------------------------------------------------------------- shapes
     def _dim(self, shape: Sequence[int]) -> int:
         return self.group_dim % len(shape)
@@ -217,8 +223,7 @@ def joint_factors(bindings) -> dict:
     out = {}
     for group in groups.values():
         xs = [b.to_view(b.param.detach()) for b in group]
-        masks = F.joint_topk_masks(xs, group[0].constraint.global_k([x.numel() for x in xs]))
-        for b, x, m in zip(group, xs, masks):
+        for b, x, m in zip(group, xs, group[0].constraint.joint_masks(xs)):
             idx = m.reshape(-1).nonzero().reshape(-1)
             out[b.key] = (x.reshape(-1).index_select(0, idx), idx)
     return out
