@@ -48,6 +48,8 @@ def test_joint_topk_is_the_weighted_projection(sizes, data):
         masks = F.joint_topk_masks(xs, k, weights)
         assert sum(int(m.sum()) for m in masks) == k
         removed = sum(float((wb * x[~m] ** 2).sum()) for x, m, wb in zip(xs, masks, w))
+        # integers times weights in {0.5, 1, 2, 3}: every term and sum is exact in float64; 1e-12 only
+        # guards the order of summation
         assert removed == pytest.approx(_brute_best(xs, k, w), abs=1e-12)
 
 
@@ -114,6 +116,7 @@ def test_admm_zstep_is_the_rho_weighted_minimizer():
     Z = s.zstep(V)
     k = round(0.4 * 10)
     got = sum(r * float(((Z[key] - V[key]) ** 2).sum()) for key, r in zip(keys, (1.0, 9.0)))
+    # at most 10 float64 terms below 100 each: summation-order rounding ~1e-14
     assert got == pytest.approx(_brute_best([V[keys[0]], V[keys[1]]], k, [1.0, 9.0]), abs=1e-12)
     assert sum(int(torch.count_nonzero(Z[key])) for key in keys) == k
     unweighted = F.joint_topk_masks([V[keys[0]], V[keys[1]]], k)
