@@ -248,10 +248,11 @@ class Compressor:
     #: follow it (the ADMM :class:`~admm_compress.Solver` then logs an open gap at INFO, not WARNING).
     settle_next: int = 0
 
-    def settle_epochs(self, epochs: int) -> int:
+    def settle_epochs(self, epochs: int, steps_per_epoch: int | None = None, optimizer=None) -> int:
         """How many of :func:`~admm_compress.trainer.fit`'s ``epochs`` train the structured
         weights at the training learning rate after an early :meth:`finalize` (default 0: all
-        ``epochs`` are constrained training; ADMM :class:`~admm_compress.Solver`: its ``settle``)."""
+        ``epochs`` are constrained training; ADMM :class:`~admm_compress.Solver`: its ``settle``).
+        ``fit`` passes the loader's length and the training optimizer (``None`` when unknown)."""
         return 0
 
     #: Learning-rate multiplier of :meth:`slow_settle_parameters` in the settle epochs.

@@ -218,8 +218,9 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
         Constrained training epochs (0 = direct compression: finalize only).  When the compressor
         settles (:meth:`~admm_compress.compressor.Compressor.settle_epochs`; the ADMM
         :class:`~admm_compress.Solver`'s ``settle="auto"`` with ``rho="auto"``), the last
-        ``settle_epochs(epochs)`` of them train the structured weights after an early
-        :meth:`~admm_compress.compressor.Compressor.finalize`, with the training optimizer's
+        ``settle_epochs(epochs, len(loader), optimizer)`` of them (all of them when the
+        constrained part would be too short to do its work) train the structured weights after
+        an early :meth:`~admm_compress.compressor.Compressor.finalize`, with the training optimizer's
         settings; factors (:meth:`~admm_compress.compressor.Compressor.slow_settle_parameters`:
         low rank, TT) at a tenth of its learning rate (records with ``phase="settle"``;
         ``history.final["settle_epochs"]``).
@@ -291,8 +292,17 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
     sched = scheduler(opt) if scheduler is not None else None
     run = _Run(compressor, loss_fn, dev, amp, accuracy_fn, val_loader, progress, callbacks, checkpoint, loader)
     history = History()
-    settle = compressor.settle_epochs(epochs) if compressor is not None else 0
-    if settle:
+    try:
+        steps_per_epoch = len(loader)
+    except (TypeError, NotImplementedError):  # an iterator
+        steps_per_epoch = None
+    settle = compressor.settle_epochs(epochs, steps_per_epoch, opt) if compressor is not None else 0
+    if settle and settle == epochs:
+        log.info("fit: no constrained epochs (%d step(s) per epoch leave the compressor's constrained part too "
+                 "short; see its settle_epochs): the final projection now, then %d epoch(s) on the set with the "
+                 "training optimizer (settle), then %d fine-tuning epoch(s)", steps_per_epoch or 0, settle,
+                 finetune_epochs)
+    elif settle:
         log.info("fit: %d ADMM epoch(s), then the final projection and %d epoch(s) on the set with the "
                  "training optimizer (settle), then %d fine-tuning epoch(s)", epochs - settle, settle,
                  finetune_epochs)

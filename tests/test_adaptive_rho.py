@@ -349,12 +349,15 @@ def test_auto_cadence_gives_a_short_run_at_least_min_updates(epochs):
     (20 steps at momentum 0.9) and no more than an epoch; a numeric rho and every="epoch" keep
     one update per epoch."""
     spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
-    n_batches = len(_toy_data())
+    # 80 / 12 batches: the default settle leaves 1 / 6 ADMM epochs, room for min_admm_updates (3)
+    # updates 20 steps apart (settle="auto" drops a shorter ADMM part; tested below)
+    n = 1280 if epochs < 12 else 192
+    n_batches = len(_toy_data(n=n))
     for kw in ({}, {"settle": 0}):
         s = ac.Solver(spec(), **kw)
-        h = s.fit(_toy_net(), _toy_data(), epochs=epochs, progress=False)
+        h = s.fit(_toy_net(), _toy_data(n=n), epochs=epochs, progress=False)
         admm = epochs - h.final.get("settle_epochs", 0)  # the settle epochs train on the set, no updates
-        assert admm == (epochs if kw else epochs - s.settle_epochs(epochs))
+        assert admm == (epochs if kw else epochs - s.settle_epochs(epochs, n_batches)) >= 1
         if admm >= s.min_updates:
             assert s.every_steps is None and s.n_updates == admm
         else:
@@ -427,14 +430,15 @@ def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
     spec = lambda: [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
     ref = _toy_net(seed=3)
     s_ref = ac.Solver(spec())
-    s_ref.fit(ref, _toy_data(seed=5), epochs=3, progress=False)
-    assert s_ref.every_steps is not None
+    data = lambda: _toy_data(n=1280, seed=5)  # 80 batches: an ADMM part settle="auto" keeps
+    s_ref.fit(ref, data(), epochs=3, progress=False)
+    assert s_ref.every_steps is not None and s_ref.n_updates > 1
     ck = tmp_path / "ck.pt"
-    ac.Solver(spec()).fit(_toy_net(seed=3), _toy_data(seed=5), epochs=3, checkpoint=ck, progress=False,
+    ac.Solver(spec()).fit(_toy_net(seed=3), data(), epochs=3, checkpoint=ck, progress=False,
                           callbacks=[lambda solver, model, rec: rec["epoch"] == 0])
     net2 = _toy_net(seed=99)
     s2 = ac.Solver(spec())
-    s2.fit(net2, _toy_data(seed=5), epochs=3, checkpoint=ck, progress=False)
+    s2.fit(net2, data(), epochs=3, checkpoint=ck, progress=False)
     for a, b in zip(ref.parameters(), net2.parameters()):
         assert torch.equal(a, b)
     assert s2.n_updates == s_ref.n_updates and s2.rho_schedule.state_dict() == s_ref.rho_schedule.state_dict()
@@ -473,6 +477,41 @@ def test_settle_auto_resolves_from_the_sets_and_the_penalty():
     for bad in (1.0, -0.1, "half"):
         with pytest.raises((TypeError, ValueError), match="settle"):
             ac.Solver(card, settle=bad)
+
+
+def test_settle_auto_drops_an_admm_part_too_short_for_three_dual_updates():
+    """settle="auto" (with every="auto"): an ADMM part of fewer than min_admm_updates (3) x
+    response_steps (20 at momentum 0.9) optimizer steps cannot run ADMM (one Z/U update at most),
+    so every epoch settles instead: the final projection of the starting weights, then the mask
+    trained -- "prune, then train".  An explicit settle or every, a numeric rho, or an
+    optimizer without momentum (response time 1 step) keep the ADMM part."""
+    card = [ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]
+    s = ac.Solver(card).prepare(_toy_net())
+    assert (s.min_admm_updates, s.response_steps(0.9)) == (3, 20)
+    # 4 epochs: settle 2, ADMM part 2 epochs; dropped below 2 * 30 = 60 steps per 3 updates
+    assert [s.settle_epochs(4, n) for n in (6, 29, 30, 100)] == [4, 4, 2, 2]
+    assert s.settle_epochs(4) == 2  # steps unknown (an iterator): kept
+    plain = torch.optim.SGD(_toy_net().parameters(), lr=0.1)  # momentum 0: response time 1 step
+    assert s.settle_epochs(4, 2, plain) == 2 and s.settle_epochs(4, 1, plain) == 4
+    heavy = torch.optim.SGD(_toy_net().parameters(), lr=0.1, momentum=0.99)  # response time 200 steps
+    assert s.response_steps(0.99) == 200
+    assert s.settle_epochs(4, 300, heavy) == 2 and s.settle_epochs(4, 299, heavy) == 4
+    assert ac.Solver(card, every=5).prepare(_toy_net()).settle_epochs(4, 6) == 2
+    assert ac.Solver(card, settle=0.5).prepare(_toy_net()).settle_epochs(4, 6) == 2
+    assert ac.Solver(card, rho=0.1).prepare(_toy_net()).settle_epochs(4, 6) == 0
+    # fit: no ADMM epoch, no update; the support is the starting weights' top-k (the projection
+    # of the weights fit started from), kept through the settle and fine-tuning epochs
+    net = _toy_net()
+    start = [m.weight.detach().clone() for m in net if isinstance(m, nn.Linear)]
+    s = ac.Solver(card)
+    h = s.fit(net, _toy_data(), epochs=4, finetune_epochs=1, progress=False)
+    assert [r["phase"] for r in h.epochs] == ["settle"] * 4 + ["finetune"]
+    assert h.final["settle_epochs"] == 4 and s.n_updates == 0 and h.final["feasible"]
+    for w0, m in zip(start, [m for m in net if isinstance(m, nn.Linear)]):
+        k = round(0.3 * w0.numel())
+        top = torch.zeros(w0.numel(), dtype=torch.bool)
+        top[w0.abs().flatten().topk(k).indices] = True  # float32 normal draws: no ties
+        assert torch.equal(m.weight.detach().flatten() != 0, top)
 
 
 def test_fit_with_settle_runs_admm_then_the_set_at_the_training_lr_then_finetuning(caplog):
@@ -581,7 +620,8 @@ def test_resume_inside_settle_and_at_its_boundary_equals_uninterrupted(tmp_path,
     kw = dict(epochs=4, finetune_epochs=2, progress=False,  # the schedule continues into settle
               scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.7 ** e))
     ref = _toy_net(seed=3)
-    ac.Solver(spec()).fit(ref, _toy_data(seed=5), **kw)
+    data = lambda: _toy_data(n=1280, seed=5)  # 80 batches: an ADMM part settle="auto" keeps
+    ac.Solver(spec()).fit(ref, data(), **kw)
     stop = 1 if where == "inside" else n_settle  # epoch of the fine-tuning loop (settle, then fine-tuning)
 
     class Kill(Exception):
@@ -593,10 +633,10 @@ def test_resume_inside_settle_and_at_its_boundary_equals_uninterrupted(tmp_path,
 
     ck = tmp_path / "ck.pt"
     with pytest.raises(Kill):
-        ac.Solver(spec()).fit(_toy_net(seed=3), _toy_data(seed=5), checkpoint=ck, callbacks=[kill], **kw)
+        ac.Solver(spec()).fit(_toy_net(seed=3), data(), checkpoint=ck, callbacks=[kill], **kw)
     torch.manual_seed(1234)
     net2 = _toy_net(seed=99)
-    h = ac.Solver(spec()).fit(net2, _toy_data(seed=5), checkpoint=ck, **kw)
+    h = ac.Solver(spec()).fit(net2, data(), checkpoint=ck, **kw)
     assert h.final["settle_epochs"] == n_settle
     for a, b in zip(ref.parameters(), net2.parameters()):
         assert torch.equal(a, b)
