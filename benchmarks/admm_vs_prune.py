@@ -367,10 +367,13 @@ def report(cache, out, note):
              "weight decay 5e-4) and schedule (E - F epochs at lr, F at lr/10) for every method.  "
              "`admm_auto` = `ac.Solver([ac.Constrain(types, set)]).fit(model, train, epochs=E-F, "
              "finetune_epochs=F, lr=lr)` with nothing else set: rho='auto'; settle='auto' (sparse sets: ADMM "
-             "for E' = E - F - ceil((E - F) / 2) epochs -- FCN 7, ResNet-20 1 --, the final projection, then "
+             "for E' = E - F - ceil((E - F) / 2) epochs -- FCN 7 --, the final projection, then "
              "the kept entries trained at lr for the other ceil((E - F) / 2); low rank: ADMM for E' = E - F - "
-             "ceil(0.8 (E - F)) epochs -- FCN 3, ResNet-20 1 --, then the factors trained at lr/10 and "
-             "everything else at lr); every='auto' (once per epoch, or every E'*len(loader)//10 steps when E' < 10 but at least "
+             "ceil(0.8 (E - F)) epochs -- FCN 3 --, then the factors trained at lr/10 and "
+             "everything else at lr; ResNet-20: none, since 2026-12-03 (fourth session) -- its one ADMM epoch of 23 "
+             "steps has no room for Solver.min_admm_updates = 3 dual updates 20 steps apart, so all E - F epochs "
+             "settle from the projection of the pretrained weights; before, 1 ADMM epoch); every='auto' (once per "
+             "epoch, or every E'*len(loader)//10 steps when E' < 10 but at least "
              "20 steps -- heavy-ball's response time at momentum 0.9 -- and at most an epoch: every 20 of the 23 "
              "steps per epoch in every run here); BatchNorm "
              "statistics recomputed by fit around the final projection and after fine-tuning.  'before / "
@@ -500,8 +503,11 @@ def report(cache, out, note):
             rs = [r for r in sel(problem=prob, kind=kind, amount=amount, lr=lr, method=m) if not r.get("diverged")]
             if not rs:
                 continue
-            lines.append(f"| {prob} | {kind} {amount:g} | {lr:g} | {m} | {_mean([r['rho_first'] for r in rs]):.3g} | "
-                         f"{_mean([r['rho_last'] for r in rs]):.3g} | {_mean([r['final_primal'] for r in rs]):.2e} | "
+            def opt(key, fmt, rs=rs):  # None: no Z/U update ran (settle="auto" dropped the ADMM part)
+                xs = [r[key] for r in rs if r[key] is not None]
+                return format(_mean(xs), fmt) if xs else "no update"
+            lines.append(f"| {prob} | {kind} {amount:g} | {lr:g} | {m} | {opt('rho_first', '.3g')} | "
+                         f"{opt('rho_last', '.3g')} | {opt('final_primal', '.2e')} | "
                          f"{_mean([r['projection_distance'] for r in rs]):.2e} | "
                          f"{_mean([r['before_finalize'] for r in rs]):.1f} / {_mean([r['after_finalize'] for r in rs]):.1f} |")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -531,7 +537,8 @@ def main(argv=None):
     ap.add_argument("--forget", nargs="*", default=[], metavar="PROBLEM:METHOD_PREFIX[:KIND]",
                     help="drop these runs from the cache before running (e.g. resnet20:admm after a change of "
                          "the solver, fcn:admm:lowrank for the low-rank runs only: the peers' cached runs stay "
-                         "valid); the cache file is rewritten")
+                         "valid; a METHOD ending in $ is matched exactly: resnet20:admm_auto$); the cache file "
+                         "is rewritten")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -541,8 +548,9 @@ def main(argv=None):
         if any(len(r) not in (2, 3) for r in rules):
             raise SystemExit("--forget takes PROBLEM:METHOD_PREFIX[:KIND], e.g. resnet20:admm or fcn:admm:lowrank")
         drop = [k for k, r in cache.items()
-                if any(r["problem"] == ru[0] and r["method"].startswith(ru[1]) and (len(ru) == 2 or r["kind"] == ru[2])
-                       for ru in rules)]
+                if any(r["problem"] == ru[0] and (r["method"] == ru[1][:-1] if ru[1].endswith("$")
+                                                  else r["method"].startswith(ru[1]))
+                       and (len(ru) == 2 or r["kind"] == ru[2]) for ru in rules)]
         for k in drop:
             del cache[k]
         tmp = args.cache + ".tmp"
