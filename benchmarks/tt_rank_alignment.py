@@ -1,0 +1,136 @@
+"""CPU latency of stock-conv TT layers against their TT ranks: does a rank that is a multiple of 16 run faster?
+
+``docs/results/tt_latency_ort.md`` found ResNet-56's budgeted ``"oki"`` TT models (ranks from
+``tt_ranks_for_budget``) barely faster than dense in ONNX Runtime at batch 1 (realized / ideal
+0.28-0.31 at -75 % MACs), while ``tt_latency_floor.md`` measured uniform ranks 8 at 0.39 of the
+dense time.  This script sweeps the ranks to find out why.  Every ``nn.Conv2d`` of ResNet-56 is
+constrained to ``TTRank((r, min(r, I)))`` on ``TTView.oki()`` and ``prepare -> finalize ->
+export``-ed, then timed as exported (``chain``: ``1x1 I->r2``, ``kxk r2->r1``, ``1x1 r1->O``) and
+as ``fold_last`` (``1x1 I->r2``, ``kxk r2->O``; :func:`admm_compress.layers.tt_realize.chain_realizations`):
+
+* ``uniform r``: the same ``r`` in every layer, for ``r`` in ``--ranks`` (default 6-9, 12, 14-17, 20,
+  24, 32);
+* ``stages a/b/c``: rank ``a`` in the layers with 16 output channels, ``b`` with 32, ``c`` with 64
+  (``--stages``; default the widths' ranks of a -75 % budget, ``6/12/26`` -- what the per-layer
+  "uniform ranks" rule of ``tt_latency.py`` gives --, against nearby ranks that are multiples of 16).
+
+Timing as ``tt_latency_floor.py``: eager (``torch.inference_mode``) and ONNX Runtime
+(``admm_compress.deploy.onnx_session``: CPU provider, 1 intra-op thread, ORT_ENABLE_ALL, BatchNorm
+and ReLU fused into the convs), NCHW, batch 1 and 32, one torch thread, median process CPU time
+over interleaved rounds (``latency_speedup.measure``); every variant's outputs checked against its
+finalized model, and ORT's against eager, first.  Random weights (latency does not depend on the
+values).  ``realized / ideal`` = MACs ratio / time ratio; ``share`` = (1 - time ratio) / (1 - MACs
+ratio), the fraction of the MAC reduction realized as a time reduction.
+
+Writes ``docs/results/tt_rank_alignment.md``.  Run: ``python benchmarks/tt_rank_alignment.py``
+(~10 min on a loaded 2-core machine; ``onnxruntime`` from the ``onnx`` extra).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import admm_compress as ac  # noqa: E402
+from _report import write_report  # noqa: E402
+from admm_compress import models  # noqa: E402
+from admm_compress.views import TTView  # noqa: E402
+from latency_speedup import INPUT, check_outputs, measure  # noqa: E402
+from tt_latency_floor import _ort, refold  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tt_model(dense: nn.Module, rank_of_width: dict):
+    """(finalized, exported) copies of ``dense`` with every Conv2d of ``O`` output channels at
+    ``TTRank((r, min(r, I)))``, ``r = rank_of_width[O]``, on the oki view."""
+    model = copy.deepcopy(dense)
+    spec = []
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            r = rank_of_width[m.out_channels]
+            spec.append(ac.Constrain(n, ac.TTRank((r, min(r, m.in_channels))), view=TTView.oki()))
+    solver = ac.Solver(spec).prepare(model)
+    solver.finalize(model)
+    return model, ac.export(model, solver).eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[6, 7, 8, 9, 12, 14, 15, 16, 17, 20, 24, 32])
+    ap.add_argument("--stages", nargs="+", default=["6/12/26", "6/16/16", "6/16/32", "4/16/16", "2/16/16",
+                                                     "4/16/32", "8/16/32"],
+                    help="ranks a/b/c for the layers with 16/32/64 output channels")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_rank_alignment.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    try:
+        import onnxruntime  # noqa: F401  (optional extra: pip install "admm-compress[onnx]")
+    except ImportError:
+        raise SystemExit("onnxruntime is needed: pip install -e '.[onnx]'")
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    dense = models.resnet56().eval()
+    d_macs = ac.complexity(dense, INPUT).macs
+    widths = sorted({m.out_channels for m in dense.modules() if isinstance(m, nn.Conv2d)})
+    assert widths == [16, 32, 64], widths
+    configs = [(f"uniform {r}", {w: r for w in widths}) for r in args.ranks]
+    for s in args.stages:
+        rs = [int(v) for v in s.split("/")]
+        configs.append((f"stages {s}", dict(zip(widths, rs))))
+    eager, macs = {"dense": dense}, {}
+    for label, ranks in configs:
+        fin, chain = tt_model(dense, ranks)
+        for form, m in (("chain", chain), ("fold_last", refold(chain, "fold_last"))):
+            check_outputs(fin, m)
+            eager[f"{label}, {form}"] = m
+            macs[f"{label}, {form}"] = ac.complexity(m, INPUT).macs / d_macs
+    rows = []
+    for b in args.batches:
+        x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
+        ort = {k: _ort(m, x) for k, m in eager.items()}
+        for k in ort:
+            with torch.inference_mode():
+                ref, got = eager[k](x), ort[k](x)
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * max(1.0, float(ref.abs().max())))
+        rep, warm = (20, 5) if b == 1 else (max(3, 40 // b), 2)
+        for mode, mods in (("eager", eager), ("ort", ort)):
+            t = {k: v[1] for k, v in measure(mods, b, args.rounds, warm, rep).items()}
+            print(f"b={b} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items()), flush=True)
+            for label in macs:
+                rows.append((b, mode, label, macs[label], t["dense"], t[label]))
+    hdr = ["batch", "mode", "variant", "MACs ratio", "dense CPU ms", "variant CPU ms", "time ratio",
+           "realized / ideal", "share"]
+    table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
+    for b, mode, label, mr, td, tv in rows:
+        f = tv / td
+        table.append("| " + " | ".join([str(b), mode, label, f"{mr:.3f}", f"{td:.2f}", f"{tv:.2f}", f"{f:.2f}",
+                                        f"{mr / f:.2f}", f"{(1 - f) / (1 - mr):.2f}"]) + " |")
+    text = "\n".join([
+        "# TT ranks and CPU latency: alignment to 16 channels (benchmarks/tt_rank_alignment.py)", "",
+        __doc__.split("\n\n", 1)[1].split("Writes ``")[0].strip(), "",
+        "ResNet-56, CIFAR input 3x32x32.", "",
+        *table, "",
+        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
+        f"thread(s), load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
+        f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
+    print("\n".join(table))
+    write_report(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
