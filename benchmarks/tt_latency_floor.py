@@ -87,6 +87,20 @@ def _ort(model: nn.Module, x: torch.Tensor):
     return lambda t: torch.from_numpy(run(t.numpy()))
 
 
+def ratio_cells(mr: float, td: float, tv: float) -> list:
+    """Table cells of one measurement: MACs ratio, dense and variant ms, time ratio ``f``,
+    realized / ideal ``mr / f`` and share ``(1 - f) / (1 - mr)``."""
+    f = tv / td
+    return [f"{mr:.3f}", f"{td:.2f}", f"{tv:.2f}", f"{f:.2f}", f"{mr / f:.2f}", f"{(1 - f) / (1 - mr):.2f}"]
+
+
+def footer(threads: int, load0: float, t0: float) -> str:
+    """The machine line closing a report (load average at the start and now, run time, UTC date)."""
+    return (f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} "
+            f"thread(s), load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
+            f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
@@ -144,9 +158,7 @@ def main(argv=None):
            "realized / ideal", "share"]
     table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
     for arch, b, mode, label, mr, td, tv in rows:
-        f = tv / td
-        table.append("| " + " | ".join([arch, str(b), mode, label, f"{mr:.3f}", f"{td:.2f}", f"{tv:.2f}",
-                                        f"{f:.2f}", f"{mr / f:.2f}", f"{(1 - f) / (1 - mr):.2f}"]) + " |")
+        table.append("| " + " | ".join([arch, str(b), mode, label, *ratio_cells(mr, td, tv)]) + " |")
     # per (arch, batch, mode) and MACs budget m: the fastest measured variant within the budget
     floor = ["| model | batch | mode | m | fastest variant with MACs ratio <= m | its MACs ratio | time ratio | "
              "max realized / ideal at m | max share at m |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -167,9 +179,7 @@ def main(argv=None):
         *floor, "",
         "## Every measurement", "",
         *table, "",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
-        f"thread(s), load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
-        f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
+        footer(args.threads, load0, t0), ""])
     print("\n".join(floor))
     write_report(args.out, text)
 

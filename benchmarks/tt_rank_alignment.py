@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
 import sys
 import time
 import warnings
@@ -45,7 +43,7 @@ from _report import write_report  # noqa: E402
 from admm_compress import models  # noqa: E402
 from admm_compress.views import TTView  # noqa: E402
 from latency_speedup import INPUT, check_outputs, measure  # noqa: E402
-from tt_latency_floor import _ort, refold  # noqa: E402
+from tt_latency_floor import _ort, footer, ratio_cells, refold  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,17 +115,13 @@ def main(argv=None):
            "realized / ideal", "share"]
     table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
     for b, mode, label, mr, td, tv in rows:
-        f = tv / td
-        table.append("| " + " | ".join([str(b), mode, label, f"{mr:.3f}", f"{td:.2f}", f"{tv:.2f}", f"{f:.2f}",
-                                        f"{mr / f:.2f}", f"{(1 - f) / (1 - mr):.2f}"]) + " |")
+        table.append("| " + " | ".join([str(b), mode, label, *ratio_cells(mr, td, tv)]) + " |")
     text = "\n".join([
         "# TT ranks and CPU latency: alignment to 16 channels (benchmarks/tt_rank_alignment.py)", "",
         __doc__.split("\n\n", 1)[1].split("Writes ``")[0].strip(), "",
         "ResNet-56, CIFAR input 3x32x32.", "",
         *table, "",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
-        f"thread(s), load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
-        f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.", ""])
+        footer(args.threads, load0, t0), ""])
     print("\n".join(table))
     write_report(args.out, text)
 
