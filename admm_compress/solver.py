@@ -233,11 +233,11 @@ class Solver(Compressor):
     be ADMM: in a run whose ADMM part would hold fewer than :attr:`min_admm_updates` (3) dual
     updates at the response-time cadence (the digits32 ResNet-20 bench: 1 epoch of 23 steps, one
     update) the penalty only pulled the weights for a few steps, and the epoch was lost to the
-    mask: 1.5 fewer epochs on the mask than the peer, -0.09 to -0.69 points against it at
-    densities 0.2 / 0.1 (6 seeds).  ``settle="auto"`` with ``every="auto"`` then settles every
-    epoch ("prune, then train the mask", the final projection of the starting weights), which
-    there read -0.14 to +0.28 against the peer and +0.27 on average over the ADMM part it
-    replaced (8 rows, both budget scopes).  Factor forms settle too, for 0.8
+    mask: one epoch fewer on the mask than the peer, -0.28 to +0.09 points against it, 4 of 8
+    rows below (densities 0.2 / 0.1, both budget scopes, 6 seeds).  ``settle="auto"`` with
+    ``every="auto"`` then settles every epoch ("prune, then train the mask", the final projection
+    of the starting weights): -0.05 to +0.37 against the peer, +0.17 on average over the ADMM
+    part it replaced (8 rows; same machine and seeds).  Factor forms settle too, for 0.8
     of ``epochs``, the factors at ``lr / 10`` (everything else at ``lr``): a step on the
     factors of
     ``W = A B`` moves ``W`` by up to ``2 sigma_1`` times the dense step, so they diverged at the
