@@ -434,6 +434,9 @@ class _Run:
             if [id(p) for p in unwrap(model).parameters()] != before:
                 model = rewrap(model)  # DDP: the factors are new parameters; a fresh wrapper syncs them
             total = sum(st[1] for st in stages)
+            if start_epoch >= total > 0:  # resuming a run whose last epoch was checkpointed: that is the result
+                unwrap(model).load_state_dict(ck["model"])
+                set_rng_state(ck["rng"], self.loader)
             bar = tqdm(range(start_epoch, total), desc=stages[0][0], initial=start_epoch, total=total,
                        disable=progress_disabled(self.progress), unit="epoch")
             first, opt, sched, stage_end = True, None, None, 0

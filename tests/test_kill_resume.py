@@ -211,6 +211,34 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, one_thread):
         assert torch.equal(model.state_dict()[k], v), k
 
 
+@pytest.mark.parametrize("kind", ["numeric", "settle"])
+def test_rerun_of_a_finished_fit_returns_its_result(tmp_path, one_thread, kind):
+    """A fit run again on the checkpoint of its last fine-tuning epoch (a job restarted after it
+    finished, or killed between that checkpoint and its exit) returns the fine-tuned weights and
+    the same history -- it once returned the weights of the final projection instead, because
+    the checkpoint's weights were loaded only before an epoch and none was left to run."""
+    def make():
+        if kind == "numeric":
+            return _tiny()
+        torch.manual_seed(0)  # rho="auto" + settle="auto": settle and fine-tuning stages after finalize
+        return (nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)),
+                ac.Solver([ac.Constrain(nn.Linear, ac.Cardinality(density=0.3))]))
+
+    train, test = data.digits(batch_size=128, seed=0)
+    ck = tmp_path / "ck.pt"
+    model, solver = make()
+    h1 = solver.fit(model, train, epochs=4, finetune_epochs=2, val_loader=test, checkpoint=ck, progress=False)
+    assert load_checkpoint(ck)["phase"] == "finetune"
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    model, solver = make()
+    torch.manual_seed(123)
+    h2 = solver.fit(model, train, epochs=4, finetune_epochs=2, val_loader=test, checkpoint=ck, progress=False)
+    for k, v in ref.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    strip = lambda h: [{k: v for k, v in r.items() if k != "wall"} for r in h.epochs]  # noqa: E731
+    assert strip(h2) == strip(h1) and h2.final["after_finetune"] == h1.final["after_finetune"]
+
+
 def test_a_successful_write_removes_temp_files_of_interrupted_writes_to_the_same_path(tmp_path):
     from admm_compress.training import load_checkpoint, save_checkpoint
 
