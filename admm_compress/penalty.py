@@ -166,10 +166,16 @@ class AdaptiveRho:
         this; call it in a hand-written loop before the first step).  Other optimizers (Adam) keep
         the measured step and no momentum."""
         g = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
-        if "momentum" in g and "betas" not in g and isinstance(g.get("lr"), (int, float)):
+        if self.heavy_ball_momentum(optimizer) is not None and isinstance(g.get("lr"), (int, float)):
             self.lr, self.momentum = float(g["lr"]), float(g["momentum"])
         else:
             self.lr, self.momentum = None, 0.0
+
+    @staticmethod
+    def heavy_ball_momentum(optimizer) -> float | None:
+        """The momentum of an SGD-type optimizer (first parameter group), ``None`` for others (Adam)."""
+        g = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
+        return float(g["momentum"]) if "momentum" in g and "betas" not in g else None
 
     @property
     def beta(self) -> float:

@@ -792,8 +792,7 @@ class Solver(Compressor):
             return 0  # TT / L + S: ADMM to the end closes in a long run and measured better
         settle = min(epochs - 1, math.ceil(frac * epochs))
         if self.settle == "auto" and self.every == "auto" and steps_per_epoch is not None:
-            g = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
-            beta = float(g["momentum"]) if "momentum" in g and "betas" not in g else (0.9 if optimizer is None else 0.0)
+            beta = 0.9 if optimizer is None else (AdaptiveRho.heavy_ball_momentum(optimizer) or 0.0)
             if (epochs - settle) * steps_per_epoch < self.min_admm_updates * self.response_steps(beta):
                 return epochs
         return settle

@@ -443,31 +443,27 @@ def report(cache, out, note):
                 pm, om = _mean([acc[peer][x] for x in common]), _mean([acc[ours][x] for x in common])
                 cells += [f"{pm:.2f}", f"{om:.2f}", f"{om - pm:+.2f} ({_seeds(common)})"]
             lines.append(f"| {prob} | {amount:g} | {lr:g} | " + " | ".join(cells) + " |")
+    short = [r for r in rows if r["method"] in ("admm_keep_admm", "admm_keep_admm_global")]
+    if short:
+        lines += ["", "## The short-run rule: the ADMM part dropped (default) or kept (settle=0.5)", "",
+                  "ResNet-20, 3 epochs on the set (23 steps each) + 1 fine-tuning: `settle=0.5` keeps the "
+                  "one ADMM epoch the default had before the rule (one Z/U update), the default now settles "
+                  "every epoch from the projection of the pretrained weights.  Same machine and seeds.", "",
+                  "| density | lr | budget | peer | ADMM part dropped (default) | kept (settle=0.5) | "
+                  "dropped - kept | default - peer | kept - peer |", "|---|---|---|---|---|---|---|---|---|"]
+        for d, lr in sorted({(r["amount"], r["lr"]) for r in short}, key=lambda t: (-t[0], -t[1])):
+            for scope, m, dm, pm in (("per layer", "admm_keep_admm", "admm_auto", "prune_layer"),
+                                     ("shared", "admm_keep_admm_global", "admm_auto_global", "prune_global")):
+                kept, dflt, peer = ({r["seed"]: r["acc"] for r in sel(problem="resnet20", kind="sparse", amount=d,
+                                                                      lr=lr, method=x)} for x in (m, dm, pm))
+                sd = sorted(set(kept) & set(dflt) & set(peer))
+                if not sd:
+                    continue
+                k, a, p_ = (_mean([x[s] for s in sd]) for x in (kept, dflt, peer))
+                lines.append(f"| {d:g} | {lr:g} | {scope} | {p_:.2f} | {a:.2f} | {k:.2f} | {a - k:+.2f} | "
+                             f"{a - p_:+.2f} | {k - p_:+.2f} |")
     lrob = [r for r in rows if r["kind"] == "lowrank" and r["method"] in ("svd", "admm_auto")]
     if len({r["lr"] for r in lrob}) > 1:
-        short = [r for r in rows if r["method"] in ("admm_keep_admm", "admm_keep_admm_global")]
-        if short:
-            lines += ["", "## The short-run rule: the ADMM part dropped (default) or kept (settle=0.5)", "",
-                      "ResNet-20, 3 epochs on the set (23 steps each) + 1 fine-tuning: `settle=0.5` keeps the "
-                      "one ADMM epoch the default had before the rule (one Z/U update), the default now settles "
-                      "every epoch from the projection of the pretrained weights.  Same machine and seeds.", "",
-                      "| density | lr | budget | peer | ADMM part dropped (default) | kept (settle=0.5) | "
-                      "dropped - kept | default - peer | kept - peer |", "|---|---|---|---|---|---|---|---|---|"]
-            for d, lr in sorted({(r["amount"], r["lr"]) for r in short}, key=lambda t: (-t[0], -t[1])):
-                for scope, m, dm, pm in (("per layer", "admm_keep_admm", "admm_auto", "prune_layer"),
-                                         ("shared", "admm_keep_admm_global", "admm_auto_global", "prune_global")):
-                    kept = {r["seed"]: r["acc"] for r in sel(problem="resnet20", kind="sparse", amount=d, lr=lr,
-                                                             method=m)}
-                    dflt = {r["seed"]: r["acc"] for r in sel(problem="resnet20", kind="sparse", amount=d, lr=lr,
-                                                             method=dm)}
-                    peer = {r["seed"]: r["acc"] for r in sel(problem="resnet20", kind="sparse", amount=d, lr=lr,
-                                                             method=pm)}
-                    sd = sorted(set(kept) & set(dflt) & set(peer))
-                    if not sd:
-                        continue
-                    k, a, p_ = (_mean([x[s] for s in sd]) for x in (kept, dflt, peer))
-                    lines.append(f"| {d:g} | {lr:g} | {scope} | {p_:.2f} | {a:.2f} | {k:.2f} | {a - k:+.2f} | "
-                                 f"{a - p_:+.2f} | {k - p_:+.2f} |")
         lines += ["", "## Robustness: learning rate (low rank, LowRank(ratio=0.25))", "",
                   "| problem | lr | svd + factor fine-tuning (lr used) | admm_auto | default >= peer? |",
                   "|---|---|---|---|---|"]
