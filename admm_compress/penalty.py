@@ -90,9 +90,16 @@ class AdaptiveRho:
        ``close_at`` of the run (``horizon`` optimizer steps, set by :meth:`Solver.fit`) and
        stays there:  ``r*(t) = r^0 (r_end / r^0)^{min(1, t / (close_at T))}``.  Without a
        horizon (a hand-written loop) the target falls by ``decay`` per update.  Then
-       ``rho_l <- rho_l * clip(r_l / r*, 1/sqrt(factor), factor)`` (no change within 10 %, and
+       ``rho_l <- rho_l * clip(r_l / r*, factor^(-a/2), factor^a)`` (no change within 10 %, and
        no decrease once the target has reached ``r_end``: the duals then close the rest, so on
-       a problem with an exact answer the residual keeps falling to zero).
+       a problem with an exact answer the residual keeps falling to zero), where
+       ``a = min(1, s / response_steps(beta))`` for ``s`` optimizer steps since the previous
+       update: rho changes by at most ``factor`` per heavy-ball response time (20 steps at
+       momentum 0.9), whatever the Z/U cadence.  With ``a = 1`` for every cadence, Z/U every 10
+       steps doubled rho twice as fast as every 20 and reached the ceiling at step 40 instead of
+       80; the weights were pulled faster than the loss could follow, and on the digits FCN-8 at
+       lr 0.1 (density 0.1, 10 seeds) two runs collapsed (47.8 and 87.5 %, mean 90.50 against
+       97.17 % with the cadence-scaled limit; docs/results/admm_vs_prune.md).
 
     This is residual balancing (Boyd et al. 2011, Sec. 3.4.1; He, Yang & Wang 2000) with the
     dual residual replaced by a schedule: in network training the W-step is a few noisy SGD
@@ -116,7 +123,9 @@ class AdaptiveRho:
     close_at : float in (0, 1]
         Fraction of the horizon by which the target reaches ``r_end`` (0.7).
     factor : float > 1
-        Largest multiplicative change of rho per update (2; decreases at most ``sqrt(factor)``).
+        Largest multiplicative change of rho per update at a cadence of :meth:`response_steps`
+        or more (2; decreases at most ``sqrt(factor)``); a shorter cadence ``s`` takes the
+        power ``s / response_steps`` of it.
     decay : float in (0, 1)
         Target factor per update when no horizon is known (0.7).
     rho_max : float, optional
@@ -177,6 +186,14 @@ class AdaptiveRho:
         g = optimizer.param_groups[0] if getattr(optimizer, "param_groups", None) else {}
         return float(g["momentum"]) if "momentum" in g and "betas" not in g else None
 
+    @staticmethod
+    def response_steps(momentum: float) -> int:
+        """``ceil(1 / (1 - sqrt(beta)))``: heavy-ball's time constant on the penalty quadratic at
+        (and above) critical damping (the iteration contracts by ``sqrt(beta)`` per step; 20 steps
+        for momentum 0.9, 1 without)."""
+        beta = min(max(float(momentum), 0.0), 0.999)
+        return max(1, math.ceil(1.0 / (1.0 - math.sqrt(beta)) - 1e-9))
+
     @property
     def beta(self) -> float:
         """The heavy-ball momentum in use: the optimizer's (:meth:`observe_optimizer`), else 0.9."""
@@ -197,6 +214,7 @@ class AdaptiveRho:
         self.cap: dict[str, float] = {}
         self.r0: dict[str, float] = {}
         self.updates = 0
+        self.last_step = 0  # optimizer steps at the previous update (the cadence of the next)
         self._w0: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ calibration
@@ -272,10 +290,13 @@ class AdaptiveRho:
     def after_update(self, rhos: Mapping[str, float], primal: Mapping[str, float], steps: int) -> dict[str, float]:
         """New rho per key (only the keys that change), from each weight's relative primal residual."""
         self.updates += 1
+        interval, self.last_step = steps - self.last_step, steps
         if not self.calibrated:
             return {}
         out = {}
-        lo = 1.0 / math.sqrt(self.factor)
+        a = min(1.0, max(interval, 0) / self.response_steps(self.beta))
+        hi = self.factor if a == 1.0 else self.factor ** a
+        lo = 1.0 / math.sqrt(hi)
         for k, rho in rhos.items():
             r = primal.get(k)
             if r is None or not math.isfinite(r) or rho <= 0:
@@ -284,7 +305,7 @@ class AdaptiveRho:
             ratio = r / target
             if 1 / 1.1 <= ratio <= 1.1 or (ratio < 1 and target <= self.r_end):
                 continue  # within 10 %, or below the final target: let the duals close the rest
-            new = rho * min(max(ratio, lo), self.factor)
+            new = rho * min(max(ratio, lo), hi)
             cap = self.cap[k]
             if self.lift and target <= self.r_end and ratio > 1:  # closing phase, gap still open
                 cap = cap / self.ceiling_step() * self.stability_step()
@@ -298,7 +319,8 @@ class AdaptiveRho:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"calibrated": self.calibrated, "rho0": dict(self.rho0), "cap": dict(self.cap), "r0": dict(self.r0),
-                "updates": self.updates, "horizon": self.horizon, "lr": self.lr, "momentum": self.momentum}
+                "updates": self.updates, "horizon": self.horizon, "lr": self.lr, "momentum": self.momentum,
+                "last_step": self.last_step}
 
     def load_state_dict(self, sd: Mapping) -> None:
         missing = [k for k in ("calibrated", "rho0", "cap", "r0", "updates", "horizon") if k not in sd]
@@ -309,6 +331,7 @@ class AdaptiveRho:
         self.cap = {k: float(v) for k, v in sd["cap"].items()}
         self.r0 = {k: float(v) for k, v in sd["r0"].items()}
         self.updates = int(sd["updates"])
+        self.last_step = int(sd.get("last_step", 0))  # absent in checkpoints before 2026-12-03 (fifth session)
         self.horizon = None if sd["horizon"] is None else int(sd["horizon"])
         self.lr = None if sd.get("lr") is None else float(sd["lr"])
         self.momentum = None if sd.get("momentum") is None else float(sd["momentum"])

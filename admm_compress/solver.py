@@ -134,7 +134,10 @@ class Solver(Compressor):
         in :meth:`fit` takes the dual step ``U += gamma (W - Z)`` with ``gamma = every /
         response_steps`` (:attr:`dual_step`; 0.5 for ``every=10`` at momentum 0.9) instead of 1:
         the dual then integrates the residual no faster than heavy-ball W can follow it (a
-        relaxed dual step, Glowinski's ADMM with ``gamma`` in ``(0, (1 + sqrt 5) / 2)``).
+        relaxed dual step, Glowinski's ADMM with ``gamma`` in ``(0, (1 + sqrt 5) / 2)``); and
+        rho (``"auto"``) changes per update by at most ``factor ** (every / response_steps)``
+        (:class:`~admm_compress.penalty.AdaptiveRho`), so it grows no faster per step than at
+        the response-time cadence.
     rho_growth : float, default 1.0
         Numeric rho only: geometric schedule ``rho <- min(rho * rho_growth, rho_max)`` after
         every update (1 = constant).  On every rho change (geometric or adaptive) the scaled
@@ -191,7 +194,8 @@ class Solver(Compressor):
       eta`` (0.105 at lr 0.05, 0.53 at lr 0.01; ``eta * rho <= 0.5`` without momentum);
     * after every Z/U update, rho per weight follows the relative primal residual towards a
       target that falls geometrically to 1e-3 by 70 % of the run (:meth:`fit` knows the
-      length), multiplying rho by at most 2 per update (residual balancing, Boyd et al. 2011,
+      length), multiplying rho by at most 2 per update -- per :meth:`response_steps` optimizer
+      steps when Z/U are updated more often (residual balancing, Boyd et al. 2011,
       Sec. 3.4.1, with the noisy dual residual replaced by this closing schedule -- the LC
       toolkit's / ADMM-NN's increasing penalty with the rate set by feedback).
 
@@ -823,8 +827,7 @@ class Solver(Compressor):
         (and above) critical damping (the iteration contracts by ``sqrt(beta)`` per step; 20 steps
         for momentum 0.9, 1 without).  ``every="auto"`` leaves at least this many W-steps between
         two dual updates, so each U-step follows a W-step that has moved towards its argmin."""
-        beta = min(max(float(momentum), 0.0), 0.999)
-        return max(1, math.ceil(1.0 / (1.0 - math.sqrt(beta)) - 1e-9))
+        return AdaptiveRho.response_steps(momentum)
 
     def epoch_summary(self) -> dict:
         """The last update's overall ``primal`` / ``dual`` residuals and ``rho``."""

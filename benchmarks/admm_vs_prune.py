@@ -494,7 +494,8 @@ def report(cache, out, note):
             common = set.intersection(*(set(v) for v in runs.values() if v))
             best = max((_mean([v[s] for s in common]) for m, v in runs.items() if v and m != "admm_auto"),
                        default=float("nan"))
-            diff = best - _mean([runs["admm_auto"][s] for s in common]) if common else float("nan")
+            diff = (best - _mean([runs["admm_auto"][s] for s in common]) if common and runs["admm_auto"]
+                    else float("nan"))
             cells = [_fmt([runs[m][s] for s in sorted(runs[m])]) for m in methods]
             lines.append(f"| {prob} | {amount:g} | {_fmt([runs['admm_auto'][s] for s in sorted(runs['admm_auto'])])} | "
                          + " | ".join(cells) + f" | {diff:+.2f} (seeds {_seeds(common)}) |")

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import admm_compress as ac
+from admm_compress.penalty import AdaptiveRho
 from admm_compress.views import TTView
 
 EPS = torch.finfo(torch.float64).eps
@@ -422,6 +423,40 @@ def test_a_cadence_shorter_than_the_response_time_takes_a_relaxed_dual_step():
     for sl in s.slots:
         k = round(0.3 * W[sl.key].numel())
         assert torch.equal(s.U[sl.key], U1[sl.key] + 0.5 * (W[sl.key] - top_k(W[sl.key] + U1[sl.key], k)))
+
+
+def _calibrated_rule(momentum):
+    """An AdaptiveRho in the state calibrate() leaves (one weight "w", rho0 1, no ceiling in
+    reach, starting residual 1, horizon 1000 steps: the target falls to 1e-3 by step 700)."""
+    rule = AdaptiveRho()
+    rule.momentum, rule.horizon = momentum, 1000
+    rule.calibrated, rule.rho0, rule.cap, rule.r0 = True, {"w": 1.0}, {"w": 1e9}, {"w": 1.0}
+    return rule
+
+
+def test_rho_changes_at_most_factor_per_response_time_whatever_the_cadence():
+    """The per-update limit is factor ** a with a = min(1, steps since the last update /
+    response_steps) (20 steps at momentum 0.9): Z/U every 10 steps grows rho by sqrt(2) per
+    update, 2 per 20 steps, as every 20 does; a decrease by at most factor ** (-a / 2).
+    Without momentum (response 1 step) every cadence takes the full factor."""
+    rule = _calibrated_rule(0.9)
+    assert AdaptiveRho.response_steps(0.9) == 20 == ac.Solver.response_steps(0.9)
+    rho, path = 1.0, []
+    for steps in (10, 20, 40, 100, 105):  # intervals 10, 10, 20, 60, 5
+        rho = rule.after_update({"w": rho}, {"w": 50.0}, steps)["w"]  # residual far above target
+        path.append(rho)
+    h, q = 2.0 ** 0.5, 2.0 ** 0.25
+    assert path == [h, h * h, h * h * 2.0, h * h * 2.0 * 2.0, h * h * 2.0 * 2.0 * q]
+    low = rule.after_update({"w": 1.0}, {"w": 1e-9}, 115)  # far below target (0.11 at step 115): decrease
+    assert low == {"w": 1.0 / 2.0 ** 0.25}
+    rule = _calibrated_rule(0.0)
+    assert rule.after_update({"w": 1.0}, {"w": 50.0}, 1) == {"w": 2.0}
+    assert rule.after_update({"w": 1.0}, {"w": 50.0}, 2) == {"w": 2.0}
+    rule = _calibrated_rule(0.9)
+    rule.after_update({"w": 1.0}, {"w": 50.0}, 10)
+    again = AdaptiveRho()
+    again.load_state_dict(rule.state_dict())  # the cadence is measured from the restored last step
+    assert again.last_step == 10 and again.after_update({"w": 1.0}, {"w": 50.0}, 20) == {"w": h}
 
 
 def test_checkpoint_resume_with_auto_cadence_equals_uninterrupted(tmp_path):
