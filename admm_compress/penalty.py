@@ -99,7 +99,7 @@ class AdaptiveRho:
        steps doubled rho twice as fast as every 20 and reached the ceiling at step 40 instead of
        80; the weights were pulled faster than the loss could follow, and on the digits FCN-8 at
        lr 0.1 (density 0.1, 10 seeds) two runs collapsed (47.8 and 87.5 %, mean 90.50 against
-       97.17 % with the cadence-scaled limit; docs/results/admm_vs_prune.md).
+       96.92 %, lowest 95.8, with the cadence-scaled limit; docs/results/admm_vs_prune.md).
 
     This is residual balancing (Boyd et al. 2011, Sec. 3.4.1; He, Yang & Wang 2000) with the
     dual residual replaced by a schedule: in network training the W-step is a few noisy SGD
