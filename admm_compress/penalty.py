@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
 

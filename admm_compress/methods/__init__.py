@@ -17,7 +17,8 @@ public hooks (``project_slot``, ``slot_feasible``, ``make_slots``); LoRITa and D
 never project, so they implement :class:`~admm_compress.Compressor` directly
 (``isinstance(methods.lorita(...), ac.Solver)`` is ``False``; both are ``ac.Compressor``).
 
-Where the code lives: one module per method (``lrpet``, ``trp``, ``raspa`` + ``raspa_tables``),
+Where the code lives: one module per method (``lrpet``, ``trp``, ``raspa`` + ``raspa_tables`` +
+``tt_latency_ranks``, TT ranks for a latency budget measured on the deployment backend),
 and one package for each method that brings modules of its own: :mod:`._lorita` (solver,
 factor-product parametrization and truncation rules) and :mod:`._decomposable_net` (solver, rank
 selection and matricization, differentiable truncated SVD).  The packages are underscored because

@@ -48,7 +48,9 @@ ResNet-56 / VGG-16 at density 0.05: ``docs/results/tt_latency.md``; per layer, S
 back as one dense convolution holding ``L + S`` where that is measured faster (counted at dense
 MACs), and realizes each L chain in its fastest exact form.
 Per-layer ranks/densities (Tables 8-10: :mod:`admm_compress.methods.raspa_tables`) and ranks from
-a budget (:func:`tt_ranks_for_budget`) are supported.
+a parameter or MAC budget (:func:`tt_ranks_for_budget`) or from a latency budget measured on the
+deployment backend (:func:`admm_compress.methods.tt_latency_ranks.tt_ranks_for_latency`) are
+supported.
 Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-zero entries of
 ``S`` only; afterwards the ``L + S`` split is kept so the export is exact.
 
@@ -408,6 +410,20 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
     return solver
 
 
+def tt_unfolding_spectra(weight: torch.Tensor, view) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(K, s^(1), s^(2))``: the middle mode size of ``weight`` seen through the TT ``view``
+    (``(a, K, c)``, e.g. ``(O, kh*kw, I)`` for :meth:`TTView.oki`) and the singular values of its
+    unfoldings ``X_<1>`` (``a x K c``) and ``X_<2>`` (``a K x c``), divided by ``||W||_F`` (float64).
+    Keeping ranks ``(r_1, r_2)`` loses at most ``sum_{i > r_1} s^(1)_i^2 + sum_{j > r_2} s^(2)_j^2``
+    of the relative squared energy (TT-SVD, Oseledets 2011, Thm. 2.2)."""
+    w = weight.detach().double()
+    K = math.prod(w.shape[2:])
+    x = view.to(w)  # (a, K, c): (O, K, I) for oki, the paired modes otherwise
+    a, c = x.shape[0], x.shape[2]
+    norm = float(w.norm()) or 1.0
+    return K, torch.linalg.svdvals(x.reshape(a, K * c)) / norm, torch.linalg.svdvals(x.reshape(a * K, c)) / norm
+
+
 def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "params", *, targets=nn.Conv2d,
                         exclude=None, density: float = 0.0, input_size: Sequence[int] | None = None,
                         layout: str = "oki") -> dict:
@@ -456,6 +472,12 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     ValueError
         Bad arguments, or a budget that rank 1 everywhere cannot meet (the message gives the
         largest achievable reduction).
+
+    See Also
+    --------
+    admm_compress.methods.tt_latency_ranks.tt_ranks_for_latency : ranks for a budget of measured
+        time on a backend (MACs do not predict a TT chain's CPU time; ONNX Runtime, for one,
+        favours ranks that are multiples of 16).
     """
     from ..complexity import complexity
     from ..specs import Constrain as _C, unwrap
@@ -501,13 +523,9 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     info = []
     fixed = total
     for n, m in layers:
-        w = m.weight.detach().double()
-        O, I, K = w.shape[0], w.shape[1], math.prod(w.shape[2:])
-        x = view.to(w)  # (a, K, c): (O, K, I) for oki, the paired modes otherwise
-        a, c = x.shape[0], x.shape[2]
-        norm = float(w.norm()) or 1.0
-        s1 = torch.linalg.svdvals(x.reshape(a, K * c)) / norm
-        s2 = torch.linalg.svdvals(x.reshape(a * K, c)) / norm
+        w = m.weight.detach()
+        O, I = w.shape[0], w.shape[1]
+        K, s1, s2 = tt_unfolding_spectra(w, view)
         pin, pout = pos[n]
         kept = round(dens * O * I * K)
         dense_cost = O * I * K * (pout if metric == "macs" else 1)

@@ -1,0 +1,158 @@
+"""TT ranks from a latency budget against ranks from a MAC budget: ResNet-56 in ONNX Runtime.
+
+``tt_ranks_for_budget(model, r, "macs")`` (one global threshold on the TT unfoldings' singular
+values) gives ranks whose MACs fall but whose ONNX Runtime time barely does: its chains run at
+ranks such as 11-15 that ORT's AVX-512 kernels handle 1.5-2x slower than 16
+(``docs/results/tt_rank_alignment.md``).  ``tt_ranks_for_latency(model, r, backend="ort")`` (or ``"eager"``)
+(:mod:`admm_compress.methods.tt_latency_ranks`) times every targeted layer's exported TT chain at
+a grid of rank pairs (1, 2, 4, 8, multiples of 16) in ONNX Runtime and chooses, by dynamic
+programming, the ranks that discard the least energy within ``1 - r`` of the targeted layers'
+dense time.  Both are applied to the same trained model and compared on:
+
+* the MACs ratio (ptflops) and the whole exported model's time ratio to dense, ONNX Runtime and
+  eager PyTorch, batch 1 and 32 (median process CPU time over interleaved rounds,
+  ``latency_speedup.measure``; ORT: ``admm_compress.deploy.onnx_session``, 1 thread, outputs
+  checked against eager), and the share of the MAC reduction realized as a time reduction;
+* the discarded energy ``sum_l (sum_{i > r_1} s^(1)_i^2 + sum_{j > r_2} s^(2)_j^2)`` (relative to
+  each layer's ``||W||^2``, the TT-SVD bound the two allocations spend), and the test accuracy
+  right after the TT projection (BatchNorm statistics recomputed, no fine-tuning): how much of
+  the network each choice keeps.
+
+The model: ResNet-56 (CIFAR layout, 3x32x32) trained densely on digits32 (``--epochs``, SGD lr
+0.05, seed 0); every Conv2d but the 3-channel stem is constrained on ``TTView.oki()``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import admm_compress as ac  # noqa: E402
+from _report import write_report  # noqa: E402
+from admm_compress import data, models  # noqa: E402
+from admm_compress.methods.raspa import tt_ranks_for_budget, tt_unfolding_spectra  # noqa: E402
+from admm_compress.methods.tt_latency_ranks import tt_ranks_for_latency  # noqa: E402
+from admm_compress.registry import train_dense  # noqa: E402
+from admm_compress.training import evaluate, recalibrate_bn  # noqa: E402
+from admm_compress.views import TTView  # noqa: E402
+from latency_speedup import INPUT, check_outputs, measure  # noqa: E402
+from tt_latency_floor import _ort, footer, ratio_cells  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def discarded(model: nn.Module, ranks: dict) -> float:
+    """Summed relative squared energy the TT-SVD at ``ranks`` discards (the bound both allocations use)."""
+    mods = dict(model.named_modules())
+    total = 0.0
+    for n, (r1, r2) in ranks.items():
+        _, s1, s2 = tt_unfolding_spectra(mods[n].weight, TTView.oki())
+        total += float((s1[r1:] ** 2).sum() + (s2[r2:] ** 2).sum())
+    return total
+
+
+def build(dense: nn.Module, ranks: dict):
+    """(finalized, exported) copies of ``dense`` with each layer of ``ranks`` at its TT ranks (oki view)."""
+    model = copy.deepcopy(dense)
+    solver = ac.Solver([ac.Constrain(n, ac.TTRank(r), view=TTView.oki()) for n, r in ranks.items()]).prepare(model)
+    solver.finalize(model)
+    return model, ac.export(model, solver).eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=4, help="dense training epochs on digits32")
+    ap.add_argument("--macs", type=float, nargs="+", default=[0.5, 0.75], help="MAC reductions (tt_ranks_for_budget)")
+    ap.add_argument("--latency", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6],
+                    help="reductions of the targeted layers' ORT time (tt_ranks_for_latency)")
+    ap.add_argument("--eager-latency", type=float, nargs="*", default=[0.2, 0.3],
+                    help="reductions of the targeted layers' eager time (tt_ranks_for_latency, backend='eager')")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_latency_ranks.md"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("admm_compress.methods.tt_latency_ranks").setLevel(logging.INFO)
+    try:
+        import onnxruntime  # noqa: F401  (optional extra: pip install "admm-compress[onnx]")
+    except ImportError:
+        raise SystemExit("onnxruntime is needed: pip install -e '.[onnx]'")
+    load0 = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    dense = models.resnet56(num_classes=10)
+    train, test = data.digits32(batch_size=64, seed=0)
+    train_dense(dense, train, args.epochs, lr=0.05, progress=False)
+    dense.eval()
+    dense_acc = evaluate(dense, test)["accuracy"]
+    d_macs = ac.complexity(dense, INPUT).macs
+    configs = []
+    for red in args.macs:
+        configs.append((f"MACs budget -{100 * red:.0f} %",
+                        tt_ranks_for_budget(dense, red, "macs", exclude="conv1", input_size=INPUT)))
+    plan_s = {}
+    for backend, reds in (("ort", args.latency), ("eager", args.eager_latency)):
+        for red in reds:
+            t1 = time.perf_counter()
+            configs.append((f"{'ORT' if backend == 'ort' else 'eager'} latency budget -{100 * red:.0f} %",
+                            tt_ranks_for_latency(dense, red, input_size=INPUT, exclude="conv1", backend=backend)))
+            plan_s[configs[-1][0]] = time.perf_counter() - t1
+    eager, info = {"dense": dense}, {}
+    for label, ranks in configs:
+        fin, ex = build(dense, ranks)
+        check_outputs(fin, ex)
+        acc_model = copy.deepcopy(fin)
+        recalibrate_bn(acc_model, train, batches=None)
+        acc = evaluate(acc_model, test)["accuracy"]
+        eager[label] = ex
+        info[label] = (ac.complexity(ex, INPUT).macs / d_macs, discarded(dense, ranks), acc,
+                       sorted(set(ranks.values())))
+        print(f"{label}: MACs {info[label][0]:.3f}, discarded {info[label][1]:.3f}, acc {acc:.2f}", flush=True)
+    rows = []
+    for b in args.batches:
+        x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
+        ort = {k: _ort(m, x) for k, m in eager.items()}
+        for k in ort:
+            with torch.inference_mode():
+                ref, got = eager[k](x), ort[k](x)
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * max(1.0, float(ref.abs().max())))
+        rep, warm = (20, 5) if b == 1 else (max(3, 40 // b), 2)
+        for mode, mods in (("ort", ort), ("eager", eager)):
+            t = {k: v[1] for k, v in measure(mods, b, args.rounds, warm, rep).items()}
+            print(f"b={b} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items()), flush=True)
+            for label in info:
+                rows.append((b, mode, label, t["dense"], t[label]))
+    hdr = ["batch", "mode", "ranks", "MACs ratio", "dense CPU ms", "TT CPU ms", "time ratio", "realized / ideal",
+           "share", "discarded energy", "acc after projection (%)"]
+    table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
+    for b, mode, label, td, tv in rows:
+        mr, e, acc, _ = info[label]
+        table.append("| " + " | ".join([str(b), mode, label, *ratio_cells(mr, td, tv), f"{e:.3f}", f"{acc:.2f}"])
+                     + " |")
+    ranks_lines = [f"* {label}: rank pairs used {info[label][3]}" + (f" (planned in {plan_s[label]:.0f} s)"
+                                                                     if label in plan_s else "")
+                   for label in info]
+    text = "\n".join([
+        "# TT ranks for a latency budget vs a MAC budget (benchmarks/tt_latency_ranks.py)", "",
+        __doc__.split("\n\n", 1)[1].strip(), "",
+        f"Dense ResNet-56 after {args.epochs} epochs: test accuracy {dense_acc:.2f} %, {d_macs / 1e6:.1f} M MACs.", "",
+        *table, "",
+        *ranks_lines, "",
+        footer(args.threads, load0, t0), ""])
+    print("\n".join(table))
+    write_report(args.out, text)
+
+
+if __name__ == "__main__":
+    main()
