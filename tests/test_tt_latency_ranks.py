@@ -179,6 +179,25 @@ def test_measure_tt_layer_times_the_dense_layer_and_its_exported_chain(backend):
         assert math.isfinite(ms) and ms > 0
 
 
+def test_layers_without_a_tt_export_are_refused_before_any_timing():
+    """A depthwise convolution has no TT export (prepare refuses it): both planners name it and the
+    fix before measuring anything; filtering it out plans the rest."""
+    from admm_compress.methods.raspa import tt_ranks_for_budget
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                        nn.Conv2d(16, 32, 3, padding=1))
+    table = _Table()
+    with pytest.raises(ValueError, match=r"'1': TT export of a grouped/depthwise convolution \(groups=16\).*"
+                                         r"m.groups == 1"):
+        tt_ranks_for_latency(net, 0.3, input_size=(3, 8, 8), exclude="0", latency_fn=table)
+    assert table.calls == []
+    with pytest.raises(ValueError, match="grouped/depthwise"):
+        tt_ranks_for_budget(net, 0.3, exclude="0")
+    ranks = tt_ranks_for_latency(net, 0.3, input_size=(3, 8, 8), latency_fn=table,
+                                 targets=lambda n, m: isinstance(m, nn.Conv2d) and m.groups == 1 and n != "0")
+    assert list(ranks) == ["2"]
+
+
 def test_bad_input_names_the_parameter():
     net = _net()
     with pytest.raises(ValueError, match="reduction"):

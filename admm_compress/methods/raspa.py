@@ -410,6 +410,26 @@ def raspa(tt_ranks=(10, 10), density: float = 0.1, rho: Any = "auto", rho_growth
     return solver
 
 
+def tt_target_layers(model: nn.Module, targets, exclude, view, where: str) -> list:
+    """``[(name, module)]`` of the Linear/Conv layers ``targets`` / ``exclude`` select, checked
+    before any work: a layer the TT export cannot build (a grouped or depthwise convolution, ...)
+    raises ``ValueError`` naming it, the reason and the fix."""
+    from ..exportable import refusal
+    from ..specs import Constrain as _C
+
+    layers = [(n, m) for n, m in _C(targets, TTRank(1), view=view, exclude=exclude).select(model)
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not layers:
+        raise ValueError(f"{where}: targets={targets!r} selects no Linear/Conv layer of the model")
+    bad = [(n, msg) for n, m in layers if (msg := refusal(m, "weight", TTRank(1), view))]
+    if bad:
+        listed = "; ".join(f"{n!r}: {msg}" for n, msg in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ValueError(f"{where}: {len(bad)} of the {len(layers)} selected layers have no TT export ({listed}); "
+                         f"leave them out with exclude=[...] or targets=lambda name, m: ..., e.g. "
+                         f"targets=lambda n, m: isinstance(m, nn.Conv2d) and m.groups == 1")
+    return layers
+
+
 def tt_unfolding_spectra(weight: torch.Tensor, view) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(K, s^(1), s^(2))``: the middle mode size of ``weight`` seen through the TT ``view``
     (``(a, K, c)``, e.g. ``(O, kh*kw, I)`` for :meth:`TTView.oki`) and the singular values of its
@@ -470,8 +490,9 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     Raises
     ------
     ValueError
-        Bad arguments, or a budget that rank 1 everywhere cannot meet (the message gives the
-        largest achievable reduction).
+        Bad arguments, a selected layer the TT export cannot build (a grouped or depthwise
+        convolution; before any work, see :func:`tt_target_layers`), or a budget that rank 1
+        everywhere cannot meet (the message gives the largest achievable reduction).
 
     See Also
     --------
@@ -480,7 +501,7 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
         favours ranks that are multiples of 16).
     """
     from ..complexity import complexity
-    from ..specs import Constrain as _C, unwrap
+    from ..specs import unwrap
 
     red = check_float("reduction", reduction, low=0.0, high=1.0, low_open=True, high_open=True,
                       where="tt_ranks_for_budget")
@@ -491,11 +512,7 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
         raise ValueError("tt_ranks_for_budget: metric='macs' needs input_size (the input shape without batch)")
     model = unwrap(model)
     view = tt_layout_view(layout)
-    probe = _C(targets, TTRank(1), view=view, exclude=exclude)
-    layers = [(n, m) for n, m in probe.select(model)
-              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    if not layers:
-        raise ValueError(f"tt_ranks_for_budget: targets={targets!r} selects no Linear/Conv layer of the model")
+    layers = tt_target_layers(model, targets, exclude, view, "tt_ranks_for_budget")
     pos = {n: (1, 1) for n, _ in layers}
     if metric == "macs":
         hooks = []

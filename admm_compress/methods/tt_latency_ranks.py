@@ -26,7 +26,7 @@ from .._validation import check_choice, check_float, check_int
 from ..layers import tt as tt_layers
 from ..sets import TTRank
 from ..views import tt_layout_view
-from .raspa import tt_unfolding_spectra
+from .raspa import tt_target_layers, tt_unfolding_spectra
 
 __all__ = ["tt_ranks_for_latency", "rank_grid", "knapsack_min_error", "measure_tt_layer"]
 
@@ -204,10 +204,11 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
     Raises
     ------
     ValueError
-        Bad arguments, or a budget the smallest candidates cannot meet (the message gives the
-        largest reachable reduction).
+        Bad arguments, a selected layer the TT export cannot build (a grouped or depthwise
+        convolution; before any timing), or a budget the smallest candidates cannot meet (the
+        message gives the largest reachable reduction).
     """
-    from ..specs import Constrain as _C, unwrap
+    from ..specs import unwrap
 
     where = "tt_ranks_for_latency"
     red = check_float("reduction", reduction, low=0.0, high=1.0, low_open=True, high_open=True, where=where)
@@ -225,10 +226,7 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
             raise ImportError(f"{where}: backend='ort' needs onnxruntime (pip install 'admm-compress[onnx]')") from e
     model = unwrap(model)
     view = tt_layout_view(layout)
-    layers = [(n, m) for n, m in _C(targets, TTRank(1), view=view, exclude=exclude).select(model)
-              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    if not layers:
-        raise ValueError(f"{where}: targets={targets!r} selects no Linear/Conv layer of the model")
+    layers = tt_target_layers(model, targets, exclude, view, where)
     shapes, hooks = {}, []
 
     def record(name):
