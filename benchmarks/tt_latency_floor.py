@@ -87,6 +87,24 @@ def _ort(model: nn.Module, x: torch.Tensor):
     return lambda t: torch.from_numpy(run(t.numpy()))
 
 
+def eager_and_ort_times(eager: dict, batches, rounds: int, order=("ort", "eager")):
+    """Yield ``(batch, mode, {label: median CPU ms})`` for ``mode`` in ``order``: every
+    eager model of ``eager`` (one labelled "dense") also opened in ONNX Runtime (:func:`_ort`), its
+    outputs checked against eager first, then all timed interleaved (``latency_speedup.measure``)."""
+    for b in batches:
+        x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
+        ort = {k: _ort(m, x) for k, m in eager.items()}
+        for k in ort:
+            with torch.inference_mode():
+                ref, got = eager[k](x), ort[k](x)
+            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * max(1.0, float(ref.abs().max())))
+        rep, warm = (20, 5) if b == 1 else (max(3, 40 // b), 2)
+        for mode in order:
+            t = {k: v[1] for k, v in measure(ort if mode == "ort" else eager, b, rounds, warm, rep).items()}
+            print(f"b={b} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items()), flush=True)
+            yield b, mode, t
+
+
 def ratio_cells(mr: float, td: float, tv: float) -> list:
     """Table cells of one measurement: MACs ratio, dense and variant ms, time ratio ``f``,
     realized / ideal ``mr / f`` and share ``(1 - f) / (1 - mr)``."""

@@ -45,8 +45,8 @@ from admm_compress.methods.tt_latency_ranks import tt_ranks_for_latency  # noqa:
 from admm_compress.registry import train_dense  # noqa: E402
 from admm_compress.training import evaluate, recalibrate_bn  # noqa: E402
 from admm_compress.views import TTView  # noqa: E402
-from latency_speedup import INPUT, check_outputs, measure  # noqa: E402
-from tt_latency_floor import _ort, footer, ratio_cells  # noqa: E402
+from latency_speedup import INPUT, check_outputs  # noqa: E402
+from tt_latency_floor import eager_and_ort_times, footer, ratio_cells  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,27 +132,16 @@ def main(argv=None):
                        sorted(set(ranks.values())))
         print(f"{label}: MACs {info[label][0]:.3f}, discarded {info[label][1]:.3f}, acc {acc:.2f}, "
               f"fine-tuned {tuned:.2f}", flush=True)
-    rows = []
-    for b in args.batches:
-        x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
-        ort = {k: _ort(m, x) for k, m in eager.items()}
-        for k in ort:
-            with torch.inference_mode():
-                ref, got = eager[k](x), ort[k](x)
-            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * max(1.0, float(ref.abs().max())))
-        rep, warm = (20, 5) if b == 1 else (max(3, 40 // b), 2)
-        for mode, mods in (("ort", ort), ("eager", eager)):
-            t = {k: v[1] for k, v in measure(mods, b, args.rounds, warm, rep).items()}
-            print(f"b={b} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items()), flush=True)
-            for label in info:
-                rows.append((b, mode, label, t["dense"], t[label]))
+    rows = [(b, mode, label, t["dense"], t[label])
+            for b, mode, t in eager_and_ort_times(eager, args.batches, args.rounds) for label in info]
     hdr = ["batch", "mode", "ranks", "MACs ratio", "dense CPU ms", "TT CPU ms", "time ratio", "realized / ideal",
-           "share", "discarded energy", "acc after projection (%)", f"after {args.finetune_epochs} fine-tuning epochs (%)"]
+           "share", "discarded energy", "acc after projection (%)",
+           f"after {args.finetune_epochs} fine-tuning epochs (%)"]
     table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
     for b, mode, label, td, tv in rows:
         mr, e, acc, tuned, _ = info[label]
         table.append("| " + " | ".join([str(b), mode, label, *ratio_cells(mr, td, tv), f"{e:.3f}", f"{acc:.2f}",
-                                        f"{tuned:.2f}"]) + " |")
+                                        f"{tuned:.2f}" if args.finetune_epochs else "-"]) + " |")
     ranks_lines = [f"* {label}: rank pairs used {info[label][4]}" + (f" (planned in {plan_s[label]:.0f} s)"
                                                                      if label in plan_s else "")
                    for label in info]

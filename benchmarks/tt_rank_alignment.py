@@ -42,8 +42,8 @@ import admm_compress as ac  # noqa: E402
 from _report import write_report  # noqa: E402
 from admm_compress import models  # noqa: E402
 from admm_compress.views import TTView  # noqa: E402
-from latency_speedup import INPUT, check_outputs, measure  # noqa: E402
-from tt_latency_floor import _ort, footer, ratio_cells, refold  # noqa: E402
+from latency_speedup import INPUT, check_outputs  # noqa: E402
+from tt_latency_floor import eager_and_ort_times, footer, ratio_cells, refold  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,20 +97,8 @@ def main(argv=None):
             check_outputs(fin, m)
             eager[f"{label}, {form}"] = m
             macs[f"{label}, {form}"] = ac.complexity(m, INPUT).macs / d_macs
-    rows = []
-    for b in args.batches:
-        x = torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(3))
-        ort = {k: _ort(m, x) for k, m in eager.items()}
-        for k in ort:
-            with torch.inference_mode():
-                ref, got = eager[k](x), ort[k](x)
-            torch.testing.assert_close(got, ref, rtol=1e-3, atol=1e-4 * max(1.0, float(ref.abs().max())))
-        rep, warm = (20, 5) if b == 1 else (max(3, 40 // b), 2)
-        for mode, mods in (("eager", eager), ("ort", ort)):
-            t = {k: v[1] for k, v in measure(mods, b, args.rounds, warm, rep).items()}
-            print(f"b={b} {mode}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in t.items()), flush=True)
-            for label in macs:
-                rows.append((b, mode, label, macs[label], t["dense"], t[label]))
+    rows = [(b, mode, label, macs[label], t["dense"], t[label])
+            for b, mode, t in eager_and_ort_times(eager, args.batches, args.rounds, ("eager", "ort")) for label in macs]
     hdr = ["batch", "mode", "variant", "MACs ratio", "dense CPU ms", "variant CPU ms", "time ratio",
            "realized / ideal", "share"]
     table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
