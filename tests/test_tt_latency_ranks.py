@@ -165,6 +165,52 @@ def test_latency_ranks_export_to_chains_equal_to_the_finalized_model():
     assert sum(isinstance(m, nn.Conv2d) for m in ex.modules()) == 1 + 3 * len(ranks)
 
 
+class _FormTable(_Table):
+    """The table with a form: ``fold_last`` 20 % cheaper than the chain, ``fold_first`` 10 % dearer."""
+
+    def __call__(self, layer, ranks, input_shape, form="chain"):
+        base = super().__call__(layer, ranks, input_shape)
+        return base * {"chain": 1.0, "fold_last": 0.8, "fold_first": 1.1}[form]
+
+
+def test_forms_are_candidates_and_realize_forms_applies_them_exactly():
+    """With the two-conv forms as candidates the plan keeps no less energy (a superset of
+    candidates, same budget), picks the cheaper form where it fits, and realize_forms turns the
+    exported chains into those forms without changing the outputs."""
+    from admm_compress.layers.tt_realize import is_oki_chain
+    from admm_compress.methods.tt_latency_ranks import realize_forms
+
+    net = _net()
+    three = ("chain", "fold_first", "fold_last")
+    plain = tt_ranks_for_latency(net, 0.5, input_size=(3, 8, 8), exclude="0", latency_fn=_FormTable())
+    ranks, forms = tt_ranks_for_latency(net, 0.5, input_size=(3, 8, 8), exclude="0", latency_fn=_FormTable(),
+                                        forms=three, return_forms=True)
+    assert set(forms) == set(ranks) and set(forms.values()) <= set(three) and "fold_last" in forms.values()
+
+    def total(r):
+        mods = dict(net.named_modules())
+        return sum(float((s1[a:] ** 2).sum() + (s2[b:] ** 2).sum())
+                   for n, (a, b) in r.items() for _, s1, s2 in [tt_unfolding_spectra(mods[n].weight, TTView.oki())])
+
+    assert total(ranks) <= total(plain) * (1 + 1e-12)
+    solver = ac.Solver([ac.Constrain(n, ac.TTRank(r), view=TTView.oki()) for n, r in ranks.items()])
+    solver.prepare(net)
+    solver.finalize(net)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = net(x)
+        ex = realize_forms(ac.export(net, solver), forms)
+        torch.testing.assert_close(ex(x), ref, rtol=1e-4, atol=1e-5)  # as _export_equal (float32 conv sums)
+    for n, f in forms.items():
+        assert is_oki_chain(ex.get_submodule(n)) == (f == "chain")
+    with pytest.raises(ValueError, match="not an oki TT chain"):
+        realize_forms(ex, {n: "fold_last" for n, f in forms.items() if f != "chain"})
+    with pytest.raises(ValueError, match="forms"):
+        tt_ranks_for_latency(net, 0.5, input_size=(3, 8, 8), forms=("dense",))
+    with pytest.raises(ValueError, match="layout='oki'"):
+        tt_ranks_for_latency(net, 0.5, input_size=(3, 8, 8), forms=three, layout="paired")
+
+
 @pytest.mark.parametrize("backend", ["eager", "ort"])
 def test_measure_tt_layer_times_the_dense_layer_and_its_exported_chain(backend):
     """The timing path itself (values depend on the machine, so only that it runs and returns a
@@ -174,8 +220,8 @@ def test_measure_tt_layer_times_the_dense_layer_and_its_exported_chain(backend):
     from admm_compress.methods.tt_latency_ranks import measure_tt_layer
 
     conv = _net()[2]
-    for ranks in (None, (16, 4)):
-        ms = measure_tt_layer(conv, ranks, (16, 8, 8), backend=backend, repeats=2)
+    for ranks, form in ((None, "chain"), ((16, 4), "chain"), ((16, 4), "fold_last"), ((16, 4), "fold_first")):
+        ms = measure_tt_layer(conv, ranks, (16, 8, 8), backend=backend, repeats=2, form=form)
         assert math.isfinite(ms) and ms > 0
 
 

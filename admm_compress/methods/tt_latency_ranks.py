@@ -9,7 +9,9 @@ MAC-budgeted ranks of a -75 % model took 0.83 of the dense time where ranks at t
 chain (the module :func:`admm_compress.export` builds) at a grid of rank pairs on the chosen
 backend, and picks per-layer ranks that lose the least energy within a time budget -- a
 multiple-choice knapsack, the formulation of hardware-aware pruning with latency lookup tables
-(HALP, Shen et al., NeurIPS 2022), solved exactly by dynamic programming over the budget.
+(HALP, Shen et al., NeurIPS 2022), solved exactly by dynamic programming over the budget.  With
+``forms=("chain", "fold_first", "fold_last")`` the candidates also include each chain's exact
+two-conv realizations; :func:`realize_forms` applies the chosen ones to the exported model.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from ..sets import TTRank
 from ..views import tt_layout_view
 from .raspa import tt_target_layers, tt_unfolding_spectra
 
-__all__ = ["tt_ranks_for_latency", "rank_grid", "knapsack_min_error", "measure_tt_layer"]
+__all__ = ["tt_ranks_for_latency", "realize_forms", "rank_grid", "knapsack_min_error", "measure_tt_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +115,19 @@ def knapsack_min_error(errors: Sequence[Sequence[float]], costs: Sequence[Sequen
 
 
 def measure_tt_layer(layer: nn.Module, ranks: tuple[int, int] | None, input_shape: Sequence[int], *,
-                     layout: str = "oki", backend: str = "eager", batch: int = 1, repeats: int = 30) -> float:
+                     layout: str = "oki", backend: str = "eager", batch: int = 1, repeats: int = 30,
+                     form: str = "chain") -> float:
     """Median milliseconds of ``layer`` (``ranks=None``) or of its exported TT chain at ``ranks``.
 
     The chain is what :func:`admm_compress.export` builds for a copy of the layer constrained to
-    ``TTRank(ranks)`` on the ``layout`` view (prepare -> finalize -> export), timed on a random
-    input of ``(batch, *input_shape)`` by :func:`admm_compress.latency.latency` (``"eager"``) or
-    :func:`admm_compress.latency.ort_latency` (``"ort"``, outputs checked against eager).
+    ``TTRank(ranks)`` on the ``layout`` view (prepare -> finalize -> export), in its ``form``
+    (``"chain"``, or an exact two-conv realization of an ``"oki"`` chain, ``"fold_first"`` /
+    ``"fold_last"``: :func:`admm_compress.layers.tt_realize.chain_realizations`), timed on a
+    random input of ``(batch, *input_shape)`` by :func:`admm_compress.latency.latency`
+    (``"eager"``) or :func:`admm_compress.latency.ort_latency` (``"ort"``, outputs checked against
+    eager).
     """
+    from ..layers.tt_realize import chain_realizations
     from ..export import export
     from ..latency import latency, ort_latency
     from ..solver import Solver
@@ -136,6 +143,8 @@ def measure_tt_layer(layer: nn.Module, ranks: tuple[int, int] | None, input_shap
             solver = Solver([Constrain("0", TTRank(tuple(ranks)), view=tt_layout_view(layout))]).prepare(net)
             solver.finalize(net)
             net = export(net, solver).eval()
+            if form != "chain":
+                net[0] = chain_realizations(net[0])[form].eval()
         if backend == "ort":
             return float(ort_latency(net, tuple(input_shape), batch=batch, repeats=repeats)["median_ms"])
         return float(latency(net, tuple(input_shape), batch=batch, repeats=repeats).median)
@@ -153,7 +162,8 @@ def _signature(m: nn.Module, in_shape) -> tuple:
 def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequence[int], targets=nn.Conv2d,
                          exclude=None, layout: str = "oki", backend: str = "eager", batch: int = 1,
                          repeats: int = 30, grid: Callable[[int], Sequence[int]] = rank_grid,
-                         latency_fn: Callable | None = None, resolution: int = 4096) -> dict:
+                         latency_fn: Callable | None = None, resolution: int = 4096,
+                         forms: Sequence[str] = ("chain",), return_forms: bool = False):
     """Per-layer TT ranks ``{layer: (r_1, r_2)}`` whose chains take at most ``1 - reduction`` of
     the targeted layers' dense time on ``backend``, losing the least energy.
 
@@ -194,6 +204,15 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
     resolution : int
         Budget steps of the dynamic program (every cost is rounded up to ``budget / resolution``,
         so the result fits).
+    forms : sequence of {"chain", "fold_first", "fold_last"}
+        Realizations of each rank pair's chain to time as candidates (``"oki"`` layout): the
+        exported three-conv chain and its exact two-conv forms ``kxk I->r_1, 1x1 r_1->O`` /
+        ``1x1 I->r_2, kxk r_2->O`` (:func:`admm_compress.layers.tt_realize.chain_realizations`;
+        each kept only where it has fewer values and no more MACs than the dense layer).  With
+        more than ``"chain"``, pass ``return_forms=True`` and apply the chosen forms to the
+        exported model with :func:`realize_forms`; a ``latency_fn`` then also gets ``form=``.
+    return_forms : bool
+        Return ``(ranks, {layer: form})`` instead of ``ranks``.
 
     Returns
     -------
@@ -216,6 +235,13 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
     backend = check_choice("backend", backend, ("eager", "ort"), where=where)
     batch = check_int("batch", batch, low=1, where=where)
     repeats = check_int("repeats", repeats, low=1, where=where)
+    forms = tuple(forms)
+    bad_forms = [f for f in forms if f not in ("chain", "fold_first", "fold_last")]
+    if not forms or bad_forms:
+        raise ValueError(f"{where}: forms={forms!r}; allowed: a non-empty subset of 'chain', 'fold_first', "
+                         f"'fold_last'")
+    if forms != ("chain",) and layout != "oki":
+        raise ValueError(f"{where}: forms={forms!r} needs layout='oki' (the two-conv forms are of the oki chain)")
     if latency_fn is not None and not callable(latency_fn):
         raise TypeError(f"{where}: latency_fn must be callable (layer, ranks, input_shape) -> cost, got "
                         f"{type(latency_fn).__name__}")
@@ -252,13 +278,26 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
 
     cache: dict = {}
 
-    def cost(m, ranks, shape):
-        key = (_signature(m, shape), None if ranks is None else tuple(ranks))
+    def cost(m, ranks, shape, form="chain"):
+        key = (_signature(m, shape), None if ranks is None else tuple(ranks), form)
         if key not in cache:
-            cache[key] = float(latency_fn(m, ranks, shape) if latency_fn is not None else
-                               measure_tt_layer(m, ranks, shape, layout=layout, backend=backend, batch=batch,
-                                                repeats=repeats))
+            if latency_fn is not None:
+                extra = {"form": form} if forms != ("chain",) and ranks is not None else {}
+                cache[key] = float(latency_fn(m, ranks, shape, **extra))
+            else:
+                cache[key] = measure_tt_layer(m, ranks, shape, layout=layout, backend=backend, batch=batch,
+                                              repeats=repeats, form=form)
         return cache[key]
+
+    def size(shape, ranks, form, pin, pout, padded):
+        """(values, MACs) of a candidate, bias left out."""
+        if form == "chain":
+            return tt_layers.tt_layer_cost(view, shape, ranks, pin, pout, padded=padded)
+        O, I, K = shape[0], shape[1], math.prod(shape[2:])
+        r1, r2 = ranks
+        if form == "fold_first":  # kxk I -> r1 at the output resolution, 1x1 r1 -> O
+            return K * I * r1 + r1 * O, (K * I * r1 + r1 * O) * pout
+        return r2 * I + K * r2 * O, r2 * I * pin + K * r2 * O * pout  # fold_last: 1x1 I -> r2, kxk r2 -> O
 
     errors, costs, cands = [], [], []
     dense_total = 0.0
@@ -271,17 +310,17 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
         pin, pout = math.prod(in_shape[1:]), math.prod(out_shape[1:])
         d_params, d_macs = math.prod(shape), math.prod(shape) * pout
         padded = tt_layers._pads(m)
-        # only rank pairs the export realizes as a TT chain: fewer values and no more MACs than dense
-        pairs = [(r1, r2) for r1 in grid(a) for r2 in grid(c)
+        # only candidates smaller than the dense layer (fewer values, no more MACs): for the chain,
+        # the rank pairs the export realizes as a TT chain
+        pairs = [((r1, r2), f) for r1 in grid(a) for r2 in grid(c) for f in forms
                  if 1 <= r1 <= min(a, K * c) and 1 <= r2 <= min(c, K * r1)
-                 and (lambda pm: pm[0] < d_params and pm[1] <= d_macs)(
-                     tt_layers.tt_layer_cost(view, shape, (r1, r2), pin, pout, padded=padded))]
+                 and (lambda pm: pm[0] < d_params and pm[1] <= d_macs)(size(shape, (r1, r2), f, pin, pout, padded))]
         if not pairs:
             raise ValueError(f"{where}: grid gives no rank pair smaller than the dense layer {n!r} (TT shape "
                              f"{(a, K, c)}); exclude it or pass a finer grid")
         cands.append(pairs)
-        errors.append([float(e1[min(r1, e1.numel() - 1)] + e2[min(r2, e2.numel() - 1)]) for r1, r2 in pairs])
-        costs.append([cost(m, p, in_shape) for p in pairs])
+        errors.append([float(e1[min(r1, e1.numel() - 1)] + e2[min(r2, e2.numel() - 1)]) for (r1, r2), _ in pairs])
+        costs.append([cost(m, p, in_shape, f) for p, f in pairs])
         dense_total += cost(m, None, in_shape)
     budget = (1.0 - red) * dense_total
     floor = sum(min(c) for c in costs)
@@ -290,9 +329,34 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
                          f"candidates take {floor / dense_total:.3f} of the dense time (largest reachable "
                          f"reduction {max(0.0, 1 - floor / dense_total):.3f})")
     pick = knapsack_min_error(errors, costs, budget, resolution)
-    out = {n: cands[i][pick[i]] for i, (n, _) in enumerate(layers)}
+    out = {n: cands[i][pick[i]][0] for i, (n, _) in enumerate(layers)}
+    chosen_forms = {n: cands[i][pick[i]][1] for i, (n, _) in enumerate(layers)}
     spent = sum(costs[i][pick[i]] for i in range(len(layers)))
     log.info("%s: %d layers, %d timings, chains %.3f of the dense time (budget %.3f), discarded energy %.4g",
              where, len(layers), len(cache), spent / dense_total, 1 - red,
              sum(errors[i][pick[i]] for i in range(len(layers))))
-    return out
+    return (out, chosen_forms) if return_forms else out
+
+
+def realize_forms(exported: nn.Module, forms: dict) -> nn.Module:
+    """Replace, in place, each exported ``"oki"`` TT chain named in ``forms`` by its realization
+    ``forms[name]`` (``"chain"``: left alone; ``"fold_first"`` / ``"fold_last"``: the exact two-conv
+    forms of :func:`admm_compress.layers.tt_realize.chain_realizations`), as chosen by
+    :func:`tt_ranks_for_latency` with ``return_forms=True``; returns ``exported``."""
+    from ..layers.tt_realize import chain_realizations, is_oki_chain
+    from ..specs import replace_module
+
+    for name, form in forms.items():
+        if form == "chain":
+            continue
+        try:
+            mod = exported.get_submodule(name)
+        except AttributeError:
+            mod = None
+        if mod is None or not is_oki_chain(mod):
+            raise ValueError(f"realize_forms: layer {name!r} of the exported model is not an oki TT chain "
+                             f"(got {type(mod).__name__}); export the model with the planned ranks first")
+        if form not in ("fold_first", "fold_last"):
+            raise ValueError(f"realize_forms: form {form!r} for {name!r}; allowed: 'chain', 'fold_first', 'fold_last'")
+        replace_module(exported, name, chain_realizations(mod)[form])
+    return exported
