@@ -5,7 +5,9 @@ values) gives ranks whose MACs fall but whose ONNX Runtime time barely does: its
 ranks such as 11-15 that ORT's AVX-512 kernels handle 1.5-2x slower than 16
 (``docs/results/tt_rank_alignment.md``).  ``tt_ranks_for_latency(model, r, backend="ort")`` (or ``"eager"``)
 (:mod:`admm_compress.methods.tt_latency_ranks`) times every targeted layer's exported TT chain at
-a grid of rank pairs (1, 2, 4, 8, multiples of 16) in ONNX Runtime and chooses, by dynamic
+a grid of rank pairs (1, 2, 4, 8, multiples of 16) in ONNX Runtime -- for the rows marked "3 forms"
+also the chain's exact two-conv forms ``fold_first`` / ``fold_last``, applied to the exported model
+by ``realize_forms`` -- and chooses, by dynamic
 programming, the ranks that discard the least energy within ``1 - r`` of the targeted layers'
 dense time.  Both are applied to the same trained model and compared on:
 
@@ -41,7 +43,7 @@ import admm_compress as ac  # noqa: E402
 from _report import write_report  # noqa: E402
 from admm_compress import data, models  # noqa: E402
 from admm_compress.methods.raspa import tt_ranks_for_budget, tt_unfolding_spectra  # noqa: E402
-from admm_compress.methods.tt_latency_ranks import tt_ranks_for_latency  # noqa: E402
+from admm_compress.methods.tt_latency_ranks import realize_forms, tt_ranks_for_latency  # noqa: E402
 from admm_compress.registry import train_dense  # noqa: E402
 from admm_compress.training import evaluate, recalibrate_bn  # noqa: E402
 from admm_compress.views import TTView  # noqa: E402
@@ -73,8 +75,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=4, help="dense training epochs on digits32")
     ap.add_argument("--macs", type=float, nargs="+", default=[0.5, 0.75], help="MAC reductions (tt_ranks_for_budget)")
-    ap.add_argument("--latency", type=float, nargs="+", default=[0.3, 0.4, 0.5, 0.6],
+    ap.add_argument("--latency", type=float, nargs="*", default=[0.3, 0.4, 0.5, 0.6],
                     help="reductions of the targeted layers' ORT time (tt_ranks_for_latency)")
+    ap.add_argument("--forms-latency", type=float, nargs="*", default=[0.4, 0.5, 0.6],
+                    help="ORT latency reductions planned over the chain and its two-conv forms (forms=...)")
     ap.add_argument("--eager-latency", type=float, nargs="*", default=[0.2, 0.3],
                     help="reductions of the targeted layers' eager time (tt_ranks_for_latency, backend='eager')")
     ap.add_argument("--finetune-epochs", type=int, default=2,
@@ -104,17 +108,23 @@ def main(argv=None):
     configs = []
     for red in args.macs:
         configs.append((f"MACs budget -{100 * red:.0f} %",
-                        tt_ranks_for_budget(dense, red, "macs", exclude="conv1", input_size=INPUT)))
+                        tt_ranks_for_budget(dense, red, "macs", exclude="conv1", input_size=INPUT), {}))
     plan_s = {}
-    for backend, reds in (("ort", args.latency), ("eager", args.eager_latency)):
+    three = ("chain", "fold_first", "fold_last")
+    for backend, reds, forms in (("ort", args.latency, ("chain",)), ("ort", args.forms_latency, three),
+                                 ("eager", args.eager_latency, ("chain",))):
         for red in reds:
             t1 = time.perf_counter()
-            configs.append((f"{'ORT' if backend == 'ort' else 'eager'} latency budget -{100 * red:.0f} %",
-                            tt_ranks_for_latency(dense, red, input_size=INPUT, exclude="conv1", backend=backend)))
-            plan_s[configs[-1][0]] = time.perf_counter() - t1
+            label = (f"{'ORT' if backend == 'ort' else 'eager'} latency budget -{100 * red:.0f} %"
+                     + (", 3 forms" if len(forms) > 1 else ""))
+            ranks, chosen = tt_ranks_for_latency(dense, red, input_size=INPUT, exclude="conv1", backend=backend,
+                                                 forms=forms, return_forms=True)
+            configs.append((label, ranks, chosen))
+            plan_s[label] = time.perf_counter() - t1
     eager, info = {"dense": dense}, {}
-    for label, ranks in configs:
+    for label, ranks, chosen in configs:
         fin, ex = build(dense, ranks)
+        realize_forms(ex, chosen)
         check_outputs(fin, ex)
         acc_model = copy.deepcopy(fin)
         recalibrate_bn(acc_model, train, batches=None)
@@ -128,8 +138,9 @@ def main(argv=None):
                            progress=False)
             tuned = h.final["after_finetune"]["accuracy"]
         eager[label] = ex
+        form_counts = {f: list(chosen.values()).count(f) for f in sorted(set(chosen.values()))}
         info[label] = (ac.complexity(ex, INPUT).macs / d_macs, discarded(dense, ranks), acc, tuned,
-                       sorted(set(ranks.values())))
+                       sorted(set(ranks.values())), form_counts)
         print(f"{label}: MACs {info[label][0]:.3f}, discarded {info[label][1]:.3f}, acc {acc:.2f}, "
               f"fine-tuned {tuned:.2f}", flush=True)
     rows = [(b, mode, label, t["dense"], t[label])
@@ -139,11 +150,12 @@ def main(argv=None):
            f"after {args.finetune_epochs} fine-tuning epochs (%)"]
     table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
     for b, mode, label, td, tv in rows:
-        mr, e, acc, tuned, _ = info[label]
+        mr, e, acc, tuned, _, _ = info[label]
         table.append("| " + " | ".join([str(b), mode, label, *ratio_cells(mr, td, tv), f"{e:.3f}", f"{acc:.2f}",
                                         f"{tuned:.2f}" if args.finetune_epochs else "-"]) + " |")
-    ranks_lines = [f"* {label}: rank pairs used {info[label][4]}" + (f" (planned in {plan_s[label]:.0f} s)"
-                                                                     if label in plan_s else "")
+    ranks_lines = [f"* {label}: rank pairs used {info[label][4]}"
+                   + (f"; forms {info[label][5]}" if info[label][5] else "")
+                   + (f" (planned in {plan_s[label]:.0f} s)" if label in plan_s else "")
                    for label in info]
     text = "\n".join([
         "# TT ranks for a latency budget vs a MAC budget (benchmarks/tt_latency_ranks.py)", "",
