@@ -295,7 +295,7 @@ class AdaptiveRho:
             return {}
         out = {}
         a = min(1.0, max(interval, 0) / self.response_steps(self.beta))
-        hi = self.factor if a == 1.0 else self.factor ** a
+        hi = self.factor ** a  # x ** 1.0 == x exactly
         lo = 1.0 / math.sqrt(hi)
         for k, rho in rhos.items():
             r = primal.get(k)

@@ -112,6 +112,39 @@ def ratio_cells(mr: float, td: float, tv: float) -> list:
     return [f"{mr:.3f}", f"{td:.2f}", f"{tv:.2f}", f"{f:.2f}", f"{mr / f:.2f}", f"{(1 - f) / (1 - mr):.2f}"]
 
 
+def timing_args(ap: argparse.ArgumentParser, report: str) -> None:
+    """The options every TT timing script shares: ``--batches``, ``--rounds``, ``--threads`` and
+    ``--out`` (default ``docs/results/<report>``)."""
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", report))
+
+
+def start_timing(args, need_ort: bool = True) -> tuple[bool, float, float]:
+    """Threads and warnings set for a timing run; ``(onnxruntime available, load average, start
+    time)``.  Without onnxruntime: ``SystemExit`` when ``need_ort``, else a line saying so."""
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    try:
+        import onnxruntime  # noqa: F401  (optional extra: pip install "admm-compress[onnx]")
+        ort = True
+    except ImportError:
+        if need_ort:
+            raise SystemExit("onnxruntime is needed: pip install -e '.[onnx]'")
+        ort = False
+        print("onnxruntime not installed: eager and TorchScript only", flush=True)
+    return ort, os.getloadavg()[0], time.perf_counter()
+
+
+def finish_report(args, title: str, doc: str, body: list, load0: float, t0: float, shown: list) -> None:
+    """Print ``shown`` and write the report: title, the script's docstring excerpt, ``body``, the
+    machine line (:func:`footer`), atomically to ``args.out``."""
+    text = "\n".join([title, "", doc, "", *body, "", footer(args.threads, load0, t0), ""])
+    print("\n".join(shown))
+    write_report(args.out, text)
+
+
 def footer(threads: int, load0: float, t0: float) -> str:
     """The machine line closing a report (load average at the start and now, run time, UTC date)."""
     return (f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} "
@@ -122,22 +155,10 @@ def footer(threads: int, load0: float, t0: float) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="uniform TT ranks (r, r) swept")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_latency_floor.md"))
+    timing_args(ap, "tt_latency_floor.md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    try:
-        import onnxruntime  # noqa: F401  (optional extra: pip install "admm-compress[onnx]")
-        ort = True
-    except ImportError:
-        ort = False
-        print("onnxruntime not installed: eager and TorchScript only", flush=True)
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    ort, load0, t0 = start_timing(args, need_ort=False)
     rows = []
     for arch in args.archs:
         torch.manual_seed(0)
@@ -190,16 +211,10 @@ def main(argv=None):
             f = best[6] / best[5]
             floor.append(f"| {arch} | {b} | {mode} | {m:g} | {best[3]} | {best[4]:.3f} | {f:.2f} | {m / f:.2f} | "
                          f"{(1 - f) / (1 - m):.2f} |")
-    text = "\n".join([
-        "# The latency floor of stock-conv TT layers (benchmarks/tt_latency_floor.py)", "",
-        __doc__.split("\n\n", 1)[1].split("Writes ``")[0].strip(), "",
-        "## The fastest measured realization within a MACs budget, and what it leaves for the target", "",
-        *floor, "",
-        "## Every measurement", "",
-        *table, "",
-        footer(args.threads, load0, t0), ""])
-    print("\n".join(floor))
-    write_report(args.out, text)
+    finish_report(args, "# The latency floor of stock-conv TT layers (benchmarks/tt_latency_floor.py)",
+                  __doc__.split("\n\n", 1)[1].split("Writes ``")[0].strip(),
+                  ["## The fastest measured realization within a MACs budget, and what it leaves for the target", "",
+                   *floor, "", "## Every measurement", "", *table], load0, t0, floor)
 
 
 if __name__ == "__main__":

@@ -33,14 +33,12 @@ import logging
 import os
 import sys
 import time
-import warnings
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import admm_compress as ac  # noqa: E402
-from _report import write_report  # noqa: E402
 from admm_compress import data, models  # noqa: E402
 from admm_compress.methods.raspa import tt_ranks_for_budget, tt_unfolding_spectra  # noqa: E402
 from admm_compress.methods.tt_latency_ranks import realize_forms, tt_ranks_for_latency  # noqa: E402
@@ -48,9 +46,9 @@ from admm_compress.registry import train_dense  # noqa: E402
 from admm_compress.training import evaluate, recalibrate_bn  # noqa: E402
 from admm_compress.views import TTView  # noqa: E402
 from latency_speedup import INPUT, check_outputs  # noqa: E402
-from tt_latency_floor import eager_and_ort_times, footer, ratio_cells  # noqa: E402
+from tt_latency_floor import (eager_and_ort_times, finish_report, ratio_cells, start_timing,  # noqa: E402
+                              timing_args)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def discarded(model: nn.Module, ranks: dict) -> float:
@@ -83,21 +81,11 @@ def main(argv=None):
                     help="reductions of the targeted layers' eager time (tt_ranks_for_latency, backend='eager')")
     ap.add_argument("--finetune-epochs", type=int, default=2,
                     help="epochs of fit(epochs=0, finetune_epochs=...) from each projection (0: skip)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_latency_ranks.md"))
+    timing_args(ap, "tt_latency_ranks.md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("admm_compress.methods.tt_latency_ranks").setLevel(logging.INFO)
-    try:
-        import onnxruntime  # noqa: F401  (optional extra: pip install "admm-compress[onnx]")
-    except ImportError:
-        raise SystemExit("onnxruntime is needed: pip install -e '.[onnx]'")
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    _, load0, t0 = start_timing(args)
     torch.manual_seed(0)
     dense = models.resnet56(num_classes=10)
     train, test = data.digits32(batch_size=64, seed=0)
@@ -157,15 +145,10 @@ def main(argv=None):
                    + (f"; forms {info[label][5]}" if info[label][5] else "")
                    + (f" (planned in {plan_s[label]:.0f} s)" if label in plan_s else "")
                    for label in info]
-    text = "\n".join([
-        "# TT ranks for a latency budget vs a MAC budget (benchmarks/tt_latency_ranks.py)", "",
-        __doc__.split("\n\n", 1)[1].strip(), "",
-        f"Dense ResNet-56 after {args.epochs} epochs: test accuracy {dense_acc:.2f} %, {d_macs / 1e6:.1f} M MACs.", "",
-        *table, "",
-        *ranks_lines, "",
-        footer(args.threads, load0, t0), ""])
-    print("\n".join(table))
-    write_report(args.out, text)
+    finish_report(args, "# TT ranks for a latency budget vs a MAC budget (benchmarks/tt_latency_ranks.py)",
+                  __doc__.split("\n\n", 1)[1].strip(),
+                  [f"Dense ResNet-56 after {args.epochs} epochs: test accuracy {dense_acc:.2f} %, "
+                   f"{d_macs / 1e6:.1f} M MACs.", "", *table, "", *ranks_lines], load0, t0, table)
 
 
 if __name__ == "__main__":

@@ -31,21 +31,18 @@ import argparse
 import copy
 import os
 import sys
-import time
-import warnings
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import admm_compress as ac  # noqa: E402
-from _report import write_report  # noqa: E402
 from admm_compress import models  # noqa: E402
 from admm_compress.views import TTView  # noqa: E402
 from latency_speedup import INPUT, check_outputs  # noqa: E402
-from tt_latency_floor import eager_and_ort_times, footer, ratio_cells, refold  # noqa: E402
+from tt_latency_floor import (eager_and_ort_times, finish_report, ratio_cells, refold, start_timing,  # noqa: E402
+                              timing_args)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tt_model(dense: nn.Module, rank_of_width: dict):
@@ -68,19 +65,9 @@ def main(argv=None):
     ap.add_argument("--stages", nargs="+", default=["6/12/26", "6/16/16", "6/16/32", "4/16/16", "2/16/16",
                                                      "4/16/32", "8/16/32"],
                     help="ranks a/b/c for the layers with 16/32/64 output channels")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "tt_rank_alignment.md"))
+    timing_args(ap, "tt_rank_alignment.md")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    warnings.filterwarnings("ignore")
-    try:
-        import onnxruntime  # noqa: F401  (optional extra: pip install "admm-compress[onnx]")
-    except ImportError:
-        raise SystemExit("onnxruntime is needed: pip install -e '.[onnx]'")
-    load0 = os.getloadavg()[0]
-    t0 = time.perf_counter()
+    _, load0, t0 = start_timing(args)
     torch.manual_seed(0)
     dense = models.resnet56().eval()
     d_macs = ac.complexity(dense, INPUT).macs
@@ -104,14 +91,9 @@ def main(argv=None):
     table = ["| " + " | ".join(hdr) + " |", "|" + " --- |" * len(hdr)]
     for b, mode, label, mr, td, tv in rows:
         table.append("| " + " | ".join([str(b), mode, label, *ratio_cells(mr, td, tv)]) + " |")
-    text = "\n".join([
-        "# TT ranks and CPU latency: alignment to 16 channels (benchmarks/tt_rank_alignment.py)", "",
-        __doc__.split("\n\n", 1)[1].split("Writes ``")[0].strip(), "",
-        "ResNet-56, CIFAR input 3x32x32.", "",
-        *table, "",
-        footer(args.threads, load0, t0), ""])
-    print("\n".join(table))
-    write_report(args.out, text)
+    finish_report(args, "# TT ranks and CPU latency: alignment to 16 channels (benchmarks/tt_rank_alignment.py)",
+                  __doc__.split("\n\n", 1)[1].split("Writes ``")[0].strip(),
+                  ["ResNet-56, CIFAR input 3x32x32.", "", *table], load0, t0, table)
 
 
 if __name__ == "__main__":

@@ -423,11 +423,39 @@ def tt_target_layers(model: nn.Module, targets, exclude, view, where: str) -> li
         raise ValueError(f"{where}: targets={targets!r} selects no Linear/Conv layer of the model")
     bad = [(n, msg) for n, m in layers if (msg := refusal(m, "weight", TTRank(1), view))]
     if bad:
-        listed = "; ".join(f"{n!r}: {msg}" for n, msg in bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        listed = "; ".join(f"{n!r}: {msg}" for n, msg in bad[:3])
+        listed += f"; and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise ValueError(f"{where}: {len(bad)} of the {len(layers)} selected layers have no TT export ({listed}); "
                          f"leave them out with exclude=[...] or targets=lambda name, m: ..., e.g. "
                          f"targets=lambda n, m: isinstance(m, nn.Conv2d) and m.groups == 1")
     return layers
+
+
+def layer_io_shapes(model: nn.Module, layers, input_size) -> dict:
+    """``{name: [(input shape, output shape), ...]}`` (without batch) of every call of each of
+    ``layers`` (``[(name, module)]``) in one eval-mode forward pass of zeros of shape
+    ``(1, *input_size)``; the model's training mode is restored."""
+    shapes: dict = {}
+    hooks = []
+
+    def record(name):
+        def hook(mod, inp, out):
+            shapes.setdefault(name, []).append((tuple(inp[0].shape[1:]), tuple(out.shape[1:])))
+        return hook
+
+    for n, m in layers:
+        hooks.append(m.register_forward_hook(record(n)))
+    p0 = next(model.parameters())
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *tuple(input_size), dtype=p0.dtype, device=p0.device))
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    return shapes
 
 
 def tt_unfolding_spectra(weight: torch.Tensor, view) -> tuple[int, torch.Tensor, torch.Tensor]:
@@ -514,26 +542,9 @@ def tt_ranks_for_budget(model: nn.Module, reduction: float, metric: str = "param
     view = tt_layout_view(layout)
     layers = tt_target_layers(model, targets, exclude, view, "tt_ranks_for_budget")
     pos = {n: (1, 1) for n, _ in layers}
-    if metric == "macs":
-        hooks = []
-
-        def hook(name):
-            def f(m, inp, out):
-                sp = lambda t: int(t[0, 0].numel()) if t.dim() > 2 else 1  # noqa: E731
-                pos[name] = (sp(inp[0]), sp(out))
-            return f
-        for n, m in layers:
-            hooks.append(m.register_forward_hook(hook(n)))
-        p0 = next(model.parameters())
-        try:
-            with torch.no_grad():
-                was = model.training
-                model.eval()
-                model(torch.zeros(1, *input_size, dtype=p0.dtype, device=p0.device))
-                model.train(was)
-        finally:
-            for h in hooks:
-                h.remove()
+    if metric == "macs":  # positions per sample of each layer's input and output (its last call)
+        for n, calls in layer_io_shapes(model, layers, input_size).items():
+            pos[n] = (math.prod(calls[-1][0][1:]), math.prod(calls[-1][1][1:]))
         total = complexity(model, tuple(input_size)).macs
     else:
         total = sum(p.numel() for p in model.parameters())

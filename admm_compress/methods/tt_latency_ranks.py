@@ -28,7 +28,7 @@ from .._validation import check_choice, check_float, check_int
 from ..layers import tt as tt_layers
 from ..sets import TTRank
 from ..views import tt_layout_view
-from .raspa import tt_target_layers, tt_unfolding_spectra
+from .raspa import layer_io_shapes, tt_target_layers, tt_unfolding_spectra
 
 __all__ = ["tt_ranks_for_latency", "realize_forms", "rank_grid", "knapsack_min_error", "measure_tt_layer"]
 
@@ -253,25 +253,7 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
     model = unwrap(model)
     view = tt_layout_view(layout)
     layers = tt_target_layers(model, targets, exclude, view, where)
-    shapes, hooks = {}, []
-
-    def record(name):
-        def hook(mod, inp, out):
-            shapes.setdefault(name, (tuple(inp[0].shape[1:]), tuple(out.shape[1:])))
-        return hook
-
-    for n, m in layers:
-        hooks.append(m.register_forward_hook(record(n)))
-    p0 = next(model.parameters())
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, *tuple(input_size), dtype=p0.dtype, device=p0.device))
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+    shapes = {n: calls[0] for n, calls in layer_io_shapes(model, layers, input_size).items()}  # first call
     missing = [n for n, _ in layers if n not in shapes]
     if missing:
         raise ValueError(f"{where}: layers {missing} do not run in a forward pass at input_size={tuple(input_size)}")
@@ -310,16 +292,17 @@ def tt_ranks_for_latency(model: nn.Module, reduction: float, *, input_size: Sequ
         pin, pout = math.prod(in_shape[1:]), math.prod(out_shape[1:])
         d_params, d_macs = math.prod(shape), math.prod(shape) * pout
         padded = tt_layers._pads(m)
-        # only candidates smaller than the dense layer (fewer values, no more MACs): for the chain,
-        # the rank pairs the export realizes as a TT chain
+        def smaller(ranks, form):  # fewer values and no more MACs than dense (for the chain: what export builds)
+            values, macs = size(shape, ranks, form, pin, pout, padded)
+            return values < d_params and macs <= d_macs
+
         pairs = [((r1, r2), f) for r1 in grid(a) for r2 in grid(c) for f in forms
-                 if 1 <= r1 <= min(a, K * c) and 1 <= r2 <= min(c, K * r1)
-                 and (lambda pm: pm[0] < d_params and pm[1] <= d_macs)(size(shape, (r1, r2), f, pin, pout, padded))]
+                 if 1 <= r1 <= min(a, K * c) and 1 <= r2 <= min(c, K * r1) and smaller((r1, r2), f)]
         if not pairs:
             raise ValueError(f"{where}: grid gives no rank pair smaller than the dense layer {n!r} (TT shape "
                              f"{(a, K, c)}); exclude it or pass a finer grid")
         cands.append(pairs)
-        errors.append([float(e1[min(r1, e1.numel() - 1)] + e2[min(r2, e2.numel() - 1)]) for (r1, r2), _ in pairs])
+        errors.append([float(e1[r1] + e2[r2]) for (r1, r2), _ in pairs])  # r1 <= min(a, K c) = len(s1); r2 alike
         costs.append([cost(m, p, in_shape, f) for p, f in pairs])
         dense_total += cost(m, None, in_shape)
     budget = (1.0 - red) * dense_total
