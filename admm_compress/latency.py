@@ -157,7 +157,8 @@ def _median_ms(fn, repeats: int, warmup: int, clock) -> float:
 
 
 # ------------------------------------------------------------------ ONNX Runtime
-def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = None, threads: int = 1):
+def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = None, threads: int = 1,
+                 opset: int | None = None):
     """Export ``model`` with :func:`torch.onnx.export` and open it in ONNX Runtime (CPU provider).
 
     The TorchScript-based exporter (``dynamo=False``: here 5-10x faster to export than the
@@ -176,6 +177,11 @@ def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = Non
         Where to write the ``.onnx`` file; default: kept in memory only.
     threads : int
         ORT intra-op threads, >= 1.
+    opset : int, optional
+        ONNX opset of the written file (``torch.onnx.export``'s ``opset_version``; default:
+        the exporter's).  Engines bundling an older ONNX need an older opset: DeepSparse 1.8
+        (ONNX 1.14) loads opset <= 19, not the exporter's current default 20
+        (``benchmarks/sparse_engine.py`` writes opset 17).
 
     Returns
     -------
@@ -200,6 +206,8 @@ def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = Non
         raise TypeError(f"onnx_session: example must be a tensor, got {type(example).__name__}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"onnx_session: threads must be an int >= 1, got {threads!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 9):
+        raise ValueError(f"onnx_session: opset must be None or an int >= 9 (an ONNX opset), got {opset!r}")
     target = io.BytesIO() if path is None else path
     was_training = model.training
     model.eval()
@@ -207,7 +215,7 @@ def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (example,), target, dynamo=False, input_names=["x"], output_names=["y"],
-                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+                              dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=opset)
     finally:
         model.train(was_training)
     so = ort.SessionOptions()

@@ -304,6 +304,29 @@ def test_onnx_session_and_ort_latency_on_every_export_kind(name, monkeypatch):
         with pytest.raises(ValueError, match="repeats"):
             deploy.ort_latency(compact, (3, 8, 8), repeats=0)
 
+def test_onnx_session_writes_the_asked_opset(tmp_path):
+    """``opset`` reaches the file (engines with an older ONNX, e.g. DeepSparse 1.8, need <= 19) and the
+    session still reproduces eager (float32, other kernels: rtol/atol 1e-4 on O(1) outputs); a bad
+    opset is refused before any export."""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from admm_compress import deploy
+
+    torch.manual_seed(0)
+    compact = ac.export(ConvNet().eval(), EXPORTS["sum"]).eval()
+    path = str(tmp_path / "m.onnx")
+    run = deploy.onnx_session(compact, torch.randn(1, 3, 8, 8), path, opset=17)
+    assert [o.version for o in onnx.load(path).opset_import if o.domain in ("", "ai.onnx")] == [17]
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = compact(x)
+    torch.testing.assert_close(torch.from_numpy(run(x.numpy())), ref, rtol=1e-4, atol=1e-4)
+    for bad in (8, 17.0, True, "17"):
+        with pytest.raises(ValueError, match="opset"):
+            deploy.onnx_session(compact, torch.randn(1, 3, 8, 8), str(tmp_path / "bad.onnx"), opset=bad)
+    assert not (tmp_path / "bad.onnx").exists()
+
+
 def test_csr_unavailable_for_a_dtype_falls_back_to_dense():
     layer = _sparse(SparseLinear(16, 8)).to(torch.float16)
     rep = ac.select_kernels(nn.Sequential(layer), torch.randn(2, 16, dtype=torch.float16), repeats=3, warmup=0)
