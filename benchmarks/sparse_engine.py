@@ -20,7 +20,11 @@ the shapes and the sparsity pattern), each built by ``prepare -> finalize -> exp
   singular-value threshold: every conv's chain at the largest ``(r, r)`` within ``1 - X`` (RASPA:
   ``1 - X - 0.05``) of its dense MACs.  On random weights the global threshold leaves ResNet-56's
   16-channel stage at ranks ~15 (chains costing *more* than the dense conv, at channel counts no
-  kernel likes) and cuts the 64-channel stage to ranks 1; uniform ranks are weight-independent.
+  kernel likes) and cuts the 64-channel stage to ranks 1; uniform ranks are weight-independent;
+* ``RASPA Table Model I / II`` (``--tables``, ResNet-20, ResNet-56, DenseNet-40): RASPA's own
+  models, Tables 8-10's per-layer ranks and sparsities (``raspa_tables.paper_setting``) on the
+  default oki layout, built as ``examples/raspa_table1.py`` builds them (a layer whose TT form
+  is larger than its dense kernel keeps a dense L branch there, as the export does).
 
 Each is written to ONNX with ``admm_compress.deploy.onnx_session(..., opset=17)`` (DeepSparse 1.8
 loads opset <= 19), then timed by ``benchmarks/_engine_timer.py`` in another interpreter that has
@@ -64,6 +68,7 @@ import admm_compress as ac
 from _report import write_report
 from latency_speedup import INPUT, check_outputs
 from admm_compress.methods.raspa import raspa
+from admm_compress.methods.raspa_tables import paper_setting
 from tt_latency import ARCHS, build, uniform_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,34 +80,47 @@ VARIANTS = [("oki -50%", "oki", 0.5), ("oki -75%", "oki", 0.75),
             ("raspa -50% + S 5%, uniform", "raspa-uniform", 0.5), ("raspa -75% + S 5%, uniform", "raspa-uniform", 0.75)]
 
 
-def build_variant(make, kind: str, red: float):
-    """(finalized, exported): ``tt_latency.build``'s variants, and ``raspa-uniform``: RASPA with every
-    conv's chain at ``uniform_ranks(model, 1 - red - DENSITY)`` (S's non-zeros inside the budget)."""
-    if kind != "raspa-uniform":
+# --tables: RASPA's own models, Tables 8-10's per-layer ranks and sparsities (raspa_tables.paper_setting)
+TABLE_ARCHS = {"ResNet-20": ("resnet20", ac.models.resnet20), "ResNet-56": ("resnet56", ac.models.resnet56),
+               "DenseNet-40": ("densenet40", ac.models.densenet40)}
+TABLE_VARIANTS = [("RASPA Table Model I", "table", "I"), ("RASPA Table Model II", "table", "II")]
+
+
+def build_variant(make, kind: str, red):
+    """(finalized, exported): ``tt_latency.build``'s variants; ``raspa-uniform``: RASPA with every
+    conv's chain at ``uniform_ranks(model, 1 - red - DENSITY)`` (S's non-zeros inside the budget);
+    ``table``: RASPA with Tables 8-10's ranks and sparsities of the table model ``red`` (``"I"`` /
+    ``"II"``) on the default oki layout, as ``examples/raspa_table1.py`` builds it."""
+    if kind not in ("raspa-uniform", "table"):
         return build(make, kind, red)
     torch.manual_seed(0)
     model = make().eval()
-    solver = raspa(tt_ranks=uniform_ranks(model, 1.0 - red - DENSITY), density=DENSITY, decompose_iters=1)
+    if kind == "table":
+        name = next(k for k, (_, f) in TABLE_ARCHS.items() if f is make)
+        tt, dens = paper_setting(TABLE_ARCHS[name][0], red)
+        solver = raspa(tt_ranks=tt, density=dens, targets=lambda n, m: n in tt, decompose_iters=1)
+    else:
+        solver = raspa(tt_ranks=uniform_ranks(model, 1.0 - red - DENSITY), density=DENSITY, decompose_iters=1)
     solver.prepare(model)
     solver.finalize(model)
     return model, ac.export(model, solver).eval()
 
 
-def export_all(archs, batches, tmp: str) -> tuple[dict, dict]:
-    """Build, check and write every model; returns (manifest for the timer, {key: (arch, label, MACs ratio)})."""
+def export_all(plan, batches, tmp: str) -> tuple[dict, dict]:
+    """Build, check and write every model of ``plan`` (``[(arch, make, variants)]``); returns (manifest
+    for the timer, {key: (arch, label, MACs ratio)})."""
     xs = {b: torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(6)) for b in batches}
     inputs = {}
     for b, x in xs.items():
         inputs[str(b)] = os.path.join(tmp, f"x{b}.npy")
         np.save(inputs[str(b)], x.numpy())
     models, refs, info = [], {}, {}
-    for arch in archs:
-        make = ARCHS[arch]
+    for arch, make, variants in plan:
         torch.manual_seed(0)
         dense = make().eval()
         p0 = ac.complexity(dense, INPUT).macs
         todo = [("dense", dense)]
-        for label, kind, red in VARIANTS:
+        for label, kind, red in variants:
             fin, ex = build_variant(make, kind, red)
             err = check_outputs(fin, ex)
             print(f"{arch} {label}: export equals the finalized model (max rel diff {err:.1e})", flush=True)
@@ -146,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--engine-python", default=os.environ.get("DEEPSPARSE_PYTHON"),
                     help="an interpreter with deepsparse and onnxruntime (default: $DEEPSPARSE_PYTHON)")
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
+    ap.add_argument("--tables", nargs="*", default=list(TABLE_ARCHS), choices=list(TABLE_ARCHS),
+                    help="RASPA's table models (Tables 8-10's ranks and sparsities) to time too")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -160,7 +180,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        man, info = export_all(args.archs, args.batches, tmp)
+        plan = {a: (ARCHS[a], list(VARIANTS)) for a in args.archs}
+        for a in args.tables:  # the table models of an architecture timed above join its dense model
+            plan.setdefault(a, (TABLE_ARCHS[a][1], []))[1].extend(TABLE_VARIANTS)
+        man, info = export_all([(a, make, v) for a, (make, v) in plan.items()], args.batches, tmp)
         man.update(rounds=args.rounds, threads=args.threads, rtol=1e-3, atol=1e-4)
         mpath, rpath = os.path.join(tmp, "manifest.json"), os.path.join(tmp, "res.json")
         with open(mpath, "w") as fh:
