@@ -360,6 +360,37 @@ def _fmt(xs):
     return f"{m:.2f} ({', '.join(f'{x:.1f}' for x in xs)})"
 
 
+def paired_section(rows, sel) -> list[str]:
+    """Default minus peer per seed (same pretrained model, same seed), mean and its standard error
+    ``sd / sqrt(n)`` over the seeds both have: whether the seeds resolve the difference at all."""
+    pairs = (("sparse", "admm_auto", "prune_layer"), ("sparse", "admm_auto_global", "prune_global"),
+             ("lowrank", "admm_auto", "svd"))
+    out = ["", "## Paired differences: default - peer on the same seeds (mean +- standard error)", "",
+           "Per seed both runs start from the same pretrained model, so the per-seed difference removes "
+           "the pretraining's spread.  *resolved*: |mean| >= 2 standard errors (about a 95 % interval "
+           "excluding 0); otherwise these seeds cannot tell the two apart.", "",
+           "| problem | constraint | lr | default | peer | n | default - peer | standard error | resolved? |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for prob, kind, amount, lr in sorted({(r["problem"], r["kind"], r["amount"], r["lr"]) for r in rows
+                                          if r["kind"] in ("sparse", "lowrank") and r["method"] == "admm_auto"},
+                                         key=lambda t: (t[0], t[1], -t[2], -t[3])):
+        for k, ours, peer in pairs:
+            if k != kind:
+                continue
+            a = {r["seed"]: r["acc"] for r in sel(problem=prob, kind=kind, amount=amount, lr=lr, method=ours)}
+            b = {r["seed"]: r["acc"] for r in sel(problem=prob, kind=kind, amount=amount, lr=lr, method=peer)}
+            common = sorted(set(a) & set(b))
+            if len(common) < 2:
+                continue
+            d = [a[x] - b[x] for x in common]
+            m = _mean(d)
+            se = (sum((x - m) ** 2 for x in d) / (len(d) - 1)) ** 0.5 / len(d) ** 0.5
+            what = f"density {amount:g}" if kind == "sparse" else f"LowRank(ratio={amount:g})"
+            verdict = ("yes: default ahead" if m > 0 else "yes: **peer ahead**") if abs(m) >= 2 * se else "no"
+            out.append(f"| {prob} | {what} | {lr:g} | {ours} | {peer} | {len(d)} | {m:+.2f} | {se:.2f} | {verdict} |")
+    return out
+
+
 def report(cache, out, note):
     rows = list(cache.values())
 
@@ -478,6 +509,7 @@ def report(cache, out, note):
                 ok = "yes" if _mean([r["acc"] for r in ou]) >= _mean([r["acc"] for r in pr]) else "**no**"
                 lines.append(f"| {prob} | {lr:g} | {_fmt([r['acc'] for r in pr])} ({used}) | "
                              f"{_fmt([r['acc'] for r in ou])}{f' ({div} diverged)' if div else ''} | {ok} |")
+    lines += paired_section(rows, sel)
     # tuned
     tuned = [r for r in rows if r["method"].startswith(("admm_rho=", "admm_settle_rho="))]
     if tuned:
