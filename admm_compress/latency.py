@@ -206,8 +206,9 @@ def onnx_session(model: nn.Module, example: torch.Tensor, path: str | None = Non
         raise TypeError(f"onnx_session: example must be a tensor, got {type(example).__name__}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"onnx_session: threads must be an int >= 1, got {threads!r}")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 9):
-        raise ValueError(f"onnx_session: opset must be None or an int >= 9 (an ONNX opset), got {opset!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 7):
+        raise ValueError(f"onnx_session: opset must be None or an int >= 7 (the exporter's lowest ONNX opset), "
+                         f"got {opset!r}")
     target = io.BytesIO() if path is None else path
     was_training = model.training
     model.eval()

@@ -155,7 +155,8 @@ def table(res: dict, info: dict, batches) -> list[str]:
             share = "-" if label == "dense" else f"{(1 - t_ds / best) / (1 - mr):.2f}"
             out.append("| " + " | ".join([
                 arch, label, str(b), f"{mr:.3f}", f"{t_ort:.2f}", f"{t_ds:.2f}", f"{best:.2f}",
-                f"**{best / t_ds:.2f}x**", share, f"{best / t_ort:.2f}x", f"{cell['deepsparse']['wall_ms']:.2f}"]) + " |")
+                f"**{best / t_ds:.2f}x**", share, f"{best / t_ort:.2f}x",
+                f"{cell['deepsparse']['wall_ms']:.2f}"]) + " |")
     return out
 
 
