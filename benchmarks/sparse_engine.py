@@ -24,7 +24,10 @@ the shapes and the sparsity pattern), each built by ``prepare -> finalize -> exp
 * ``RASPA Table Model I / II`` (``--tables``, ResNet-20, ResNet-56, DenseNet-40): RASPA's own
   models, Tables 8-10's per-layer ranks and sparsities (``raspa_tables.paper_setting``) on the
   default oki layout, built as ``examples/raspa_table1.py`` builds them (a layer whose TT form
-  is larger than its dense kernel keeps a dense L branch there, as the export does).
+  is larger than its dense kernel keeps a dense L branch there, as the export does);
+* ``pruned, density d`` (``--pruned``, its own report): no L at all, every conv at
+  ``Cardinality(density=d)`` (magnitude pruning per layer, ``admm_sparse``'s / ``prune``'s export),
+  i.e. what a sparse engine does for a plainly pruned model.
 
 Each is written to ONNX with ``admm_compress.deploy.onnx_session(..., opset=17)`` (DeepSparse 1.8
 loads opset <= 19), then timed by ``benchmarks/_engine_timer.py`` in another interpreter that has
@@ -63,6 +66,7 @@ import warnings
 
 import numpy as np
 import torch
+from torch import nn
 
 import admm_compress as ac
 from _report import write_report
@@ -84,18 +88,23 @@ VARIANTS = [("oki -50%", "oki", 0.5), ("oki -75%", "oki", 0.75),
 TABLE_ARCHS = {"ResNet-20": ("resnet20", ac.models.resnet20), "ResNet-56": ("resnet56", ac.models.resnet56),
                "DenseNet-40": ("densenet40", ac.models.densenet40)}
 TABLE_VARIANTS = [("RASPA Table Model I", "table", "I"), ("RASPA Table Model II", "table", "II")]
+# --pruned: plain magnitude pruning (the admm_sparse export), every conv at this density
+PRUNED_VARIANTS = [("pruned, density 0.1", "pruned", 0.1), ("pruned, density 0.05", "pruned", 0.05)]
 
 
 def build_variant(make, kind: str, red):
     """(finalized, exported): ``tt_latency.build``'s variants; ``raspa-uniform``: RASPA with every
     conv's chain at ``uniform_ranks(model, 1 - red - DENSITY)`` (S's non-zeros inside the budget);
     ``table``: RASPA with Tables 8-10's ranks and sparsities of the table model ``red`` (``"I"`` /
-    ``"II"``) on the default oki layout, as ``examples/raspa_table1.py`` builds it."""
-    if kind not in ("raspa-uniform", "table"):
+    ``"II"``) on the default oki layout, as ``examples/raspa_table1.py`` builds it; ``pruned``: every
+    conv at ``Cardinality(density=red)`` (per layer, magnitude projection), exported as ``SparseConv2d``."""
+    if kind not in ("raspa-uniform", "table", "pruned"):
         return build(make, kind, red)
     torch.manual_seed(0)
     model = make().eval()
-    if kind == "table":
+    if kind == "pruned":
+        solver = ac.Solver([ac.Constrain(nn.Conv2d, ac.Cardinality(density=red))], mode="projection")
+    elif kind == "table":
         name = next(k for k, (_, f) in TABLE_ARCHS.items() if f is make)
         tt, dens = paper_setting(TABLE_ARCHS[name][0], red)
         solver = raspa(tt_ranks=tt, density=dens, targets=lambda n, m: n in tt, decompose_iters=1)
@@ -167,6 +176,8 @@ def main(argv=None):
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--tables", nargs="*", default=list(TABLE_ARCHS), choices=list(TABLE_ARCHS),
                     help="RASPA's table models (Tables 8-10's ranks and sparsities) to time too")
+    ap.add_argument("--pruned", action="store_true",
+                    help="only dense and plainly pruned models of --archs (every conv at density 0.1 / 0.05)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -181,7 +192,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        plan = {a: (ARCHS[a], list(VARIANTS)) for a in args.archs}
+        plan = {a: (ARCHS[a], list(PRUNED_VARIANTS if args.pruned else VARIANTS)) for a in args.archs}
         for a in args.tables:  # the table models of an architecture timed above join its dense model
             plan.setdefault(a, (TABLE_ARCHS[a][1], []))[1].extend(TABLE_VARIANTS)
         man, info = export_all([(a, make, v) for a, (make, v) in plan.items()], args.batches, tmp)
