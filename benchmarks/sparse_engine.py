@@ -177,7 +177,8 @@ def main(argv=None):
     ap.add_argument("--tables", nargs="*", default=list(TABLE_ARCHS), choices=list(TABLE_ARCHS),
                     help="RASPA's table models (Tables 8-10's ranks and sparsities) to time too")
     ap.add_argument("--pruned", action="store_true",
-                    help="only dense and plainly pruned models of --archs (every conv at density 0.1 / 0.05)")
+                    help="only dense and plainly pruned models of --archs (every conv at density 0.1 / 0.05; "
+                         "no table models)")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
@@ -193,7 +194,7 @@ def main(argv=None):
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         plan = {a: (ARCHS[a], list(PRUNED_VARIANTS if args.pruned else VARIANTS)) for a in args.archs}
-        for a in args.tables:  # the table models of an architecture timed above join its dense model
+        for a in ([] if args.pruned else args.tables):  # a table model joins its architecture's dense model
             plan.setdefault(a, (TABLE_ARCHS[a][1], []))[1].extend(TABLE_VARIANTS)
         man, info = export_all([(a, make, v) for a, (make, v) in plan.items()], args.batches, tmp)
         man.update(rounds=args.rounds, threads=args.threads, rtol=1e-3, atol=1e-4)
