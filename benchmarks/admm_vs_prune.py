@@ -384,7 +384,7 @@ def paired_section(rows, sel) -> list[str]:
                 continue
             d = [a[x] - b[x] for x in common]
             m = _mean(d)
-            se = (sum((x - m) ** 2 for x in d) / (len(d) - 1)) ** 0.5 / len(d) ** 0.5
+            se = statistics.stdev(d) / len(d) ** 0.5
             what = f"density {amount:g}" if kind == "sparse" else f"LowRank(ratio={amount:g})"
             verdict = ("yes: default ahead" if m > 0 else "yes: **peer ahead**") if abs(m) >= 2 * se else "no"
             out.append(f"| {prob} | {what} | {lr:g} | {ours} | {peer} | {len(d)} | {m:+.2f} | {se:.2f} | {verdict} |")

@@ -53,10 +53,8 @@ Writes ``docs/results/sparse_engine.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -74,8 +72,8 @@ from latency_speedup import INPUT, check_outputs
 from admm_compress.methods.raspa import raspa
 from admm_compress.methods.raspa_tables import paper_setting
 from tt_latency import ARCHS, build, uniform_ranks
+from tt_latency_floor import footer, share_realized, timing_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DENSITY = 0.05
 # (label, build kind, MAC reduction)
 VARIANTS = [("oki -50%", "oki", 0.5), ("oki -75%", "oki", 0.75),
@@ -161,7 +159,7 @@ def table(res: dict, info: dict, batches) -> list[str]:
             dense = res[f"{arch} | dense"][str(b)]
             best = min(dense["ort"]["cpu_ms"], dense["deepsparse"]["cpu_ms"])
             t_ort, t_ds = cell["ort"]["cpu_ms"], cell["deepsparse"]["cpu_ms"]
-            share = "-" if label == "dense" else f"{(1 - t_ds / best) / (1 - mr):.2f}"
+            share = "-" if label == "dense" else f"{share_realized(mr, t_ds / best):.2f}"
             out.append("| " + " | ".join([
                 arch, label, str(b), f"{mr:.3f}", f"{t_ort:.2f}", f"{t_ds:.2f}", f"{best:.2f}",
                 f"**{best / t_ds:.2f}x**", share, f"{best / t_ort:.2f}x",
@@ -179,10 +177,8 @@ def main(argv=None):
     ap.add_argument("--pruned", action="store_true",
                     help="only dense and plainly pruned models of --archs (every conv at density 0.1 / 0.05; "
                          "no table models)")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=os.path.join(ROOT, "docs", "results", "sparse_engine.md"))
+    timing_args(ap, "sparse_engine.md")
+    ap.set_defaults(rounds=3)
     args = ap.parse_args(argv)
     if not args.engine_python or not os.path.exists(args.engine_python):
         ap.error(f"--engine-python must name an interpreter with deepsparse installed, got {args.engine_python!r} "
@@ -213,11 +209,8 @@ def main(argv=None):
         (__doc__ or "").split("\n\n", 1)[1].split("\nDeepSparse (Neural Magic)")[0].strip(), "",
         *rows, "",
         f"Engines: DeepSparse {versions['deepsparse']} (Community License, non-production use; not a dependency), "
-        f"ONNX Runtime {versions['onnxruntime']}, Python {versions['python']}; {args.threads} thread(s), "
-        f"{args.rounds} rounds.  Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"load average {load0:.1f} -> {os.getloadavg()[0]:.1f} (shared 2-core machine), "
-        f"{time.perf_counter() - t0:.0f} s, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC.  "
-        f"Command: `{cmd}`.", ""])
+        f"ONNX Runtime {versions['onnxruntime']}, Python {versions['python']}; {args.rounds} rounds.  "
+        f"{footer(args.threads, load0, t0)}  Command: `{cmd}`.", ""])
     write_report(args.out, text)
 
 

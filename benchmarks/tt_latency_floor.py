@@ -105,11 +105,17 @@ def eager_and_ort_times(eager: dict, batches, rounds: int, order=("ort", "eager"
             yield b, mode, t
 
 
+def share_realized(mr: float, f: float) -> float:
+    """The fraction of the MAC reduction realized as time reduction, ``(1 - f) / (1 - mr)`` for a
+    time ratio ``f`` at a MACs ratio ``mr < 1`` (1: time falls as much as MACs)."""
+    return (1 - f) / (1 - mr)
+
+
 def ratio_cells(mr: float, td: float, tv: float) -> list:
     """Table cells of one measurement: MACs ratio, dense and variant ms, time ratio ``f``,
-    realized / ideal ``mr / f`` and share ``(1 - f) / (1 - mr)``."""
+    realized / ideal ``mr / f`` and share (:func:`share_realized`)."""
     f = tv / td
-    return [f"{mr:.3f}", f"{td:.2f}", f"{tv:.2f}", f"{f:.2f}", f"{mr / f:.2f}", f"{(1 - f) / (1 - mr):.2f}"]
+    return [f"{mr:.3f}", f"{td:.2f}", f"{tv:.2f}", f"{f:.2f}", f"{mr / f:.2f}", f"{share_realized(mr, f):.2f}"]
 
 
 def timing_args(ap: argparse.ArgumentParser, report: str) -> None:
