@@ -23,6 +23,7 @@ from . import attention  # attention modules that call their (compressed) projec
 from .complexity import complexity, latency
 from .training import evaluate
 from .deploy import saved_bytes, select_kernels, storage_bytes
+from .fold import fold_batchnorm
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,6 @@ def __getattr__(name):  # heavy sub-packages on first use: `ac.methods`, `ac.mod
 __all__ = [
     "LowRank", "Cardinality", "TTRank", "SchattenP", "Sum", "ConstraintSet", "Penalty",
     "Constrain", "resolve", "describe", "Solver", "Compressor", "trainer", "History", "export", "register_exporter",
-    "complexity", "latency", "evaluate", "layers", "storage_bytes", "saved_bytes", "select_kernels", "sets", "views", "methods", "models", "data", "attention",
+    "complexity", "latency", "evaluate", "layers", "storage_bytes", "saved_bytes", "select_kernels", "fold_batchnorm", "sets", "views", "methods", "models", "data", "attention",
 ]
 __all__ += ["AdaptiveRho", "GeometricRho"]

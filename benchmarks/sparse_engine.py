@@ -29,6 +29,11 @@ the shapes and the sparsity pattern), each built by ``prepare -> finalize -> exp
   ``Cardinality(density=d)`` (magnitude pruning per layer, ``admm_sparse``'s / ``prune``'s export),
   i.e. what a sparse engine does for a plainly pruned model.
 
+``--fold-bn``: every model, the dense one included, goes through ``ac.fold_batchnorm`` first.  Both
+engines fold a BatchNorm into a plain ``Conv`` before it themselves, but not one behind the ``Add`` of
+an ``L + S`` layer, which then stays a separate pass over the activations; folded, it becomes the
+chain's last conv's scale and bias plus a scale of ``S`` (exact: outputs checked as above).
+
 Each is written to ONNX with ``admm_compress.deploy.onnx_session(..., opset=17)`` (DeepSparse 1.8
 loads opset <= 19), then timed by ``benchmarks/_engine_timer.py`` in another interpreter that has
 ``deepsparse`` (``--engine-python``; DeepSparse needs ``onnx < 1.15`` and Python < 3.12, so it
@@ -113,9 +118,10 @@ def build_variant(make, kind: str, red):
     return model, ac.export(model, solver).eval()
 
 
-def export_all(plan, batches, tmp: str) -> tuple[dict, dict]:
+def export_all(plan, batches, tmp: str, fold_bn: bool = False) -> tuple[dict, dict]:
     """Build, check and write every model of ``plan`` (``[(arch, make, variants)]``); returns (manifest
-    for the timer, {key: (arch, label, MACs ratio)})."""
+    for the timer, {key: (arch, label, MACs ratio)}).  ``fold_bn``: every model, dense included,
+    through ``ac.fold_batchnorm`` before it is checked and written."""
     xs = {b: torch.randn(b, *INPUT, generator=torch.Generator().manual_seed(6)) for b in batches}
     inputs = {}
     for b, x in xs.items():
@@ -125,10 +131,14 @@ def export_all(plan, batches, tmp: str) -> tuple[dict, dict]:
     for arch, make, variants in plan:
         torch.manual_seed(0)
         dense = make().eval()
+        if fold_bn:
+            dense = ac.fold_batchnorm(dense)
         p0 = ac.complexity(dense, INPUT).macs
         todo = [("dense", dense)]
         for label, kind, red in variants:
             fin, ex = build_variant(make, kind, red)
+            if fold_bn:
+                ex = ac.fold_batchnorm(ex)
             err = check_outputs(fin, ex)
             print(f"{arch} {label}: export equals the finalized model (max rel diff {err:.1e})", flush=True)
             todo.append((label, ex))
@@ -174,12 +184,18 @@ def main(argv=None):
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--tables", nargs="*", default=list(TABLE_ARCHS), choices=list(TABLE_ARCHS),
                     help="RASPA's table models (Tables 8-10's ranks and sparsities) to time too")
+    ap.add_argument("--fold-bn", action="store_true",
+                    help="fold every BatchNorm into the layer before it (ac.fold_batchnorm: also behind L + S "
+                         "sums, which the engines do not fold) in every model, dense included; writes "
+                         "sparse_engine_folded.md (sparse_engine_pruned_folded.md with --pruned)")
     ap.add_argument("--pruned", action="store_true",
                     help="only dense and plainly pruned models of --archs (every conv at density 0.1 / 0.05; "
-                         "no table models)")
+                         "no table models); writes sparse_engine_pruned.md")
     timing_args(ap, "sparse_engine.md")
     ap.set_defaults(rounds=3)
     args = ap.parse_args(argv)
+    if args.out == ap.get_default("out"):  # the default report's name follows --pruned / --fold-bn
+        args.out = args.out[:-3] + ("_pruned" if args.pruned else "") + ("_folded" if args.fold_bn else "") + ".md"
     if not args.engine_python or not os.path.exists(args.engine_python):
         ap.error(f"--engine-python must name an interpreter with deepsparse installed, got {args.engine_python!r} "
                  "(python -m venv /tmp/dsenv && /tmp/dsenv/bin/pip install deepsparse==1.8.0)")
@@ -192,7 +208,7 @@ def main(argv=None):
         plan = {a: (ARCHS[a], list(PRUNED_VARIANTS if args.pruned else VARIANTS)) for a in args.archs}
         for a in ([] if args.pruned else args.tables):  # a table model joins its architecture's dense model
             plan.setdefault(a, (TABLE_ARCHS[a][1], []))[1].extend(TABLE_VARIANTS)
-        man, info = export_all([(a, make, v) for a, (make, v) in plan.items()], args.batches, tmp)
+        man, info = export_all([(a, make, v) for a, (make, v) in plan.items()], args.batches, tmp, args.fold_bn)
         man.update(rounds=args.rounds, threads=args.threads, rtol=1e-3, atol=1e-4)
         mpath, rpath = os.path.join(tmp, "manifest.json"), os.path.join(tmp, "res.json")
         with open(mpath, "w") as fh:
@@ -205,7 +221,8 @@ def main(argv=None):
     print("\n".join(rows))
     cmd = "python benchmarks/sparse_engine.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     text = "\n".join([
-        "# RASPA's L + S and TT chains in a sparsity-aware engine (benchmarks/sparse_engine.py)", "",
+        "# RASPA's L + S and TT chains in a sparsity-aware engine (benchmarks/sparse_engine.py"
+        + (", --fold-bn)" if args.fold_bn else ")"), "",
         (__doc__ or "").split("\n\n", 1)[1].split("\nDeepSparse (Neural Magic)")[0].strip(), "",
         *rows, "",
         f"Engines: DeepSparse {versions['deepsparse']} (Community License, non-production use; not a dependency), "
