@@ -15,7 +15,9 @@ scripted, compiled and ONNX-exported graphs always contain the dense op (see
 
 :class:`~admm_compress.views.InputChannelView` (view ``"input_channel"``) is the low-rank split that runs fastest on thin convolutions
 (a 1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O``), :func:`onnx_session` /
-:func:`ort_latency` (defined in :mod:`admm_compress.latency`) run and time an exported model in ONNX Runtime.
+:func:`ort_latency` (defined in :mod:`admm_compress.latency`) run and time an exported model in ONNX Runtime,
+and :func:`fold_batchnorm` (defined in :mod:`admm_compress.fold`) folds eval-mode BatchNorms into the
+layers before them, also behind the two branches of an exported ``L + S`` layer.
 """
 from __future__ import annotations
 
@@ -25,12 +27,13 @@ import time
 import torch
 from torch import nn
 
+from .fold import fold_batchnorm  # noqa: F401  (public here too)
 from .latency import _median_ms, onnx_session, ort_latency  # noqa: F401  (public here too)
 from .layers import _SparseConvMixin, _SparseMixin
 from .storage import saved_bytes, storage_bytes, storage_report
 
 __all__ = ["select_kernels", "keep_faster", "storage_bytes", "saved_bytes", "storage_report", "clear_kernel_cache",
-           "onnx_session", "ort_latency", "InputChannelView"]
+           "onnx_session", "ort_latency", "fold_batchnorm", "InputChannelView"]
 
 log = logging.getLogger(__name__)
 
