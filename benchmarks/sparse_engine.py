@@ -28,6 +28,10 @@ the shapes and the sparsity pattern), each built by ``prepare -> finalize -> exp
 * ``pruned, density d`` (``--pruned``, its own report): no L at all, every conv at
   ``Cardinality(density=d)`` (magnitude pruning per layer, ``admm_sparse``'s / ``prune``'s export),
   i.e. what a sparse engine does for a plainly pruned model.
+* ``raspa -50% + S d, uniform`` (``--split``, its own report): one MAC budget, -50 %, split
+  between the two branches: S at density d = 0.01 / 0.02 / 0.05 / 0.1 and the uniform chains in
+  the rest (``uniform_ranks(model, 0.5 - d)``), next to the chains alone (S 0) -- how the split
+  decides whether ``L + S`` at half the MACs runs faster than dense.
 
 ``--fold-bn``: every model, the dense one included, goes through ``ac.fold_batchnorm`` first.  Both
 engines fold a BatchNorm into a plain ``Conv`` before it themselves, but not one behind the ``Add`` of
@@ -93,11 +97,17 @@ TABLE_ARCHS = {"ResNet-20": ("resnet20", ac.models.resnet20), "ResNet-56": ("res
 TABLE_VARIANTS = [("RASPA Table Model I", "table", "I"), ("RASPA Table Model II", "table", "II")]
 # --pruned: plain magnitude pruning (the admm_sparse export), every conv at this density
 PRUNED_VARIANTS = [("pruned, density 0.1", "pruned", 0.1), ("pruned, density 0.05", "pruned", 0.05)]
+# --split: one MAC budget (-50 %), its split between L and S: RASPA with S at each density and the
+# uniform chains in the rest of the budget (S density 0 = the chains alone, admm_tt's export)
+SPLIT_DENSITIES = (0.01, 0.02, 0.05, 0.1)
+SPLIT_VARIANTS = ([("oki -50%, uniform (S 0)", "oki-uniform", 0.5)]
+                  + [(f"raspa -50% + S {d:g}, uniform", "raspa-uniform", (0.5, d)) for d in SPLIT_DENSITIES])
 
 
 def build_variant(make, kind: str, red):
     """(finalized, exported): ``tt_latency.build``'s variants; ``raspa-uniform``: RASPA with every
-    conv's chain at ``uniform_ranks(model, 1 - red - DENSITY)`` (S's non-zeros inside the budget);
+    conv's chain at ``uniform_ranks(model, 1 - red - DENSITY)`` (S's non-zeros inside the budget;
+    ``red`` may be ``(reduction, density)`` for another S density);
     ``table``: RASPA with Tables 8-10's ranks and sparsities of the table model ``red`` (``"I"`` /
     ``"II"``) on the default oki layout, as ``examples/raspa_table1.py`` builds it; ``pruned``: every
     conv at ``Cardinality(density=red)`` (per layer, magnitude projection), exported as ``SparseConv2d``."""
@@ -112,7 +122,8 @@ def build_variant(make, kind: str, red):
         tt, dens = paper_setting(TABLE_ARCHS[name][0], red)
         solver = raspa(tt_ranks=tt, density=dens, targets=lambda n, m: n in tt, decompose_iters=1)
     else:
-        solver = raspa(tt_ranks=uniform_ranks(model, 1.0 - red - DENSITY), density=DENSITY, decompose_iters=1)
+        red, dens = red if isinstance(red, tuple) else (red, DENSITY)
+        solver = raspa(tt_ranks=uniform_ranks(model, 1.0 - red - dens), density=dens, decompose_iters=1)
     solver.prepare(model)
     solver.finalize(model)
     return model, ac.export(model, solver).eval()
@@ -191,11 +202,18 @@ def main(argv=None):
     ap.add_argument("--pruned", action="store_true",
                     help="only dense and plainly pruned models of --archs (every conv at density 0.1 / 0.05; "
                          "no table models); writes sparse_engine_pruned.md")
+    ap.add_argument("--split", action="store_true",
+                    help="only dense and one -50%% MAC budget split between L and S (S density 0 / "
+                         + " / ".join(f"{d:g}" for d in SPLIT_DENSITIES)
+                         + ", uniform chains in the rest) for --archs; writes sparse_engine_split.md")
     timing_args(ap, "sparse_engine.md")
     ap.set_defaults(rounds=3)
     args = ap.parse_args(argv)
     if args.out == ap.get_default("out"):  # the default report's name follows --pruned / --fold-bn
-        args.out = args.out[:-3] + ("_pruned" if args.pruned else "") + ("_folded" if args.fold_bn else "") + ".md"
+        args.out = (args.out[:-3] + ("_pruned" if args.pruned else "") + ("_split" if args.split else "")
+                    + ("_folded" if args.fold_bn else "") + ".md")
+    if args.pruned and args.split:
+        ap.error("--pruned and --split are two reports; give one")
     if not args.engine_python or not os.path.exists(args.engine_python):
         ap.error(f"--engine-python must name an interpreter with deepsparse installed, got {args.engine_python!r} "
                  "(python -m venv /tmp/dsenv && /tmp/dsenv/bin/pip install deepsparse==1.8.0)")
@@ -205,8 +223,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     load0, t0 = os.getloadavg()[0], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        plan = {a: (ARCHS[a], list(PRUNED_VARIANTS if args.pruned else VARIANTS)) for a in args.archs}
-        for a in ([] if args.pruned else args.tables):  # a table model joins its architecture's dense model
+        variants = PRUNED_VARIANTS if args.pruned else SPLIT_VARIANTS if args.split else VARIANTS
+        plan = {a: (ARCHS[a], list(variants)) for a in args.archs}
+        # a table model joins its architecture's dense model
+        for a in ([] if args.pruned or args.split else args.tables):
             plan.setdefault(a, (TABLE_ARCHS[a][1], []))[1].extend(TABLE_VARIANTS)
         man, info = export_all([(a, make, v) for a, (make, v) in plan.items()], args.batches, tmp, args.fold_bn)
         man.update(rounds=args.rounds, threads=args.threads, rtol=1e-3, atol=1e-4)
