@@ -45,4 +45,4 @@ __all__ = [
     "Constrain", "resolve", "describe", "Solver", "Compressor", "trainer", "History", "export", "register_exporter",
     "complexity", "latency", "evaluate", "layers", "storage_bytes", "saved_bytes", "select_kernels", "fold_batchnorm", "sets", "views", "methods", "models", "data", "attention",
 ]
-__all__ += ["AdaptiveRho", "GeometricRho"]
+__all__ += ["AdaptiveRho", "GeometricRho", "SpecError", "ExportError"]

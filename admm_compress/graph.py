@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import fx, nn
 
 __all__ = ["consumer_batchnorms", "GraphError"]

@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 import admm_compress as ac
-from admm_compress import functional as F
 from admm_compress import models
 from admm_compress.sets import LowRank
 from _report import write_report

@@ -218,7 +218,7 @@ def write_report(results, args, total):
                 pts = results[(d, N)]["curves"][method]
                 L.append(f"| {d} | {N} | " + " | ".join(f"{x:.0f}%: {dr:+.1f}" for x, dr in pts) + " |")
         L.append("")
-        L.append(f"Column = LSVT ratio / GSVT keep fraction; cell = mean retained % : mean drop.")
+        L.append("Column = LSVT ratio / GSVT keep fraction; cell = mean retained % : mean drop.")
         L.append("")
     n_yes = verdicts.count("yes")
     L += ["## Answer", "",

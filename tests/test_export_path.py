@@ -1,8 +1,6 @@
 """One export path: ``ac.export(model, solver)``, ``solver.export(model)`` and the finalized model
 agree, also for rank rules that read the data (energy), and a plain spec with such a rule is never
 silently re-selected at export."""
-import copy
-import logging
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """The solver on problems with known exact answers (cooper-style convergence tests), its
 state, checkpoints and failure behaviour."""
 import math
-import os
 
 import pytest
 import torch

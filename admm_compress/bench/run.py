@@ -210,7 +210,6 @@ def run_one(pentry, sentry, pparams: dict, sparams: dict, seed: int, device: str
     """
     import torch
 
-    import admm_compress as ac
     from .. import plots as P
     from .registry import cosine, train_dense
     from ..training import resolve_device

@@ -113,7 +113,7 @@ def truncated_svd_grad(grad: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh:
     has ``W``'s shape.  No argument checks (internal kernel); see the module docstring for the
     formula.  Returns a tensor in ``U``'s dtype.
     """
-    m, n = grad.shape[-2], grad.shape[-1]
+    n = grad.shape[-1]
     k = S.shape[-1]
     G = grad.to(U.dtype)
     if rank <= 0:
