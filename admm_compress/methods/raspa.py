@@ -47,6 +47,14 @@ ResNet-56 / VGG-16 at density 0.05: ``docs/results/tt_latency.md``; per layer, S
 :func:`admm_compress.layers.tt_realize.realize_tt` (``sum_dense=True``) puts each ``L + S`` layer
 back as one dense convolution holding ``L + S`` where that is measured faster (counted at dense
 MACs), and realizes each L chain in its fastest exact form.
+In an engine with unstructured-sparse kernels the exported ONNX file (``S`` a plain ``Conv``
+holding zeros) does run ``S`` at its non-zeros: measured in DeepSparse 1.8 (not a dependency;
+``benchmarks/sparse_engine.py``, random weights at CIFAR shapes, one core, BatchNorm folded by
+:func:`admm_compress.fold_batchnorm` first), ``L + S`` at -75 % MACs runs 1.36-1.66x faster than
+the best dense engine on ResNet-56; at -50 % MACs it is faster at batch 32 (1.06-1.33x for ``S`` at
+1-10 %) but not at batch 1 (0.82-1.01x), where each sparse branch costs about 11 us whatever its
+density and the chains alone (``admm_tt``) at the same MACs run 1.54-1.56x
+(``docs/results/sparse_engine_folded.md``, ``docs/results/sparse_engine_split_folded.md``).
 Per-layer ranks/densities (Tables 8-10: :mod:`admm_compress.methods.raspa_tables`) and ranks from
 a parameter or MAC budget (:func:`tt_ranks_for_budget`) or from a latency budget measured on the
 deployment backend (:func:`admm_compress.methods.tt_latency_ranks.tt_ranks_for_latency`) are
