@@ -62,7 +62,7 @@ supported.
 Fine-tuning (``fit(..., finetune_epochs=...)``) trains the TT cores and the non-zero entries of
 ``S`` only; afterwards the ``L + S`` split is kept so the export is exact.
 
-Size (~540 lines, a tenth this docstring): RASPA's whole configuration of the solver -- the
+Size (~600 lines, a ninth of them this docstring): RASPA's whole configuration of the solver -- the
 ``L + S`` parametrization and its two initializations, per-layer ranks and densities, the TT
 rank budget, the per-layer spec check -- read together against Algorithm 1 and Tables 8-10; the
 tables themselves are in :mod:`admm_compress.methods.raspa_tables`, the layers in
