@@ -43,6 +43,7 @@ def __getattr__(name):  # heavy sub-packages on first use: `ac.methods`, `ac.mod
 __all__ = [
     "LowRank", "Cardinality", "TTRank", "SchattenP", "Sum", "ConstraintSet", "Penalty",
     "Constrain", "resolve", "describe", "Solver", "Compressor", "trainer", "History", "export", "register_exporter",
-    "complexity", "latency", "evaluate", "layers", "storage_bytes", "saved_bytes", "select_kernels", "fold_batchnorm", "sets", "views", "methods", "models", "data", "attention",
+    "complexity", "latency", "evaluate", "layers", "storage_bytes", "saved_bytes", "select_kernels", "fold_batchnorm",
+    "sets", "views", "methods", "models", "data", "attention",
 ]
 __all__ += ["AdaptiveRho", "GeometricRho", "SpecError", "ExportError"]

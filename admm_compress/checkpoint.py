@@ -162,7 +162,8 @@ def save_fit(path, compressor, model, opt, sched, loader, next_epoch, phase, his
 
 
 def read_fit(path, map_location) -> dict:
-    """Read a :func:`~admm_compress.trainer.fit` checkpoint (``weights_only=True``) and check its format, phase and epoch.
+    """Read a :func:`~admm_compress.trainer.fit` checkpoint (``weights_only=True``) and check its
+    format, phase and epoch.
 
     Raises :class:`CheckpointError` for a truncated, unsafe or foreign file.
     """

@@ -101,7 +101,8 @@ class Compressor:
 
     def _require_prepared(self) -> None:
         if not self.bindings:
-            raise RuntimeError(f"{type(self).__name__} is not prepared: call solver.prepare(model) (or solver.fit) first")
+            raise RuntimeError(f"{type(self).__name__} is not prepared: "
+                               "call solver.prepare(model) (or solver.fit) first")
 
     def prepare(self, model: nn.Module) -> "Compressor":
         """Resolve the spec on ``model`` (raises before touching it if any spec cannot be applied)."""

@@ -13,8 +13,8 @@ The CSR kernel is used only for inference (no autograd), on CPU, in eager mode: 
 scripted, compiled and ONNX-exported graphs always contain the dense op (see
 :class:`~admm_compress.layers._SparseMixin`).
 
-:class:`~admm_compress.views.InputChannelView` (view ``"input_channel"``) is the low-rank split that runs fastest on thin convolutions
-(a 1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O``), :func:`onnx_session` /
+:class:`~admm_compress.views.InputChannelView` (view ``"input_channel"``) is the low-rank split that runs
+fastest on thin convolutions (a 1x1 conv ``I -> r`` then the ``k``-sized conv ``r -> O``), :func:`onnx_session` /
 :func:`ort_latency` (defined in :mod:`admm_compress.latency`) run and time an exported model in ONNX Runtime,
 and :func:`fold_batchnorm` (defined in :mod:`admm_compress.fold`) folds eval-mode BatchNorms into the
 layers before them, also behind the two branches of an exported ``L + S`` layer.

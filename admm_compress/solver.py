@@ -581,7 +581,8 @@ class Solver(Compressor):
             else:
                 p = sl.from_view(self.project_slot(sl, v, 0.0, self.slot_metric(sl))).contiguous()
             _broadcast_([p])
-            moved[sl.key] = (float(torch.linalg.vector_norm(w.detach() - p)), float(torch.linalg.vector_norm(w.detach())))
+            moved[sl.key] = (float(torch.linalg.vector_norm(w.detach() - p)),
+                             float(torch.linalg.vector_norm(w.detach())))
             w.copy_(p)
             if sl.key not in joint:
                 feasible[sl.key] = self.slot_feasible(sl, sl.to_view(w.detach()))

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/<name>)")
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: torch's choice; 1 is fastest for tiny models on a busy machine)")
+                       help="torch CPU threads (default: torch's choice; "
+                            "1 is fastest for tiny models on a busy machine)")
     train.add_argument("--latency-batch", type=int, default=32, help="batch size of the latency measurement")
     train.add_argument("--latency-repeats", type=int, default=30, help="timed forward passes for latency")
     train.add_argument("--no-ort", action="store_true",

@@ -119,7 +119,8 @@ def _cmd_bench(args) -> int:
                "Drops are relative to the dense model; saved = bytes of the exported model's state-dict file "
                f"(dense: {r0.get('state_dict_bytes_before')} bytes); latency ratio = compressed / dense median latency "
                f"({r0.get('latency_note', '')}); ORT latency ratio = the same in ONNX Runtime "
-               f"({r0.get('ort_note') or 'n/a'}); train-time ratio = median solver epoch time / median dense epoch time.",
+               f"({r0.get('ort_note') or 'n/a'}); train-time ratio = median solver epoch time / "
+               "median dense epoch time.",
                ""]
         md.append(_markdown(BENCH_HEADERS, rows))
     elif results:

@@ -361,14 +361,16 @@ def _run_table(res: dict) -> str:
             ["params (M)", _fmt(mega(res["params_before"]), ".4f"), _fmt(mega(res["params_after"]), ".4f"),
              (f"-{res['params_drop']:.1f} %" if res["params_drop"] is not None else "-")],
             ["saved state dict (bytes)", _fmt(res.get("state_dict_bytes_before"), "d"),
-             _fmt(res.get("state_dict_bytes"), "d"), _ratio(res.get("state_dict_bytes"), res.get("state_dict_bytes_before"))],
+             _fmt(res.get("state_dict_bytes"), "d"),
+             _ratio(res.get("state_dict_bytes"), res.get("state_dict_bytes_before"))],
             ["latency (ms)", _fmt(res["latency_before_ms"], ".3f"), _fmt(res["latency_after_ms"], ".3f"),
              (f"x{res['latency_ratio']:.2f}" if res["latency_ratio"] else "-")],
             (["latency ONNX Runtime (ms)", _fmt(res.get("ort_latency_before_ms"), ".3f"),
               _fmt(res.get("ort_latency_after_ms"), ".3f"), f"x{res['ort_latency_ratio']:.2f}"]
              if res.get("ort_latency_ratio") else
              ["latency ONNX Runtime (ms)", "n/a", "n/a", res.get("ort_note") or "n/a"]),
-            ["epoch time (s)", _fmt(res["before"].get("epoch_time_s"), ".3f"), _fmt(res["after"].get("epoch_time_s"), ".3f"),
+            ["epoch time (s)", _fmt(res["before"].get("epoch_time_s"), ".3f"),
+             _fmt(res["after"].get("epoch_time_s"), ".3f"),
              (f"x{res['time_ratio']:.2f}" if res["time_ratio"] else "-")],
             ["wall time (s)", _fmt(res["before"].get("pretrain_wall_s"), ".1f"), _fmt(res["fit_wall_s"], ".1f"), ""]]
     return _markdown(["", "dense (before)", f"{res['solver']} (after)", "change"], rows)

@@ -216,7 +216,8 @@ class AnySizeExport:
         macs : float
             Budget for the whole exported model (as counted by :func:`admm_compress.complexity`
             with ``backend``); the largest selection that fits
-            (:func:`~admm_compress.methods._decomposable_net.rank_selection.ranks_for_macs_budget`; for ``"uniform"``, the
+            (:func:`~admm_compress.methods._decomposable_net.rank_selection.ranks_for_macs_budget`;
+            for ``"uniform"``, the
             largest common ratio that fits).  Needs ``input_size``.
         input_size : tuple of int
             Input shape without the batch dimension.
