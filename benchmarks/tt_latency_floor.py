@@ -30,6 +30,11 @@ thread; median process CPU time over interleaved rounds (``latency_speedup.measu
 order is reversed every other round).  Every variant's outputs are checked against the finalized
 model first (TorchScript and ORT against eager).  Random weights (latency does not depend on the values).
 
+``--compile``: a fourth mode, ``torch.compile`` (Inductor, the CPU C++ backend, ``dynamic=False``,
+``torch._inductor.config.freezing = True``: weights constant-folded and BatchNorm folded, as
+PyTorch recommends for CPU inference), each model compiled for each batch size, its outputs checked
+against eager; written to ``tt_latency_floor_compile.md`` unless ``--out`` says otherwise.
+
 Writes ``docs/results/tt_latency_floor.md``.  Run: ``python benchmarks/tt_latency_floor.py
 [--archs ResNet-56 VGG-16] [--rounds 5] [--ranks 1 2 4 8]`` (~10 min on the 2-core machine).
 """
@@ -76,6 +81,19 @@ def refold(exported: nn.Module, form: str) -> nn.Module:
     for n in chains:
         replace_module(out, n, chain_realizations(out.get_submodule(n))[form])
     return out.eval()
+
+
+def _compiled(model: nn.Module):
+    """``torch.compile(model)`` for CPU inference: Inductor with ``freezing`` (parameters folded
+    into the graph as constants, BatchNorm into the convs), static shapes; compiled on first call."""
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    # every model here shares a few forward() code objects: past the default cache size (8) Dynamo
+    # would silently run the later ones eagerly
+    dynamo_config.cache_size_limit = dynamo_config.accumulated_cache_size_limit = 4096
+    return torch.compile(model.eval(), dynamic=False)
 
 
 def _ort(model: nn.Module, x: torch.Tensor):
@@ -162,8 +180,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="uniform TT ranks (r, r) swept")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile (Inductor, freezing) of every model; "
+                         "writes tt_latency_floor_compile.md")
     timing_args(ap, "tt_latency_floor.md")
     args = ap.parse_args(argv)
+    if args.compile and args.out == ap.get_default("out"):
+        args.out = args.out[:-3] + "_compile.md"
     ort, load0, t0 = start_timing(args, need_ort=False)
     rows = []
     for arch in args.archs:
@@ -188,6 +211,8 @@ def main(argv=None):
             modes = [("eager", eager), ("jit", jit)]
             if ort:
                 modes.append(("ort", {k: _ort(m, x) for k, m in eager.items()}))
+            if args.compile:
+                modes.append(("compile", {k: _compiled(m) for k, m in eager.items()}))
             for mode, mods in modes[1:]:  # TorchScript / ORT compute what the eager model does
                 for k in mods:
                     with torch.inference_mode():
