@@ -209,7 +209,7 @@ def main(argv=None):
     timing_args(ap, "sparse_engine.md")
     ap.set_defaults(rounds=3)
     args = ap.parse_args(argv)
-    if args.out == ap.get_default("out"):  # the default report's name follows --pruned / --fold-bn
+    if args.out == ap.get_default("out"):  # the default report's name follows --pruned / --split / --fold-bn
         args.out = (args.out[:-3] + ("_pruned" if args.pruned else "") + ("_split" if args.split else "")
                     + ("_folded" if args.fold_bn else "") + ".md")
     if args.pruned and args.split:
