@@ -265,6 +265,14 @@ class Compressor:
         TT weights, whose steps move the weight by up to ``2 sigma_1`` times a dense step)."""
         return []
 
+    def settle_lr_groups(self, model: nn.Module) -> list[tuple[list, float]]:
+        """``[(parameters, learning-rate multiplier), ...]``: the parameters the settle epochs
+        train at their own multiple of the learning rate, one optimizer parameter group each
+        after the group of all other parameters (default: :meth:`slow_settle_parameters` at
+        :attr:`slow_settle_lr_scale`, when there are any)."""
+        slow = self.slow_settle_parameters(model)
+        return [(slow, self.slow_settle_lr_scale)] if slow else []
+
     def on_fit_start(self, run: FitContext) -> None:
         """Called by the trainer after :meth:`prepare` and the optimizer are set up (default: nothing)."""
 

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from .sets.base import Constraint
 from .views import View
 
-__all__ = ["Factored", "Additive", "additive_components", "structure", "release", "flatten_factors",
+__all__ = ["Factored", "Additive", "additive_components", "structure", "precondition", "release", "flatten_factors",
            "unflatten_factors", "factored"]
 
 
@@ -140,6 +140,29 @@ def structure(bindings) -> list[str]:
                                              unsafe=True)
         done.append(b.key)
     return done
+
+
+def precondition(bindings) -> list:
+    """Register the constraints' :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners`
+    as gradient hooks on the trainable factors of every binding structured by :func:`structure`
+    (:class:`~admm_compress.sets.LowRank`: ScaledGD).  Returns the hook handles; ``h.remove()``
+    on each undoes it (:func:`release` drops the factors, and their hooks with them)."""
+    handles = []
+    for b in bindings:
+        found = factored(b.module, b.param_name)
+        if found is None:
+            continue
+        fac = found[0]
+        floats = [getattr(b.module.parametrizations[b.param_name], f"original{i}")
+                  for i in range(len(fac._float_pos))]
+        maps = b.constraint.factor_grad_preconditioners(tuple(floats))
+        if maps is None:
+            continue
+        if len(maps) != len(floats):
+            raise RuntimeError(f"layer '{b.name}': {b.constraint!r}.factor_grad_preconditioners returned "
+                               f"{len(maps)} map(s) for {len(floats)} factor(s)")
+        handles.extend(t.register_hook(fn) for t, fn in zip(floats, maps) if fn is not None)
+    return handles
 
 
 def release(bindings) -> None:

@@ -131,32 +131,33 @@ def _check_arguments(model, loader, val_loader, optimizer, finetune_optimizer, c
 
 def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Callable:
     """The settle stage's optimizer over the structured parameters: the training optimizer's
-    kind and settings (a factory is called again, with two parameter groups; an instance is
+    kind and settings (a factory is called again, with the parameter groups; an instance is
     rebuilt from its class and ``defaults``; none: SGD as the compressor's default at ``lr``),
-    with the learning rate of :meth:`Compressor.slow_settle_parameters` (factors) multiplied by
-    :attr:`Compressor.slow_settle_lr_scale`."""
+    with the learning rate of each of :meth:`Compressor.settle_lr_groups` (factors) multiplied by
+    its multiplier."""
 
     def make(model):
-        slow = compressor.slow_settle_parameters(unwrap(model))
-        ids = {id(p) for p in slow}
-        params = ([{"params": [p for p in model.parameters() if id(p) not in ids]}, {"params": slow}]
-                  if slow else model.parameters())
+        groups = [(ps, scale) for ps, scale in compressor.settle_lr_groups(unwrap(model)) if ps]
+        ids = {id(p) for ps, _ in groups for p in ps}
+        params = ([{"params": [p for p in model.parameters() if id(p) not in ids]}]
+                  + [{"params": list(ps)} for ps, _ in groups]) if groups else model.parameters()
         if optimizer is None:
             base = compressor.default_optimizer(model, lr)
-            opt = type(base)(params, **base.defaults) if slow else base  # its kind and settings, two groups
+            opt = type(base)(params, **base.defaults) if groups else base  # its kind and settings, the groups
         elif isinstance(optimizer, torch.optim.Optimizer):
             opt = type(optimizer)(params, **optimizer.defaults)
         else:
             opt = optimizer(params)
-        if not slow:
+        if not groups:
             return opt
-        if len(opt.param_groups) != 2:  # a factory that regrouped what it was given: keep its optimizer
-            log.warning("fit: the optimizer factory returned %d parameter group(s) for the settle stage's 2 "
-                        "(other parameters, factors), so the factors settle at its learning rate instead of "
-                        "%g times it (they may diverge); build the optimizer from the iterable it is given",
-                        len(opt.param_groups), compressor.slow_settle_lr_scale)
+        if len(opt.param_groups) != 1 + len(groups):  # a factory that regrouped what it was given: keep it
+            log.warning("fit: the optimizer factory returned %d parameter group(s) for the settle stage's %d "
+                        "(other parameters, then factors), so the factors settle at its learning rate instead "
+                        "of %s times it (they may diverge); build the optimizer from the iterable it is given",
+                        len(opt.param_groups), 1 + len(groups), " / ".join(f"{s:g}" for _, s in groups))
             return opt
-        opt.param_groups[1]["lr"] = opt.param_groups[1]["lr"] * compressor.slow_settle_lr_scale
+        for g, (_, scale) in zip(opt.param_groups[1:], groups):
+            g["lr"] = g["lr"] * scale
         return opt
 
     return make
@@ -221,8 +222,9 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
         ``settle_epochs(epochs, len(loader), optimizer)`` of them (all of them when the
         constrained part would be too short to do its work) train the structured weights after
         an early :meth:`~admm_compress.compressor.Compressor.finalize`, with the training optimizer's
-        settings; factors (:meth:`~admm_compress.compressor.Compressor.slow_settle_parameters`:
-        low rank, TT) at a tenth of its learning rate (records with ``phase="settle"``;
+        settings; factors (:meth:`~admm_compress.compressor.Compressor.settle_lr_groups`:
+        TT, ``L + S`` at a tenth of its learning rate, ScaledGD-preconditioned low-rank factors
+        at 0.3 of it) in their own parameter groups (records with ``phase="settle"``;
         ``history.final["settle_epochs"]``).
     optimizer : torch.optim.Optimizer or callable, optional
         An optimizer over ``model.parameters()`` or a factory ``params -> optimizer`` (needed

@@ -168,6 +168,11 @@ def _toy_net(seed=0):
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
 
 
+def _toy_net_3(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
 def test_state_dict_round_trip_mid_run_continues_identically():
     """Snapshot (model, optimizer, solver) mid-run, restore into fresh objects, continue both:
     identical weights, Z, U and per-weight rho (the adaptive state travels with state_dict)."""
@@ -594,11 +599,12 @@ def test_fit_with_settle_runs_admm_then_the_set_at_the_training_lr_then_finetuni
         assert int(torch.count_nonzero(m.weight)) <= round(0.3 * m.weight.numel())
 
 
-def test_fit_settles_factors_at_a_tenth_of_the_training_lr(caplog):
-    """Mixed spec (pruned layer 0, low-rank layer 2): the settle epochs rebuild the training
-    optimizer (the factory is called again, with two groups) and a scheduler continues on it;
-    the low-rank factors train at lr / 10, the pruned kept entries and everything else at lr;
-    the weights end on their sets."""
+def test_fit_settles_factors_at_their_own_fraction_of_the_training_lr(caplog):
+    """Mixed spec (pruned layer 0, low-rank layer 2, ``L + S`` layer 4): the settle epochs rebuild
+    the training optimizer (the factory is called again, with three groups) and a scheduler
+    continues on it; the low-rank factors (ScaledGD-preconditioned) train at 0.3 lr, the
+    ``L + S`` factors at lr / 10, the pruned kept entries and everything else at lr; the
+    weights end on their sets."""
     made, opts = [], []
 
     def train_opt(params):
@@ -610,18 +616,19 @@ def test_fit_settles_factors_at_a_tenth_of_the_training_lr(caplog):
         made.append("finetune")
         return torch.optim.SGD(params, lr=0.003)
 
-    s = ac.Solver([ac.Constrain("0", ac.Cardinality(density=0.3)), ac.Constrain("2", ac.LowRank(rank=2))],
+    s = ac.Solver([ac.Constrain("0", ac.Cardinality(density=0.3)), ac.Constrain("2", ac.LowRank(rank=2)),
+                   ac.Constrain("4", ac.Sum(ac.LowRank(rank=1), ac.Cardinality(density=0.2)))],
                   every="epoch")
-    net = _toy_net()
+    net = _toy_net_3()
     seen = {}
 
     def probe(solver, model, rec):  # the settle stage's groups, read while the factors exist
         if rec["phase"] == "settle" and not seen:
-            fac = {id(p) for p in model[2].parametrizations.weight.parameters()}
-            kept = {id(p) for p in model[0].parametrizations.weight.parameters()}
-            g0, g1 = opts[-1].param_groups
-            seen.update(factors={id(p) for p in g1["params"]} == fac, kept=kept <= {id(p) for p in g0["params"]},
-                        lrs=(g0["lr"], g1["lr"]))
+            ids = lambda i: {id(p) for p in model[i].parametrizations.weight.parameters()}
+            g0, g1, g2 = opts[-1].param_groups
+            seen.update(lowrank={id(p) for p in g1["params"]} == ids(2),
+                        sum={id(p) for p in g2["params"]} == ids(4),
+                        kept=ids(0) <= {id(p) for p in g0["params"]}, lrs=(g0["lr"], g1["lr"], g2["lr"]))
 
     h = s.fit(net, _toy_data(), epochs=5, finetune_epochs=1, optimizer=train_opt, finetune_optimizer=ft_opt,
               scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e),
@@ -629,10 +636,24 @@ def test_fit_settles_factors_at_a_tenth_of_the_training_lr(caplog):
     assert [r["phase"] for r in h.epochs] == ["train"] + ["settle"] * 4 + ["finetune"]
     assert h.final["settle_epochs"] == 4 and s.n_updates == 1
     assert made == ["train", "train", "finetune"]
-    assert seen["factors"] and seen["kept"]
-    assert seen["lrs"] == (pytest.approx(0.08 * 0.5 ** 2, rel=1e-12), pytest.approx(0.008 * 0.5 ** 2, rel=1e-12))
+    assert seen["lowrank"] and seen["sum"] and seen["kept"]
+    assert seen["lrs"] == (pytest.approx(0.08 * 0.5 ** 2, rel=1e-12), pytest.approx(0.024 * 0.5 ** 2, rel=1e-12),
+                           pytest.approx(0.008 * 0.5 ** 2, rel=1e-12))
     assert int(torch.linalg.matrix_rank(net[2].weight.detach())) <= 2  # float32 tolerance: a float32 product
     assert int(torch.count_nonzero(net[0].weight)) <= round(0.3 * net[0].weight.numel())
+    # without the preconditioner the low-rank factors are slow factors again: two groups, lr / 10
+    opts.clear()
+    seen.clear()
+
+    def probe2(solver, model, rec):
+        if rec["phase"] == "settle" and not seen:
+            seen["lrs"] = [g["lr"] for g in opts[-1].param_groups]
+
+    s2 = ac.Solver([ac.Constrain("2", ac.LowRank(rank=2))], every="epoch")
+    s2.precondition_factors = False
+    s2.fit(_toy_net_3(), _toy_data(), epochs=5, finetune_epochs=1, optimizer=train_opt, callbacks=[probe2],
+           progress=False)
+    assert seen["lrs"] == [pytest.approx(0.08, rel=1e-12), pytest.approx(0.008, rel=1e-12)]
 
     # a factory that regroups what it gets: its single group is kept (factors at its lr), with a WARNING
     caplog.clear()

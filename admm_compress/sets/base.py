@@ -113,6 +113,16 @@ class Constraint(abc.ABC):
         Differentiable in the floating-point factors (used to fine-tune in factored form).
         """
 
+    def factor_grad_preconditioners(self, factors: Sequence[torch.Tensor]) -> list | None:
+        """Gradient maps for training the floating-point ``factors`` of :meth:`factorize` (in
+        their flattened order, as :class:`~admm_compress.parametrizations.Factored` holds them):
+        one callable ``grad -> grad`` (or ``None``) per factor, reading the current factors when
+        called; ``None`` (default): plain gradients.  :class:`LowRank` returns ScaledGD's maps,
+        under which a factor step moves the weight like a dense step on the rank-``r``
+        manifold's tangent space.  :func:`admm_compress.parametrizations.precondition` registers
+        them as gradient hooks."""
+        return None
+
     def __repr__(self) -> str:  # pragma: no cover - overridden with the parameters
         return f"{type(self).__name__}()"
 

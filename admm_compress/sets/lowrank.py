@@ -211,6 +211,44 @@ class LowRank(ConstraintSet):
         U, V = factors
         return (U @ V).reshape(tuple(shape))
 
+    #: Damping of :meth:`factor_grad_preconditioners`, relative to the largest eigenvalue of
+    #: ``V V^T`` / ``U^T U``: it bounds the gain in the weakest kept directions to ``1 / damping``
+    #: times the strongest's.
+    scaled_gd_damping: float = 1e-2
+
+    def factor_grad_preconditioners(self, factors):
+        r"""ScaledGD's preconditioning (Tong, Ma & Chi, JMLR 2021; used with SGD / AdamW on
+        network factors by Zhang & Pilanci, ICML 2024): ``grad_U -> grad_U (V V^T + delta
+        I)^{-1}``, ``grad_V -> (U^T U + delta I)^{-1} grad_V``, ``delta = scaled_gd_damping *
+        lambda_max``.  For ``W = U V`` a step ``eta`` then moves ``W`` by ``-eta (P_U G + G
+        P_V)`` to first order (``G = dL/dW``, ``P`` the projections onto the column / row
+        spaces, ``delta -> 0``): a dense step restricted to the tangent space of the rank-``r``
+        manifold, at most twice the dense step in norm whatever the factors' singular values;
+        plain factor gradients move ``W`` by up to ``2 sigma_1`` times it along the leading
+        directions and by ``sigma_r`` times it along the weakest.  Non-finite factors pass the
+        gradient through (the trainer stops on the loss)."""
+        U, V = factors
+        damping = self.scaled_gd_damping
+
+        def damped(M: torch.Tensor) -> torch.Tensor | None:
+            if not bool(torch.isfinite(M).all()):
+                return None
+            r = M.shape[-1]
+            lam = torch.linalg.eigvalsh(M)[..., -1:].unsqueeze(-1).clamp_min(torch.finfo(M.dtype).tiny)
+            return M + (damping * lam) * torch.eye(r, dtype=M.dtype, device=M.device)
+
+        def for_u(g: torch.Tensor) -> torch.Tensor:
+            v = V.detach()
+            M = damped(v @ v.mT)
+            return g if M is None else torch.linalg.solve(M, g.mT).mT
+
+        def for_v(g: torch.Tensor) -> torch.Tensor:
+            u = U.detach()
+            M = damped(u.mT @ u)
+            return g if M is None else torch.linalg.solve(M, g)
+
+        return [for_u, for_v]
+
     def _contains(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str]:
         s = F.svdvals(x)
         q = s.shape[-1]

@@ -1,0 +1,131 @@
+"""ScaledGD preconditioning of low-rank factors (``LowRank.factor_grad_preconditioners``,
+``parametrizations.precondition``, the ADMM ``Solver``'s settle / fine-tuning epochs).
+
+Checked against the definition: with ``W = U V`` and loss gradient ``G = dL/dW``, the chain
+rule gives ``dL/dU = G V^T`` and ``dL/dV = U^T G``; ScaledGD's maps (damping 0) turn them into
+``G V^T (V V^T)^{-1}`` and ``(U^T U)^{-1} U^T G``, whose first-order move of ``W`` is
+``P_U G + G P_V`` (``P`` the orthogonal projections onto the column space of ``U`` and the row
+space of ``V``).  Float64 with factors of condition number at most ~1e3 (singular values drawn
+in [0.1, 10]): the solves lose at most ~1e3 x 1e-16, so ``rtol 1e-9`` is far from rounding and a
+wrong map (a transposed solve, the other factor's Gram matrix) is off by O(1).
+"""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import admm_compress as ac
+from admm_compress.parametrizations import precondition, release, structure
+
+
+def _factors(batch, m, n, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.empty(*batch, r, dtype=torch.float64).uniform_(0.1, 10.0, generator=g)
+    qa, _ = torch.linalg.qr(torch.randn(*batch, m, r, dtype=torch.float64, generator=g))
+    qb, _ = torch.linalg.qr(torch.randn(*batch, n, r, dtype=torch.float64, generator=g))
+    # unbalanced on purpose: U = Q_a diag(s), V = Q_b^T (the maps must not assume sqrt-balanced factors)
+    U = (qa * s.unsqueeze(-2)).requires_grad_()
+    V = qb.mT.contiguous().requires_grad_()
+    G = torch.randn(*batch, m, n, dtype=torch.float64, generator=g)
+    return U, V, G
+
+
+def _proj(A):  # orthogonal projection onto the column space of A (full column rank)
+    return A @ torch.linalg.solve(A.mT @ A, A.mT)
+
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.sampled_from([(), (3,), (2, 2)]), m=st.integers(2, 9), n=st.integers(2, 9),
+       r=st.integers(1, 4), seed=st.integers(0, 10_000))
+def test_scaled_gd_step_is_the_tangent_space_projection_of_the_dense_step(batch, m, n, r, seed):
+    r = min(r, m, n)
+    U, V, G = _factors(batch, m, n, r, seed)
+    cset = ac.LowRank(rank=r)
+    cset.scaled_gd_damping = 0.0
+    fu, fv = cset.factor_grad_preconditioners((U, V))
+    gu, gv = fu(G @ V.detach().mT), fv(U.detach().mT @ G)  # the chain rule's factor gradients, mapped
+    dW = gu @ V.detach() + U.detach() @ gv  # first-order move of W = U V per unit step
+    want = _proj(U.detach()) @ G + G @ _proj(V.detach().mT)
+    torch.testing.assert_close(dW, want, rtol=1e-9, atol=1e-9 * float(want.abs().max()))
+    # and it is at most twice the dense step (two orthogonal projections of G)
+    assert float(torch.linalg.matrix_norm(dW).max()) <= 2 * float(torch.linalg.matrix_norm(G).max()) * (1 + 1e-9)
+
+
+def test_damping_bounds_the_gain_and_non_finite_factors_pass_through():
+    U, V, G = _factors((), 6, 5, 3, seed=1)
+    cset = ac.LowRank(rank=3)
+    fu, fv = cset.factor_grad_preconditioners((U, V))
+    g = G @ V.detach().mT
+    # V V^T = I here (orthonormal rows): the map is g / (1 + damping) exactly
+    torch.testing.assert_close(fu(g), g / (1 + cset.scaled_gd_damping), rtol=1e-12, atol=0)
+    # U^T U = diag(s^2): damping caps the gain of the weakest direction at 1 / (damping * s_max^2)
+    gv = U.detach().mT @ G
+    s2 = torch.linalg.eigvalsh(U.detach().mT @ U.detach())
+    mapped = fv(gv)
+    gain = float((torch.linalg.matrix_norm(mapped) / torch.linalg.matrix_norm(gv)))
+    assert gain <= 1 / (cset.scaled_gd_damping * float(s2[-1])) + 1e-12
+    with torch.no_grad():
+        V[0, 0] = float("nan")
+    assert fu(g) is g
+
+
+def test_precondition_hooks_map_the_structured_factors_gradients_and_remove_cleanly():
+    torch.manual_seed(0)
+    lin = nn.Linear(12, 10).double()
+    solver = ac.Solver([ac.Constrain(nn.Linear, ac.LowRank(rank=3))], mode="projection")
+    model = nn.Sequential(lin)
+    solver.prepare(model)
+    solver.finalize(model)
+    structure(solver.bindings)
+    U = lin.parametrizations.weight.original0
+    V = lin.parametrizations.weight.original1
+    x = torch.randn(7, 12, dtype=torch.float64)
+
+    def grads():
+        U.grad = V.grad = None
+        lin(x).pow(2).sum().backward()
+        return U.grad.clone(), V.grad.clone()
+
+    plain_u, plain_v = grads()
+    handles = precondition(solver.bindings)
+    assert len(handles) == 2
+    pre_u, pre_v = grads()
+    fu, fv = solver.bindings[0].constraint.factor_grad_preconditioners((U, V))
+    torch.testing.assert_close(pre_u, fu(plain_u), rtol=1e-12, atol=0)
+    torch.testing.assert_close(pre_v, fv(plain_v), rtol=1e-12, atol=0)
+    assert not torch.allclose(pre_u, plain_u)
+    for h in handles:
+        h.remove()
+    again_u, _ = grads()
+    torch.testing.assert_close(again_u, plain_u, rtol=0, atol=0)
+    release(solver.bindings)
+
+
+def _count_hook_calls(monkeypatch):
+    calls = []
+    orig = ac.LowRank.factor_grad_preconditioners
+
+    def counting(self, factors):
+        maps = orig(self, factors)
+        return [lambda g, f=f: (calls.append(1), f(g))[1] for f in maps]
+
+    monkeypatch.setattr(ac.LowRank, "factor_grad_preconditioners", counting)
+    return calls
+
+
+@pytest.mark.parametrize("rho, expect", [("auto", True), (0.01, False)])
+def test_fit_preconditions_only_in_a_settling_run(monkeypatch, rho, expect):
+    """``rho="auto"`` (settle) trains the low-rank factors with ScaledGD in the settle and
+    fine-tuning epochs; a numeric rho (no settle) keeps plain factor gradients, as before."""
+    calls = _count_hook_calls(monkeypatch)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    x, y = torch.randn(256, 16), torch.randint(0, 4, (256,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
+    s = ac.Solver([ac.Constrain(nn.Linear, ac.LowRank(rank=2))], rho=rho, every="epoch")
+    s.fit(net, loader, epochs=3, finetune_epochs=1, progress=False)
+    assert bool(calls) is expect
+    for m in (net[0], net[2]):  # the structure left with its hooks: plain weights on the set
+        assert not hasattr(m, "parametrizations")
+        assert int(torch.linalg.matrix_rank(m.weight.detach())) <= 2
