@@ -21,8 +21,8 @@ from torch.nn.utils import parametrize
 from .sets.base import Constraint
 from .views import View
 
-__all__ = ["Factored", "Additive", "additive_components", "structure", "precondition", "release", "flatten_factors",
-           "unflatten_factors", "factored"]
+__all__ = ["Factored", "Additive", "additive_components", "structure", "precondition", "factor_grad_maps",
+           "release", "flatten_factors", "unflatten_factors", "factored"]
 
 
 def flatten_factors(factors: Any) -> tuple[list[torch.Tensor], Any]:
@@ -142,27 +142,42 @@ def structure(bindings) -> list[str]:
     return done
 
 
+def _pair_maps(factors: Any, maps: Any, where: str) -> list[tuple[torch.Tensor, Any]]:
+    """``(factor, map)`` for every leaf of ``factors`` that ``maps`` (same nesting; ``None``
+    anywhere: no map for that part) gives a callable."""
+    if maps is None:
+        return []
+    if isinstance(factors, torch.Tensor):
+        if not callable(maps):
+            raise TypeError(f"{where}: a factor's gradient map must be callable or None, got {type(maps).__name__}")
+        return [(factors, maps)]
+    if not isinstance(maps, (list, tuple)) or len(maps) != len(factors):
+        raise TypeError(f"{where}: the gradient maps must mirror the factors' nesting ({len(factors)} part(s)), "
+                        f"got {maps!r}")
+    return [pm for f, m in zip(factors, maps) for pm in _pair_maps(f, m, where)]
+
+
+def factor_grad_maps(binding) -> list[tuple[torch.Tensor, Any]]:
+    """``(trainable factor, gradient map)`` pairs of a binding structured by :func:`structure`,
+    from its set's :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners` (empty
+    when the weight is not structured or the set has none)."""
+    found = factored(binding.module, binding.param_name)
+    if found is None:
+        return []
+    factors = found[1]  # the structure of set.factorize, with the trainable tensors as its float leaves
+    maps = binding.constraint.factor_grad_preconditioners(factors)
+    pairs = _pair_maps(factors, maps, f"layer '{binding.name}': {binding.constraint!r}")
+    return [(t, fn) for t, fn in pairs if t.is_floating_point() and t.requires_grad]
+
+
 def precondition(bindings) -> list:
     """Register the constraints' :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners`
     as gradient hooks on the trainable factors of every binding structured by :func:`structure`
-    (:class:`~admm_compress.sets.LowRank`: ScaledGD).  Returns the hook handles; ``h.remove()``
-    on each undoes it (:func:`release` drops the factors, and their hooks with them)."""
-    handles = []
-    for b in bindings:
-        found = factored(b.module, b.param_name)
-        if found is None:
-            continue
-        fac = found[0]
-        floats = [getattr(b.module.parametrizations[b.param_name], f"original{i}")
-                  for i in range(len(fac._float_pos))]
-        maps = b.constraint.factor_grad_preconditioners(tuple(floats))
-        if maps is None:
-            continue
-        if len(maps) != len(floats):
-            raise RuntimeError(f"layer '{b.name}': {b.constraint!r}.factor_grad_preconditioners returned "
-                               f"{len(maps)} map(s) for {len(floats)} factor(s)")
-        handles.extend(t.register_hook(fn) for t, fn in zip(floats, maps) if fn is not None)
-    return handles
+    (:class:`~admm_compress.sets.LowRank`: ScaledGD; :class:`~admm_compress.sets.TTRank`: its
+    per-core form; a :class:`~admm_compress.sets.Sum`: its components').  Returns the hook
+    handles; ``h.remove()`` on each undoes it (:func:`release` drops the factors, and their
+    hooks with them)."""
+    return [t.register_hook(fn) for b in bindings for t, fn in factor_grad_maps(b)]
 
 
 def release(bindings) -> None:

@@ -223,8 +223,9 @@ def fit(compressor: Compressor | None, model: nn.Module, loader: Iterable, epoch
         constrained part would be too short to do its work) train the structured weights after
         an early :meth:`~admm_compress.compressor.Compressor.finalize`, with the training optimizer's
         settings; factors (:meth:`~admm_compress.compressor.Compressor.settle_lr_groups`:
-        TT, ``L + S`` at a tenth of its learning rate, ScaledGD-preconditioned low-rank factors
-        at 0.3 of it) in their own parameter groups (records with ``phase="settle"``;
+        ScaledGD-preconditioned low-rank factors and TT cores at 0.3 of its learning rate, the
+        sparse values of ``L + S`` at a tenth) in their own parameter groups (records with
+        ``phase="settle"``;
         ``history.final["settle_epochs"]``).
     optimizer : torch.optim.Optimizer or callable, optional
         An optimizer over ``model.parameters()`` or a factory ``params -> optimizer`` (needed

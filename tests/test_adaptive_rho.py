@@ -602,9 +602,9 @@ def test_fit_with_settle_runs_admm_then_the_set_at_the_training_lr_then_finetuni
 def test_fit_settles_factors_at_their_own_fraction_of_the_training_lr(caplog):
     """Mixed spec (pruned layer 0, low-rank layer 2, ``L + S`` layer 4): the settle epochs rebuild
     the training optimizer (the factory is called again, with three groups) and a scheduler
-    continues on it; the low-rank factors (ScaledGD-preconditioned) train at 0.3 lr, the
-    ``L + S`` factors at lr / 10, the pruned kept entries and everything else at lr; the
-    weights end on their sets."""
+    continues on it; the low-rank factors and the L factors of ``L + S`` (ScaledGD-
+    preconditioned) train at 0.3 lr, the S values of ``L + S`` at lr / 10, the pruned kept
+    entries and everything else at lr; the weights end on their sets."""
     made, opts = [], []
 
     def train_opt(params):
@@ -625,9 +625,11 @@ def test_fit_settles_factors_at_their_own_fraction_of_the_training_lr(caplog):
     def probe(solver, model, rec):  # the settle stage's groups, read while the factors exist
         if rec["phase"] == "settle" and not seen:
             ids = lambda i: {id(p) for p in model[i].parametrizations.weight.parameters()}
+            pw = model[4].parametrizations.weight
             g0, g1, g2 = opts[-1].param_groups
-            seen.update(lowrank={id(p) for p in g1["params"]} == ids(2),
-                        sum={id(p) for p in g2["params"]} == ids(4),
+            # L + S: its L factors (U, V: original0/1) are preconditioned, its S values (original2) not
+            seen.update(lowrank={id(p) for p in g1["params"]} == ids(2) | {id(pw.original0), id(pw.original1)},
+                        sum={id(p) for p in g2["params"]} == {id(pw.original2)},
                         kept=ids(0) <= {id(p) for p in g0["params"]}, lrs=(g0["lr"], g1["lr"], g2["lr"]))
 
     h = s.fit(net, _toy_data(), epochs=5, finetune_epochs=1, optimizer=train_opt, finetune_optimizer=ft_opt,

@@ -129,3 +129,91 @@ def test_fit_preconditions_only_in_a_settling_run(monkeypatch, rho, expect):
     for m in (net[0], net[2]):  # the structure left with its hooks: plain weights on the set
         assert not hasattr(m, "parametrizations")
         assert int(torch.linalg.matrix_rank(m.weight.detach())) <= 2
+
+
+def _tt_cores(dims, ranks, seed):
+    g = torch.Generator().manual_seed(seed)
+    rs = (1, *ranks, 1)
+    # core scales spread over [0.3, 3]: the maps must not assume balanced cores
+    return [(torch.randn(rs[k], n, rs[k + 1], dtype=torch.float64, generator=g)
+             * (0.3 + 2.7 * torch.rand((), dtype=torch.float64, generator=g))).requires_grad_()
+            for k, n in enumerate(dims)]
+
+
+def _interfaces(cores, k):
+    """Explicit L_{<k}: (N_<k, r_{k-1}) and R_{>k}: (r_k, N_>k) by contraction."""
+    L = torch.ones(1, 1, dtype=torch.float64)
+    for c in cores[:k]:
+        L = torch.einsum("la,aic->lic", L, c.detach()).reshape(-1, c.shape[2])
+    R = torch.ones(1, 1, dtype=torch.float64)
+    for c in reversed(cores[k + 1:]):
+        R = torch.einsum("aic,cm->aim", c.detach(), R).reshape(c.shape[0], -1)
+    return L, R
+
+
+@settings(max_examples=30, deadline=None)
+@given(dims=st.lists(st.integers(2, 4), min_size=2, max_size=4), r=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_tt_core_maps_project_the_dense_step_core_by_core(dims, r, seed):
+    """Each core's mapped step moves the tensor by the orthogonal projection of the dense
+    gradient onto ``{L_{<k} X R_{>k}}``; the whole step is the sum of those d projections."""
+    d = len(dims)
+    ranks = []
+    for k in range(1, d):  # ranks no larger than the unfoldings allow (full-rank interfaces)
+        ranks.append(min(r, *(int(torch.tensor(dims[:k]).prod()),), int(torch.tensor(dims[k:]).prod())))
+    cores = _tt_cores(dims, ranks, seed)
+    cset = ac.TTRank(ranks=ranks)
+    cset.scaled_gd_damping = 0.0
+    shape = tuple(dims)
+    G = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    W = cset.reconstruct(cores, shape)
+    grads = torch.autograd.grad((W * G).sum(), cores)  # the chain rule's core gradients for dL/dW = G
+    maps = cset.factor_grad_preconditioners(cores)
+    assert len(maps) == d
+    total = torch.zeros_like(G)
+    for k in range(d):
+        mapped = maps[k](grads[k])
+        moved = cset.reconstruct([mapped if j == k else c.detach() for j, c in enumerate(cores)], shape)
+        L, R = _interfaces(cores, k)
+        Gk = G.reshape(L.shape[0], dims[k], R.shape[1])
+        want = torch.einsum("lm,mic,cn->lin", _proj(L), Gk, _proj(R.mT).mT).reshape(shape)
+        scale = float(want.abs().max()) + float(G.abs().max())
+        torch.testing.assert_close(moved, want, rtol=1e-8, atol=1e-8 * scale)
+        total += moved
+    assert float(total.norm()) <= d * float(G.norm()) * (1 + 1e-9)
+
+
+def test_two_core_tt_maps_equal_the_low_rank_maps():
+    U, V, G = _factors((), 5, 4, 2, seed=3)
+    lr, tt = ac.LowRank(rank=2), ac.TTRank(ranks=[2])
+    fu, fv = lr.factor_grad_preconditioners((U, V))
+    c0, c1 = U.detach().unsqueeze(0), V.detach().unsqueeze(-1)  # (1, 5, 2), (2, 4, 1)
+    m0, m1 = tt.factor_grad_preconditioners([c0, c1])
+    gu, gv = G @ V.detach().mT, U.detach().mT @ G
+    torch.testing.assert_close(m0(gu.unsqueeze(0)).squeeze(0), fu(gu), rtol=1e-12, atol=0)
+    torch.testing.assert_close(m1(gv.unsqueeze(-1)).squeeze(-1), fv(gv), rtol=1e-12, atol=0)
+
+
+def test_sum_maps_its_components_and_leaves_sparse_values_plain():
+    s = ac.Sum(ac.LowRank(rank=2), ac.Cardinality(density=0.2))
+    U, V, _ = _factors((), 5, 4, 2, seed=4)
+    values, idx = torch.randn(4, dtype=torch.float64), torch.arange(4)
+    ma, mb = s.factor_grad_preconditioners(((U, V), (values, idx)))
+    assert callable(ma[0]) and callable(ma[1]) and mb is None
+    assert ac.Sum(ac.Cardinality(density=0.2), ac.Cardinality(density=0.1)).factor_grad_preconditioners(
+        ((values, idx), (values, idx))) is None
+
+
+def test_maps_that_do_not_mirror_the_factors_are_refused_with_the_layer_named():
+    class OneMap(ac.LowRank):
+        def factor_grad_preconditioners(self, factors):
+            return (lambda g: g,)  # one map for two factors
+
+    lin = nn.Linear(6, 5)
+    solver = ac.Solver([ac.Constrain(nn.Linear, OneMap(rank=2))], mode="projection")
+    model = nn.Sequential(lin)
+    solver.prepare(model)
+    solver.finalize(model)
+    structure(solver.bindings)
+    with pytest.raises(TypeError, match=r"layer '0'.*mirror the factors' nesting \(2 part"):
+        precondition(solver.bindings)
+    release(solver.bindings)

@@ -113,14 +113,15 @@ class Constraint(abc.ABC):
         Differentiable in the floating-point factors (used to fine-tune in factored form).
         """
 
-    def factor_grad_preconditioners(self, factors: Sequence[torch.Tensor]) -> list | None:
-        """Gradient maps for training the floating-point ``factors`` of :meth:`factorize` (in
-        their flattened order, as :class:`~admm_compress.parametrizations.Factored` holds them):
-        one callable ``grad -> grad`` (or ``None``) per factor, reading the current factors when
-        called; ``None`` (default): plain gradients.  :class:`LowRank` returns ScaledGD's maps,
-        under which a factor step moves the weight like a dense step on the rank-``r``
-        manifold's tangent space.  :func:`admm_compress.parametrizations.precondition` registers
-        them as gradient hooks."""
+    def factor_grad_preconditioners(self, factors: Any) -> Any:
+        """Gradient maps for training the ``factors`` of :meth:`factorize` (the structure it
+        returns, e.g. ``(U, V)``, TT cores, ``(L factors, S factors)``): the same nesting with a
+        callable ``grad -> grad`` (reading the current factors when called) or ``None`` in place
+        of each tensor, or ``None`` for a whole part or the whole; ``None`` (default): plain
+        gradients.  :class:`LowRank` and :class:`TTRank` return ScaledGD's maps, under which a
+        factor step moves the weight by a dense step projected on the factors' column / row
+        spaces; :class:`Sum` its components'.  :func:`admm_compress.parametrizations.precondition`
+        registers them as gradient hooks."""
         return None
 
     def __repr__(self) -> str:  # pragma: no cover - overridden with the parameters

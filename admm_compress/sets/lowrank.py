@@ -83,7 +83,7 @@ class LowRank(ConstraintSet):
 
     min_dim = 2
     broadcasts = True
-    settles_long_runs = True  # settle="auto": ADMM for 0.2 of fit's epochs, then the factors at lr / 10
+    settles_long_runs = True  # settle="auto": ADMM for 0.2 of fit's epochs, then the factors (ScaledGD, 0.3 lr)
 
     def __init__(self, rank: int | None = None, ratio: float | None = None,
                  energy: float | None = None, energy_transfer: bool = False, min_rank: int = 1,
@@ -247,7 +247,7 @@ class LowRank(ConstraintSet):
             M = damped(u.mT @ u)
             return g if M is None else torch.linalg.solve(M, g)
 
-        return [for_u, for_v]
+        return for_u, for_v
 
     def _contains(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str]:
         s = F.svdvals(x)

@@ -192,6 +192,13 @@ class Sum(ConstraintSet):
         fa, fb = factors
         return self.a.reconstruct(fa, shape) + self.b.reconstruct(fb, shape)
 
+    def factor_grad_preconditioners(self, factors):
+        """The components' maps, ``(a's, b's)`` (``None`` when neither has any): for RASPA's
+        ``TTRank + Cardinality`` the TT cores are preconditioned, the sparse values are not."""
+        fa, fb = factors
+        ma, mb = self.a.factor_grad_preconditioners(fa), self.b.factor_grad_preconditioners(fb)
+        return None if ma is None and mb is None else (ma, mb)
+
     def contains(self, x, atol: float = 1e-5, rtol: float = 1e-5, explain: bool = False):
         """Pair: both components in their sets.  Tensor: a decomposition with residual
         ``||x - L - S||_F <= atol + rtol ||x||_F`` was found (see the class notes)."""
