@@ -217,3 +217,32 @@ def test_maps_that_do_not_mirror_the_factors_are_refused_with_the_layer_named():
     with pytest.raises(TypeError, match=r"layer '0'.*mirror the factors' nesting \(2 part"):
         precondition(solver.bindings)
     release(solver.bindings)
+
+
+def test_fit_preconditions_tt_cores_and_the_tt_part_of_l_plus_s(monkeypatch):
+    """The settle epochs of a short ``rho="auto"`` run train TT cores (oki view) and the TT part
+    of RASPA's ``L + S`` through the per-core maps; the weights end on their sets."""
+    from admm_compress.views import tt_layout_view
+
+    calls = []
+    orig = ac.TTRank.factor_grad_preconditioners
+
+    def counting(self, factors):
+        return [lambda g, f=f: (calls.append(1), f(g))[1] for f in orig(self, factors)]
+
+    monkeypatch.setattr(ac.TTRank, "factor_grad_preconditioners", counting)
+    torch.manual_seed(0)
+    x, y = torch.randn(128, 4, 8, 8), torch.randint(0, 3, (128,))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    for cset in (ac.TTRank((2, 2)), ac.Sum(ac.TTRank((2, 2)), ac.Cardinality(density=0.1))):
+        calls.clear()
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+        s = ac.Solver([ac.Constrain("2", cset, view=tt_layout_view("oki"))])
+        h = s.fit(net, loader, epochs=3, finetune_epochs=1, progress=False)
+        assert h.final["settle_epochs"] >= 1
+        assert len(calls) >= 3 * 8  # three cores per step, 8 steps per epoch, at least one settle epoch
+        assert not hasattr(net[2], "parametrizations")
+        if isinstance(cset, ac.TTRank):  # float32 cores multiplied out: rank tolerance 1e-5 s_1 (default)
+            assert s.bindings[0].constraint.contains(s.bindings[0].to_view(net[2].weight.detach()))
