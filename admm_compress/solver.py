@@ -795,7 +795,9 @@ class Solver(Compressor):
     #: Whether the settle and fine-tuning epochs of a settling run (:meth:`settle_fraction` > 0)
     #: train factors with their set's
     #: :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners` (low rank: ScaledGD;
-    #: TT: ScaledGD per core; ``L + S``: its L part's).
+    #: TT: ScaledGD per core; ``L + S``: its L part's).  Measured with SGD (momentum 0.9); an
+    #: Adam-type optimizer gets the same preconditioned gradients (Zhang & Pilanci, ICML 2024,
+    #: use them with AdamW), not measured here.
     precondition_factors: bool = True
 
     #: Learning-rate multiplier of the preconditioned factors in the settle epochs.  ScaledGD moves
