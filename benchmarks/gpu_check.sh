@@ -3,13 +3,15 @@
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]        # default: $OUT, else runs/gpu_check
 #
-# 1. tests/test_cuda.py and tests/test_device.py: fit with Z/U on the GPU for seven solvers,
+# 1. tests/test_cuda.py and tests/test_device.py: fit with Z/U on the GPU for seven solvers (and
+#    the rho="auto" settle with ScaledGD factor hooks for low rank and TT),
 #    export, ptflops counts, CUDA latency, float16 autocast + GradScaler, the CLI with
 #    --device cuda, and --nproc 2 over NCCL where two GPUs exist;
 # 2. exported-model GPU latency vs MACs (latency_speedup.py --quick --device cuda) and channel
 #    removal on the GPU (channel_removal.py --device cuda);
-# 3. all-layer projection time on the GPU (projection_speed.py --device cuda).
-# About 5 minutes on one H200.  Needs torch with CUDA plus this project's pure-Python
+# 3. all-layer projection time on the GPU (projection_speed.py --device cuda);
+# 4. exported TT / L + S latency vs dense on the GPU (tt_latency_gpu.py, eager; ~4 min).
+# About 9 minutes on one H200.  Needs torch with CUDA plus this project's pure-Python
 # dependencies (ptflops, tensorly, hypothesis, scikit-learn, matplotlib, tqdm); the package itself
 # is taken from the working tree (PYTHONPATH=.).  Wheels found in .whl/ (git-ignored; fetch them
 # here with `pip download --no-deps --only-binary=:all: --python-version 3.12 --platform any
@@ -34,4 +36,5 @@ python3 benchmarks/channel_removal.py --device cuda --rounds 3 --out "$out/chann
   > "$out/channel_removal_cuda.log" 2>&1 || status=1
 python3 benchmarks/projection_speed.py --device cuda --out "$out/projection_speed_cuda.md" \
   > "$out/projection_speed_cuda.log" 2>&1 || status=1
+python3 benchmarks/tt_latency_gpu.py --out "$out/tt_latency_gpu.md" > "$out/tt_latency_gpu.log" 2>&1 || status=1
 exit $status

@@ -45,6 +45,10 @@ SOLVERS = {
     "raspa": lambda: methods.raspa((2, 2), density=0.2, rho=0.1, targets="3"),
     "lorita": lambda: methods.lorita(2, 1e-4, targets=nn.Conv2d, rank=2),
     "decomposable_net": lambda: methods.decomposable_net((0.3, 0.6), min_rank=2, targets=nn.Conv2d),
+    # rho="auto": the run is too short for an ADMM part, every epoch settles with the factors'
+    # ScaledGD gradient hooks (eigvalsh / solve on the device)
+    "lowrank_auto": lambda: ac.Solver([ac.Constrain(nn.Conv2d, ac.LowRank(rank=2))]),
+    "tt_auto": lambda: ac.Solver([ac.Constrain("3", ac.TTRank((2, 2)), view=ac.views.TTView((2, 4), (2, 4)))]),
 }
 
 
