@@ -39,6 +39,8 @@ def _model():
 def _solver(kind):
     if kind == "admm":
         return ac.Solver([ac.Constrain(nn.Linear, ac.LowRank(rank=4), exclude="layers.2")], rho=0.5, every=4)
+    if kind == "admm_auto":  # rho="auto": one ADMM epoch, then the settle epochs with ScaledGD factor hooks
+        return ac.Solver([ac.Constrain(nn.Linear, ac.LowRank(rank=4), exclude="layers.2")], every=4)
     if kind == "lrpet":
         return methods.lrpet(0.75, targets=nn.Linear, bn_rectification=False, exclude="layers.2")
     if kind == "trp":
@@ -52,7 +54,7 @@ def _solver(kind):
     raise ValueError(kind)
 
 
-KINDS = ["admm", "lrpet", "trp", "lorita", "raspa", "decomposable_net"]
+KINDS = ["admm", "admm_auto", "lrpet", "trp", "lorita", "raspa", "decomposable_net"]
 # Decomposable-Net all-reduces its full- and low-rank gradients separately before the (non-linear)
 # Eq. 12 balancing, so it too takes the 1-process global-batch step (measured 5e-6; averaging
 # per-rank balanced gradients instead, as DDP would, gave 1.9e-2).
@@ -76,6 +78,10 @@ class _GlobalBatches:
 
     def set_epoch(self, epoch):
         self.epoch = epoch
+
+    def __len__(self):  # as each rank's loader: fit sizes rho="auto"'s start floor and settle by it
+        per_rank = len(DistributedSampler(self.ds, num_replicas=WORLD, rank=0, shuffle=True, seed=0))
+        return -(-per_rank // PER_RANK_BATCH)
 
     def __iter__(self):
         parts = []
