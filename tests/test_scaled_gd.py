@@ -9,9 +9,11 @@ space of ``V``).  Float64 with factors of condition number at most ~1e3 (singula
 in [0.1, 10]): the solves lose at most ~1e3 x 1e-16, so ``rtol 1e-9`` is far from rounding and a
 wrong map (a transposed solve, the other factor's Gram matrix) is off by O(1).
 """
+import math
+
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -155,12 +157,20 @@ def _interfaces(cores, k):
 @given(dims=st.lists(st.integers(2, 4), min_size=2, max_size=4), r=st.integers(1, 3), seed=st.integers(0, 10_000))
 def test_tt_core_maps_project_the_dense_step_core_by_core(dims, r, seed):
     """Each core's mapped step moves the tensor by the orthogonal projection of the dense
-    gradient onto ``{L_{<k} X R_{>k}}``; the whole step is the sum of those d projections."""
+    gradient onto ``{L_{<k} X R_{>k}}``; the whole step is the sum of those d projections.
+
+    Tolerance: the maps and the reference both solve with the interface Gram matrices, which
+    loses about ``kappa * eps`` (``kappa`` their largest condition number; random cores, so it
+    is measured per example and examples past 1e10 are skipped); ``1e3 kappa eps`` covers the
+    few sums on top and is still <= ~1e-3, where a wrong map is off by O(1)."""
     d = len(dims)
-    ranks = []
-    for k in range(1, d):  # ranks no larger than the unfoldings allow (full-rank interfaces)
-        ranks.append(min(r, *(int(torch.tensor(dims[:k]).prod()),), int(torch.tensor(dims[k:]).prod())))
+    # ranks no larger than the unfoldings allow (full-rank interfaces)
+    ranks = [min(r, math.prod(dims[:k]), math.prod(dims[k:])) for k in range(1, d)]
     cores = _tt_cores(dims, ranks, seed)
+    interfaces = [_interfaces(cores, k) for k in range(d)]
+    kappa = max(max(float(torch.linalg.cond(L.mT @ L)), float(torch.linalg.cond(R @ R.mT))) for L, R in interfaces)
+    assume(kappa < 1e10)
+    tol = 1e3 * kappa * torch.finfo(torch.float64).eps
     cset = ac.TTRank(ranks=ranks)
     cset.scaled_gd_damping = 0.0
     shape = tuple(dims)
@@ -170,16 +180,15 @@ def test_tt_core_maps_project_the_dense_step_core_by_core(dims, r, seed):
     maps = cset.factor_grad_preconditioners(cores)
     assert len(maps) == d
     total = torch.zeros_like(G)
-    for k in range(d):
+    for k, (L, R) in enumerate(interfaces):
         mapped = maps[k](grads[k])
         moved = cset.reconstruct([mapped if j == k else c.detach() for j, c in enumerate(cores)], shape)
-        L, R = _interfaces(cores, k)
         Gk = G.reshape(L.shape[0], dims[k], R.shape[1])
         want = torch.einsum("lm,mic,cn->lin", _proj(L), Gk, _proj(R.mT).mT).reshape(shape)
         scale = float(want.abs().max()) + float(G.abs().max())
-        torch.testing.assert_close(moved, want, rtol=1e-8, atol=1e-8 * scale)
+        torch.testing.assert_close(moved, want, rtol=tol, atol=tol * scale)
         total += moved
-    assert float(total.norm()) <= d * float(G.norm()) * (1 + 1e-9)
+    assert float(total.norm()) <= d * float(G.norm()) * (1 + tol)
 
 
 def test_two_core_tt_maps_equal_the_low_rank_maps():
