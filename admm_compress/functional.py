@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "compute_dtype",
+    "damped_gram",
     "svd",
     "svdvals",
     "randomized_svd",
@@ -296,6 +297,15 @@ def rank_from_ratio(ratio: float, m: int, n: int, min_rank: int = 1) -> int:
     """
     q = min(m, n)
     return min(q, max(int(min_rank), int(ratio * q + 1e-9)))
+
+
+def damped_gram(M: torch.Tensor, damping: float) -> torch.Tensor | None:
+    """``M + damping * lambda_max(M) I`` for symmetric PSD Gram matrices ``M: (..., r, r)`` (the
+    ScaledGD preconditioners of ``LowRank`` / ``TTRank``), ``None`` when ``M`` is not finite."""
+    if not bool(torch.isfinite(M).all()):
+        return None
+    lam = torch.linalg.eigvalsh(M)[..., -1:].unsqueeze(-1).clamp_min(torch.finfo(M.dtype).tiny)
+    return M + (damping * lam) * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
 
 
 def energy_rank(s: torch.Tensor, energy: float, min_rank: int = 1) -> torch.Tensor:

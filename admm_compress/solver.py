@@ -783,14 +783,16 @@ class Solver(Compressor):
         :attr:`~admm_compress.sets.Constraint.isometric_structure` (low rank, TT, L + S): in the
         settle epochs they train at :attr:`slow_settle_lr_scale` (0.1) times the learning rate,
         the kept entries of a pruned weight and all unconstrained parameters at the rate itself."""
+        return [p for b in self._factor_bindings() for p in b.module.parametrizations[b.param_name].parameters()]
+
+    def _factor_bindings(self) -> list:
+        """The bindings structured as factors right now (hard sets whose structure is not
+        :attr:`~admm_compress.sets.Constraint.isometric_structure`, with a live
+        :func:`~admm_compress.parametrizations.structure`)."""
         from .parametrizations import factored
 
-        out = []
-        for b in self.bindings:
-            if b.constraint.isometric_structure or b.constraint.is_penalty or factored(b.module, b.param_name) is None:
-                continue
-            out.extend(b.module.parametrizations[b.param_name].parameters())
-        return out
+        return [b for b in self.bindings if not (b.constraint.isometric_structure or b.constraint.is_penalty)
+                and factored(b.module, b.param_name) is not None]
 
     #: Whether the settle and fine-tuning epochs of a settling run (:meth:`settle_fraction` > 0)
     #: train factors with their set's
@@ -821,15 +823,13 @@ class Solver(Compressor):
         an ``L + S``; :func:`~admm_compress.parametrizations.factor_grad_maps`) at
         :attr:`preconditioned_settle_lr_scale` (0.3), the others (the values of ``L + S``'s sparse
         part) at :attr:`slow_settle_lr_scale` (0.1)."""
-        from .parametrizations import factor_grad_maps, factored
+        from .parametrizations import factor_grad_maps
 
         if not self.preconditions():
             return super().settle_lr_groups(model)
         fast: list = []
         slow: list = []
-        for b in self.bindings:
-            if b.constraint.isometric_structure or b.constraint.is_penalty or factored(b.module, b.param_name) is None:
-                continue
+        for b in self._factor_bindings():
             mapped = {id(t) for t, _ in factor_grad_maps(b)}
             for p in b.module.parametrizations[b.param_name].parameters():
                 (fast if id(p) in mapped else slow).append(p)

@@ -40,6 +40,7 @@ import admm_compress as ac
 from _report import write_report
 from admm_compress import methods, models
 from admm_compress.parametrizations import precondition, release, structure
+from overhead import clocks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,10 +91,6 @@ def cases(quick: bool):
         out["TransformerEncoder (4 x 256), LowRank(0.25) Linears"] = (_Encoder, _lowrank_linears,
                                                                        torch.randn(16, 64, 256))
     return out
-
-
-def clocks():
-    return time.perf_counter(), time.process_time()
 
 
 def run_once(make_model, make_solver, x, steps: int, hooked: bool) -> tuple[float, float]:

@@ -104,15 +104,16 @@ def test_precondition_hooks_map_the_structured_factors_gradients_and_remove_clea
     release(solver.bindings)
 
 
-def _count_hook_calls(monkeypatch):
+def _count_hook_calls(monkeypatch, cls=ac.LowRank):
+    """A list that grows by one per call of any map ``cls.factor_grad_preconditioners`` returns."""
     calls = []
-    orig = ac.LowRank.factor_grad_preconditioners
+    orig = cls.factor_grad_preconditioners
 
     def counting(self, factors):
         maps = orig(self, factors)
         return [lambda g, f=f: (calls.append(1), f(g))[1] for f in maps]
 
-    monkeypatch.setattr(ac.LowRank, "factor_grad_preconditioners", counting)
+    monkeypatch.setattr(cls, "factor_grad_preconditioners", counting)
     return calls
 
 
@@ -233,13 +234,7 @@ def test_fit_preconditions_tt_cores_and_the_tt_part_of_l_plus_s(monkeypatch):
     of RASPA's ``L + S`` through the per-core maps; the weights end on their sets."""
     from admm_compress.views import tt_layout_view
 
-    calls = []
-    orig = ac.TTRank.factor_grad_preconditioners
-
-    def counting(self, factors):
-        return [lambda g, f=f: (calls.append(1), f(g))[1] for f in orig(self, factors)]
-
-    monkeypatch.setattr(ac.TTRank, "factor_grad_preconditioners", counting)
+    calls = _count_hook_calls(monkeypatch, ac.TTRank)
     torch.manual_seed(0)
     x, y = torch.randn(128, 4, 8, 8), torch.randint(0, 3, (128,))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)

@@ -230,21 +230,14 @@ class LowRank(ConstraintSet):
         U, V = factors
         damping = self.scaled_gd_damping
 
-        def damped(M: torch.Tensor) -> torch.Tensor | None:
-            if not bool(torch.isfinite(M).all()):
-                return None
-            r = M.shape[-1]
-            lam = torch.linalg.eigvalsh(M)[..., -1:].unsqueeze(-1).clamp_min(torch.finfo(M.dtype).tiny)
-            return M + (damping * lam) * torch.eye(r, dtype=M.dtype, device=M.device)
-
         def for_u(g: torch.Tensor) -> torch.Tensor:
             v = V.detach()
-            M = damped(v @ v.mT)
+            M = F.damped_gram(v @ v.mT, damping)
             return g if M is None else torch.linalg.solve(M, g.mT).mT
 
         def for_v(g: torch.Tensor) -> torch.Tensor:
             u = U.detach()
-            M = damped(u.mT @ u)
+            M = F.damped_gram(u.mT @ u, damping)
             return g if M is None else torch.linalg.solve(M, g)
 
         return for_u, for_v

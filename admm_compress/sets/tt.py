@@ -117,12 +117,6 @@ class TTRank(ConstraintSet):
         d = len(cores)
         damping = self.scaled_gd_damping
 
-        def damped(M: torch.Tensor) -> torch.Tensor | None:
-            if not bool(torch.isfinite(M).all()):
-                return None
-            lam = torch.linalg.eigvalsh(M)[-1].clamp_min(torch.finfo(M.dtype).tiny)
-            return M + (damping * lam) * torch.eye(M.shape[0], dtype=M.dtype, device=M.device)
-
         def left_gram(k: int) -> torch.Tensor:  # L_{<k}^T L_{<k}, (r_{k-1}, r_{k-1})
             c0 = cores[0].detach()
             P = torch.einsum("aic,aid->cd", c0, c0)
@@ -144,12 +138,12 @@ class TTRank(ConstraintSet):
                 r0, n, r1 = g.shape
                 out = g
                 if k > 0:
-                    M = damped(left_gram(k))
+                    M = F.damped_gram(left_gram(k), damping)
                     if M is None:
                         return g
                     out = torch.linalg.solve(M, out.reshape(r0, n * r1)).reshape(r0, n, r1)
                 if k < d - 1:
-                    M = damped(right_gram(k))
+                    M = F.damped_gram(right_gram(k), damping)
                     if M is None:
                         return g
                     out = torch.linalg.solve(M, out.reshape(r0 * n, r1).mT).mT.reshape(r0, n, r1)
