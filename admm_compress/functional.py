@@ -39,6 +39,7 @@ import torch
 __all__ = [
     "compute_dtype",
     "damped_gram",
+    "scaled_gd_apply",
     "svd",
     "svdvals",
     "randomized_svd",
@@ -306,6 +307,40 @@ def damped_gram(M: torch.Tensor, damping: float) -> torch.Tensor | None:
         return None
     lam = torch.linalg.eigvalsh(M)[..., -1:].unsqueeze(-1).clamp_min(torch.finfo(M.dtype).tiny)
     return M + (damping * lam) * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+
+
+def scaled_gd_apply(g: torch.Tensor, specs) -> torch.Tensor:
+    """Apply a factor's ScaledGD Gram matrices (``sets.GramSpec``: ``side``, ``gram``,
+    ``damping``) in order to its gradient ``g``: ``"left"`` solves ``(M + delta I) X = g`` with
+    ``g`` viewed as ``(*batch, r, -1)``, ``"right"`` ``X (M + delta I) = g`` with ``g`` viewed as
+    ``(*batch, -1, r)`` (:func:`damped_gram`).  If any Gram matrix is not finite, ``g`` is
+    returned as it is.  One factor at a time (the reference of
+    ``parametrizations.precondition``'s batched hooks)."""
+    damped = []
+    for spec in specs:
+        M = damped_gram(spec.gram, spec.damping)
+        if M is None:
+            return g
+        damped.append((spec.side, M))
+    out = g
+    for side, M in damped:
+        out = _gram_solve(side, M, out)
+    return out
+
+
+def _gram_solve(side: str, M: torch.Tensor, g: torch.Tensor, lu=None) -> torch.Tensor:
+    """``M^{-1} g`` (``side="left"``, ``g`` viewed as ``(*batch, r, -1)``) or ``g M^{-1}``
+    (``"right"``, ``(*batch, -1, r)``; ``M`` symmetric), with ``M``'s LU factors ``lu = (LU,
+    pivots)`` when given."""
+    batch, r = M.shape[:-2], M.shape[-1]
+    if side == "left":
+        b = g.reshape(*batch, r, -1)
+    elif side == "right":
+        b = g.reshape(*batch, -1, r).mT
+    else:
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    x = torch.linalg.solve(M, b) if lu is None else torch.linalg.lu_solve(lu[0], lu[1], b)
+    return (x if side == "left" else x.mT).reshape(g.shape)
 
 
 def energy_rank(s: torch.Tensor, energy: float, min_rank: int = 1) -> torch.Tensor:

@@ -18,11 +18,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .sets.base import Constraint
+from . import functional as F
+from .sets.base import Constraint, GramSpec
 from .views import View
 
 __all__ = ["Factored", "Additive", "additive_components", "structure", "precondition", "factor_grad_maps",
-           "release", "flatten_factors", "unflatten_factors", "factored"]
+           "ScaledGDHooks", "release", "flatten_factors", "unflatten_factors", "factored"]
 
 
 def flatten_factors(factors: Any) -> tuple[list[torch.Tensor], Any]:
@@ -160,7 +161,8 @@ def _pair_maps(factors: Any, maps: Any, where: str) -> list[tuple[torch.Tensor, 
 def factor_grad_maps(binding) -> list[tuple[torch.Tensor, Any]]:
     """``(trainable factor, gradient map)`` pairs of a binding structured by :func:`structure`,
     from its set's :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners` (empty
-    when the weight is not structured or the set has none)."""
+    when the weight is not structured or the set has none): one factor at a time, reading the
+    current factors when called."""
     found = factored(binding.module, binding.param_name)
     if found is None:
         return []
@@ -170,14 +172,146 @@ def factor_grad_maps(binding) -> list[tuple[torch.Tensor, Any]]:
     return [(t, fn) for t, fn in pairs if t.is_floating_point() and t.requires_grad]
 
 
+def _pair_grams(factors: Any, grams: Any, where: str) -> list[tuple[torch.Tensor, tuple]]:
+    """``(factor, GramSpec tuple)`` pairs of :meth:`~admm_compress.sets.Constraint.factor_grams`'
+    nesting (``None`` parts dropped)."""
+    if grams is None:
+        return []
+    if isinstance(factors, torch.Tensor):
+        if not (isinstance(grams, tuple) and all(isinstance(s, GramSpec) for s in grams)):
+            raise TypeError(f"{where}: a factor's Gram matrices must be a tuple of GramSpec or None, got {grams!r}")
+        return [(factors, grams)] if grams else []
+    if not isinstance(grams, (list, tuple)) or len(grams) != len(factors):
+        raise TypeError(f"{where}: the Gram matrices must mirror the factors' nesting ({len(factors)} part(s)), "
+                        f"got {grams!r}")
+    return [pg for f, g in zip(factors, grams) for pg in _pair_grams(f, g, where)]
+
+
+def _batched_grams(binding) -> bool:
+    """Whether :func:`precondition` takes the binding's preconditioner from ``factor_grams``
+    (batched) -- its set does not override ``factor_grad_preconditioners`` and returns Gram
+    matrices."""
+    found = factored(binding.module, binding.param_name)
+    c = binding.constraint
+    if found is None or type(c).factor_grad_preconditioners is not Constraint.factor_grad_preconditioners:
+        return False
+    return c.factor_grams(found[1]) is not None
+
+
+class ScaledGDHooks:
+    """The Gram-matrix preconditioners (:meth:`~admm_compress.sets.Constraint.factor_grams`) of
+    several structured weights as gradient hooks, computed together.
+
+    The factors do not change between a forward pass and its backward, so on the first hook call
+    after a forward pass (a forward pre-hook on each :class:`Factored` marks the factors changed)
+    every weight's Gram matrices are computed, grouped by size, dtype, device and damping, and
+    damped (``delta = damping * lambda_max``, one batched ``eigvalsh``) and LU-factored (one
+    batched ``lu_factor_ex``) per group; each hook is then one ``lu_solve`` per side.  The result
+    is :func:`~admm_compress.functional.scaled_gd_apply`'s, factor by factor, up to rounding (on
+    CPU LAPACK factors each matrix of a batch as it would alone); what changes is the number of
+    small kernels, which on a GPU dominated the step (``benchmarks/precondition_overhead.py``).
+    Non-finite Gram matrices are replaced by the identity before the eigenvalue and the LU, and a
+    factor with any of them keeps its gradient (no host synchronization for the check)."""
+
+    def __init__(self, bindings):
+        self.bindings = list(bindings)
+        self._stale = True
+        self._solves: dict[int, tuple] = {}
+        self.refreshes = 0  # how many times the Gram matrices were factored
+
+    def mark_stale(self, *_) -> None:
+        self._stale = True
+
+    def _refresh(self) -> None:
+        groups: dict[tuple, list] = {}
+        sizes: dict[tuple, int] = {}
+        pending = []  # (tensor id, [(side, group key, start, count, batch shape), ...])
+        for b in self.bindings:
+            found = factored(b.module, b.param_name)
+            if found is None:
+                continue
+            pairs = _pair_grams(found[1], b.constraint.factor_grams(found[1]), f"layer '{b.name}': {b.constraint!r}")
+            for t, specs in pairs:
+                parts = []
+                for spec in specs:
+                    M = spec.gram
+                    r = M.shape[-1]
+                    key = (r, M.dtype, M.device, float(spec.damping))
+                    flat = M.reshape(-1, r, r)
+                    start = sizes.get(key, 0)
+                    groups.setdefault(key, []).append(flat)
+                    sizes[key] = start + flat.shape[0]
+                    parts.append((spec.side, key, start, flat.shape[0], M.shape[:-2]))
+                pending.append((id(t), parts))
+        factored_groups = {}
+        for key, mats in groups.items():
+            r, dtype, device, damping = key
+            M = mats[0] if len(mats) == 1 else torch.cat(mats)
+            eye = torch.eye(r, dtype=dtype, device=device)
+            finite = torch.isfinite(M).flatten(-2).all(-1)
+            M = torch.where(finite[:, None, None], M, eye)
+            lam = torch.linalg.eigvalsh(M)[..., -1:].unsqueeze(-1).clamp_min(torch.finfo(dtype).tiny)
+            D = torch.where(finite[:, None, None], M + (damping * lam) * eye, eye)
+            LU, piv, _ = torch.linalg.lu_factor_ex(D)
+            factored_groups[key] = (LU, piv, finite)
+        self._solves = {}
+        for tid, parts in pending:
+            solves = []
+            ok = None
+            for side, key, start, count, batch in parts:
+                LU, piv, finite = factored_groups[key]
+                lu = (LU[start:start + count].reshape(*batch, *LU.shape[-2:]),
+                      piv[start:start + count].reshape(*batch, piv.shape[-1]))
+                solves.append((side, lu))
+                if len(parts) > 1:  # several sides: keep g when any of them is not finite
+                    f = finite[start:start + count].all()
+                    ok = f if ok is None else ok & f
+            self._solves[tid] = (solves, ok)
+        self._stale = False
+        self.refreshes += 1
+
+    def apply(self, tid: int, g: torch.Tensor) -> torch.Tensor:
+        """The preconditioned gradient of the factor ``id(tensor) == tid``."""
+        if self._stale:
+            with torch.no_grad():
+                self._refresh()
+        solves, ok = self._solves[tid]
+        out = g
+        for side, lu in solves:
+            out = F._gram_solve(side, lu[0], out, lu=lu)
+        return out if ok is None else torch.where(ok, out, g)
+
+    def register(self) -> list:
+        """Register the hooks; returns handles (``remove()``)."""
+        handles = []
+        for b in self.bindings:
+            found = factored(b.module, b.param_name)
+            if found is None:
+                continue
+            fac, factors = found
+            pairs = _pair_grams(factors, b.constraint.factor_grams(factors), f"layer '{b.name}': {b.constraint!r}")
+            for t, _ in pairs:
+                if t.is_floating_point() and t.requires_grad:
+                    handles.append(t.register_hook(lambda g, tid=id(t): self.apply(tid, g)))
+            handles.append(fac.register_forward_pre_hook(self.mark_stale))
+        return handles
+
+
 def precondition(bindings) -> list:
-    """Register the constraints' :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners`
-    as gradient hooks on the trainable factors of every binding structured by :func:`structure`
-    (:class:`~admm_compress.sets.LowRank`: ScaledGD; :class:`~admm_compress.sets.TTRank`: its
-    per-core form; a :class:`~admm_compress.sets.Sum`: its components').  Returns the hook
-    handles; ``h.remove()`` on each undoes it (:func:`release` drops the factors, and their
-    hooks with them)."""
-    return [t.register_hook(fn) for b in bindings for t, fn in factor_grad_maps(b)]
+    """Register the constraints' factor preconditioners as gradient hooks on the trainable
+    factors of every binding structured by :func:`structure` (:class:`~admm_compress.sets.LowRank`:
+    ScaledGD; :class:`~admm_compress.sets.TTRank`: its per-core form; a
+    :class:`~admm_compress.sets.Sum`: its components'): the Gram matrices of
+    :meth:`~admm_compress.sets.Constraint.factor_grams` through one :class:`ScaledGDHooks` for
+    all of them, and the maps of a set that overrides
+    :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners` as they are.  Returns the
+    handles; ``h.remove()`` on each undoes it (:func:`release` drops the factors, and their hooks
+    with them)."""
+    bindings = list(bindings)
+    batched = [b for b in bindings if _batched_grams(b)]
+    handles = ScaledGDHooks(batched).register() if batched else []
+    ids = {id(b) for b in batched}
+    return handles + [t.register_hook(fn) for b in bindings if id(b) not in ids for t, fn in factor_grad_maps(b)]
 
 
 def release(bindings) -> None:

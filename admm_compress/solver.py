@@ -796,7 +796,7 @@ class Solver(Compressor):
 
     #: Whether the settle and fine-tuning epochs of a settling run (:meth:`settle_fraction` > 0)
     #: train factors with their set's
-    #: :meth:`~admm_compress.sets.Constraint.factor_grad_preconditioners` (low rank: ScaledGD;
+    #: :meth:`~admm_compress.sets.Constraint.factor_grams` (low rank: ScaledGD;
     #: TT: ScaledGD per core; ``L + S``: its L part's).  Tuned with SGD (momentum 0.9); an
     #: Adam-type optimizer gets the same preconditioned gradients (Zhang & Pilanci, ICML 2024,
     #: use them with AdamW): FCN-8 low rank with ``Adam`` at lr 1e-3 / 3e-3 (8 seeds) 79.97 /

@@ -1,5 +1,7 @@
-"""ScaledGD preconditioning of low-rank factors (``LowRank.factor_grad_preconditioners``,
-``parametrizations.precondition``, the ADMM ``Solver``'s settle / fine-tuning epochs).
+"""ScaledGD preconditioning of low-rank factors and TT cores (``LowRank.factor_grams`` /
+``TTRank.factor_grams`` through the one-factor maps of ``factor_grad_preconditioners``;
+``parametrizations.precondition``'s batched hooks, ``ScaledGDHooks``; the ADMM ``Solver``'s
+settle / fine-tuning epochs).
 
 Checked against the definition: with ``W = U V`` and loss gradient ``G = dL/dW``, the chain
 rule gives ``dL/dU = G V^T`` and ``dL/dV = U^T G``; ScaledGD's maps (damping 0) turn them into
@@ -91,9 +93,11 @@ def test_precondition_hooks_map_the_structured_factors_gradients_and_remove_clea
 
     plain_u, plain_v = grads()
     handles = precondition(solver.bindings)
-    assert len(handles) == 2
+    assert len(handles) == 3  # two gradient hooks, one forward pre-hook (marks the factors changed)
     pre_u, pre_v = grads()
     fu, fv = solver.bindings[0].constraint.factor_grad_preconditioners((U, V))
+    # the batched hooks and the one-factor reference solve the same damped system, whose condition
+    # number is at most 1 + 1 / damping = 101: they differ by at most ~ 101 r eps = 7e-14 in float64
     torch.testing.assert_close(pre_u, fu(plain_u), rtol=1e-12, atol=0)
     torch.testing.assert_close(pre_v, fv(plain_v), rtol=1e-12, atol=0)
     assert not torch.allclose(pre_u, plain_u)
@@ -105,15 +109,20 @@ def test_precondition_hooks_map_the_structured_factors_gradients_and_remove_clea
 
 
 def _count_hook_calls(monkeypatch, cls=ac.LowRank):
-    """A list that grows by one per call of any map ``cls.factor_grad_preconditioners`` returns."""
+    """A list that grows by one per gradient hook call on a factor of a ``cls`` weight (the
+    batched hooks of ``parametrizations.precondition``)."""
+    from admm_compress.parametrizations import ScaledGDHooks
+
     calls = []
-    orig = cls.factor_grad_preconditioners
+    orig = ScaledGDHooks.apply
 
-    def counting(self, factors):
-        maps = orig(self, factors)
-        return [lambda g, f=f: (calls.append(1), f(g))[1] for f in maps]
+    def counting(self, tid, g):
+        if any(isinstance(b.constraint, cls) or isinstance(getattr(b.constraint, "a", None), cls)
+               for b in self.bindings):
+            calls.append(1)
+        return orig(self, tid, g)
 
-    monkeypatch.setattr(cls, "factor_grad_preconditioners", counting)
+    monkeypatch.setattr(ScaledGDHooks, "apply", counting)
     return calls
 
 
@@ -250,3 +259,137 @@ def test_fit_preconditions_tt_cores_and_the_tt_part_of_l_plus_s(monkeypatch):
         assert not hasattr(net[2], "parametrizations")
         if isinstance(cset, ac.TTRank):  # float32 cores multiplied out: rank tolerance 1e-5 s_1 (default)
             assert s.bindings[0].constraint.contains(s.bindings[0].to_view(net[2].weight.detach()))
+
+
+def _mixed_model():
+    """Layers of three kinds and two ranks: low rank (ranks 2 and 3: two Gram sizes), TT cores
+    on the (O, kh*kw, I) view and RASPA's L + S -- one batched factorization for all."""
+    from admm_compress.views import tt_layout_view
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
+    solver = ac.Solver([ac.Constrain("0", ac.LowRank(rank=2)),
+                        ac.Constrain("2", ac.TTRank((2, 3)), view=tt_layout_view("oki")),
+                        ac.Constrain("4", ac.Sum(ac.TTRank((2, 2)), ac.Cardinality(density=0.1)),
+                                     view=tt_layout_view("oki")),
+                        ac.Constrain("8", ac.LowRank(rank=3)), ac.Constrain("10", ac.LowRank(rank=2))],
+                       mode="projection")
+    solver.prepare(net)
+    solver.finalize(net)
+    structure(solver.bindings)
+    x = torch.randn(5, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    return net, solver, x
+
+
+def _factor_grads(net, x):
+    ps = [p for p in net.parameters() if p.requires_grad]
+    for p in ps:
+        p.grad = None
+    net(x).pow(2).sum().backward()
+    return {id(p): p.grad.clone() for p in ps}
+
+
+def _reference(solver, plain):
+    """Each factor's plain gradient through the one-factor maps of factor_grad_preconditioners."""
+    from admm_compress.parametrizations import factor_grad_maps
+
+    return {id(t): fn(plain[id(t)]) for b in solver.bindings for t, fn in factor_grad_maps(b)}
+
+
+def test_batched_hooks_equal_the_one_factor_maps_on_mixed_layers():
+    """``precondition`` factors every layer's Gram matrices together (grouped by size) and each
+    hook solves with its own; the result is the one-factor reference.  Both solve the same
+    damped systems (condition number at most 1 + 1 / damping = 101, float64), so they agree to
+    ~1e-13; a Gram matrix from another layer or group would be off by O(1)."""
+    net, solver, x = _mixed_model()
+    plain = _factor_grads(net, x)
+    want = _reference(solver, plain)
+    assert len(want) == 2 + 3 + 3 + 2 + 2  # U, V / three cores / three cores of L / U, V / U, V
+    handles = precondition(solver.bindings)
+    got = _factor_grads(net, x)
+    for tid, w in want.items():
+        torch.testing.assert_close(got[tid], w, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
+        assert not torch.allclose(got[tid], plain[tid])
+    mapped = set(want)
+    for tid, g in got.items():  # the sparse values of L + S and the biases stay plain
+        if tid not in mapped:
+            torch.testing.assert_close(g, plain[tid], rtol=0, atol=0)
+    for h in handles:
+        h.remove()
+    release(solver.bindings)
+
+
+def test_batched_hooks_factor_once_per_forward_and_follow_the_updated_factors():
+    from admm_compress.parametrizations import ScaledGDHooks
+
+    net, solver, x = _mixed_model()
+    hooks = ScaledGDHooks(solver.bindings)
+    handles = hooks.register()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(3):
+        got = _factor_grads(net, x)
+        assert hooks.refreshes == step + 1  # once per forward + backward, not once per factor
+        opt.step()  # the factors move: the next forward must not reuse the old Gram matrices
+    for h in handles:
+        h.remove()
+    plain = _factor_grads(net, x)
+    hooks2 = ScaledGDHooks(solver.bindings)
+    handles = hooks2.register()
+    got = _factor_grads(net, x)
+    for tid, w in _reference(solver, plain).items():
+        torch.testing.assert_close(got[tid], w, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
+    for h in handles:
+        h.remove()
+    before = hooks2.refreshes
+    _factor_grads(net, x)
+    assert hooks2.refreshes == before  # removed: no hook fires
+    release(solver.bindings)
+
+
+def test_batched_hooks_pass_non_finite_factors_through_and_keep_the_others():
+    """A factor whose Gram matrices are not finite keeps its gradient; the batch it was factored
+    with is unaffected (the non-finite matrices are replaced before the eigenvalue and the LU).
+    Checked on the hooks' map itself: a non-finite weight would make every gradient non-finite."""
+    from admm_compress.parametrizations import ScaledGDHooks
+
+    net, solver, x = _mixed_model()
+    plain = _factor_grads(net, x)
+    want = _reference(solver, plain)
+    cores = list(net[2].parametrizations.weight.parameters())
+    U8, V8 = net[8].parametrizations.weight.original0, net[8].parametrizations.weight.original1
+    with torch.no_grad():
+        cores[2][0, 0, 0] = float("inf")  # in core 1's right Gram and core 0's (cores 1, 2); not in core 2's left
+        U8[0, 0] = float("nan")  # in V8's Gram U^T U, not in U8's V V^T
+    hooks = ScaledGDHooks(solver.bindings)
+    passed = {id(cores[0]), id(cores[1]), id(V8)}
+    for tid, w in want.items():
+        got = hooks.apply(tid, plain[tid])
+        if tid in passed:
+            torch.testing.assert_close(got, plain[tid], rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(got, w, rtol=1e-10, atol=1e-12 * float(w.abs().max()))
+    release(solver.bindings)
+
+
+def test_a_set_overriding_the_maps_gets_them_as_they_are():
+    class Halve(ac.LowRank):
+        def factor_grad_preconditioners(self, factors):
+            return (lambda g: g / 2, None)
+
+    lin = nn.Linear(6, 5).double()
+    solver = ac.Solver([ac.Constrain(nn.Linear, Halve(rank=2))], mode="projection")
+    model = nn.Sequential(lin)
+    solver.prepare(model)
+    solver.finalize(model)
+    structure(solver.bindings)
+    x = torch.randn(4, 6, dtype=torch.float64)
+    plain = _factor_grads(model, x)
+    handles = precondition(solver.bindings)
+    got = _factor_grads(model, x)
+    U, V = lin.parametrizations.weight.original0, lin.parametrizations.weight.original1
+    torch.testing.assert_close(got[id(U)], plain[id(U)] / 2, rtol=0, atol=0)
+    torch.testing.assert_close(got[id(V)], plain[id(V)], rtol=0, atol=0)
+    assert len(handles) == 1
+    release(solver.bindings)

@@ -5,7 +5,7 @@ Hard constraints (:class:`ConstraintSet`): :class:`LowRank`, :class:`Cardinality
 :class:`SchattenP`.  Every operator is a pure tensor function in
 :mod:`admm_compress.functional`; the classes validate arguments and keep the parameters.
 """
-from .base import Constraint, ConstraintSet, Penalty
+from .base import Constraint, ConstraintSet, GramSpec, Penalty
 from .cardinality import Cardinality
 from .lowrank import LowRank
 from .schatten import SchattenP, SquaredFrobenius
@@ -16,6 +16,7 @@ __all__ = [
     "Constraint",
     "ConstraintSet",
     "Penalty",
+    "GramSpec",
     "LowRank",
     "Cardinality",
     "TTRank",

@@ -16,13 +16,26 @@ input raises before any work and nothing is modified in place.
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
 from .._validation import check_finite, check_float, check_tensor, where_prefix
 
-__all__ = ["Constraint", "ConstraintSet", "Penalty"]
+__all__ = ["Constraint", "ConstraintSet", "Penalty", "GramSpec"]
+
+
+class GramSpec(NamedTuple):
+    """One side of a factor's ScaledGD preconditioner (:meth:`Constraint.factor_grams`).
+
+    ``side="left"`` maps a factor gradient ``g``, viewed as ``(*batch, r, -1)``, to ``(M +
+    delta I)^{-1} g``; ``side="right"`` maps ``g`` viewed as ``(*batch, -1, r)`` to ``g (M +
+    delta I)^{-1}``; ``M = gram`` (``(*batch, r, r)``, symmetric positive semi-definite,
+    detached) and ``delta = damping * lambda_max(M)`` per matrix of the batch."""
+
+    side: str
+    gram: torch.Tensor
+    damping: float
 
 
 class Constraint(abc.ABC):
@@ -113,19 +126,51 @@ class Constraint(abc.ABC):
         Differentiable in the floating-point factors (used to fine-tune in factored form).
         """
 
-    def factor_grad_preconditioners(self, factors: Any) -> Any:
-        """Gradient maps for training the ``factors`` of :meth:`factorize` (the structure it
-        returns, e.g. ``(U, V)``, TT cores, ``(L factors, S factors)``): the same nesting with a
-        callable ``grad -> grad`` (reading the current factors when called) or ``None`` in place
-        of each tensor, or ``None`` for a whole part or the whole; ``None`` (default): plain
-        gradients.  :class:`LowRank` and :class:`TTRank` return ScaledGD's maps, under which a
-        factor step moves the weight by a dense step projected on the factors' column / row
-        spaces; :class:`Sum` its components'.  :func:`admm_compress.parametrizations.precondition`
-        registers them as gradient hooks."""
+    def factor_grams(self, factors: Any) -> Any:
+        """ScaledGD's preconditioner of the ``factors`` of :meth:`factorize` (the structure it
+        returns, e.g. ``(U, V)``, TT cores, ``(L factors, S factors)``) as Gram matrices: the
+        same nesting with, in place of each tensor, a tuple of :class:`GramSpec` applied in
+        order to that factor's gradient, or ``None`` (plain gradient) for a tensor, a whole part
+        or the whole; ``None`` (default): plain gradients.  Computed from the factors' current
+        values.  :class:`LowRank` and :class:`TTRank` return ScaledGD's Gram matrices, under
+        which a factor step moves the weight by a dense step projected on the factors' column /
+        row spaces; :class:`Sum` its components'.  :func:`admm_compress.parametrizations.
+        precondition` factors the Gram matrices of all structured weights together, once per
+        forward pass, and applies them in gradient hooks."""
         return None
+
+    def factor_grad_preconditioners(self, factors: Any) -> Any:
+        """Gradient maps for training the ``factors`` of :meth:`factorize`: the same nesting
+        with a callable ``grad -> grad`` (reading the current factors when called) or ``None``
+        in place of each tensor, or ``None`` for a whole part or the whole.  By default the maps
+        of :meth:`factor_grams`, one factor at a time (:func:`admm_compress.functional.
+        scaled_gd_apply`; a factor whose Gram matrices are not finite keeps its gradient).
+        :func:`~admm_compress.parametrizations.precondition` uses :meth:`factor_grams` directly
+        (batched) unless a subclass overrides this method, whose maps it then registers as
+        they are."""
+        from .. import functional as F
+
+        grams = self.factor_grams(factors)
+        if grams is None:
+            return None
+
+        def build(part, path):
+            if part is None:
+                return None
+            if isinstance(part, tuple) and part and isinstance(part[0], GramSpec):
+                return lambda g: F.scaled_gd_apply(g, _at(self.factor_grams(factors), path))
+            return type(part)(build(p, path + (i,)) for i, p in enumerate(part))
+
+        return build(grams, ())
 
     def __repr__(self) -> str:  # pragma: no cover - overridden with the parameters
         return f"{type(self).__name__}()"
+
+
+def _at(nested: Any, path: tuple) -> Any:
+    for i in path:
+        nested = nested[i]
+    return nested
 
 
 class ConstraintSet(Constraint):

@@ -8,7 +8,7 @@ import torch
 
 from .. import functional as F
 from .._validation import check_choice, check_finite, check_float, check_int, check_tensor, where_prefix
-from .base import ConstraintSet
+from .base import ConstraintSet, GramSpec
 
 __all__ = ["LowRank"]
 
@@ -211,12 +211,12 @@ class LowRank(ConstraintSet):
         U, V = factors
         return (U @ V).reshape(tuple(shape))
 
-    #: Damping of :meth:`factor_grad_preconditioners`, relative to the largest eigenvalue of
-    #: ``V V^T`` / ``U^T U``: it bounds the gain in the weakest kept directions to ``1 / damping``
-    #: times the strongest's.
+    #: Damping of :meth:`factor_grams`, relative to the largest eigenvalue of ``V V^T`` /
+    #: ``U^T U``: it bounds the gain in the weakest kept directions to ``1 / damping`` times the
+    #: strongest's.
     scaled_gd_damping: float = 1e-2
 
-    def factor_grad_preconditioners(self, factors):
+    def factor_grams(self, factors):
         r"""ScaledGD's preconditioning (Tong, Ma & Chi, JMLR 2021; used with SGD / AdamW on
         network factors by Zhang & Pilanci, ICML 2024): ``grad_U -> grad_U (V V^T + delta
         I)^{-1}``, ``grad_V -> (U^T U + delta I)^{-1} grad_V``, ``delta = scaled_gd_damping *
@@ -225,22 +225,12 @@ class LowRank(ConstraintSet):
         spaces, ``delta -> 0``): a dense step restricted to the tangent space of the rank-``r``
         manifold, at most twice the dense step in norm whatever the factors' singular values;
         plain factor gradients move ``W`` by up to ``2 sigma_1`` times it along the leading
-        directions and by ``sigma_r`` times it along the weakest.  Non-finite factors pass the
-        gradient through (the trainer stops on the loss)."""
+        directions and by ``sigma_r`` times it along the weakest.  Returns ``((GramSpec("right",
+        V V^T),), (GramSpec("left", U^T U),))``."""
         U, V = factors
+        u, v = U.detach(), V.detach()
         damping = self.scaled_gd_damping
-
-        def for_u(g: torch.Tensor) -> torch.Tensor:
-            v = V.detach()
-            M = F.damped_gram(v @ v.mT, damping)
-            return g if M is None else torch.linalg.solve(M, g.mT).mT
-
-        def for_v(g: torch.Tensor) -> torch.Tensor:
-            u = U.detach()
-            M = F.damped_gram(u.mT @ u, damping)
-            return g if M is None else torch.linalg.solve(M, g)
-
-        return for_u, for_v
+        return (GramSpec("right", v @ v.mT, damping),), (GramSpec("left", u.mT @ u, damping),)
 
     def _contains(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str]:
         s = F.svdvals(x)

@@ -192,12 +192,13 @@ class Sum(ConstraintSet):
         fa, fb = factors
         return self.a.reconstruct(fa, shape) + self.b.reconstruct(fb, shape)
 
-    def factor_grad_preconditioners(self, factors):
-        """The components' maps, ``(a's, b's)`` (``None`` when neither has any): for RASPA's
-        ``TTRank + Cardinality`` the TT cores are preconditioned, the sparse values are not."""
+    def factor_grams(self, factors):
+        """The components' Gram matrices, ``(a's, b's)`` (``None`` when neither has any): for
+        RASPA's ``TTRank + Cardinality`` the TT cores are preconditioned, the sparse values are
+        not."""
         fa, fb = factors
-        ma, mb = self.a.factor_grad_preconditioners(fa), self.b.factor_grad_preconditioners(fb)
-        return None if ma is None and mb is None else (ma, mb)
+        ga, gb = self.a.factor_grams(fa), self.b.factor_grams(fb)
+        return None if ga is None and gb is None else (ga, gb)
 
     def contains(self, x, atol: float = 1e-5, rtol: float = 1e-5, explain: bool = False):
         """Pair: both components in their sets.  Tensor: a decomposition with residual

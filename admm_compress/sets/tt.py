@@ -9,7 +9,7 @@ import torch
 
 from .. import functional as F
 from .._validation import check_int, where_prefix
-from .base import ConstraintSet
+from .base import ConstraintSet, GramSpec
 
 __all__ = ["TTRank"]
 
@@ -95,62 +95,42 @@ class TTRank(ConstraintSet):
         """Full tensor from the cores (``tensorly.tt_to_tensor``), reshaped to ``shape``."""
         return F.tt_to_tensor(list(factors)).reshape(tuple(shape))
 
-    #: Damping of :meth:`factor_grad_preconditioners`, relative to the largest eigenvalue of each
-    #: interface Gram matrix (as :attr:`LowRank.scaled_gd_damping`).
+    #: Damping of :meth:`factor_grams`, relative to the largest eigenvalue of each interface
+    #: Gram matrix (as :attr:`LowRank.scaled_gd_damping`).
     scaled_gd_damping: float = 1e-2
 
-    def factor_grad_preconditioners(self, factors):
-        r"""ScaledGD for TT cores (as :meth:`LowRank.factor_grad_preconditioners`, one core at a
-        time): core ``G_k: (r_{k-1}, n_k, r_k)`` enters the tensor through its left interface
-        ``L_{<k}: (n_1...n_{k-1}, r_{k-1})`` (the product of the cores before it) and its right
-        interface ``R_{>k}: (r_k, n_{k+1}...n_d)``; its gradient is mapped to ``(L^T L + delta
-        I)^{-1} grad (R R^T + delta I)^{-1}`` on its rank indices (``delta = scaled_gd_damping *
-        lambda_max`` of each Gram matrix; no map on the boundary ranks ``r_0 = r_d = 1``).  The
-        step of core ``k`` alone then moves the tensor by the orthogonal projection of the
-        dense gradient onto ``{L_{<k} X R_{>k}}`` (``delta -> 0``), so a step of all ``d`` cores
-        moves it by at most ``d`` times the dense step whatever the cores' scales; with two
-        cores this is :class:`LowRank`'s map.  The Gram matrices come from the recursion
-        ``L_{<k+1}^T L_{<k+1} = sum_i G_k[:, i, :]^T (L_{<k}^T L_{<k}) G_k[:, i, :]`` (and its
-        mirror), never from the interfaces themselves.  Non-finite cores pass the gradient
-        through."""
-        cores = list(factors)
+    def factor_grams(self, factors):
+        r"""ScaledGD for TT cores (as :meth:`LowRank.factor_grams`, one core at a time): core
+        ``G_k: (r_{k-1}, n_k, r_k)`` enters the tensor through its left interface ``L_{<k}:
+        (n_1...n_{k-1}, r_{k-1})`` (the product of the cores before it) and its right interface
+        ``R_{>k}: (r_k, n_{k+1}...n_d)``; its gradient is mapped to ``(L^T L + delta I)^{-1} grad
+        (R R^T + delta I)^{-1}`` on its rank indices (``delta = scaled_gd_damping * lambda_max``
+        of each Gram matrix; no map on the boundary ranks ``r_0 = r_d = 1``).  The step of core
+        ``k`` alone then moves the tensor by the orthogonal projection of the dense gradient
+        onto ``{L_{<k} X R_{>k}}`` (``delta -> 0``), so a step of all ``d`` cores moves it by at
+        most ``d`` times the dense step whatever the cores' scales; with two cores this is
+        :class:`LowRank`'s map.  The Gram matrices come from the recursion ``L_{<k+1}^T
+        L_{<k+1} = sum_i G_k[:, i, :]^T (L_{<k}^T L_{<k}) G_k[:, i, :]`` (and its mirror), never
+        from the interfaces themselves."""
+        cores = [c.detach() for c in factors]
         d = len(cores)
         damping = self.scaled_gd_damping
-
-        def left_gram(k: int) -> torch.Tensor:  # L_{<k}^T L_{<k}, (r_{k-1}, r_{k-1})
-            c0 = cores[0].detach()
-            P = torch.einsum("aic,aid->cd", c0, c0)
-            for j in range(1, k):
-                c = cores[j].detach()
-                P = torch.einsum("ab,aic,bid->cd", P, c, c)
-            return P
-
-        def right_gram(k: int) -> torch.Tensor:  # R_{>k} R_{>k}^T, (r_k, r_k)
-            c = cores[d - 1].detach()
-            P = torch.einsum("aic,bic->ab", c, c)
-            for j in range(d - 2, k, -1):
-                c = cores[j].detach()
-                P = torch.einsum("cd,aic,bid->ab", P, c, c)
-            return P
-
-        def make(k: int):
-            def fn(g: torch.Tensor) -> torch.Tensor:
-                r0, n, r1 = g.shape
-                out = g
-                if k > 0:
-                    M = F.damped_gram(left_gram(k), damping)
-                    if M is None:
-                        return g
-                    out = torch.linalg.solve(M, out.reshape(r0, n * r1)).reshape(r0, n, r1)
-                if k < d - 1:
-                    M = F.damped_gram(right_gram(k), damping)
-                    if M is None:
-                        return g
-                    out = torch.linalg.solve(M, out.reshape(r0 * n, r1).mT).mT.reshape(r0, n, r1)
-                return out
-            return fn
-
-        return [make(k) for k in range(d)]
+        left: list = [None] * d  # left[k] = L_{<k}^T L_{<k}, (r_{k-1}, r_{k-1}), k >= 1
+        right: list = [None] * d  # right[k] = R_{>k} R_{>k}^T, (r_k, r_k), k <= d - 2
+        for k in range(1, d):
+            c = cores[k - 1]
+            left[k] = (torch.einsum("aic,aid->cd", c, c) if k == 1
+                       else torch.einsum("ab,aic,bid->cd", left[k - 1], c, c))
+        for k in range(d - 2, -1, -1):
+            c = cores[k + 1]
+            right[k] = (torch.einsum("aic,bic->ab", c, c) if k == d - 2
+                        else torch.einsum("cd,aic,bid->ab", right[k + 1], c, c))
+        out = []
+        for k in range(d):
+            specs = ((GramSpec("left", left[k], damping),) if k > 0 else ()) + \
+                ((GramSpec("right", right[k], damping),) if k < d - 1 else ())
+            out.append(specs or None)
+        return out
 
     def _contains(self, x: torch.Tensor, atol: float, rtol: float) -> tuple[bool, str]:
         targets = self._targets(x.dim())
