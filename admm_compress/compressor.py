@@ -265,11 +265,12 @@ class Compressor:
         TT weights, whose steps move the weight by up to ``2 sigma_1`` times a dense step)."""
         return []
 
-    def settle_lr_groups(self, model: nn.Module) -> list[tuple[list, float]]:
+    def settle_lr_groups(self, model: nn.Module) -> list[tuple[list, Any]]:
         """``[(parameters, learning-rate multiplier), ...]``: the parameters the settle epochs
         train at their own multiple of the learning rate, one optimizer parameter group each
         after the group of all other parameters (default: :meth:`slow_settle_parameters` at
-        :attr:`slow_settle_lr_scale`, when there are any)."""
+        :attr:`slow_settle_lr_scale`, when there are any).  A multiplier is a number or a
+        function of the learning rate the settle optimizer is built with."""
         slow = self.slow_settle_parameters(model)
         return [(slow, self.slow_settle_lr_scale)] if slow else []
 

@@ -803,26 +803,48 @@ class Solver(Compressor):
     #: 95.38 % against 68.99 / 90.00 with plain factors at lr / 10.
     precondition_factors: bool = True
 
-    #: Learning-rate multiplier of the preconditioned factors in the settle epochs.  ScaledGD moves
-    #: the weight by at most twice a dense step on the rank-r tangent space (the factors' own
-    #: curvature comes on top), so it can run faster than the plain factors' 0.1: on the digits
-    #: FCN-8 low rank (10 seeds, lr 0.1 / 0.05 / 0.01; ``benchmarks/admm_vs_prune.py``) 0.3 gave
-    #: 97.25 / 96.44 / 95.58 % against plain factors at 0.1's 95.25 / 96.44 / 95.56, and the
-    #: digits32 ResNet-20 82.13 against 80.32 (6 seeds); 0.5 collapsed at lr 0.1 (two runs of ten).
-    #: TT cores (``admm-compress bench digits32_resnet20``, seeds 0-2): ``admm_tt`` 97.69 against
-    #: 96.48, ``raspa`` 98.24 against 97.78.
-    preconditioned_settle_lr_scale: float = 0.3
+    #: Learning-rate multiplier of the preconditioned factors in the settle epochs: a positive
+    #: number, or ``"auto"`` (default): ``min(1, preconditioned_settle_max_lr / lr)``
+    #: (:meth:`preconditioned_lr_scale`; ``lr`` the settle optimizer's learning rate), i.e. the
+    #: factors settle at the training lr up to an absolute cap.  ScaledGD moves the weight by at
+    #: most twice a dense step on the rank-r tangent space whatever the factors' scale, but a
+    #: step also moves the factors by up to ``1 / damping`` times more along their weakest
+    #: directions, and that second-order part, not the weight-space curvature, is what diverged:
+    #: on the digits FCN-8 low rank (``benchmarks/admm_vs_prune.py``, 10 seeds) runs failed once
+    #: the factors' rate passed about 0.04-0.05 (0.5 at lr 0.1: two collapses of ten; 1.0 at lr
+    #: 0.05: 86.31 %; 4.0 at lr 0.01: 94.69) whatever the training lr, while below it the
+    #: faster the better (lr 0.01: 95.58 % at 0.3, 96.19 at 1.0; lr 0.05: 96.44 at 0.3, 97.00 at
+    #: 0.6).  So a multiplier proportional to lr loses at one end (the plain factors' lr / 10,
+    #: or 0.3, at lr 0.01), and a cap does not: ``"auto"`` reads 96.19 / 97.00 / 97.25 % at lr
+    #: 0.01 / 0.05 / 0.1 against 0.3's 95.58 / 96.44 / 97.25, and ResNet-20 low rank (digits32,
+    #: lr 0.05, 6 seeds) 86.11 against 82.13 (every seed up).  With Adam (FCN low rank, 8 seeds)
+    #: lr 1e-3 / 3e-3 read 94.65 / 97.15 % against 79.10 / 95.31 at 0.3.
+    preconditioned_settle_lr_scale: float | str = "auto"
+
+    #: The cap of ``preconditioned_settle_lr_scale="auto"``: the preconditioned factors never
+    #: settle at a learning rate above this (the stable range measured above, with the
+    #: cross-entropy loss; a loss scaled by ``c`` scales it by ``1 / c``, as it does any SGD lr).
+    preconditioned_settle_max_lr: float = 0.03
+
+    def preconditioned_lr_scale(self, lr: float) -> float:
+        """The settle epochs' learning-rate multiplier of the preconditioned factors when the
+        settle optimizer starts at ``lr``: :attr:`preconditioned_settle_lr_scale`, or with
+        ``"auto"`` ``min(1, preconditioned_settle_max_lr / lr)``."""
+        scale = self.preconditioned_settle_lr_scale
+        if scale != "auto":
+            return float(scale)
+        return min(1.0, self.preconditioned_settle_max_lr / lr) if lr > 0 else 1.0
 
     def preconditions(self) -> bool:
         """Whether :meth:`finetune_structure` registers the factor preconditioners."""
         return bool(self.precondition_factors) and self.settle_fraction() > 0
 
-    def settle_lr_groups(self, model: nn.Module) -> list[tuple[list, float]]:
+    def settle_lr_groups(self, model: nn.Module) -> list[tuple[list, Any]]:
         """:meth:`slow_settle_parameters` in up to two groups: in a run that :meth:`preconditions`,
         the factors with a gradient preconditioner (low-rank factors, TT cores, the TT cores of
         an ``L + S``; :func:`~admm_compress.parametrizations.factor_grad_maps`) at
-        :attr:`preconditioned_settle_lr_scale` (0.3), the others (the values of ``L + S``'s sparse
-        part) at :attr:`slow_settle_lr_scale` (0.1)."""
+        :meth:`preconditioned_lr_scale` of the settle lr (``"auto"``: ``min(1, 0.03 / lr)``), the
+        others (the values of ``L + S``'s sparse part) at :attr:`slow_settle_lr_scale` (0.1)."""
         from .parametrizations import factor_grad_maps
 
         if not self.preconditions():
@@ -833,7 +855,7 @@ class Solver(Compressor):
             mapped = {id(t) for t, _ in factor_grad_maps(b)}
             for p in b.module.parametrizations[b.param_name].parameters():
                 (fast if id(p) in mapped else slow).append(p)
-        return [(ps, sc) for ps, sc in ((fast, self.preconditioned_settle_lr_scale),
+        return [(ps, sc) for ps, sc in ((fast, self.preconditioned_lr_scale),
                                         (slow, self.slow_settle_lr_scale)) if ps]
 
     @contextlib.contextmanager
@@ -873,7 +895,17 @@ class Solver(Compressor):
     def on_fit_start(self, run: FitContext) -> None:
         """rho='auto': the run's length in optimizer steps (so the residual target closes in time)
         and the optimizer's learning rate and momentum (the ceiling of rho); ``every="auto"``: the
-        cadence for this run; the dual step :attr:`dual_step` for that cadence (see ``every``)."""
+        cadence for this run; the dual step :attr:`dual_step` for that cadence (see ``every``).
+        Checks the settle multipliers first (an attribute set to a bad value fails here, before
+        any epoch)."""
+        scale = self.preconditioned_settle_lr_scale
+        if not (isinstance(scale, str) and scale == "auto"):
+            if isinstance(scale, str):
+                raise ValueError(f"Solver.preconditioned_settle_lr_scale={scale!r}: must be 'auto' or a positive "
+                                 f"number")
+            check_float("Solver.preconditioned_settle_lr_scale", scale, low=0.0, low_open=True)
+        check_float("Solver.preconditioned_settle_max_lr", self.preconditioned_settle_max_lr, low=0.0, low_open=True)
+        check_float("Solver.slow_settle_lr_scale", self.slow_settle_lr_scale, low=0.0, low_open=True)
         try:
             horizon = max(1, run.epochs * len(run.loader)) if run.epochs > 0 else None
         except (TypeError, NotImplementedError):  # an iterator: the target falls per update instead

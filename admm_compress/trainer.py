@@ -134,7 +134,7 @@ def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Call
     kind and settings (a factory is called again, with the parameter groups; an instance is
     rebuilt from its class and ``defaults``; none: SGD as the compressor's default at ``lr``),
     with the learning rate of each of :meth:`Compressor.settle_lr_groups` (factors) multiplied by
-    its multiplier."""
+    its multiplier (a function of the optimizer's learning rate is called with it)."""
 
     def make(model):
         groups = [(ps, scale) for ps, scale in compressor.settle_lr_groups(unwrap(model)) if ps]
@@ -150,14 +150,16 @@ def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Call
             opt = optimizer(params)
         if not groups:
             return opt
+        lr0 = opt.param_groups[0]["lr"]
+        scales = [float(scale(lr0)) if callable(scale) else float(scale) for _, scale in groups]
         if len(opt.param_groups) != 1 + len(groups):  # a factory that regrouped what it was given: keep it
             log.warning("fit: the optimizer factory returned %d parameter group(s) for the settle stage's %d "
                         "(other parameters, then factors), so the factors settle at its learning rate instead "
                         "of %s times it (they may diverge); build the optimizer from the iterable it is given",
-                        len(opt.param_groups), 1 + len(groups), " / ".join(f"{s:g}" for _, s in groups))
+                        len(opt.param_groups), 1 + len(groups), " / ".join(f"{s:g}" for s in scales))
             return opt
         for g, (_, scale) in zip(opt.param_groups[1:], groups):
-            g["lr"] = g["lr"] * scale
+            g["lr"] = g["lr"] * (float(scale(g["lr"])) if callable(scale) else float(scale))
         return opt
 
     return make

@@ -603,8 +603,9 @@ def test_fit_settles_factors_at_their_own_fraction_of_the_training_lr(caplog):
     """Mixed spec (pruned layer 0, low-rank layer 2, ``L + S`` layer 4): the settle epochs rebuild
     the training optimizer (the factory is called again, with three groups) and a scheduler
     continues on it; the low-rank factors and the L factors of ``L + S`` (ScaledGD-
-    preconditioned) train at 0.3 lr, the S values of ``L + S`` at lr / 10, the pruned kept
-    entries and everything else at lr; the weights end on their sets."""
+    preconditioned) train at ``min(lr, 0.03)`` (``preconditioned_settle_lr_scale="auto"``; a
+    number: that multiple of lr), the S values of ``L + S`` at lr / 10, the pruned kept entries
+    and everything else at lr; the weights end on their sets."""
     made, opts = [], []
 
     def train_opt(params):
@@ -639,7 +640,8 @@ def test_fit_settles_factors_at_their_own_fraction_of_the_training_lr(caplog):
     assert h.final["settle_epochs"] == 4 and s.n_updates == 1
     assert made == ["train", "train", "finetune"]
     assert seen["lowrank"] and seen["sum"] and seen["kept"]
-    assert seen["lrs"] == (pytest.approx(0.08 * 0.5 ** 2, rel=1e-12), pytest.approx(0.024 * 0.5 ** 2, rel=1e-12),
+    # preconditioned factors: "auto" = min(1, 0.03 / lr) of lr 0.08, i.e. lr 0.03, then the schedule
+    assert seen["lrs"] == (pytest.approx(0.08 * 0.5 ** 2, rel=1e-12), pytest.approx(0.03 * 0.5 ** 2, rel=1e-12),
                            pytest.approx(0.008 * 0.5 ** 2, rel=1e-12))
     assert int(torch.linalg.matrix_rank(net[2].weight.detach())) <= 2  # float32 tolerance: a float32 product
     assert int(torch.count_nonzero(net[0].weight)) <= round(0.3 * net[0].weight.numel())
@@ -656,6 +658,15 @@ def test_fit_settles_factors_at_their_own_fraction_of_the_training_lr(caplog):
     s2.fit(_toy_net_3(), _toy_data(), epochs=5, finetune_epochs=1, optimizer=train_opt, callbacks=[probe2],
            progress=False)
     assert seen["lrs"] == [pytest.approx(0.08, rel=1e-12), pytest.approx(0.008, rel=1e-12)]
+    # a numeric multiplier is that multiple of lr; "auto" below the cap is lr itself
+    for scale, lr, want in ((0.3, 0.08, 0.024), ("auto", 0.01, 0.01)):
+        opts.clear()
+        seen.clear()
+        s3 = ac.Solver([ac.Constrain("2", ac.LowRank(rank=2))], every="epoch")
+        s3.preconditioned_settle_lr_scale = scale
+        s3.fit(_toy_net_3(), _toy_data(), epochs=5, finetune_epochs=1, callbacks=[probe2], progress=False,
+               optimizer=lambda params, lr=lr: opts.append(torch.optim.SGD(params, lr=lr, momentum=0.9)) or opts[-1])
+        assert seen["lrs"] == [pytest.approx(lr, rel=1e-12), pytest.approx(want, rel=1e-12)]
 
     # a factory that regroups what it gets: its single group is kept (factors at its lr), with a WARNING
     caplog.clear()

@@ -835,3 +835,20 @@ def test_fused_attention_parameter_refused_at_prepare():
     snap = _snapshot(model)
     _raises(SpecError, r"layer '0'.*in_proj_weight.*attention\.convert\(model\)", lambda: ac.Solver(spec).prepare(model))
     assert all(torch.equal(v, snap[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("attr, value, exc, match", [
+    ("preconditioned_settle_lr_scale", "fast", ValueError,
+     r"preconditioned_settle_lr_scale='fast'.*'auto' or a positive"),
+    ("preconditioned_settle_lr_scale", 0.0, ValueError, r"preconditioned_settle_lr_scale.*0\.0"),
+    ("preconditioned_settle_lr_scale", NAN, ValueError, r"preconditioned_settle_lr_scale.*nan"),
+    ("preconditioned_settle_max_lr", -0.1, ValueError, r"preconditioned_settle_max_lr.*-0\.1"),
+    ("slow_settle_lr_scale", "x", TypeError, r"slow_settle_lr_scale.*'x'"),
+])
+def test_settle_multipliers_are_checked_before_the_first_epoch(attr, value, exc, match):
+    model = _mlp()
+    snap = _snapshot(model)
+    s = ac.Solver([ac.Constrain(nn.Linear, ac.LowRank(rank=2))])
+    setattr(s, attr, value)
+    _raises(exc, match, lambda: s.fit(model, _loader(), epochs=2, progress=False))
+    _assert_unchanged(model, snap)
