@@ -16,7 +16,7 @@ fine-tune" as a user would run it?  Every comparison starts from the same pretra
   ``every=10``; "admm_auto_global" with ``Cardinality(density, scope="global")``, one budget over
   every target layer, the like-for-like counterpart of "prune_global"; for the sparse rows the default ``settle="auto"`` spends the second half of the
   ``E - F`` epochs on the mask at lr, for the low-rank rows the last 0.8 of them on the factors
-  at 0.3 lr with ScaledGD-preconditioned gradients, see ``Solver``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
+  at min(lr, 0.03) with ScaledGD-preconditioned gradients, see ``Solver``), and a hand-tuned numeric rho grid ("admm_rho=<r>", constant rho) to see how far
   the default is from its own best.  ``before_finalize`` / ``after_finalize`` are fit's history
   entries: measured with BatchNorm statistics recomputed on the training data (fit does that for
   the ADMM solver; the running averages lag the weights the penalty shrinks).
@@ -407,8 +407,9 @@ def report(cache, out, note):
              "finetune_epochs=F, lr=lr)` with nothing else set: rho='auto'; settle='auto' (sparse sets: ADMM "
              "for E' = E - F - ceil((E - F) / 2) epochs -- FCN 7 --, the final projection, then "
              "the kept entries trained at lr for the other ceil((E - F) / 2); low rank: ADMM for E' = E - F - "
-             "ceil(0.8 (E - F)) epochs -- FCN 3 --, then the factors trained at 0.3 lr with ScaledGD's "
-             "preconditioned gradients (since 2026-12-04; before, plain gradients at lr/10) and "
+             "ceil(0.8 (E - F)) epochs -- FCN 3 --, then the factors trained with ScaledGD's "
+             "preconditioned gradients at min(lr, 0.03) (Solver.preconditioned_settle_lr_scale='auto', since "
+             "2026-12-04, eleventh session; tenth session: 0.3 lr; before, plain gradients at lr/10) and "
              "everything else at lr; ResNet-20: none, since 2026-12-03 (fourth session) -- its one ADMM epoch of 23 "
              "steps has no room for Solver.min_admm_updates = 3 dual updates 20 steps apart, so all E - F epochs "
              "settle from the projection of the pretrained weights; before, 1 ADMM epoch); every='auto' (once per "
