@@ -134,20 +134,10 @@ def test_batched_scaled_gd_hooks_on_the_device(dev):
     ``lu_solve`` per factor) on the device equal the one-factor maps computed on the CPU, in
     float64: both solve damped systems of condition number <= 101, so they agree to ~1e-13
     whatever the device's LAPACK; a wrong slice of the batch is off by O(1)."""
-    from admm_compress.parametrizations import factor_grad_maps, precondition, release, structure
-    from admm_compress.views import tt_layout_view
+    from _helpers import scaled_gd_mixed_model
+    from admm_compress.parametrizations import factor_grad_maps, precondition, release
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
-                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
-    solver = ac.Solver([ac.Constrain("0", ac.LowRank(rank=2)),
-                        ac.Constrain("2", ac.TTRank((2, 3)), view=tt_layout_view("oki")),
-                        ac.Constrain("6", ac.LowRank(rank=3)), ac.Constrain("8", ac.LowRank(rank=2))],
-                       mode="projection")
-    solver.prepare(net)
-    solver.finalize(net)
-    structure(solver.bindings)
-    x = torch.randn(5, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    net, solver, x = scaled_gd_mixed_model()  # low rank (two ranks), TT cores and L + S, structured
 
     def grads(model, inp):
         model.zero_grad(set_to_none=True)
@@ -160,7 +150,7 @@ def test_batched_scaled_gd_hooks_on_the_device(dev):
     net.to(dev)
     handles = precondition(solver.bindings)
     got = grads(net, x.to(dev))
-    assert len(want) == 2 + 3 + 2 + 2  # U, V / three TT cores / U, V / U, V
+    assert len(want) == 2 + 3 + 3 + 2 + 2  # U, V / three TT cores / L's three cores / U, V / U, V
     for i, p in enumerate(net.parameters()):
         w = want.get(id(p), plain[i])
         torch.testing.assert_close(got[i], w, rtol=1e-10, atol=1e-12 * float(w.abs().max()))

@@ -21,6 +21,7 @@ from torch import nn
 
 import admm_compress as ac
 from admm_compress.parametrizations import precondition, release, structure
+from _helpers import scaled_gd_mixed_model as _mixed_model
 
 
 def _factors(batch, m, n, r, seed):
@@ -259,28 +260,6 @@ def test_fit_preconditions_tt_cores_and_the_tt_part_of_l_plus_s(monkeypatch):
         assert not hasattr(net[2], "parametrizations")
         if isinstance(cset, ac.TTRank):  # float32 cores multiplied out: rank tolerance 1e-5 s_1 (default)
             assert s.bindings[0].constraint.contains(s.bindings[0].to_view(net[2].weight.detach()))
-
-
-def _mixed_model():
-    """Layers of three kinds and two ranks: low rank (ranks 2 and 3: two Gram sizes), TT cores
-    on the (O, kh*kw, I) view and RASPA's L + S -- one batched factorization for all."""
-    from admm_compress.views import tt_layout_view
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(6, 6, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                        nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4)).double()
-    solver = ac.Solver([ac.Constrain("0", ac.LowRank(rank=2)),
-                        ac.Constrain("2", ac.TTRank((2, 3)), view=tt_layout_view("oki")),
-                        ac.Constrain("4", ac.Sum(ac.TTRank((2, 2)), ac.Cardinality(density=0.1)),
-                                     view=tt_layout_view("oki")),
-                        ac.Constrain("8", ac.LowRank(rank=3)), ac.Constrain("10", ac.LowRank(rank=2))],
-                       mode="projection")
-    solver.prepare(net)
-    solver.finalize(net)
-    structure(solver.bindings)
-    x = torch.randn(5, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    return net, solver, x
 
 
 def _factor_grads(net, x):
