@@ -39,6 +39,7 @@ import torch
 __all__ = [
     "compute_dtype",
     "damped_gram",
+    "damp_gram",
     "scaled_gd_apply",
     "svd",
     "svdvals",
@@ -305,6 +306,12 @@ def damped_gram(M: torch.Tensor, damping: float) -> torch.Tensor | None:
     ScaledGD preconditioners of ``LowRank`` / ``TTRank``), ``None`` when ``M`` is not finite."""
     if not bool(torch.isfinite(M).all()):
         return None
+    return damp_gram(M, damping)
+
+
+def damp_gram(M: torch.Tensor, damping: float) -> torch.Tensor:
+    """``M + damping * lambda_max(M) I`` per matrix of a finite batch ``M: (..., r, r)`` (no
+    finiteness check; :func:`damped_gram` and ``parametrizations.ScaledGDHooks`` check first)."""
     lam = torch.linalg.eigvalsh(M)[..., -1:].unsqueeze(-1).clamp_min(torch.finfo(M.dtype).tiny)
     return M + (damping * lam) * torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
 

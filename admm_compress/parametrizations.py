@@ -250,8 +250,7 @@ class ScaledGDHooks:
             eye = torch.eye(r, dtype=dtype, device=device)
             finite = torch.isfinite(M).flatten(-2).all(-1)
             M = torch.where(finite[:, None, None], M, eye)
-            lam = torch.linalg.eigvalsh(M)[..., -1:].unsqueeze(-1).clamp_min(torch.finfo(dtype).tiny)
-            D = torch.where(finite[:, None, None], M + (damping * lam) * eye, eye)
+            D = torch.where(finite[:, None, None], F.damp_gram(M, damping), eye)
             LU, piv, _ = torch.linalg.lu_factor_ex(D)
             factored_groups[key] = (LU, piv, finite)
         self._solves = {}

@@ -899,10 +899,11 @@ class Solver(Compressor):
         Checks the settle multipliers first (an attribute set to a bad value fails here, before
         any epoch)."""
         scale = self.preconditioned_settle_lr_scale
-        if not (isinstance(scale, str) and scale == "auto"):
-            if isinstance(scale, str):
+        if isinstance(scale, str):
+            if scale != "auto":
                 raise ValueError(f"Solver.preconditioned_settle_lr_scale={scale!r}: must be 'auto' or a positive "
                                  f"number")
+        else:
             check_float("Solver.preconditioned_settle_lr_scale", scale, low=0.0, low_open=True)
         check_float("Solver.preconditioned_settle_max_lr", self.preconditioned_settle_max_lr, low=0.0, low_open=True)
         check_float("Solver.slow_settle_lr_scale", self.slow_settle_lr_scale, low=0.0, low_open=True)

@@ -150,16 +150,18 @@ def _settle_optimizer(compressor: Compressor, optimizer: Any, lr: float) -> Call
             opt = optimizer(params)
         if not groups:
             return opt
-        lr0 = opt.param_groups[0]["lr"]
-        scales = [float(scale(lr0)) if callable(scale) else float(scale) for _, scale in groups]
+        def mult(scale, lr):
+            return float(scale(lr)) if callable(scale) else float(scale)
+
         if len(opt.param_groups) != 1 + len(groups):  # a factory that regrouped what it was given: keep it
+            lr0 = opt.param_groups[0]["lr"]
             log.warning("fit: the optimizer factory returned %d parameter group(s) for the settle stage's %d "
                         "(other parameters, then factors), so the factors settle at its learning rate instead "
                         "of %s times it (they may diverge); build the optimizer from the iterable it is given",
-                        len(opt.param_groups), 1 + len(groups), " / ".join(f"{s:g}" for s in scales))
+                        len(opt.param_groups), 1 + len(groups), " / ".join(f"{mult(s, lr0):g}" for _, s in groups))
             return opt
         for g, (_, scale) in zip(opt.param_groups[1:], groups):
-            g["lr"] = g["lr"] * (float(scale(g["lr"])) if callable(scale) else float(scale))
+            g["lr"] = g["lr"] * mult(scale, g["lr"])
         return opt
 
     return make
